@@ -1,0 +1,177 @@
+/*
+ * The C API: validates every argument (naming it and its value in the message), then dispatches to the CPU or
+ * CUDA kernels. Nothing here aborts or prints.
+ */
+#include "cgd.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+
+#include "kernels.h"
+
+#define CGD_STR2(x) #x
+#define CGD_STR(x) CGD_STR2(x)
+#define CGD_VERSION_STRING CGD_STR(CGD_VERSION_MAJOR) "." CGD_STR(CGD_VERSION_MINOR) "." CGD_STR(CGD_VERSION_PATCH)
+
+/* Largest tensor accepted: 2^46 elements, far above any device memory, keeps every chunk index in int32. */
+#define CGD_MAX_NUMEL ((int64_t)1 << 46)
+
+static _Thread_local char last_error[512];
+
+static cgd_status fail(cgd_status status, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(last_error, sizeof last_error, fmt, ap);
+    va_end(ap);
+    return status;
+}
+
+static cgd_status ok(void) {
+    last_error[0] = '\0';
+    return CGD_OK;
+}
+
+const char *cgd_version(void) {
+#ifdef CGD_WITH_CUDA
+    return CGD_VERSION_STRING "+cuda";
+#else
+    return CGD_VERSION_STRING "+cpu";
+#endif
+}
+
+int cgd_has_cuda(void) {
+#ifdef CGD_WITH_CUDA
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+const char *cgd_status_name(cgd_status status) {
+    switch (status) {
+    case CGD_OK: return "CGD_OK";
+    case CGD_ERR_INVALID_ARGUMENT: return "CGD_ERR_INVALID_ARGUMENT";
+    case CGD_ERR_UNSUPPORTED: return "CGD_ERR_UNSUPPORTED";
+    case CGD_ERR_CUDA: return "CGD_ERR_CUDA";
+    }
+    return "CGD_UNKNOWN_STATUS";
+}
+
+const char *cgd_last_error(void) { return last_error; }
+
+static cgd_status check_common(const char *fn, cgd_dtype dtype, cgd_device device, int64_t count) {
+    if (dtype != CGD_FLOAT32 && dtype != CGD_FLOAT16 && dtype != CGD_BFLOAT16)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: dtype = %d is not a cgd_dtype", fn, (int)dtype);
+    if (device != CGD_CPU && device != CGD_CUDA)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: device = %d is not a cgd_device", fn, (int)device);
+    if (count < 0) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: count = %lld is negative", fn, (long long)count);
+#ifndef CGD_WITH_CUDA
+    if (device == CGD_CUDA)
+        return fail(CGD_ERR_UNSUPPORTED, "%s: device = CGD_CUDA but this build of torch-cgd (%s) has no CUDA kernels",
+                    fn, cgd_version());
+#endif
+    return CGD_OK;
+}
+
+static cgd_status check_numel(const char *fn, const char *label, int64_t i, int64_t numel) {
+    if (numel < 0 || numel > CGD_MAX_NUMEL)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: %s[%lld] = %lld elements is outside [0, 2^46]", fn, label,
+                    (long long)i, (long long)numel);
+    return CGD_OK;
+}
+
+/* In [lo, hi], or [lo, hi) when hi_open; NaN fails every comparison and is reported like any other value. */
+static cgd_status check_range(const char *name, double v, double lo, double hi, int hi_open) {
+    int inside = v >= lo && (hi_open ? v < hi : v <= hi);
+    if (!inside)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "cgd_diag_step: hparams.%s = %g is outside [%g, %g%s", name, v, lo, hi,
+                    hi_open ? ")" : "]");
+    return CGD_OK;
+}
+
+static cgd_status check_hparams(const cgd_diag_hparams *h) {
+    cgd_status st;
+    if ((st = check_range("lr", h->lr, 0.0, INFINITY, 1))) return st;
+    if ((st = check_range("beta1", h->beta1, 0.0, 1.0, 1))) return st;
+    if ((st = check_range("beta2", h->beta2, 0.0, 1.0, 1))) return st;
+    if ((st = check_range("power", h->power, 0.0, 1.0, 0))) return st;
+    if ((st = check_range("eps", h->eps, 0.0, INFINITY, 1))) return st;
+    if ((st = check_range("weight_decay", h->weight_decay, 0.0, INFINITY, 1))) return st;
+    if (!(h->grad_weight > 0.0 && h->grad_weight < INFINITY))
+        return fail(CGD_ERR_INVALID_ARGUMENT, "cgd_diag_step: hparams.grad_weight = %g must be positive and finite",
+                    h->grad_weight);
+    if (h->moment != CGD_MOMENT_RAW && h->moment != CGD_MOMENT_CENTERED && h->moment != CGD_MOMENT_BELIEF)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "cgd_diag_step: hparams.moment = %d is not a cgd_moment", (int)h->moment);
+    return CGD_OK;
+}
+
+cgd_status cgd_diag_step(const cgd_diag_hparams *hparams, cgd_dtype dtype, const cgd_diag_tensor *tensors,
+                         int64_t count, const float *grad_scale, const float *skip, cgd_device device,
+                         void *stream) {
+    static const char fn[] = "cgd_diag_step";
+    cgd_status st;
+    if (!hparams) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams is NULL", fn);
+    if ((st = check_hparams(hparams))) return st;
+    if ((st = check_common(fn, dtype, device, count))) return st;
+    if (count > 0 && !tensors) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors is NULL but count = %lld", fn,
+                                           (long long)count);
+    cgd_diag_consts k = cgd_diag_make_consts(hparams);
+    for (int64_t i = 0; i < count; ++i) {
+        const cgd_diag_tensor *t = &tensors[i];
+        if ((st = check_numel(fn, "tensors.numel", i, t->numel))) return st;
+        if (!t->step) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors[%lld].step is NULL", fn, (long long)i);
+        if (t->numel == 0) continue;
+        if (!t->param || !t->grad)
+            return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors[%lld].%s is NULL", fn, (long long)i,
+                        t->param ? "grad" : "param");
+        if (k.has_m1 && !t->exp_avg)
+            return fail(CGD_ERR_INVALID_ARGUMENT,
+                        "%s: tensors[%lld].exp_avg is NULL but beta1 = %g and moment = %d need the first moment", fn,
+                        (long long)i, hparams->beta1, (int)hparams->moment);
+        if (k.has_m2 && !t->exp_avg_sq)
+            return fail(CGD_ERR_INVALID_ARGUMENT,
+                        "%s: tensors[%lld].exp_avg_sq is NULL but power = %g needs the second moment", fn,
+                        (long long)i, hparams->power);
+    }
+    if (device == CGD_CPU) {
+        cgd_cpu_diag_step(&k, dtype, tensors, count, grad_scale, skip);
+        return ok();
+    }
+#ifdef CGD_WITH_CUDA
+    int e = cgd_cuda_diag_step(&k, dtype, tensors, count, grad_scale, skip, stream);
+    if (e) return fail(CGD_ERR_CUDA, "%s: CUDA error %d: %s", fn, e, cgd_cuda_error_string(e));
+    return ok();
+#else
+    (void)stream;
+    return fail(CGD_ERR_UNSUPPORTED, "%s: unreachable without CUDA", fn);
+#endif
+}
+
+cgd_status cgd_nonfinite_check(cgd_dtype dtype, const void *const *data, const int64_t *numels, int64_t count,
+                               int32_t *flags, float *found, cgd_device device, void *stream) {
+    static const char fn[] = "cgd_nonfinite_check";
+    cgd_status st;
+    if ((st = check_common(fn, dtype, device, count))) return st;
+    if (!found) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: found is NULL", fn);
+    if (count > 0 && (!data || !numels || !flags))
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: %s is NULL but count = %lld", fn,
+                    !data ? "data" : (!numels ? "numels" : "flags"), (long long)count);
+    for (int64_t i = 0; i < count; ++i) {
+        if ((st = check_numel(fn, "numels", i, numels[i]))) return st;
+        if (numels[i] > 0 && !data[i])
+            return fail(CGD_ERR_INVALID_ARGUMENT, "%s: data[%lld] is NULL", fn, (long long)i);
+    }
+    if (device == CGD_CPU) {
+        cgd_cpu_nonfinite_check(dtype, data, numels, count, flags, found);
+        return ok();
+    }
+#ifdef CGD_WITH_CUDA
+    int e = cgd_cuda_nonfinite_check(dtype, data, numels, count, flags, found, stream);
+    if (e) return fail(CGD_ERR_CUDA, "%s: CUDA error %d: %s", fn, e, cgd_cuda_error_string(e));
+    return ok();
+#else
+    (void)stream;
+    return fail(CGD_ERR_UNSUPPORTED, "%s: unreachable without CUDA", fn);
+#endif
+}

@@ -1,0 +1,129 @@
+/*
+ * torch-cgd public C API.
+ *
+ * Covariant Gradient Descent (Guskov & Vanchurin, arXiv 2504.05279): dq = -lr * g^{-1} F with the force
+ * F = M1 (EMA of gradients) and the metric g = (eps + C)^a, C the EMA second moment M2 or the variance
+ * M2 - M1^2. This header is plain C, needs neither Torch nor Python, and is the only header a C or C++ program
+ * includes to use the library.
+ *
+ * Conventions
+ * - Every function returns a cgd_status and never aborts. cgd_last_error() then holds a message naming the
+ *   argument and its value (per thread, valid until the next call on that thread).
+ * - One call steps many tensors: all of one dtype, all on one device. CUDA calls run on the current device,
+ *   enqueue work on the caller's stream (a cudaStream_t passed as void*, NULL = the legacy default stream) and
+ *   never synchronize the host, so a step can be captured in a CUDA graph.
+ * - Parameters and gradients are float32, float16 or bfloat16; optimizer state is always float32. All maths
+ *   runs in float32.
+ * - Sizes are int64: tensors past 2^31 elements are fine.
+ */
+#ifndef CGD_H
+#define CGD_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define CGD_VERSION_MAJOR 0
+#define CGD_VERSION_MINOR 1
+#define CGD_VERSION_PATCH 0
+
+typedef enum cgd_status {
+    CGD_OK = 0,
+    CGD_ERR_INVALID_ARGUMENT = 1, /* a hyperparameter, pointer, size or enum value is out of its domain */
+    CGD_ERR_UNSUPPORTED = 2,      /* valid request this build cannot serve (e.g. CUDA in a CPU-only build) */
+    CGD_ERR_CUDA = 3              /* the CUDA runtime reported an error; the message carries its text */
+} cgd_status;
+
+typedef enum cgd_dtype { CGD_FLOAT32 = 0, CGD_FLOAT16 = 1, CGD_BFLOAT16 = 2 } cgd_dtype;
+
+typedef enum cgd_device { CGD_CPU = 0, CGD_CUDA = 1 } cgd_device;
+
+/* Which matrix C the metric is built from (paper eqs 4.1, 4.8). */
+typedef enum cgd_moment {
+    /* C = M2, the EMA of g^2 (RMSProp, Adam; paper eq 4.1). */
+    CGD_MOMENT_RAW = 0,
+    /* C = M2 - M1^2 with M2 the EMA of g^2: the variance of paper eq 4.8, clamped at 0. */
+    CGD_MOMENT_CENTERED = 1,
+    /* C = S, S <- beta2 S + (1 - beta2)(g - M1)^2 + eps: AdaBelief's own variance estimator (Zhuang et al.
+       2020, Algorithm 2), kept in the exp_avg_sq slot. */
+    CGD_MOMENT_BELIEF = 2
+} cgd_moment;
+
+/*
+ * Hyperparameters of the diagonal step, per element (all maths in float32):
+ *   g  <- grad / grad_scale            (grad_scale optional, see cgd_diag_step)
+ *   g  <- -g                           if maximize
+ *   g  <- g + weight_decay * p         if weight_decay and !decoupled_weight_decay   (L2, torch Adam)
+ *   p  <- p * (1 - lr * weight_decay)  if weight_decay and decoupled_weight_decay    (torch AdamW)
+ *   M1 <- beta1 M1 + grad_weight g     (beta1 = 0: M1 = g and no M1 state is needed)
+ *   F  <- M1, or beta1 M1 + grad_weight g with nesterov; divided by 1 - beta1^t with bias_correction
+ *   C  <- see cgd_moment, with M2 <- beta2 M2 + (1 - beta2) g^2; divided by 1 - beta2^t with bias_correction
+ *   G  <- (eps + C)^power if eps_inside (the paper), C^power + eps otherwise (torch Adam)
+ *   p  <- p - lr F / G                 (power = 0: G = 1, no second moment is read or written)
+ * t is the tensor's step counter plus one. grad_weight is 1 - beta1 for the paper's EMA (eq 3.5) and 1 for
+ * torch.optim.SGD's heavy-ball buffer.
+ */
+typedef struct cgd_diag_hparams {
+    double lr;           /* >= 0 */
+    double beta1;        /* [0, 1) */
+    double beta2;        /* [0, 1) */
+    double grad_weight;  /* > 0 (usually 1 - beta1, or 1) */
+    double power;        /* a in [0, 1] */
+    double eps;          /* >= 0 */
+    double weight_decay; /* >= 0 */
+    int32_t moment;      /* cgd_moment */
+    int32_t eps_inside;
+    int32_t bias_correction;
+    int32_t decoupled_weight_decay;
+    int32_t nesterov;
+    int32_t maximize;
+} cgd_diag_hparams;
+
+/* One tensor of a multi-tensor step. All pointers live on the call's device. */
+typedef struct cgd_diag_tensor {
+    void *param;        /* numel elements of the call's dtype, updated in place */
+    const void *grad;   /* numel elements of the call's dtype */
+    float *exp_avg;     /* M1, numel floats; may be NULL when beta1 == 0 and moment == CGD_MOMENT_RAW */
+    float *exp_avg_sq;  /* M2 (or S for CGD_MOMENT_BELIEF), numel floats; may be NULL when power == 0 */
+    float *step;        /* one float: steps taken so far; incremented by each step that is not skipped */
+    int64_t numel;      /* >= 0; empty tensors are skipped, but their step still advances */
+} cgd_diag_tensor;
+
+/* Version string "MAJOR.MINOR.PATCH+cuda" or "+cpu". */
+const char *cgd_version(void);
+
+/* 1 when this build holds the CUDA kernels. */
+int cgd_has_cuda(void);
+
+/* Short name of a status ("CGD_ERR_INVALID_ARGUMENT"). */
+const char *cgd_status_name(cgd_status status);
+
+/* Message of the last failed call on this thread ("" after a success). */
+const char *cgd_last_error(void);
+
+/*
+ * One diagonal CGD step over `count` tensors.
+ *   grad_scale: NULL, or one float on the device: gradients are divided by it (AMP's GradScaler).
+ *   skip:       NULL, or one float on the device: when it is nonzero the call changes nothing, not even the
+ *               step counters (AMP's found_inf, or the flag cgd_nonfinite_check writes).
+ * Both are read on the device, so no host synchronization is needed.
+ */
+cgd_status cgd_diag_step(const cgd_diag_hparams *hparams, cgd_dtype dtype, const cgd_diag_tensor *tensors,
+                         int64_t count, const float *grad_scale, const float *skip, cgd_device device,
+                         void *stream);
+
+/*
+ * Scans `count` arrays for NaN or Inf. flags[i] (int32, on the device) becomes 1 when data[i] holds one and 0
+ * otherwise; *found (one float on the device) becomes 1 when any does and 0 otherwise. Both are written by this
+ * call; the caller need not clear them. Meant to feed `skip` of the next step without a host round trip.
+ */
+cgd_status cgd_nonfinite_check(cgd_dtype dtype, const void *const *data, const int64_t *numels, int64_t count,
+                               int32_t *flags, float *found, cgd_device device, void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CGD_H */

@@ -1,0 +1,251 @@
+/*
+ * CUDA kernels: the diagonal CGD step and the non-finite scan, each over many tensors per launch (see
+ * multi_tensor.cuh). The step is one pass over memory: read param, grad, M1, M2; write param, M1, M2. Loads and
+ * stores are 4 elements wide when a tensor's arrays are aligned for it. Nothing here synchronizes the host; all
+ * work goes to the caller's stream.
+ */
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "kernels.h"
+#include "multi_tensor.cuh"
+
+typedef struct diag_args {
+    cgd_mt_layout layout;
+    void *param[CGD_MT_MAX_TENSORS];
+    const void *grad[CGD_MT_MAX_TENSORS];
+    float *m1[CGD_MT_MAX_TENSORS];
+    float *m2[CGD_MT_MAX_TENSORS];
+    float *step[CGD_MT_MAX_TENSORS];
+    uint8_t vector_ok[CGD_MT_MAX_TENSORS];
+} diag_args;
+
+typedef struct step_args {
+    int32_t count;
+    float *step[CGD_MT_MAX_TENSORS];
+} step_args;
+
+typedef struct scan_args {
+    cgd_mt_layout layout;
+    const void *data[CGD_MT_MAX_TENSORS];
+} scan_args;
+
+/* ---- element access by dtype (DT is a cgd_dtype) ---- */
+
+template <int DT> __device__ __forceinline__ float load1(const void *base, int64_t i) {
+    if (DT == CGD_FLOAT16) return __half2float(static_cast<const __half *>(base)[i]);
+    if (DT == CGD_BFLOAT16) return __bfloat162float(static_cast<const __nv_bfloat16 *>(base)[i]);
+    return static_cast<const float *>(base)[i];
+}
+
+template <int DT> __device__ __forceinline__ void store1(void *base, int64_t i, float v) {
+    if (DT == CGD_FLOAT16)
+        static_cast<__half *>(base)[i] = __float2half_rn(v);
+    else if (DT == CGD_BFLOAT16)
+        static_cast<__nv_bfloat16 *>(base)[i] = __float2bfloat16_rn(v);
+    else
+        static_cast<float *>(base)[i] = v;
+}
+
+/* Four consecutive elements; i is a multiple of 4 and the base is aligned (checked on the host). */
+template <int DT> __device__ __forceinline__ void load4(const void *base, int64_t i, float v[4]) {
+    if (DT == CGD_FLOAT32) {
+        float4 x = *reinterpret_cast<const float4 *>(static_cast<const float *>(base) + i);
+        v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
+    } else {
+        uint2 raw = *reinterpret_cast<const uint2 *>(static_cast<const uint16_t *>(base) + i);
+        const uint16_t *h = reinterpret_cast<const uint16_t *>(&raw);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[j] = load1<DT>(h, j);
+    }
+}
+
+template <int DT> __device__ __forceinline__ void store4(void *base, int64_t i, const float v[4]) {
+    if (DT == CGD_FLOAT32) {
+        *reinterpret_cast<float4 *>(static_cast<float *>(base) + i) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+        uint2 raw;
+        uint16_t *h = reinterpret_cast<uint16_t *>(&raw);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) store1<DT>(h, j, v[j]);
+        *reinterpret_cast<uint2 *>(static_cast<uint16_t *>(base) + i) = raw;
+    }
+}
+
+/* ---- the step ---- */
+
+template <int DT>
+__global__ void __launch_bounds__(CGD_MT_THREADS)
+    diag_step_kernel(const diag_args args, const cgd_diag_consts k, const float *grad_scale, const float *skip) {
+    if (skip && *skip != 0.0f) return;
+    const cgd_mt_work w = cgd_mt_locate(&args.layout, (int32_t)blockIdx.x);
+    const int t = w.tensor;
+    const cgd_diag_step_consts s = cgd_diag_make_step_consts(&k, *args.step[t]);
+    const float scale = grad_scale ? *grad_scale : 1.0f;
+    void *param = args.param[t];
+    const void *grad = args.grad[t];
+    float *m1 = args.m1[t];
+    float *m2 = args.m2[t];
+
+    int64_t scalar_from = w.begin;
+    if (args.vector_ok[t]) {
+        scalar_from = w.begin + ((w.end - w.begin) & ~(int64_t)3);
+        for (int64_t i = w.begin + 4 * (int64_t)threadIdx.x; i < scalar_from; i += 4 * (int64_t)blockDim.x) {
+            float p[4], g[4], a[4] = {0.0f, 0.0f, 0.0f, 0.0f}, b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            load4<DT>(param, i, p);
+            load4<DT>(grad, i, g);
+            if (k.has_m1) load4<CGD_FLOAT32>(m1, i, a);
+            if (k.has_m2) load4<CGD_FLOAT32>(m2, i, b);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) cgd_diag_update(&k, &s, &p[j], g[j] / scale, &a[j], &b[j]);
+            store4<DT>(param, i, p);
+            if (k.has_m1) store4<CGD_FLOAT32>(m1, i, a);
+            if (k.has_m2) store4<CGD_FLOAT32>(m2, i, b);
+        }
+    }
+    for (int64_t i = scalar_from + threadIdx.x; i < w.end; i += blockDim.x) {
+        float p = load1<DT>(param, i), a = k.has_m1 ? m1[i] : 0.0f, b = k.has_m2 ? m2[i] : 0.0f;
+        cgd_diag_update(&k, &s, &p, load1<DT>(grad, i) / scale, &a, &b);
+        store1<DT>(param, i, p);
+        if (k.has_m1) m1[i] = a;
+        if (k.has_m2) m2[i] = b;
+    }
+}
+
+/* Runs after the step kernel on the same stream, so no block of the step can still be reading a counter. */
+__global__ void increment_steps_kernel(const step_args args, const float *skip) {
+    if (skip && *skip != 0.0f) return;
+    int i = (int)threadIdx.x;
+    if (i < args.count) *args.step[i] += 1.0f;
+}
+
+static int aligned(const void *p, int bytes) { return ((uintptr_t)p % (uintptr_t)bytes) == 0; }
+
+static int launch_diag(const diag_args *args, const step_args *steps, const cgd_diag_consts *k, cgd_dtype dtype,
+                       const float *grad_scale, const float *skip, cudaStream_t stream) {
+    int32_t blocks = cgd_mt_chunks(&args->layout);
+    if (blocks > 0) {
+        switch (dtype) {
+        case CGD_FLOAT16:
+            diag_step_kernel<CGD_FLOAT16><<<blocks, CGD_MT_THREADS, 0, stream>>>(*args, *k, grad_scale, skip);
+            break;
+        case CGD_BFLOAT16:
+            diag_step_kernel<CGD_BFLOAT16><<<blocks, CGD_MT_THREADS, 0, stream>>>(*args, *k, grad_scale, skip);
+            break;
+        default:
+            diag_step_kernel<CGD_FLOAT32><<<blocks, CGD_MT_THREADS, 0, stream>>>(*args, *k, grad_scale, skip);
+            break;
+        }
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess) return (int)e;
+    }
+    increment_steps_kernel<<<1, CGD_MT_MAX_TENSORS, 0, stream>>>(*steps, skip);
+    return (int)cudaGetLastError();
+}
+
+extern "C" int cgd_cuda_diag_step(const cgd_diag_consts *k, cgd_dtype dtype, const cgd_diag_tensor *tensors,
+                                  int64_t count, const float *grad_scale, const float *skip, void *stream) {
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    const int param_align = dtype == CGD_FLOAT32 ? 16 : 8;
+    /* Static: ~12 KB is too much for some callers' stacks, and the launch copies it by value anyway. */
+    static thread_local diag_args args;
+    static thread_local step_args steps;
+    cgd_mt_reset(&args.layout);
+    steps.count = 0;
+    for (int64_t i = 0; i < count; ++i) {
+        const cgd_diag_tensor *t = &tensors[i];
+        if (!cgd_mt_add(&args.layout, t->numel)) {
+            int e = launch_diag(&args, &steps, k, dtype, grad_scale, skip, s);
+            if (e) return e;
+            cgd_mt_reset(&args.layout);
+            steps.count = 0;
+            cgd_mt_add(&args.layout, t->numel);
+        }
+        int32_t j = args.layout.count - 1;
+        args.param[j] = t->param;
+        args.grad[j] = t->grad;
+        args.m1[j] = t->exp_avg;
+        args.m2[j] = t->exp_avg_sq;
+        args.step[j] = t->step;
+        steps.step[j] = t->step;
+        steps.count = j + 1;
+        args.vector_ok[j] = (uint8_t)(aligned(t->param, param_align) && aligned(t->grad, param_align) &&
+                                      (!k->has_m1 || aligned(t->exp_avg, 16)) &&
+                                      (!k->has_m2 || aligned(t->exp_avg_sq, 16)));
+    }
+    if (args.layout.count == 0) return 0;
+    return launch_diag(&args, &steps, k, dtype, grad_scale, skip, s);
+}
+
+/* ---- the non-finite scan ---- */
+
+template <int DT> __device__ __forceinline__ bool word_nonfinite(uint32_t u) {
+    if (DT == CGD_FLOAT32) return (u & 0x7f800000u) == 0x7f800000u;
+    const uint32_t m = DT == CGD_FLOAT16 ? 0x7c00u : 0x7f80u;
+    return (u & m) == m || ((u >> 16) & m) == m;
+}
+
+template <int DT>
+__global__ void __launch_bounds__(CGD_MT_THREADS)
+    nonfinite_kernel(const scan_args args, int32_t *flags, float *found) {
+    const cgd_mt_work w = cgd_mt_locate(&args.layout, (int32_t)blockIdx.x);
+    const int elem_bytes = DT == CGD_FLOAT32 ? 4 : 2;
+    const int per_vec = 16 / elem_bytes;
+    const char *base = static_cast<const char *>(args.data[w.tensor]);
+    bool bad = false;
+    int64_t scalar_from = w.begin;
+    if (((uintptr_t)base & 15u) == 0) {
+        scalar_from = w.begin + ((w.end - w.begin) / per_vec) * per_vec;
+        for (int64_t i = w.begin + per_vec * (int64_t)threadIdx.x; i < scalar_from; i += per_vec * (int64_t)blockDim.x) {
+            uint4 v = *reinterpret_cast<const uint4 *>(base + i * elem_bytes);
+            bad |= word_nonfinite<DT>(v.x) | word_nonfinite<DT>(v.y) | word_nonfinite<DT>(v.z) |
+                   word_nonfinite<DT>(v.w);
+        }
+    }
+    for (int64_t i = scalar_from + threadIdx.x; i < w.end; i += blockDim.x) {
+        uint32_t u = DT == CGD_FLOAT32 ? reinterpret_cast<const uint32_t *>(base)[i]
+                                       : (uint32_t)reinterpret_cast<const uint16_t *>(base)[i];
+        bad |= word_nonfinite<DT>(u);
+    }
+    /* Every block that sees a bad value stores the same 1s: the result is the same whatever the order. */
+    if (__syncthreads_or(bad) && threadIdx.x == 0) {
+        flags[w.tensor] = 1;
+        *found = 1.0f;
+    }
+}
+
+static int launch_scan(const scan_args *args, cgd_dtype dtype, int32_t *flags, float *found, cudaStream_t stream) {
+    int32_t blocks = cgd_mt_chunks(&args->layout);
+    if (blocks == 0) return 0;
+    switch (dtype) {
+    case CGD_FLOAT16: nonfinite_kernel<CGD_FLOAT16><<<blocks, CGD_MT_THREADS, 0, stream>>>(*args, flags, found); break;
+    case CGD_BFLOAT16: nonfinite_kernel<CGD_BFLOAT16><<<blocks, CGD_MT_THREADS, 0, stream>>>(*args, flags, found); break;
+    default: nonfinite_kernel<CGD_FLOAT32><<<blocks, CGD_MT_THREADS, 0, stream>>>(*args, flags, found); break;
+    }
+    return (int)cudaGetLastError();
+}
+
+extern "C" int cgd_cuda_nonfinite_check(cgd_dtype dtype, const void *const *data, const int64_t *numels,
+                                        int64_t count, int32_t *flags, float *found, void *stream) {
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    cudaError_t e = cudaMemsetAsync(found, 0, sizeof(float), s);
+    if (e == cudaSuccess && count > 0) e = cudaMemsetAsync(flags, 0, (size_t)count * sizeof(int32_t), s);
+    if (e != cudaSuccess) return (int)e;
+    static thread_local scan_args args;
+    cgd_mt_reset(&args.layout);
+    int64_t first = 0; /* index of args' tensor 0 in the caller's list */
+    for (int64_t i = 0; i < count; ++i) {
+        if (!cgd_mt_add(&args.layout, numels[i])) {
+            int err = launch_scan(&args, dtype, flags + first, found, s);
+            if (err) return err;
+            first = i;
+            cgd_mt_reset(&args.layout);
+            cgd_mt_add(&args.layout, numels[i]);
+        }
+        args.data[args.layout.count - 1] = data[i];
+    }
+    return launch_scan(&args, dtype, flags + first, found, s);
+}
+
+extern "C" const char *cgd_cuda_error_string(int error) { return cudaGetErrorString((cudaError_t)error); }

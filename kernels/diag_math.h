@@ -1,0 +1,132 @@
+/*
+ * The diagonal CGD update for one element, written once and compiled both as C11 (CPU kernels) and as CUDA
+ * device code, so the two back ends cannot drift apart. See cgd_diag_hparams in capi/cgd.h for the equations.
+ */
+#ifndef CGD_DIAG_MATH_H
+#define CGD_DIAG_MATH_H
+
+#include <math.h>
+#include <stdint.h>
+
+#include "cgd.h"
+
+#ifdef __CUDACC__
+#define CGD_HD static __host__ __device__ __forceinline__
+#else
+#define CGD_HD static inline
+#endif
+
+/* How G = (...)^power is evaluated: the common powers get exact fast paths. */
+enum { CGD_METRIC_NONE = 0, CGD_METRIC_SQRT = 1, CGD_METRIC_POW = 2 };
+
+/* Per-call constants in the float32 the kernels compute in. */
+typedef struct cgd_diag_consts {
+    float lr, beta1, beta2, one_minus_beta2, grad_weight, power, eps, weight_decay, decay_factor;
+    double beta1_d, beta2_d; /* bias corrections are formed in double, as torch does on the host */
+    int32_t metric, moment, eps_inside, bias_correction, decoupled_weight_decay, nesterov, maximize;
+    int32_t has_m1, has_m2;
+} cgd_diag_consts;
+
+/* Per-tensor constants that depend on the tensor's step count t. */
+typedef struct cgd_diag_step_consts {
+    float step_size; /* lr / (1 - beta1^t) */
+    float inv_bc1;   /* 1 / (1 - beta1^t), for the centered variance */
+    float inv_bc2;   /* 1 / (1 - beta2^t) */
+    float bc2_pow;   /* (1 - beta2^t)^power: divides C^power when eps sits outside, as torch's Adam does */
+} cgd_diag_step_consts;
+
+CGD_HD cgd_diag_consts cgd_diag_make_consts(const cgd_diag_hparams *h) {
+    cgd_diag_consts k;
+    k.lr = (float)h->lr;
+    k.beta1 = (float)h->beta1;
+    k.beta2 = (float)h->beta2;
+    k.one_minus_beta2 = (float)(1.0 - h->beta2);
+    k.grad_weight = (float)h->grad_weight;
+    k.power = (float)h->power;
+    k.eps = (float)h->eps;
+    k.weight_decay = (float)h->weight_decay;
+    k.decay_factor = (float)(1.0 - h->lr * h->weight_decay);
+    k.beta1_d = h->beta1;
+    k.beta2_d = h->beta2;
+    k.metric = h->power == 0.0 ? CGD_METRIC_NONE : (h->power == 0.5 ? CGD_METRIC_SQRT : CGD_METRIC_POW);
+    k.moment = h->moment;
+    k.eps_inside = h->eps_inside != 0;
+    k.bias_correction = h->bias_correction != 0;
+    k.decoupled_weight_decay = h->decoupled_weight_decay != 0;
+    k.nesterov = h->nesterov != 0;
+    k.maximize = h->maximize != 0;
+    /* M1 must be stored when it is an average (beta1 > 0) or when the metric subtracts it. */
+    k.has_m1 = h->beta1 > 0.0 || (h->power != 0.0 && h->moment != CGD_MOMENT_RAW);
+    k.has_m2 = h->power != 0.0;
+    return k;
+}
+
+CGD_HD cgd_diag_step_consts cgd_diag_make_step_consts(const cgd_diag_consts *k, float steps_taken) {
+    cgd_diag_step_consts s;
+    double t = (double)steps_taken + 1.0;
+    double bc1 = 1.0, bc2 = 1.0;
+    if (k->bias_correction) {
+        bc1 = 1.0 - pow(k->beta1_d, t);
+        bc2 = 1.0 - pow(k->beta2_d, t);
+    }
+    s.step_size = (float)((double)k->lr / bc1);
+    s.inv_bc1 = (float)(1.0 / bc1);
+    s.inv_bc2 = (float)(1.0 / bc2);
+    s.bc2_pow = (float)pow(bc2, (double)k->power);
+    return s;
+}
+
+CGD_HD float cgd_metric_power(int metric, float x, float power) {
+    if (metric == CGD_METRIC_SQRT) return sqrtf(x);
+    return powf(x, power);
+}
+
+/*
+ * One element. p, m1, m2 are read and written through pointers to registers, so CPU and CUDA callers keep
+ * their own loads and stores (scalar or vectorised). m1/m2 are untouched when the step needs no such state.
+ */
+CGD_HD void cgd_diag_update(const cgd_diag_consts *k, const cgd_diag_step_consts *s, float *p, float g, float *m1,
+                            float *m2) {
+    if (k->maximize) g = -g;
+    float param = *p;
+    if (k->weight_decay != 0.0f) {
+        if (k->decoupled_weight_decay)
+            param *= k->decay_factor;
+        else
+            g += k->weight_decay * param;
+    }
+
+    float avg = g; /* M1 when beta1 == 0 */
+    if (k->has_m1) {
+        avg = k->beta1 * *m1 + k->grad_weight * g;
+        *m1 = avg;
+    }
+    float force = k->nesterov ? k->beta1 * avg + k->grad_weight * g : avg;
+
+    if (k->metric == CGD_METRIC_NONE) {
+        *p = param - s->step_size * force;
+        return;
+    }
+
+    float c, denom;
+    if (k->moment == CGD_MOMENT_BELIEF) {
+        float r = g - avg;
+        c = k->beta2 * *m2 + k->one_minus_beta2 * r * r + k->eps;
+        *m2 = c;
+    } else {
+        c = k->beta2 * *m2 + k->one_minus_beta2 * g * g;
+        *m2 = c;
+    }
+    if (k->moment == CGD_MOMENT_CENTERED) {
+        float mean = avg * s->inv_bc1;
+        float var = fmaxf(c * s->inv_bc2 - mean * mean, 0.0f);
+        denom = k->eps_inside ? cgd_metric_power(k->metric, k->eps + var, k->power)
+                              : cgd_metric_power(k->metric, var, k->power) + k->eps;
+    } else {
+        denom = k->eps_inside ? cgd_metric_power(k->metric, k->eps + c * s->inv_bc2, k->power)
+                              : cgd_metric_power(k->metric, c, k->power) / s->bc2_pow + k->eps;
+    }
+    *p = param - s->step_size * (force / denom);
+}
+
+#endif /* CGD_DIAG_MATH_H */

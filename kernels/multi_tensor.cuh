@@ -1,0 +1,67 @@
+/*
+ * Multi-tensor launches: many tensors are stepped by one kernel launch. The pointers and sizes of up to
+ * CGD_MT_MAX_TENSORS tensors travel in the kernel's argument block (no host-to-device copy of metadata, so a
+ * launch can be captured in a CUDA graph). Each tensor is cut into chunks of CGD_MT_CHUNK elements; block b of
+ * the grid works on global chunk b and finds its tensor by binary search over the chunk prefix sums, so any mix
+ * of tensor sizes gives a balanced grid and no per-block table is needed.
+ *
+ * The argument block is ~13 KB: kernel arguments above 4 KB need CUDA 12.1 and a Volta or newer GPU.
+ */
+#ifndef CGD_MULTI_TENSOR_CUH
+#define CGD_MULTI_TENSOR_CUH
+
+#include <stdint.h>
+
+#define CGD_MT_MAX_TENSORS 192
+#define CGD_MT_CHUNK 32768
+#define CGD_MT_THREADS 256
+
+typedef struct cgd_mt_layout {
+    int32_t count;
+    int32_t first_chunk[CGD_MT_MAX_TENSORS + 1]; /* first_chunk[count] = chunks in this launch */
+    int64_t numel[CGD_MT_MAX_TENSORS];
+} cgd_mt_layout;
+
+/* Where global chunk `block` lies: its tensor and element range. */
+typedef struct cgd_mt_work {
+    int32_t tensor;
+    int64_t begin, end;
+} cgd_mt_work;
+
+static __device__ __forceinline__ cgd_mt_work cgd_mt_locate(const cgd_mt_layout *layout, int32_t block) {
+    int32_t lo = 0, hi = layout->count - 1;
+    while (lo < hi) { /* last tensor whose first chunk is <= block; empty tensors own no chunk */
+        int32_t mid = (lo + hi + 1) >> 1;
+        if (layout->first_chunk[mid] <= block)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    cgd_mt_work w;
+    w.tensor = lo;
+    w.begin = (int64_t)(block - layout->first_chunk[lo]) * CGD_MT_CHUNK;
+    int64_t end = w.begin + CGD_MT_CHUNK;
+    w.end = end < layout->numel[lo] ? end : layout->numel[lo];
+    return w;
+}
+
+/* Appends a tensor to the layout; returns 0 when the layout is full and must be launched first. */
+static inline int cgd_mt_add(cgd_mt_layout *layout, int64_t numel) {
+    int64_t chunks = (numel + CGD_MT_CHUNK - 1) / CGD_MT_CHUNK;
+    if (layout->count == CGD_MT_MAX_TENSORS) return 0;
+    /* The grid is one block per chunk: keep the launch's chunk count within a grid dimension. */
+    if (layout->count > 0 && chunks > (int64_t)INT32_MAX - layout->first_chunk[layout->count]) return 0;
+    int32_t i = layout->count++;
+    layout->numel[i] = numel;
+    layout->first_chunk[i + 1] = layout->first_chunk[i] + (int32_t)chunks;
+    return 1;
+}
+
+static inline void cgd_mt_reset(cgd_mt_layout *layout) {
+    layout->count = 0;
+    layout->first_chunk[0] = 0;
+}
+
+static inline int32_t cgd_mt_chunks(const cgd_mt_layout *layout) { return layout->first_chunk[layout->count]; }
+
+#endif /* CGD_MULTI_TENSOR_CUH */

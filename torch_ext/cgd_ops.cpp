@@ -1,0 +1,208 @@
+// Registers the C API (capi/cgd.h) as Torch operators in the `cgd` namespace, for CPU and CUDA tensors. This
+// file only checks tensors (dtype, device, layout, sizes), gathers their pointers, and passes the current CUDA
+// stream; every formula lives in kernels/. Fake (meta) kernels for torch.compile are in python/cgd/_ops.py.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#ifdef CGD_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include "cgd.h"
+
+namespace {
+
+cgd_dtype to_cgd_dtype(const at::Tensor &t, const char *what, size_t i) {
+    switch (t.scalar_type()) {
+    case at::kFloat: return CGD_FLOAT32;
+    case at::kHalf: return CGD_FLOAT16;
+    case at::kBFloat16: return CGD_BFLOAT16;
+    default:
+        TORCH_CHECK_TYPE(false, "cgd: ", what, "[", i, "] has dtype ", t.scalar_type(),
+                         "; parameters and gradients must be float32, float16 or bfloat16");
+    }
+}
+
+// Checks `t` against the reference tensor params[i]: strided, contiguous, same device and element count, and
+// the given dtype.
+void check_like(const at::Tensor &t, const at::Tensor &param, at::ScalarType dtype, const char *what, size_t i) {
+    TORCH_CHECK_TYPE(t.layout() == at::kStrided, "cgd: ", what, "[", i, "] is ", t.layout(),
+                     "; only dense (strided) tensors are supported");
+    TORCH_CHECK_VALUE(t.device() == param.device(), "cgd: ", what, "[", i, "] is on ", t.device(), " but params[", i,
+                      "] is on ", param.device());
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, "cgd: ", what, "[", i, "] has dtype ", t.scalar_type(),
+                     ", expected ", dtype);
+    TORCH_CHECK_VALUE(t.numel() == param.numel(), "cgd: ", what, "[", i, "] has ", t.numel(),
+                      " elements but params[", i, "] has ", param.numel());
+    TORCH_CHECK_VALUE(t.is_contiguous(), "cgd: ", what, "[", i, "] is not contiguous");
+}
+
+void check_scalar(const at::Tensor &t, const at::Tensor &param, const char *what, size_t i) {
+    TORCH_CHECK_VALUE(t.device() == param.device(), "cgd: ", what, "[", i, "] is on ", t.device(), " but params[", i,
+                      "] is on ", param.device(), " (step counters live on the parameter's device)");
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat && t.numel() == 1, "cgd: ", what, "[", i,
+                     "] must be a one-element float32 tensor, got ", t.scalar_type(), " with ", t.numel(), " elements");
+}
+
+const float *optional_scalar(const std::optional<at::Tensor> &t, const at::Device &device, const char *what) {
+    if (!t.has_value()) return nullptr;
+    TORCH_CHECK_VALUE(t->device() == device, "cgd: ", what, " is on ", t->device(), " but the parameters are on ",
+                      device);
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat && t->numel() == 1, "cgd: ", what,
+                     " must be a one-element float32 tensor, got ", t->scalar_type(), " with ", t->numel(),
+                     " elements");
+    return t->data_ptr<float>();
+}
+
+void check_status(cgd_status status) {
+    TORCH_CHECK(status == CGD_OK, "cgd: ", cgd_status_name(status), ": ", cgd_last_error());
+}
+
+cgd_moment to_moment(const std::string &moment) {
+    if (moment == "raw") return CGD_MOMENT_RAW;
+    if (moment == "centered") return CGD_MOMENT_CENTERED;
+    if (moment == "belief") return CGD_MOMENT_BELIEF;
+    TORCH_CHECK_VALUE(false, "cgd: moment = '", moment, "'; expected 'raw', 'centered' or 'belief'");
+}
+
+// The device the C API runs on and the stream it enqueues to: the current stream of the tensors' device.
+struct Target {
+    cgd_device device = CGD_CPU;
+    void *stream = nullptr;
+};
+
+Target target_for(const at::Device &device) {
+    Target target;
+    if (device.is_cpu()) return target;
+#ifdef CGD_WITH_CUDA
+    if (device.is_cuda()) {
+        target.device = CGD_CUDA;
+        target.stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+        return target;
+    }
+#endif
+    TORCH_CHECK(false, "cgd: tensors on ", device, " are not supported by this build (", cgd_version(), ")");
+}
+
+void diag_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+               at::TensorList steps, double lr, double beta1, double beta2, double grad_weight, double power,
+               double eps, double weight_decay, const std::string &moment, bool eps_inside, bool bias_correction,
+               bool decoupled_weight_decay, bool nesterov, bool maximize, const std::optional<at::Tensor> &grad_scale,
+               const std::optional<at::Tensor> &found_inf) {
+    const size_t n = params.size();
+    TORCH_CHECK_VALUE(grads.size() == n && steps.size() == n, "cgd::diag_step_: got ", n, " params, ", grads.size(),
+                      " grads and ", steps.size(), " steps; the lists must have equal lengths");
+    TORCH_CHECK_VALUE(exp_avgs.empty() || exp_avgs.size() == n, "cgd::diag_step_: got ", exp_avgs.size(),
+                      " exp_avgs for ", n, " params (pass one per param, or none when beta1 == 0)");
+    TORCH_CHECK_VALUE(exp_avg_sqs.empty() || exp_avg_sqs.size() == n, "cgd::diag_step_: got ", exp_avg_sqs.size(),
+                      " exp_avg_sqs for ", n, " params (pass one per param, or none when power == 0)");
+    if (n == 0) return;
+
+    const at::Tensor &first = params[0];
+    const cgd_dtype dtype = to_cgd_dtype(first, "params", 0);
+    std::vector<cgd_diag_tensor> tensors(n);
+    for (size_t i = 0; i < n; ++i) {
+        const at::Tensor &p = params[i];
+        to_cgd_dtype(p, "params", i);
+        TORCH_CHECK_VALUE(p.device() == first.device() && p.scalar_type() == first.scalar_type(),
+                          "cgd::diag_step_: params[", i, "] is ", p.scalar_type(), " on ", p.device(),
+                          " but params[0] is ", first.scalar_type(), " on ", first.device(),
+                          "; one call steps tensors of one dtype on one device");
+        check_like(p, p, p.scalar_type(), "params", i);
+        check_like(grads[i], p, p.scalar_type(), "grads", i);
+        check_scalar(steps[i], p, "steps", i);
+        cgd_diag_tensor &t = tensors[i];
+        t.param = p.data_ptr();
+        t.grad = grads[i].data_ptr();
+        t.step = steps[i].data_ptr<float>();
+        t.numel = p.numel();
+        t.exp_avg = nullptr;
+        t.exp_avg_sq = nullptr;
+        if (!exp_avgs.empty()) {
+            check_like(exp_avgs[i], p, at::kFloat, "exp_avgs", i);
+            t.exp_avg = exp_avgs[i].data_ptr<float>();
+        }
+        if (!exp_avg_sqs.empty()) {
+            check_like(exp_avg_sqs[i], p, at::kFloat, "exp_avg_sqs", i);
+            t.exp_avg_sq = exp_avg_sqs[i].data_ptr<float>();
+        }
+    }
+
+    cgd_diag_hparams h{};
+    h.lr = lr;
+    h.beta1 = beta1;
+    h.beta2 = beta2;
+    h.grad_weight = grad_weight;
+    h.power = power;
+    h.eps = eps;
+    h.weight_decay = weight_decay;
+    h.moment = to_moment(moment);
+    h.eps_inside = eps_inside;
+    h.bias_correction = bias_correction;
+    h.decoupled_weight_decay = decoupled_weight_decay;
+    h.nesterov = nesterov;
+    h.maximize = maximize;
+
+#ifdef CGD_WITH_CUDA
+    c10::cuda::OptionalCUDAGuard guard;
+    if (first.is_cuda()) guard.set_device(first.device());
+#endif
+    const Target target = target_for(first.device());
+    check_status(cgd_diag_step(&h, dtype, tensors.data(), static_cast<int64_t>(n),
+                               optional_scalar(grad_scale, first.device(), "grad_scale"),
+                               optional_scalar(found_inf, first.device(), "found_inf"), target.device,
+                               target.stream));
+}
+
+std::tuple<at::Tensor, at::Tensor> nonfinite_flags(at::TensorList tensors) {
+    TORCH_CHECK_VALUE(!tensors.empty(), "cgd::nonfinite_flags: needs at least one tensor");
+    const at::Tensor &first = tensors[0];
+    const cgd_dtype dtype = to_cgd_dtype(first, "tensors", 0);
+    std::vector<const void *> data(tensors.size());
+    std::vector<int64_t> numels(tensors.size());
+    for (size_t i = 0; i < tensors.size(); ++i) {
+        check_like(tensors[i], first, first.scalar_type(), "tensors", i);
+        data[i] = tensors[i].data_ptr();
+        numels[i] = tensors[i].numel();
+    }
+    at::Tensor flags = at::empty({static_cast<int64_t>(tensors.size())}, first.options().dtype(at::kInt));
+    at::Tensor found = at::empty({}, first.options().dtype(at::kFloat));
+#ifdef CGD_WITH_CUDA
+    c10::cuda::OptionalCUDAGuard guard;
+    if (first.is_cuda()) guard.set_device(first.device());
+#endif
+    const Target target = target_for(first.device());
+    check_status(cgd_nonfinite_check(dtype, data.data(), numels.data(), static_cast<int64_t>(tensors.size()),
+                                     flags.data_ptr<int32_t>(), found.data_ptr<float>(), target.device,
+                                     target.stream));
+    return {flags, found};
+}
+
+std::string build_info() { return cgd_version(); }
+
+} // namespace
+
+TORCH_LIBRARY(cgd, m) {
+    m.def("diag_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+          "Tensor(d!)[] steps, *, float lr, float beta1, float beta2, float grad_weight, float power, float eps, "
+          "float weight_decay, str moment, bool eps_inside, bool bias_correction, bool decoupled_weight_decay, "
+          "bool nesterov, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+    m.def("nonfinite_flags(Tensor[] tensors) -> (Tensor flags, Tensor found)");
+    m.def("build_info() -> str", &build_info);
+}
+
+TORCH_LIBRARY_IMPL(cgd, CPU, m) {
+    m.impl("diag_step_", &diag_step);
+    m.impl("nonfinite_flags", &nonfinite_flags);
+}
+
+#ifdef CGD_WITH_CUDA
+TORCH_LIBRARY_IMPL(cgd, CUDA, m) {
+    m.impl("diag_step_", &diag_step);
+    m.impl("nonfinite_flags", &nonfinite_flags);
+}
+#endif
