@@ -27,18 +27,26 @@ cgd_dtype to_cgd_dtype(const at::Tensor &t, const char *what, size_t i) {
     }
 }
 
-// Checks `t` against the reference tensor params[i]: strided, contiguous, same device and element count, and
-// the given dtype.
-void check_like(const at::Tensor &t, const at::Tensor &param, at::ScalarType dtype, const char *what, size_t i) {
+// The kernels walk raw memory, so a tensor must cover its storage span exactly once (any dense layout, e.g.
+// channels_last, not only contiguous).
+void check_dense(const at::Tensor &t, const char *what, size_t i) {
     TORCH_CHECK_TYPE(t.layout() == at::kStrided, "cgd: ", what, "[", i, "] is ", t.layout(),
                      "; only dense (strided) tensors are supported");
+    TORCH_CHECK_VALUE(t.is_non_overlapping_and_dense(), "cgd: ", what, "[", i, "] with sizes ", t.sizes(),
+                      " and strides ", t.strides(), " has gaps or overlaps");
+}
+
+// `t` must match params[i] in device, sizes and memory layout, and have the given dtype.
+void check_like(const at::Tensor &t, const at::Tensor &param, at::ScalarType dtype, const char *what, size_t i) {
+    check_dense(t, what, i);
     TORCH_CHECK_VALUE(t.device() == param.device(), "cgd: ", what, "[", i, "] is on ", t.device(), " but params[", i,
                       "] is on ", param.device());
     TORCH_CHECK_TYPE(t.scalar_type() == dtype, "cgd: ", what, "[", i, "] has dtype ", t.scalar_type(),
                      ", expected ", dtype);
-    TORCH_CHECK_VALUE(t.numel() == param.numel(), "cgd: ", what, "[", i, "] has ", t.numel(),
-                      " elements but params[", i, "] has ", param.numel());
-    TORCH_CHECK_VALUE(t.is_contiguous(), "cgd: ", what, "[", i, "] is not contiguous");
+    TORCH_CHECK_VALUE(t.sizes() == param.sizes(), "cgd: ", what, "[", i, "] has sizes ", t.sizes(), " but params[", i,
+                      "] has ", param.sizes());
+    TORCH_CHECK_VALUE(t.strides() == param.strides(), "cgd: ", what, "[", i, "] has strides ", t.strides(),
+                      " but params[", i, "] has ", param.strides(), "; they must share one memory layout");
 }
 
 void check_scalar(const at::Tensor &t, const at::Tensor &param, const char *what, size_t i) {
@@ -112,7 +120,7 @@ void diag_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                           "cgd::diag_step_: params[", i, "] is ", p.scalar_type(), " on ", p.device(),
                           " but params[0] is ", first.scalar_type(), " on ", first.device(),
                           "; one call steps tensors of one dtype on one device");
-        check_like(p, p, p.scalar_type(), "params", i);
+        check_dense(p, "params", i);
         check_like(grads[i], p, p.scalar_type(), "grads", i);
         check_scalar(steps[i], p, "steps", i);
         cgd_diag_tensor &t = tensors[i];
@@ -165,7 +173,10 @@ std::tuple<at::Tensor, at::Tensor> nonfinite_flags(at::TensorList tensors) {
     std::vector<const void *> data(tensors.size());
     std::vector<int64_t> numels(tensors.size());
     for (size_t i = 0; i < tensors.size(); ++i) {
-        check_like(tensors[i], first, first.scalar_type(), "tensors", i);
+        check_dense(tensors[i], "tensors", i);
+        TORCH_CHECK_VALUE(tensors[i].device() == first.device() && tensors[i].scalar_type() == first.scalar_type(),
+                          "cgd::nonfinite_flags: tensors[", i, "] is ", tensors[i].scalar_type(), " on ",
+                          tensors[i].device(), " but tensors[0] is ", first.scalar_type(), " on ", first.device());
         data[i] = tensors[i].data_ptr();
         numels[i] = tensors[i].numel();
     }

@@ -1,0 +1,25 @@
+"""torch-cgd: Covariant Gradient Descent optimizers for PyTorch, with a C/CUDA core.
+
+    import cgd
+    optimizer = cgd.CGD(model.parameters(), lr=1e-3)      # instead of torch.optim.Adam(...)
+    optimizer = cgd.Adam(model.parameters(), lr=1e-3)     # torch.optim.Adam, run by the CGD kernels
+"""
+
+from ._ops import BUILD_INFO
+from .optimizer import CGD, NonFiniteGradientError, beta_to_tau, tau_to_beta
+from .presets import SGD, AdaBelief, Adam, AdamW, RMSprop
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BUILD_INFO",
+    "CGD",
+    "SGD",
+    "AdaBelief",
+    "Adam",
+    "AdamW",
+    "NonFiniteGradientError",
+    "RMSprop",
+    "beta_to_tau",
+    "tau_to_beta",
+]

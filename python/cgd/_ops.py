@@ -1,0 +1,54 @@
+"""Loads the compiled operator library and registers the fake (meta) kernels torch.compile traces with.
+
+The library is built by CMake into ``python/cgd/_lib`` together with ``build_info.txt``, which records the torch
+and CUDA versions it was compiled against; a mismatch is reported here, before the library is loaded, instead of
+as an undefined-symbol error from the dynamic loader.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_LIB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lib")
+_REBUILD = "rebuild it with `./run.sh build` from the repository root (or cmake, see README)"
+
+
+def _read_build_info() -> dict[str, str]:
+    path = os.path.join(_LIB_DIR, "build_info.txt")
+    if not os.path.exists(path):
+        raise ImportError(f"torch-cgd's compiled library is missing ({_LIB_DIR} has no build_info.txt): {_REBUILD}")
+    with open(path, encoding="utf-8") as f:
+        return dict(line.strip().split("=", 1) for line in f if "=" in line)
+
+
+def _load() -> dict[str, str]:
+    info = _read_build_info()
+    if info.get("torch") != torch.__version__:
+        raise ImportError(
+            f"torch-cgd was built against torch {info.get('torch')} (CUDA {info.get('cuda') or 'none'}) but this "
+            f"Python has torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}): {_REBUILD}"
+        )
+    torch.ops.load_library(os.path.join(_LIB_DIR, "libcgd_torch.so"))
+    return info
+
+
+BUILD_INFO = _load()
+
+
+@torch.library.register_fake("cgd::diag_step_")
+def _diag_step_fake(params, grads, exp_avgs, exp_avg_sqs, steps, **hyperparameters) -> None:
+    # The dispatcher also routes here when a real list mixes in a meta tensor: refuse that as the real kernel
+    # refuses mixed devices, rather than returning as if the step had run.
+    for name, tensors in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("steps", steps)):
+        for i, (t, p) in enumerate(zip(tensors, params)):
+            if t.device != p.device:
+                raise ValueError(f"cgd: {name}[{i}] is on {t.device} but params[{i}] is on {p.device}")
+    return None
+
+
+@torch.library.register_fake("cgd::nonfinite_flags")
+def _nonfinite_flags_fake(tensors):
+    first = tensors[0]
+    return first.new_empty((len(tensors),), dtype=torch.int32), first.new_empty((), dtype=torch.float32)

@@ -1,0 +1,459 @@
+"""``cgd.CGD``: diagonal Covariant Gradient Descent as a ``torch.optim.Optimizer``.
+
+The maths runs in the C core (``torch.ops.cgd.diag_step_``); this module owns the PyTorch contract: parameter
+groups, lazily created state, ``state_dict`` round trips, the closure, AMP's GradScaler hand-off, the non-finite
+gradient policy, and argument checking with messages that name the argument and its value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from . import _ops  # noqa: F401  (loads the operator library)
+
+MOMENTS = ("raw", "centered", "belief")
+NONFINITE_POLICIES = ("raise", "skip", "ignore")
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_DEFAULT_BETAS = (0.9, 0.999)
+
+# State keys follow torch.optim where the meaning is the same, so checkpoints interchange.
+_SECOND_MOMENT_KEY = {"raw": "exp_avg_sq", "centered": "exp_avg_sq", "belief": "exp_avg_var"}
+_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "exp_avg_var")
+# torch.optim.SGD's and RMSprop's names for the same quantities.
+_FOREIGN_STATE_KEYS = {"momentum_buffer": "exp_avg", "square_avg": "exp_avg_sq"}
+
+
+class NonFiniteGradientError(RuntimeError):
+    """A gradient held NaN or Inf under ``nonfinite="raise"``; the step was not applied."""
+
+
+def tau_to_beta(tau: float) -> float:
+    """The paper's averaging timescale tau (eq 3.5) as an EMA coefficient: beta = tau / (1 + tau)."""
+    return tau / (1.0 + tau)
+
+
+def beta_to_tau(beta: float) -> float:
+    """The inverse of :func:`tau_to_beta`: tau = beta / (1 - beta)."""
+    return beta / (1.0 - beta)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """True when t covers its storage span exactly once (any dimension order), as the kernels require."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _bad(name: str, value: Any, why: str) -> ValueError:
+    return ValueError(f"cgd: {name} = {value!r} is invalid: {why}")
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise _bad(name, value, "a tensor hyperparameter must hold one element")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(name, value, "must be a real number")
+    return float(value)
+
+
+def _check_range(name: str, value: Any, lo: float, hi: float = math.inf, hi_open: bool = True) -> float:
+    v = _number(name, value)
+    inside = lo <= v < hi if hi_open else lo <= v <= hi
+    if not inside:
+        raise _bad(name, value, f"must lie in [{lo}, {hi}{')' if hi_open else ']'}")
+    return v
+
+
+def validate_group(group: dict[str, Any]) -> None:
+    """Raises ValueError naming the first invalid hyperparameter of a parameter group."""
+    _check_range("lr", group["lr"], 0.0)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise _bad("betas", betas, "must be a pair (beta1, beta2)")
+    _check_range("betas[0]", betas[0], 0.0, 1.0)
+    _check_range("betas[1]", betas[1], 0.0, 1.0)
+    _check_range("power", group["power"], 0.0, 1.0, hi_open=False)
+    _check_range("eps", group["eps"], 0.0)
+    _check_range("weight_decay", group["weight_decay"], 0.0)
+    _check_range("m2_init", group["m2_init"], 0.0)
+    _check_range("dampening", group["dampening"], 0.0, 1.0, hi_open=False)
+    if group["moment"] not in MOMENTS:
+        raise _bad("moment", group["moment"], f"must be one of {MOMENTS}")
+    if group["bias_correction"] and group["m2_init"] != 0.0 and group["power"] != 0.0:
+        raise _bad(
+            "m2_init",
+            group["m2_init"],
+            "bias_correction=True assumes the second moment starts at 0 (Adam); "
+            "the paper's start m2_init=1.0 goes with bias_correction=False",
+        )
+    if group["nesterov"] and betas[0] == 0.0:
+        raise _bad("nesterov", True, "Nesterov momentum needs betas[0] > 0")
+    if group["heavy_ball"] and group["moment"] != "raw" and group["power"] != 0.0:
+        raise _bad(
+            "moment",
+            group["moment"],
+            "heavy_ball=True keeps a sum of gradients, not an average, so it has no variance; "
+            "use heavy_ball=False with a centered metric",
+        )
+
+
+@dataclass
+class _Batch:
+    """Tensors of one group that share device and dtype: one operator call."""
+
+    group: dict[str, Any]
+    grad_weight: float
+    params: list[torch.Tensor] = field(default_factory=list)
+    grads: list[torch.Tensor] = field(default_factory=list)
+    exp_avgs: list[torch.Tensor] = field(default_factory=list)
+    exp_avg_sqs: list[torch.Tensor] = field(default_factory=list)
+    steps: list[torch.Tensor] = field(default_factory=list)
+    where: list[tuple[int, int]] = field(default_factory=list)  # (group index, param index) for messages
+
+
+class CGD(Optimizer):
+    r"""Diagonal Covariant Gradient Descent (Guskov & Vanchurin, arXiv 2504.05279).
+
+    Per parameter element, with the gradient g and t the element's step count::
+
+        M1 <- beta1 * M1 + (1 - beta1) * g          force F = M1 / (1 - beta1^t)
+        M2 <- beta2 * M2 + (1 - beta2) * g^2        C = M2 / (1 - beta2^t)   (moment="raw")
+        q  <- q - lr * F / (eps + C)^power          (eps_inside=True, the paper's eq 5.1)
+
+    ``moment="centered"`` uses the variance C = M2/(1-beta2^t) - F^2 (paper eq 4.8), ``moment="belief"`` the
+    AdaBelief estimator S <- beta2 S + (1 - beta2)(g - M1)^2 + eps. ``eps_inside=False`` gives torch's
+    C^power + eps. ``bias_correction=False, m2_init=1.0`` is the paper's initial condition M1 = 0, M2 = 1.
+
+    Args:
+        params: parameters or parameter groups (named parameters work too).
+        lr: learning rate gamma.
+        betas: EMA coefficients (beta1, beta2) of M1 and M2; beta1 = 0 uses the raw gradient as force.
+        tau: the paper's timescales (tau1, tau2) instead of ``betas``: beta = tau / (1 + tau), so
+            ``tau=(9, 999)`` is ``betas=(0.9, 0.999)``.
+        power: the metric exponent a in [0, 1]; 0 is SGD, 0.5 is Adam/RMSProp.
+        eps: regulariser of the metric.
+        weight_decay: decay coefficient; decoupled (AdamW) by default, L2 added to the gradient (Adam) with
+            ``decoupled_weight_decay=False``.
+        moment: "raw", "centered" or "belief" (see above).
+        eps_inside: ``(eps + C)^power`` (True, the paper) or ``C^power + eps`` (False, torch's Adam).
+        bias_correction: divide M1 and M2 by (1 - beta^t) (Adam); needs ``m2_init=0``.
+        m2_init: initial value of M2 (0 for Adam, 1 for the paper).
+        nesterov: use beta1 M1 + (1 - beta1) g as the force (one step of look-ahead).
+        heavy_ball: keep torch.optim.SGD's momentum buffer M1 <- beta1 M1 + (1 - dampening) g instead of an
+            average (the SGD preset sets it).
+        dampening: see ``heavy_ball``.
+        maximize: ascend instead of descend.
+        nonfinite: what a NaN or Inf gradient does: "raise" (default) raises :class:`NonFiniteGradientError`
+            naming the parameter and applies no part of the step; "skip" skips the whole step on the device
+            without a host synchronisation, counted in :attr:`skipped_steps`; "ignore" checks nothing (the
+            fastest; a NaN then spreads into parameters and state, as with torch.optim). "raise" costs one extra
+            read of the gradients and one device-to-host synchronisation per step.
+
+    Defaults: ``power=0.5``, ``betas=(0.9, 0.999)``, ``eps=1e-8`` (inside the power), bias correction on,
+    ``m2_init=0``: Adam's well-tested timescales and start with the paper's placement of eps. The paper tunes
+    ``power`` per task (0.23 to 0.40 in its Tables 1 and 2, at timescales of 9 to 17 steps); on our CPU
+    comparison (``benchmarks/compare.py``, README) lower powers need a re-tuned learning rate because the step
+    no longer scales as 1/|g|, so the default keeps a = 0.5, where a learning rate tuned for Adam carries over,
+    and a = 0.4 is the first value to try when tuning (see README, "Choosing power").
+
+    State per parameter (float32, whatever the parameter dtype): ``step`` (a one-element tensor on the
+    parameter's device), ``exp_avg`` (M1, when beta1 > 0 or the metric is centered), ``exp_avg_sq`` (M2, when
+    power > 0) or ``exp_avg_var`` (moment="belief"). The names are torch.optim's, so an Adam checkpoint loads
+    directly (:meth:`load_state_dict`).
+    """
+
+    _step_supports_amp_scaling = True  # GradScaler hands over grad_scale and found_inf instead of unscaling
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, torch.Tensor]],
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = _DEFAULT_BETAS,
+        *,
+        tau: tuple[float, float] | None = None,
+        power: float = 0.5,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = True,
+        moment: str = "raw",
+        eps_inside: bool = True,
+        bias_correction: bool = True,
+        m2_init: float = 0.0,
+        nesterov: bool = False,
+        heavy_ball: bool = False,
+        dampening: float = 0.0,
+        maximize: bool = False,
+        nonfinite: str = "raise",
+    ) -> None:
+        if tau is not None:
+            if betas is not _DEFAULT_BETAS:
+                raise _bad("tau", tau, "pass either betas or tau, not both")
+            if not isinstance(tau, (tuple, list)) or len(tau) != 2:
+                raise _bad("tau", tau, "must be a pair (tau1, tau2)")
+            betas = tuple(tau_to_beta(_check_range(f"tau[{i}]", t, 0.0)) for i, t in enumerate(tau))
+        if nonfinite not in NONFINITE_POLICIES:
+            raise _bad("nonfinite", nonfinite, f"must be one of {NONFINITE_POLICIES}")
+        self.nonfinite = nonfinite
+        self._skipped: torch.Tensor | None = None
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            power=power,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            moment=moment,
+            eps_inside=eps_inside,
+            bias_correction=bias_correction,
+            m2_init=m2_init,
+            nesterov=nesterov,
+            heavy_ball=heavy_ball,
+            dampening=dampening,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("nonfinite", "raise")
+        self.__dict__.setdefault("_skipped", None)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            validate_group(group)
+            for j, p in enumerate(group["params"]):
+                if p.dtype not in SUPPORTED_DTYPES:
+                    kind = "complex" if p.is_complex() else str(p.dtype)
+                    raise ValueError(
+                        f"cgd: parameter {self._label(len(self.param_groups) - 1, j)} is {kind} "
+                        f"({p.dtype}); supported parameter dtypes are float32, float16 and bfloat16"
+                    )
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients under ``nonfinite="skip"`` (reading it synchronises)."""
+        return 0 if self._skipped is None else int(self._skipped.item())
+
+    # ---- the step ----
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Performs one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        batches: list[_Batch] = []
+        for gi, group in enumerate(self.param_groups):
+            validate_group(group)
+            batches.extend(self._gather(gi, group))
+        if not batches:
+            return loss
+        skip = self._skip_flag(batches)
+        grad_scale = getattr(self, "grad_scale", None)
+        for batch in batches:
+            self._apply(batch, grad_scale, skip)
+        return loss
+
+    def _label(self, gi: int, j: int) -> str:
+        group = self.param_groups[gi]
+        p = group["params"][j]
+        names = group.get("param_names")
+        where = f"param_groups[{gi}]['params'][{j}]"
+        return f"'{names[j]}' ({where}, shape {tuple(p.shape)})" if names else f"{where} (shape {tuple(p.shape)})"
+
+    def _gather(self, gi: int, group: dict[str, Any]) -> list[_Batch]:
+        beta1 = group["betas"][0]
+        power = group["power"]
+        need_m1 = beta1 > 0.0 or (power != 0.0 and group["moment"] != "raw")
+        m2_key = _SECOND_MOMENT_KEY[group["moment"]] if power != 0.0 else None
+        split_first = group["heavy_ball"] and group["dampening"] != 0.0
+        batches: dict[tuple[Any, ...], _Batch] = {}
+        for j, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError(
+                    f"cgd: parameter {self._label(gi, j)} has a sparse gradient, which CGD does not support; "
+                    "use torch.optim.SparseAdam for sparse embeddings, or dense gradients"
+                )
+            if not _dense(p):
+                raise ValueError(
+                    f"cgd: parameter {self._label(gi, j)} is a strided view with gaps or overlaps "
+                    f"(stride {p.stride()}); optimise the tensor it views instead"
+                )
+            if g.stride() != p.stride() or not _dense(g):
+                g = torch.empty_like(p).copy_(g)  # the kernels walk param, grad and state in one memory order
+            state = self.state[p]
+            first = "exp_avg" not in state
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            if need_m1 and "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            if m2_key is not None and m2_key not in state:
+                state[m2_key] = torch.full_like(p, group["m2_init"], dtype=torch.float32)
+            if group["heavy_ball"]:
+                # torch.optim.SGD starts its buffer with the raw gradient, then dampens.
+                grad_weight = 1.0 if first else 1.0 - group["dampening"]
+            else:
+                grad_weight = 1.0 - beta1
+            key = (p.device, p.dtype, first if split_first else None)
+            batch = batches.get(key)
+            if batch is None:
+                batch = batches[key] = _Batch(group, grad_weight)
+            batch.params.append(p)
+            batch.grads.append(g)
+            batch.steps.append(state["step"])
+            batch.where.append((gi, j))
+            if need_m1:
+                batch.exp_avgs.append(state["exp_avg"])
+            if m2_key is not None:
+                batch.exp_avg_sqs.append(state[m2_key])
+        return list(batches.values())
+
+    def _skip_flag(self, batches: list[_Batch]) -> torch.Tensor | None:
+        """A one-element tensor that is nonzero when the step must be skipped, or None for never."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None:  # GradScaler already checked every gradient
+            return found_inf
+        if self.nonfinite == "ignore":
+            return None
+        checks = [torch.ops.cgd.nonfinite_flags(b.grads) for b in batches]
+        device = checks[0][1].device
+        total = checks[0][1]
+        for _, found in checks[1:]:
+            total = total + found.to(device, non_blocking=True)
+        if self.nonfinite == "raise":
+            if total.item() != 0.0:
+                bad = [
+                    self._label(*batch.where[i])
+                    for batch, (flags, _) in zip(batches, checks)
+                    for i in flags.nonzero().flatten().tolist()
+                ]
+                raise NonFiniteGradientError(
+                    f"cgd: the gradient of {', '.join(bad)} contains NaN or Inf; no parameter or state was "
+                    "changed (nonfinite='raise'). Pass nonfinite='skip' to skip such steps instead, or "
+                    "nonfinite='ignore' to apply them as torch.optim does"
+                )
+            return None
+        self._skipped = total.clone() if self._skipped is None else self._skipped + total.to(self._skipped.device)
+        return total
+
+    def _apply(self, batch: _Batch, grad_scale: torch.Tensor | None, skip: torch.Tensor | None) -> None:
+        group = batch.group
+        device = batch.params[0].device
+        if skip is not None and skip.device != device:
+            skip = skip.to(device, non_blocking=True)
+        if grad_scale is not None and grad_scale.device != device:
+            grad_scale = grad_scale.to(device, non_blocking=True)
+        beta1, beta2 = group["betas"]
+        torch.ops.cgd.diag_step_(
+            batch.params,
+            batch.grads,
+            batch.exp_avgs,
+            batch.exp_avg_sqs,
+            batch.steps,
+            lr=_number("lr", group["lr"]),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            grad_weight=batch.grad_weight,
+            power=float(group["power"]),
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            moment=group["moment"],
+            eps_inside=bool(group["eps_inside"]),
+            bias_correction=bool(group["bias_correction"]),
+            decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
+            nesterov=bool(group["nesterov"]),
+            maximize=bool(group["maximize"]),
+            grad_scale=grad_scale,
+            found_inf=skip,
+        )
+
+    # ---- checkpoints ----
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state dict of this class, or of torch.optim's Adam, AdamW, SGD or RMSprop.
+
+        State stays float32 on each parameter's device (torch's loader would cast it to the parameter dtype).
+        A foreign state dict contributes its state tensors only (``exp_avg``/``momentum_buffer`` become M1,
+        ``exp_avg_sq``/``square_avg`` become M2, ``step`` is kept); this optimizer's hyperparameters stay as
+        constructed.
+        """
+        groups = state_dict["param_groups"]
+        saved_state = state_dict["state"]
+        if not all("power" in g and "moment" in g for g in groups):
+            groups, saved_state = self._import_foreign(groups, saved_state)
+        super().load_state_dict({"state": {}, "param_groups": groups})
+        id_map = dict(
+            zip(
+                chain.from_iterable(g["params"] for g in groups),
+                chain.from_iterable(g["params"] for g in self.param_groups),
+            )
+        )
+        for pid, values in saved_state.items():
+            p = id_map.get(pid)
+            if p is None:
+                raise ValueError(f"cgd: the state dict has state for parameter id {pid!r}, which no group lists")
+            self.state[p] = {key: self._place(key, value, p) for key, value in values.items()}
+
+    def _import_foreign(self, groups: list[dict[str, Any]], saved_state: dict[Any, Any]):
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"cgd: the state dict has {len(groups)} parameter groups, this optimizer {len(self.param_groups)}"
+            )
+        merged = []
+        for ours, theirs in zip(self.param_groups, groups):
+            group = {k: v for k, v in ours.items() if k not in ("params", "param_names")}
+            group["params"] = theirs["params"]
+            if "param_names" in theirs:
+                group["param_names"] = theirs["param_names"]
+            merged.append(group)
+        translated = {}
+        for pid, values in saved_state.items():
+            out = {}
+            for key, value in values.items():
+                if value is None:  # SGD without momentum keeps momentum_buffer = None
+                    continue
+                key = _FOREIGN_STATE_KEYS.get(key, key)
+                if key not in _STATE_KEYS:
+                    raise ValueError(
+                        f"cgd: cannot import optimizer state {key!r} (parameter id {pid!r}): it has no "
+                        "counterpart in CGD (e.g. amsgrad's max_exp_avg_sq, RMSprop's grad_avg)"
+                    )
+                out[key] = value
+            translated[pid] = out
+        return merged, translated
+
+    def _place(self, key: str, value: Any, p: torch.Tensor) -> Any:
+        if key == "step":
+            return torch.as_tensor(value, dtype=torch.float32).detach().reshape(()).to(p.device, copy=True)
+        if isinstance(value, torch.Tensor):
+            if value.shape != p.shape:
+                raise ValueError(
+                    f"cgd: state {key!r} has shape {tuple(value.shape)} but its parameter has shape {tuple(p.shape)}"
+                )
+            return torch.empty_like(p, dtype=torch.float32).copy_(value)
+        return value

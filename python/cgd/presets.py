@@ -1,0 +1,121 @@
+"""torch.optim's optimizers as special cases of diagonal CGD (paper section 4, eqs 4.5-4.8).
+
+Each preset takes the constructor arguments of its torch.optim namesake, so swapping ``torch.optim.Adam`` for
+``cgd.Adam`` is a one-word change, and produces the same trajectory to float32 rounding (tested over hundreds
+of steps). Arguments whose behaviour is not a CGD special case raise a ValueError saying so, rather than being
+approximated. ``foreach`` and ``fused`` are accepted and ignored: every CGD step is one fused pass.
+
+============  =====================================================================================
+Preset        CGD settings
+============  =====================================================================================
+SGD           power=0 (G = 1), heavy-ball buffer M1 <- mu M1 + (1 - dampening) g, no bias correction
+RMSprop       power=0.5, beta1=0 (tau1 = 0), beta2=alpha, eps outside, M2(0) = 0, no bias correction
+Adam          power=0.5, betas, eps outside, bias correction, L2 weight decay
+AdamW         Adam with decoupled weight decay
+AdaBelief     power=0.5, moment="belief" (S <- beta2 S + (1-beta2)(g - M1)^2 + eps), decoupled decay
+============  =====================================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .optimizer import CGD, _bad
+
+_DEFAULT_BETAS = (0.9, 0.999)
+
+
+def _reject_unsupported(name: str, foreach: Any, fused: Any, capturable: bool, differentiable: bool) -> None:
+    del foreach, fused  # one fused pass whatever they say
+    if capturable:
+        raise _bad(f"{name}(capturable)", capturable, "CUDA-graph capture is not supported yet")
+    if differentiable:
+        raise _bad(f"{name}(differentiable)", differentiable, "differentiating through the step is not supported")
+
+
+class SGD(CGD):
+    """``torch.optim.SGD`` (momentum, dampening, Nesterov, L2 weight decay) as CGD with power 0.
+
+    The momentum buffer is torch's heavy-ball sum ``b <- mu b + (1 - dampening) g`` (first step: ``b = g``), so
+    the state is torch's ``momentum_buffer``. The paper's EMA force ``M1 = (1 - mu) b`` is the same trajectory
+    at learning rate ``lr / (1 - mu)``: ``cgd.CGD(power=0, betas=(mu, 0))``.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False, foreach=None,
+                 differentiable: bool = False, fused=None, nonfinite: str = "raise") -> None:
+        _reject_unsupported("SGD", foreach, fused, False, differentiable)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise _bad("SGD(nesterov)", nesterov, "Nesterov momentum requires a momentum and zero dampening")
+        super().__init__(params, lr=lr, betas=(momentum, 0.0), power=0.0, eps=0.0, weight_decay=weight_decay,
+                         decoupled_weight_decay=False, bias_correction=False, nesterov=nesterov, heavy_ball=True,
+                         dampening=dampening, maximize=maximize, nonfinite=nonfinite)
+
+
+class RMSprop(CGD):
+    """``torch.optim.RMSprop`` without momentum and uncentered: CGD with tau1 = 0, power 0.5 (paper eq 4.6).
+
+    torch applies RMSprop's momentum after dividing by the metric and centres with an average over ``alpha``;
+    neither is a CGD special case, so ``momentum != 0`` and ``centered=True`` are refused. ``cgd.CGD(betas=(mu,
+    alpha), power=0.5, moment="centered")`` is the CGD counterpart (momentum before the metric).
+    """
+
+    def __init__(self, params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False,
+                 capturable: bool = False, foreach=None, maximize: bool = False, differentiable: bool = False,
+                 *, nonfinite: str = "raise") -> None:
+        _reject_unsupported("RMSprop", foreach, None, capturable, differentiable)
+        if momentum != 0:
+            raise _bad("RMSprop(momentum)", momentum, "torch's RMSprop momentum acts after the metric, which is "
+                       "not a CGD special case; use cgd.CGD(betas=(momentum, alpha), power=0.5)")
+        if centered:
+            raise _bad("RMSprop(centered)", centered, "torch centres with an average over alpha, not over "
+                       "tau1; use cgd.CGD(moment='centered') for the paper's variance metric")
+        super().__init__(params, lr=lr, betas=(0.0, alpha), power=0.5, eps=eps, weight_decay=weight_decay,
+                         decoupled_weight_decay=False, eps_inside=False, bias_correction=False, maximize=maximize,
+                         nonfinite=nonfinite)
+
+
+class Adam(CGD):
+    """``torch.optim.Adam``: CGD with power 0.5, eps outside the root and bias correction (paper eq 4.7)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = _DEFAULT_BETAS, eps: float = 1e-8,
+                 weight_decay: float = 0.0, amsgrad: bool = False, *, foreach=None, maximize: bool = False,
+                 capturable: bool = False, differentiable: bool = False, fused=None,
+                 decoupled_weight_decay: bool = False, nonfinite: str = "raise") -> None:
+        _reject_unsupported(type(self).__name__, foreach, fused, capturable, differentiable)
+        if amsgrad:
+            raise _bad(f"{type(self).__name__}(amsgrad)", amsgrad,
+                       "AMSGrad's running maximum is not a CGD special case")
+        super().__init__(params, lr=lr, betas=betas, power=0.5, eps=eps, weight_decay=weight_decay,
+                         decoupled_weight_decay=decoupled_weight_decay, eps_inside=False, bias_correction=True,
+                         maximize=maximize, nonfinite=nonfinite)
+
+
+class AdamW(Adam):
+    """``torch.optim.AdamW``: Adam with decoupled weight decay (default 0.01)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = _DEFAULT_BETAS, eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False, foreach=None,
+                 capturable: bool = False, differentiable: bool = False, fused=None,
+                 nonfinite: str = "raise") -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable,
+                         fused=fused, decoupled_weight_decay=True, nonfinite=nonfinite)
+
+
+class AdaBelief(CGD):
+    """AdaBelief (Zhuang et al. 2020, Algorithm 2): the step divides by the spread of g around its EMA.
+
+    ``S <- beta2 S + (1 - beta2)(g - M1)^2 + eps``, ``q <- q - lr M1_hat / (sqrt(S_hat) + eps)``, bias-corrected.
+    Same arguments and defaults as the ``adabelief-pytorch`` package with ``rectify=False`` (RAdam's
+    rectification is not a CGD special case) and ``weight_decouple=True``. The paper's own reading of AdaBelief
+    (eq 4.8, the variance M2 - M1^2) is ``cgd.CGD(moment="centered", power=0.5)``.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = _DEFAULT_BETAS, eps: float = 1e-16,
+                 weight_decay: float = 0.0, weight_decouple: bool = True, *, maximize: bool = False,
+                 nonfinite: str = "raise") -> None:
+        super().__init__(params, lr=lr, betas=betas, power=0.5, eps=eps, weight_decay=weight_decay,
+                         decoupled_weight_decay=weight_decouple, moment="belief", eps_inside=False,
+                         bias_correction=True, maximize=maximize, nonfinite=nonfinite)

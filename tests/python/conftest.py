@@ -1,0 +1,51 @@
+"""Shared fixtures: the devices to test on, and a small model with deterministic data."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "python"))
+sys.path.insert(0, os.path.dirname(__file__))
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_report_header(config):
+    if torch.cuda.is_available():
+        return f"CUDA device: {torch.cuda.get_device_name()}"
+    return "no CUDA device: CUDA tests are skipped (the CUDA kernels are still compiled and linked)"
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def make_mlp(seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 32), torch.nn.Tanh(), torch.nn.Linear(32, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)
+    )
+    return model.to(device=device, dtype=dtype)
+
+
+def batches(n_steps: int, seed: int = 1, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A fixed regression stream: (x, y) per step, the same for every optimizer under test."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, 3, generator=g)
+    for _ in range(n_steps):
+        x = torch.randn(64, 6, generator=g)
+        y = torch.sin(x @ w) + 0.1 * torch.randn(64, 3, generator=g)
+        yield x.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype)
+
+
+def train_step(model, opt, x, y):
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss.item()

@@ -1,0 +1,249 @@
+"""Bad input gets a clear error naming the argument and its value; NaN/Inf gradients follow the policy."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import batches, make_mlp, train_step
+
+import cgd
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(lr=-1e-3), r"lr = -0.001 is invalid"),
+        (dict(lr=float("nan")), r"lr = nan is invalid"),
+        (dict(eps=-1e-8), r"eps = -1e-08 is invalid"),
+        (dict(power=1.5), r"power = 1.5 is invalid: must lie in \[0.0, 1.0\]"),
+        (dict(power=-0.1), r"power = -0.1 is invalid"),
+        (dict(betas=(1.0, 0.999)), r"betas\[0\] = 1.0 is invalid"),
+        (dict(betas=(0.9, -0.1)), r"betas\[1\] = -0.1 is invalid"),
+        (dict(betas=(0.9,)), r"betas = \(0.9,\) is invalid: must be a pair"),
+        (dict(tau=(-1.0, 10.0)), r"tau\[0\] = -1.0 is invalid"),
+        (dict(tau=(9.0, 999.0), betas=(0.9, 0.99)), r"pass either betas or tau"),
+        (dict(weight_decay=-0.1), r"weight_decay = -0.1 is invalid"),
+        (dict(moment="variance"), r"moment = 'variance' is invalid: must be one of"),
+        (dict(nonfinite="warn"), r"nonfinite = 'warn' is invalid"),
+        (dict(m2_init=1.0), r"m2_init = 1.0 is invalid: bias_correction=True assumes"),
+        (dict(nesterov=True, betas=(0.0, 0.9)), r"nesterov = True is invalid"),
+        (dict(power="0.5"), r"power = '0.5' is invalid: must be a real number"),
+    ],
+)
+def test_invalid_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cgd.CGD(make_mlp().parameters(), **kwargs)
+
+
+def test_hyperparameters_changed_after_construction_are_checked_at_step():
+    model = make_mlp()
+    opt = cgd.CGD(model.parameters())
+    opt.param_groups[0]["power"] = 2.0
+    x, y = next(batches(1))
+    with pytest.raises(ValueError, match=r"power = 2.0 is invalid"):
+        train_step(model, opt, x, y)
+
+
+def test_invalid_param_group_is_not_added():
+    model = make_mlp()
+    opt = cgd.CGD(model[0].parameters())
+    with pytest.raises(ValueError, match=r"lr = -1 is invalid"):
+        opt.add_param_group({"params": model[2].parameters(), "lr": -1})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda p: cgd.Adam(p, amsgrad=True), r"Adam\(amsgrad\) = True is invalid"),
+        (lambda p: cgd.AdamW(p, amsgrad=True), r"AdamW\(amsgrad\) = True is invalid"),
+        (lambda p: cgd.Adam(p, capturable=True), r"capturable"),
+        (lambda p: cgd.RMSprop(p, momentum=0.9), r"RMSprop\(momentum\) = 0.9 is invalid"),
+        (lambda p: cgd.RMSprop(p, centered=True), r"RMSprop\(centered\) = True is invalid"),
+        (lambda p: cgd.SGD(p, nesterov=True), r"Nesterov momentum requires a momentum"),
+        (lambda p: cgd.SGD(p, lr=-0.1), r"lr = -0.1 is invalid"),
+    ],
+)
+def test_preset_arguments_outside_cgd(make, match):
+    with pytest.raises(ValueError, match=match):
+        make(make_mlp().parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.float64])
+def test_unsupported_parameter_dtypes(dtype):
+    p = torch.nn.Parameter(torch.zeros(3, dtype=dtype))
+    kind = "complex" if dtype.is_complex else "torch.float64"
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]\['params'\]\[0\] \(shape \(3,\)\) is {kind}"):
+        cgd.CGD([p])
+
+
+def test_sparse_gradients_are_refused_naming_the_parameter():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = cgd.CGD(emb.named_parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match=r"'weight' .* has a sparse gradient"):
+        opt.step()
+
+
+def test_strided_view_parameter_is_refused():
+    base = torch.zeros(4, 6)
+    view = torch.nn.Parameter(base[:, ::2])  # a view with gaps
+    opt = cgd.CGD([view])
+    view.grad = torch.ones_like(view)
+    with pytest.raises(ValueError, match=r"strided view with gaps"):
+        opt.step()
+
+
+# ---- NaN / Inf gradients ----
+
+def poison(model, name, value):
+    dict(model.named_parameters())[name].grad.view(-1)[3] = value
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_nonfinite_gradient_raises_names_parameter_and_changes_nothing(device, value):
+    model = make_mlp(device=device)
+    opt = cgd.CGD(model.named_parameters(), lr=1e-2)
+    data = list(batches(3, device=device))
+    train_step(model, opt, *data[0])
+    params = [p.clone() for p in model.parameters()]
+    state = {k: {n: t.clone() for n, t in v.items()} for k, v in enumerate(opt.state.values())}
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(data[1][0]), data[1][1]).backward()
+    poison(model, "2.weight", value)
+    with pytest.raises(cgd.NonFiniteGradientError, match=r"gradient of '2.weight' \(param_groups\[0\]\['params'\]\[2\]"):
+        opt.step()
+    for a, b in zip(model.parameters(), params):
+        assert torch.equal(a, b)
+    for k, v in enumerate(opt.state.values()):
+        for n, t in v.items():
+            assert torch.equal(t, state[k][n]), n
+    # Fixing the gradient lets training go on.
+    train_step(model, opt, *data[2])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nonfinite_in_several_groups_names_them_all():
+    model = make_mlp()
+    opt = cgd.CGD([{"params": model[0].parameters()}, {"params": model[4].parameters(), "lr": 1e-2}])
+    model(torch.randn(2, 6)).sum().backward()
+    model[0].bias.grad[0] = math.nan
+    model[4].weight.grad[0, 0] = math.inf
+    with pytest.raises(cgd.NonFiniteGradientError) as info:
+        opt.step()
+    assert "param_groups[0]['params'][1]" in str(info.value) and "param_groups[1]['params'][0]" in str(info.value)
+
+
+def test_skip_policy_skips_the_whole_step_and_counts_it(device):
+    model = make_mlp(device=device)
+    opt = cgd.CGD(model.parameters(), lr=1e-2, nonfinite="skip")
+    data = list(batches(4, device=device))
+    train_step(model, opt, *data[0])
+    before = [p.clone() for p in model.parameters()]
+    steps = [s["step"].clone() for s in opt.state.values()]
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(data[1][0]), data[1][1]).backward()
+    model[0].weight.grad[0, 0] = math.nan
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    assert all(torch.equal(s["step"], t) for s, t in zip(opt.state.values(), steps))
+    assert opt.skipped_steps == 1
+    train_step(model, opt, *data[2])
+    assert opt.skipped_steps == 1
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+
+
+def test_ignore_policy_applies_nan_like_torch_optim():
+    model = make_mlp()
+    opt = cgd.CGD(model.parameters(), nonfinite="ignore")
+    model(torch.randn(2, 6)).sum().backward()
+    model[0].weight.grad[0, 0] = math.nan
+    opt.step()
+    assert torch.isnan(model[0].weight[0, 0])
+
+
+# ---- the operators themselves ----
+
+def op_args(n=3, device="cpu"):
+    params = [torch.randn(5, device=device) for _ in range(n)]
+    return dict(
+        params=params,
+        grads=[torch.randn(5, device=device) for _ in range(n)],
+        exp_avgs=[torch.zeros(5, device=device) for _ in range(n)],
+        exp_avg_sqs=[torch.zeros(5, device=device) for _ in range(n)],
+        steps=[torch.zeros((), device=device) for _ in range(n)],
+    )
+
+
+HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.999, grad_weight=0.1, power=0.5, eps=1e-8, weight_decay=0.0,
+             moment="raw", eps_inside=True, bias_correction=True, decoupled_weight_decay=True, nesterov=False,
+             maximize=False)
+
+
+def call(args, **over):
+    torch.ops.cgd.diag_step_(args["params"], args["grads"], args["exp_avgs"], args["exp_avg_sqs"], args["steps"],
+                             **{**HYPER, **over})
+
+
+def test_op_accepts_valid_input():
+    args = op_args()
+    before = args["params"][0].clone()
+    call(args)
+    assert not torch.equal(before, args["params"][0]) and args["steps"][0].item() == 1.0
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,match",
+    [
+        (lambda a: a["grads"].pop(), ValueError, r"got 3 params, 2 grads"),
+        (lambda a: a["exp_avgs"].pop(), ValueError, r"got 2 exp_avgs for 3 params"),
+        (lambda a: a["grads"].__setitem__(1, torch.randn(6)), ValueError, r"grads\[1\] has sizes \[6\]"),
+        (lambda a: a["exp_avgs"].__setitem__(2, torch.zeros(5, dtype=torch.float16)), TypeError,
+         r"exp_avgs\[2\] has dtype Half, expected Float"),
+        (lambda a: a["grads"].__setitem__(0, torch.randn(5, device="meta")), ValueError,
+         r"grads\[0\] is on meta but params\[0\] is on cpu"),
+        (lambda a: a["params"].__setitem__(1, torch.randn(5, dtype=torch.float16)), ValueError,
+         r"params\[1\] is Half on cpu but params\[0\] is Float on cpu"),
+        (lambda a: a["params"].__setitem__(0, torch.randn(5, dtype=torch.float64)), TypeError,
+         r"params\[0\] has dtype Double"),
+        (lambda a: a["grads"].__setitem__(1, torch.randn(10)[::2]), ValueError, r"grads\[1\] .* has gaps"),
+        (lambda a: a["steps"].__setitem__(1, torch.zeros(2)), TypeError, r"steps\[1\] must be a one-element"),
+        # The dispatcher refuses sparse tensors before the kernel runs (the optimizer names the parameter).
+        (lambda a: a["grads"].__setitem__(0, torch.randn(5).to_sparse()), NotImplementedError, r"SparseCPU"),
+    ],
+)
+def test_op_rejects_bad_tensors(mutate, exc, match):
+    args = op_args()
+    mutate(args)
+    with pytest.raises(exc, match=match):
+        call(args)
+
+
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        (dict(power=1.5), r"hparams.power = 1.5 is outside \[0, 1\]"),
+        (dict(beta2=1.0), r"hparams.beta2 = 1 is outside \[0, 1\)"),
+        (dict(lr=-1.0), r"hparams.lr = -1 is outside"),
+        (dict(moment="median"), r"moment = 'median'; expected 'raw', 'centered' or 'belief'"),
+    ],
+)
+def test_op_reports_c_api_validation(over, match):
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        call(op_args(), **over)
+
+
+def test_op_missing_state_is_reported_by_the_c_api():
+    args = op_args()
+    args["exp_avgs"] = []
+    with pytest.raises(RuntimeError, match=r"CGD_ERR_INVALID_ARGUMENT: .*tensors\[0\].exp_avg is NULL"):
+        call(args)
+
+
+def test_cuda_tensors_without_cuda_device_or_build():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises((RuntimeError, AssertionError)):
+        call(op_args(device="cuda"))

@@ -1,0 +1,154 @@
+"""The PyTorch contract beyond the maths: operator registration (opcheck), AMP's GradScaler, memory layouts,
+many and empty tensors, parameters without gradients, named parameters."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import batches, make_mlp, train_step
+
+import cgd
+
+
+def diag_args(device, dtype=torch.float32, sizes=(5, 0, 130)):
+    return (
+        [torch.randn(n, device=device, dtype=dtype) for n in sizes],
+        [torch.randn(n, device=device, dtype=dtype) for n in sizes],
+        [torch.zeros(n, device=device) for n in sizes],
+        [torch.rand(n, device=device) for n in sizes],
+        [torch.zeros((), device=device) for _ in sizes],
+    )
+
+
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.99, grad_weight=0.1, power=0.4, eps=1e-8, weight_decay=0.01,
+             moment="centered", eps_inside=True, bias_correction=False, decoupled_weight_decay=True, nesterov=False,
+             maximize=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_diag_step(device, dtype):
+    torch.library.opcheck(torch.ops.cgd.diag_step_.default, diag_args(device, dtype), HYPER)
+
+
+def test_opcheck_nonfinite_flags(device):
+    tensors = [torch.randn(7, device=device), torch.tensor([1.0, math.nan], device=device)]
+    torch.library.opcheck(torch.ops.cgd.nonfinite_flags.default, (tensors,))
+    flags, found = torch.ops.cgd.nonfinite_flags(tensors)
+    assert flags.tolist() == [0, 1] and found.item() == 1.0
+
+
+def test_step_compiles_with_torch_compile():
+    """Dynamo traces the step through the fake kernels; the compiled step equals the eager one."""
+    model = make_mlp()
+    twin = copy.deepcopy(model)
+    opt = cgd.CGD(model.parameters(), lr=1e-2, nonfinite="ignore")
+    ref = cgd.CGD(twin.parameters(), lr=1e-2, nonfinite="ignore")
+    compiled_step = torch.compile(opt.step, backend="aot_eager")
+    for x, y in batches(5):
+        for m, o, stepper in ((model, opt, compiled_step), (twin, ref, ref.step)):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            stepper()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_grad_scaler_unscales_in_kernel_and_skips_overflow(device):
+    """GradScaler hands the scale and found_inf to the optimizer: the step sees unscaled gradients and an
+    overflowing step changes nothing, exactly as GradScaler + torch.optim.Adam."""
+    model = make_mlp(device=device)
+    twin = copy.deepcopy(model)
+    opt, ref = cgd.Adam(model.parameters(), lr=3e-3), torch.optim.Adam(twin.parameters(), lr=3e-3)
+    scalers = [torch.amp.GradScaler(device, init_scale=2.0**12, growth_interval=5) for _ in range(2)]
+    for i, (x, y) in enumerate(batches(40, device=device)):
+        for m, o, s in ((model, opt, scalers[0]), (twin, ref, scalers[1])):
+            o.zero_grad()
+            s.scale(torch.nn.functional.mse_loss(m(x), y)).backward()
+            if i == 17:  # an overflow: both must skip this step and shrink the scale
+                next(m.parameters()).grad.view(-1)[0] = math.inf
+            s.step(o)
+            s.update()
+    assert scalers[0].get_scale() == scalers[1].get_scale() < 2.0**12 * 2**8
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+
+
+def test_channels_last_conv_weights(device):
+    conv = torch.nn.Conv2d(3, 8, 3).to(device=device, memory_format=torch.channels_last)
+    twin = copy.deepcopy(conv)
+    opt, ref = cgd.Adam(conv.parameters(), lr=1e-2), torch.optim.Adam(twin.parameters(), lr=1e-2)
+    x = torch.randn(4, 3, 10, 10, device=device).to(memory_format=torch.channels_last)
+    for _ in range(20):
+        for m, o in ((conv, opt), (twin, ref)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert opt.state[conv.weight]["exp_avg"].stride() == conv.weight.stride()
+    torch.testing.assert_close(conv.weight, twin.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_with_another_layout_is_accepted():
+    p = torch.nn.Parameter(torch.randn(4, 5))
+    twin = torch.nn.Parameter(p.detach().clone())
+    opt, ref = cgd.Adam([p], lr=0.1), torch.optim.Adam([twin], lr=0.1)
+    g = torch.randn(5, 4).t()  # transposed: not p's strides
+    p.grad, twin.grad = g, g.contiguous()
+    opt.step()
+    ref.step()
+    torch.testing.assert_close(p, twin)
+
+
+def test_many_tensors_and_empty_ones(device):
+    params = [torch.nn.Parameter(torch.randn(n % 37, device=device)) for n in range(500)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt, ref = cgd.AdamW(params, lr=1e-2), torch.optim.AdamW(twins, lr=1e-2)
+    for step in range(3):
+        for ps, o in ((params, opt), (twins, ref)):
+            torch.manual_seed(step)
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            o.step()
+    for a, b in zip(params, twins):
+        torch.testing.assert_close(a, b)
+    assert opt.state[params[0]]["step"].item() == 3  # an empty tensor still counts its steps, like torch
+
+
+def test_parameters_without_gradients_are_left_alone(device):
+    model = make_mlp(device=device)
+    frozen = model[0].weight.detach().clone()
+    model[0].weight.requires_grad_(False)
+    opt = cgd.CGD(model.parameters(), lr=1e-2)
+    for x, y in batches(3, device=device):
+        train_step(model, opt, x, y)
+    assert torch.equal(model[0].weight, frozen)
+    assert model[0].weight not in opt.state
+
+
+def test_zero_grad_and_set_to_none():
+    model = make_mlp()
+    opt = cgd.CGD(model.parameters())
+    x, y = next(batches(1))
+    train_step(model, opt, x, y)
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_state_dict_keeps_param_names():
+    model = make_mlp()
+    opt = cgd.CGD(model.named_parameters())
+    x, y = next(batches(1))
+    train_step(model, opt, x, y)
+    assert opt.state_dict()["param_groups"][0]["param_names"][0] == "0.weight"
+
+
+def test_tau_is_the_papers_timescale():
+    opt = cgd.CGD(make_mlp().parameters(), tau=(9.0, 999.0))
+    assert opt.param_groups[0]["betas"] == pytest.approx((0.9, 0.999))
+    assert cgd.beta_to_tau(cgd.tau_to_beta(12.9)) == pytest.approx(12.9)

@@ -1,0 +1,126 @@
+"""Checkpoints: a resumed run is bit-identical to an uninterrupted one; torch.optim state imports."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from conftest import batches, make_mlp, train_step
+
+import cgd
+
+CONFIGS = {
+    "default": lambda p: cgd.CGD(p, lr=1e-3, power=0.4),
+    "paper_centered": lambda p: cgd.CGD(p, lr=0.01, tau=(10.9, 9.46), power=0.39, moment="centered",
+                                        bias_correction=False, m2_init=1.0),
+    "belief": lambda p: cgd.AdaBelief(p, lr=1e-3, weight_decay=0.01),
+    "sgd_dampening": lambda p: cgd.SGD(p, lr=0.01, momentum=0.9, dampening=0.2),
+}
+
+
+def roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_resume_is_bit_identical(device, config, dtype):
+    make = CONFIGS[config]
+    data = list(batches(60, device=device, dtype=dtype))
+
+    straight = make_mlp(device=device, dtype=dtype)
+    opt = make(straight.parameters())
+    for x, y in data:
+        train_step(straight, opt, x, y)
+
+    first = make_mlp(device=device, dtype=dtype)
+    opt1 = make(first.parameters())
+    for x, y in data[:25]:
+        train_step(first, opt1, x, y)
+    model_sd, opt_sd = roundtrip(first.state_dict()), roundtrip(opt1.state_dict())
+    del first, opt1
+
+    resumed = make_mlp(seed=123, device=device, dtype=dtype)  # different weights until the load
+    resumed.load_state_dict(model_sd)
+    opt2 = make(resumed.parameters())
+    opt2.load_state_dict(opt_sd)
+    for x, y in data[25:]:
+        train_step(resumed, opt2, x, y)
+
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(opt.state.values(), opt2.state.values()):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+            assert b[key].device == a[key].device and b[key].dtype == torch.float32
+
+
+def test_loaded_state_stays_float32_for_half_parameters():
+    """torch's loader would cast state to the parameter dtype; CGD keeps its float32 state."""
+    model = make_mlp(dtype=torch.bfloat16)
+    opt = cgd.CGD(model.parameters(), lr=1e-3)
+    for x, y in batches(3, dtype=torch.bfloat16):
+        train_step(model, opt, x, y)
+    sd = roundtrip(opt.state_dict())
+    opt2 = cgd.CGD(model.parameters(), lr=1e-3)
+    opt2.load_state_dict(sd)
+    for state, saved in zip(opt2.state.values(), sd["state"].values()):
+        assert state["exp_avg_sq"].dtype == torch.float32
+        assert torch.equal(state["exp_avg_sq"], saved["exp_avg_sq"])
+        assert state["exp_avg"].data_ptr() != saved["exp_avg"].data_ptr()  # a copy, not an alias
+
+
+@pytest.mark.parametrize(
+    "torch_cls,cgd_cls,kwargs",
+    [
+        (torch.optim.Adam, cgd.Adam, dict(lr=3e-3)),
+        (torch.optim.AdamW, cgd.AdamW, dict(lr=3e-3, weight_decay=0.1)),
+        (torch.optim.SGD, cgd.SGD, dict(lr=0.02, momentum=0.9)),
+        (torch.optim.RMSprop, cgd.RMSprop, dict(lr=1e-3)),
+    ],
+    ids=["Adam", "AdamW", "SGD", "RMSprop"],
+)
+def test_torch_optimizer_state_imports(device, torch_cls, cgd_cls, kwargs):
+    """Train with torch.optim, switch to the CGD preset mid-run from its state_dict: the run continues as if
+    torch.optim had kept going (exp_avg/momentum_buffer -> M1, exp_avg_sq/square_avg -> M2, step kept)."""
+    data = list(batches(80, device=device))
+    model = make_mlp(device=device)
+    opt = torch_cls(model.parameters(), **kwargs)
+    for x, y in data[:40]:
+        train_step(model, opt, x, y)
+    twin = copy.deepcopy(model)
+    ours = cgd_cls(twin.parameters(), **kwargs)
+    ours.load_state_dict(roundtrip(opt.state_dict()))
+    for x, y in data[40:]:
+        train_step(model, opt, x, y)
+        train_step(twin, ours, x, y)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if torch_cls is not torch.optim.SGD:
+        assert all(s["step"].item() == 80 for s in ours.state.values())
+
+
+def test_foreign_import_keeps_our_hyperparameters():
+    model = make_mlp()
+    adam = torch.optim.Adam(model.parameters(), lr=0.5)
+    for x, y in batches(2):
+        train_step(model, adam, x, y)
+    opt = cgd.CGD(model.parameters(), lr=1e-3, power=0.4)
+    opt.load_state_dict(adam.state_dict())
+    assert opt.param_groups[0]["lr"] == 1e-3 and opt.param_groups[0]["power"] == 0.4
+    assert "amsgrad" not in opt.param_groups[0]
+
+
+def test_amsgrad_state_is_refused_with_its_name():
+    model = make_mlp()
+    adam = torch.optim.Adam(model.parameters(), amsgrad=True)
+    for x, y in batches(2):
+        train_step(model, adam, x, y)
+    with pytest.raises(ValueError, match="max_exp_avg_sq"):
+        cgd.Adam(model.parameters()).load_state_dict(adam.state_dict())
