@@ -63,7 +63,15 @@ build() {
     if ! command -v nvcc >/dev/null && [ -z "${CUDACXX:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
         export CUDACXX=/usr/local/cuda/bin/nvcc
     fi
-    cmake -S "$ROOT" -B "$BUILD" -G Ninja -DPython3_EXECUTABLE="$PY" -DCGD_CUDA="${CGD_CUDA:-AUTO}" >/dev/null
+    mkdir -p "$BUILD"
+    # Torch's CMake package warns about things that do not concern us (kineto, arch lists): keep the log, show
+    # it only when configuring fails.
+    if ! cmake -S "$ROOT" -B "$BUILD" -G Ninja -DPython3_EXECUTABLE="$PY" -DCGD_CUDA="${CGD_CUDA:-AUTO}" \
+            >"$BUILD/configure.log" 2>&1; then
+        cat "$BUILD/configure.log" >&2
+        die "CMake configuration failed (log: $BUILD/configure.log)"
+    fi
+    grep '^-- torch-cgd:' "$BUILD/configure.log" >&2 || true
     cmake --build "$BUILD" --parallel
 }
 
