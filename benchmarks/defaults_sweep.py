@@ -38,7 +38,7 @@ SETTINGS = {
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="text file for the GPT task; without it only digits runs")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--digits-steps", type=int, default=600)
     parser.add_argument("--gpt-steps", type=int, default=250)

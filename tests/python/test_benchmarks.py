@@ -1,0 +1,52 @@
+"""Smoke tests of the benchmark scripts at tiny sizes, so they cannot rot; they check the outputs exist and
+hold the rows they promise, not the speed (speed is measured by the scripts, never by tests)."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import sys
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import compare  # noqa: E402
+import step_time  # noqa: E402
+
+
+def test_compare_writes_table_and_plot(tmp_path, capsys):
+    assert compare.main(["--steps", "12", "--seeds", "2", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "compare_digits_cpu.md").read_text()
+    for name in ("cgd.CGD", "torch.optim.Adam", "torch.optim.AdamW"):
+        assert f"| {name} |" in report
+    assert (tmp_path / "compare_digits_cpu.png").stat().st_size > 1000
+
+
+def test_compare_shakespeare_needs_data(tmp_path):
+    with pytest.raises(SystemExit, match="--data"):
+        compare.main(["--task", "shakespeare", "--steps", "2", "--out", str(tmp_path)])
+
+
+def test_compare_shakespeare_tiny(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 40)
+    assert compare.main(["--task", "shakespeare", "--data", str(text), "--steps", "3", "--seeds", "1",
+                         "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert "val_ppl" in (tmp_path / "compare_shakespeare_cpu.md").read_text()
+
+
+def test_step_time_reports_every_optimizer(tmp_path):
+    out = tmp_path / "step.md"
+    assert step_time.main(["--device", "cpu", "--sizes", "1e4", "--no-gpt2", "--steps", "2", "--out", str(out)]) == 0
+    report = out.read_text()
+    for name in ("cgd.CGD", "AdamW foreach"):
+        assert f"| {name} |" in report
+    assert "refused" not in report
+
+
+def test_gpt2_small_shapes():
+    shapes = step_time.gpt2_small_shapes()
+    assert len(shapes) == 148
+    assert sum(math.prod(s) for s in shapes) == 124_439_808
