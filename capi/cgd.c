@@ -82,22 +82,22 @@ static cgd_status check_numel(const char *fn, const char *label, int64_t i, int6
 }
 
 /* In [lo, hi], or [lo, hi) when hi_open; NaN fails every comparison and is reported like any other value. */
-static cgd_status check_range(const char *name, double v, double lo, double hi, int hi_open) {
+static cgd_status check_range(const char *fn, const char *name, double v, double lo, double hi, int hi_open) {
     int inside = v >= lo && (hi_open ? v < hi : v <= hi);
     if (!inside)
-        return fail(CGD_ERR_INVALID_ARGUMENT, "cgd_diag_step: hparams.%s = %g is outside [%g, %g%s", name, v, lo, hi,
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams.%s = %g is outside [%g, %g%s", fn, name, v, lo, hi,
                     hi_open ? ")" : "]");
     return CGD_OK;
 }
 
 static cgd_status check_hparams(const cgd_diag_hparams *h) {
     cgd_status st;
-    if ((st = check_range("lr", h->lr, 0.0, INFINITY, 1))) return st;
-    if ((st = check_range("beta1", h->beta1, 0.0, 1.0, 1))) return st;
-    if ((st = check_range("beta2", h->beta2, 0.0, 1.0, 1))) return st;
-    if ((st = check_range("power", h->power, 0.0, 1.0, 0))) return st;
-    if ((st = check_range("eps", h->eps, 0.0, INFINITY, 1))) return st;
-    if ((st = check_range("weight_decay", h->weight_decay, 0.0, INFINITY, 1))) return st;
+    if ((st = check_range("cgd_diag_step", "lr", h->lr, 0.0, INFINITY, 1))) return st;
+    if ((st = check_range("cgd_diag_step", "beta1", h->beta1, 0.0, 1.0, 1))) return st;
+    if ((st = check_range("cgd_diag_step", "beta2", h->beta2, 0.0, 1.0, 1))) return st;
+    if ((st = check_range("cgd_diag_step", "power", h->power, 0.0, 1.0, 0))) return st;
+    if ((st = check_range("cgd_diag_step", "eps", h->eps, 0.0, INFINITY, 1))) return st;
+    if ((st = check_range("cgd_diag_step", "weight_decay", h->weight_decay, 0.0, INFINITY, 1))) return st;
     if (!(h->grad_weight > 0.0 && h->grad_weight < INFINITY))
         return fail(CGD_ERR_INVALID_ARGUMENT, "cgd_diag_step: hparams.grad_weight = %g must be positive and finite",
                     h->grad_weight);
@@ -169,6 +169,75 @@ cgd_status cgd_nonfinite_check(cgd_dtype dtype, const void *const *data, const i
 #ifdef CGD_WITH_CUDA
     int e = cgd_cuda_nonfinite_check(dtype, data, numels, count, flags, found, stream);
     if (e) return fail(CGD_ERR_CUDA, "%s: CUDA error %d: %s", fn, e, cgd_cuda_error_string(e));
+    return ok();
+#else
+    (void)stream;
+    return fail(CGD_ERR_UNSUPPORTED, "%s: unreachable without CUDA", fn);
+#endif
+}
+
+static cgd_status check_block_hparams(const cgd_block_hparams *h) {
+    static const char fn[] = "cgd_block_step";
+    cgd_status st;
+    if ((st = check_range(fn, "lr", h->lr, 0.0, INFINITY, 1))) return st;
+    if ((st = check_range(fn, "beta1", h->beta1, 0.0, 1.0, 1))) return st;
+    if ((st = check_range(fn, "beta2", h->beta2, 0.0, 1.0, 1))) return st;
+    if ((st = check_range(fn, "power", h->power, 0.0, 1.0, 0))) return st;
+    if ((st = check_range(fn, "eps", h->eps, 0.0, INFINITY, 1))) return st;
+    if ((st = check_range(fn, "weight_decay", h->weight_decay, 0.0, INFINITY, 1))) return st;
+    if (h->power > 0.0 && h->eps == 0.0)
+        return fail(CGD_ERR_INVALID_ARGUMENT,
+                    "%s: hparams.eps = 0 with power = %g: a covariance matrix is only semi-definite, so "
+                    "(eps I + C)^-a needs eps > 0", fn, h->power);
+    return CGD_OK;
+}
+
+cgd_status cgd_block_step(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_block_tensor *tensors,
+                          int64_t count, const cgd_block_state *state, const float *grad_scale, const float *skip,
+                          cgd_device device, void *stream) {
+    static const char fn[] = "cgd_block_step";
+    cgd_status st;
+    if (!hparams) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams is NULL", fn);
+    if (!state) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: state is NULL", fn);
+    if ((st = check_block_hparams(hparams))) return st;
+    if ((st = check_common(fn, dtype, device, count))) return st;
+    if (count > 0 && !tensors)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors is NULL but count = %lld", fn, (long long)count);
+    /* One block's matrices must stay addressable with int32 rows on the device: 46341^2 < 2^31. */
+    if (state->block < 1 || state->block > 46340)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: state.block = %lld is outside [1, 46340]", fn,
+                    (long long)state->block);
+    if (state->nblocks < 1 || state->nblocks > CGD_MAX_NUMEL / state->block)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: state.nblocks = %lld is outside [1, 2^46 / block]", fn,
+                    (long long)state->nblocks);
+    if (!state->exp_avg || !state->exp_avg_sq || !state->precond || !state->eigvals || !state->step ||
+        !state->outcome || !state->counters)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: state.%s is NULL", fn,
+                    !state->exp_avg ? "exp_avg" : !state->exp_avg_sq ? "exp_avg_sq" : !state->precond ? "precond"
+                    : !state->eigvals ? "eigvals" : !state->step ? "step" : !state->outcome ? "outcome" : "counters");
+    int64_t length = state->block * state->nblocks, end = 0;
+    for (int64_t i = 0; i < count; ++i) {
+        const cgd_block_tensor *t = &tensors[i];
+        if ((st = check_numel(fn, "tensors.numel", i, t->numel))) return st;
+        if (t->offset < end || t->offset > length - t->numel)
+            return fail(CGD_ERR_INVALID_ARGUMENT,
+                        "%s: tensors[%lld] covers [%lld, %lld), which overlaps the previous tensor (ends at %lld) or "
+                        "leaves the blocked vector of %lld coordinates", fn, (long long)i, (long long)t->offset,
+                        (long long)(t->offset + t->numel), (long long)end, (long long)length);
+        if (t->numel > 0 && (!t->param || !t->grad))
+            return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors[%lld].%s is NULL", fn, (long long)i,
+                        t->param ? "grad" : "param");
+        end = t->offset + t->numel;
+    }
+    if (device == CGD_CPU) {
+        int failed = cgd_cpu_block_step(hparams, dtype, tensors, count, state, grad_scale, skip);
+        if (failed) return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the workspace", fn);
+        return ok();
+    }
+#ifdef CGD_WITH_CUDA
+    char why[256];
+    int e = cgd_cuda_block_step(hparams, dtype, tensors, count, state, grad_scale, skip, stream, why, sizeof why);
+    if (e) return fail(CGD_ERR_CUDA, "%s: %s", fn, why);
     return ok();
 #else
     (void)stream;

@@ -122,6 +122,79 @@ cgd_status cgd_diag_step(const cgd_diag_hparams *hparams, cgd_dtype dtype, const
 cgd_status cgd_nonfinite_check(cgd_dtype dtype, const void *const *data, const int64_t *numels, int64_t count,
                                int32_t *flags, float *found, cgd_device device, void *stream);
 
+/* ---------------------------------------------------------------------------------------------------------
+ * Full and block-diagonal CGD (paper eq 4.9): the metric is the whole matrix g = (eps I + C)^a with
+ * C = M2 - F F^T (centered) or M2, M2 the EMA of g g^T. The parameters of a step form one vector, cut into
+ * `nblocks` consecutive blocks of `block` coordinates; each block has its own matrices, so the metric is
+ * block-diagonal (one block = the exact, full method). Per block, with t the step count plus one:
+ *   g  <- grad / grad_scale, negated if maximize; 0 at padding coordinates (see cgd_block_tensor)
+ *   M1 <- beta1 M1 + (1 - beta1) g                F = M1 / (1 - beta1^t)   (bias_correction, else M1)
+ *   M2 <- beta2 M2 + (1 - beta2) g g^T            S = M2 / (1 - beta2^t)   (bias_correction, else M2)
+ *   C  <- S - F F^T (centered) or S
+ *   on a refresh step: C = V diag(lambda) V^T,  P <- V diag((eps + max(lambda, 0))^-a) V^T
+ *   p  <- p (1 - lr weight_decay) - lr P F       (decoupled weight decay)
+ * Between refreshes the cached P is applied to the new F (the paper's method refreshes every step).
+ *
+ * A refresh that fails (solver error or non-finite output) goes down a ladder and never corrupts the state:
+ * float32 solver -> float64 solver (CPU only: on CUDA it would need a host synchronisation) -> keep the
+ * block's previous P -> the diagonal metric diag((eps + max(C_ii, 0))^-a). Each rung is counted.
+ * --------------------------------------------------------------------------------------------------------- */
+
+typedef struct cgd_block_hparams {
+    double lr;           /* >= 0 */
+    double beta1;        /* [0, 1) */
+    double beta2;        /* [0, 1) */
+    double power;        /* a in [0, 1] */
+    double eps;          /* >= 0; eps = 0 with a > 0 needs a positive definite C */
+    double weight_decay; /* >= 0, decoupled */
+    int32_t centered;
+    int32_t bias_correction;
+    int32_t maximize;
+    int32_t refresh;     /* 1: eigendecompose C this step; 0: apply the cached P */
+} cgd_block_hparams;
+
+/* A tensor of a block step: its elements occupy [offset, offset + numel) of the blocked vector. Tensors are
+   listed in increasing offset and do not overlap; coordinates no tensor covers are padding (gradient 0, so
+   they never couple to real coordinates and their update is discarded). */
+typedef struct cgd_block_tensor {
+    void *param;       /* numel elements of the call's dtype */
+    const void *grad;  /* numel elements of the call's dtype */
+    int64_t numel;
+    int64_t offset;
+} cgd_block_tensor;
+
+/* Block outcome codes, per block, of the last refresh. */
+enum {
+    CGD_BLOCK_NEVER = -1,      /* not refreshed yet: P is not valid */
+    CGD_BLOCK_FP32 = 0,        /* float32 eigensolver */
+    CGD_BLOCK_FP64 = 1,        /* float32 failed, float64 succeeded */
+    CGD_BLOCK_KEPT = 2,        /* both failed (or CUDA's float32 failed): the previous P was kept */
+    CGD_BLOCK_DIAGONAL = 3     /* failed with no previous P: P = diag((eps + max(C_ii, 0))^-a) */
+};
+
+/* The state of one block step, all float32 / int32 arrays on the call's device, owned by the caller. */
+typedef struct cgd_block_state {
+    int64_t block;       /* coordinates per block, >= 1 */
+    int64_t nblocks;     /* >= 1 */
+    float *exp_avg;      /* M1: nblocks * block */
+    float *exp_avg_sq;   /* M2: nblocks * block * block, symmetric, both triangles kept */
+    float *precond;      /* P: nblocks * block * block */
+    float *eigvals;      /* nblocks * block: eigenvalues of C at the last refresh, ascending (diagonal of C
+                            after a diagonal fallback, unchanged after a kept P) */
+    float *step;         /* one float: steps taken */
+    int32_t *outcome;    /* nblocks: CGD_BLOCK_* of the last refresh; initialise to CGD_BLOCK_NEVER */
+    float *counters;     /* 3 floats, cumulative: float64 retries, kept P, diagonal fallbacks */
+} cgd_block_state;
+
+/*
+ * One full/block CGD step over `count` tensors forming one blocked vector. The first step must refresh.
+ * grad_scale and skip are as in cgd_diag_step. On CUDA the call allocates its workspace stream-ordered
+ * (cudaMallocAsync) and uses cuSOLVER and cuBLAS handles cached per thread and device.
+ */
+cgd_status cgd_block_step(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_block_tensor *tensors,
+                          int64_t count, const cgd_block_state *state, const float *grad_scale, const float *skip,
+                          cgd_device device, void *stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -17,33 +17,17 @@
 #define CGD_ALWAYS_INLINE inline
 #endif
 
-static CGD_ALWAYS_INLINE float load_as_float(cgd_dtype dtype, const void *base, int64_t i) {
-    switch (dtype) {
-    case CGD_FLOAT16: return cgd_f16_to_f32(((const uint16_t *)base)[i]);
-    case CGD_BFLOAT16: return cgd_bf16_to_f32(((const uint16_t *)base)[i]);
-    default: return ((const float *)base)[i];
-    }
-}
-
-static CGD_ALWAYS_INLINE void store_from_float(cgd_dtype dtype, void *base, int64_t i, float v) {
-    switch (dtype) {
-    case CGD_FLOAT16: ((uint16_t *)base)[i] = cgd_f32_to_f16(v); break;
-    case CGD_BFLOAT16: ((uint16_t *)base)[i] = cgd_f32_to_bf16(v); break;
-    default: ((float *)base)[i] = v; break;
-    }
-}
-
 /* Called with a constant dtype from each case of the switch below, so every copy is specialised. */
 static CGD_ALWAYS_INLINE void diag_range(cgd_dtype dtype, const cgd_diag_consts *k, const cgd_diag_step_consts *s,
                                          const cgd_diag_tensor *t, float grad_scale, int64_t begin, int64_t end) {
     float unused1 = 0.0f, unused2 = 0.0f;
     for (int64_t i = begin; i < end; ++i) {
-        float g = load_as_float(dtype, t->grad, i) / grad_scale; /* exact when the scale is 1 */
-        float p = load_as_float(dtype, t->param, i);
+        float g = cgd_load_f32(dtype, t->grad, i) / grad_scale; /* exact when the scale is 1 */
+        float p = cgd_load_f32(dtype, t->param, i);
         float *m1 = k->has_m1 ? &t->exp_avg[i] : &unused1;
         float *m2 = k->has_m2 ? &t->exp_avg_sq[i] : &unused2;
         cgd_diag_update(k, s, &p, g, m1, m2);
-        store_from_float(dtype, t->param, i, p);
+        cgd_store_f32(dtype, t->param, i, p);
     }
 }
 

@@ -4,8 +4,6 @@
  * stores are 4 elements wide when a tensor's arrays are aligned for it. Nothing here synchronizes the host; all
  * work goes to the caller's stream.
  */
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "kernels.h"
@@ -31,22 +29,7 @@ typedef struct scan_args {
     const void *data[CGD_MT_MAX_TENSORS];
 } scan_args;
 
-/* ---- element access by dtype (DT is a cgd_dtype) ---- */
-
-template <int DT> __device__ __forceinline__ float load1(const void *base, int64_t i) {
-    if (DT == CGD_FLOAT16) return __half2float(static_cast<const __half *>(base)[i]);
-    if (DT == CGD_BFLOAT16) return __bfloat162float(static_cast<const __nv_bfloat16 *>(base)[i]);
-    return static_cast<const float *>(base)[i];
-}
-
-template <int DT> __device__ __forceinline__ void store1(void *base, int64_t i, float v) {
-    if (DT == CGD_FLOAT16)
-        static_cast<__half *>(base)[i] = __float2half_rn(v);
-    else if (DT == CGD_BFLOAT16)
-        static_cast<__nv_bfloat16 *>(base)[i] = __float2bfloat16_rn(v);
-    else
-        static_cast<float *>(base)[i] = v;
-}
+/* ---- vector element access (load1/store1 live in multi_tensor.cuh) ---- */
 
 /* Four consecutive elements; i is a multiple of 4 and the base is aligned (checked on the host). */
 template <int DT> __device__ __forceinline__ void load4(const void *base, int64_t i, float v[4]) {

@@ -9,6 +9,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "cgd.h"
+
 static inline uint32_t cgd_f32_bits(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
@@ -65,6 +67,24 @@ static inline uint16_t cgd_f32_to_f16(float f) {
     uint32_t r = abs - 0x38000000u;
     r += 0x0fffu + ((r >> 13) & 1u);
     return (uint16_t)(sign | (r >> 13));
+}
+
+/* Element i of a parameter or gradient array of the given dtype, as float, and back (rounded to nearest even).
+   Callers pass a constant dtype inside specialised loops, so the switch folds away. */
+static inline float cgd_load_f32(cgd_dtype dtype, const void *base, int64_t i) {
+    switch (dtype) {
+    case CGD_FLOAT16: return cgd_f16_to_f32(((const uint16_t *)base)[i]);
+    case CGD_BFLOAT16: return cgd_bf16_to_f32(((const uint16_t *)base)[i]);
+    default: return ((const float *)base)[i];
+    }
+}
+
+static inline void cgd_store_f32(cgd_dtype dtype, void *base, int64_t i, float v) {
+    switch (dtype) {
+    case CGD_FLOAT16: ((uint16_t *)base)[i] = cgd_f32_to_f16(v); break;
+    case CGD_BFLOAT16: ((uint16_t *)base)[i] = cgd_f32_to_bf16(v); break;
+    default: ((float *)base)[i] = v; break;
+    }
 }
 
 #endif /* CGD_HALF_CONVERT_H */

@@ -27,6 +27,15 @@ int cgd_cuda_nonfinite_check(cgd_dtype dtype, const void *const *data, const int
 
 const char *cgd_cuda_error_string(int error);
 
+/* Full/block CGD (block_cpu.c, block_cuda.cu). The CPU one returns nonzero when the workspace cannot be
+   allocated; the CUDA one returns nonzero on any CUDA, cuBLAS or cuSOLVER error and writes its text to why. */
+int cgd_cpu_block_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_block_tensor *tensors, int64_t count,
+                       const cgd_block_state *state, const float *grad_scale, const float *skip);
+
+int cgd_cuda_block_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_block_tensor *tensors, int64_t count,
+                        const cgd_block_state *state, const float *grad_scale, const float *skip, void *stream,
+                        char *why, int why_size);
+
 #ifdef __cplusplus
 }
 #endif

@@ -10,6 +10,8 @@
 #ifndef CGD_MULTI_TENSOR_CUH
 #define CGD_MULTI_TENSOR_CUH
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
 
 #define CGD_MT_MAX_TENSORS 192
@@ -63,5 +65,22 @@ static inline void cgd_mt_reset(cgd_mt_layout *layout) {
 }
 
 static inline int32_t cgd_mt_chunks(const cgd_mt_layout *layout) { return layout->first_chunk[layout->count]; }
+
+/* ---- element access by dtype (DT is a cgd_dtype) ---- */
+
+template <int DT> __device__ __forceinline__ float load1(const void *base, int64_t i) {
+    if (DT == CGD_FLOAT16) return __half2float(static_cast<const __half *>(base)[i]);
+    if (DT == CGD_BFLOAT16) return __bfloat162float(static_cast<const __nv_bfloat16 *>(base)[i]);
+    return static_cast<const float *>(base)[i];
+}
+
+template <int DT> __device__ __forceinline__ void store1(void *base, int64_t i, float v) {
+    if (DT == CGD_FLOAT16)
+        static_cast<__half *>(base)[i] = __float2half_rn(v);
+    else if (DT == CGD_BFLOAT16)
+        static_cast<__nv_bfloat16 *>(base)[i] = __float2bfloat16_rn(v);
+    else
+        static_cast<float *>(base)[i] = v;
+}
 
 #endif /* CGD_MULTI_TENSOR_CUH */

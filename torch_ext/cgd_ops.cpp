@@ -193,6 +193,78 @@ std::tuple<at::Tensor, at::Tensor> nonfinite_flags(at::TensorList tensors) {
     return {flags, found};
 }
 
+// State tensors of a block step: float32 (outcome int32), contiguous, on the parameters' device, of the size
+// the block layout needs.
+template <typename T>
+T *state_ptr(const at::Tensor &t, const at::Device &device, at::ScalarType dtype, int64_t numel, const char *what) {
+    TORCH_CHECK_VALUE(t.device() == device, "cgd::block_step_: ", what, " is on ", t.device(),
+                      " but the parameters are on ", device);
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, "cgd::block_step_: ", what, " has dtype ", t.scalar_type(),
+                     ", expected ", dtype);
+    TORCH_CHECK_VALUE(t.is_contiguous() && t.numel() == numel, "cgd::block_step_: ", what, " must be contiguous with ",
+                      numel, " elements, got sizes ", t.sizes(), " and strides ", t.strides());
+    return t.data_ptr<T>();
+}
+
+void block_step(at::TensorList params, at::TensorList grads, at::IntArrayRef offsets, const at::Tensor &exp_avg,
+                const at::Tensor &exp_avg_sq, const at::Tensor &precond, const at::Tensor &eigvals,
+                const at::Tensor &step, const at::Tensor &outcome, const at::Tensor &counters, int64_t block,
+                int64_t nblocks, double lr, double beta1, double beta2, double power, double eps, double weight_decay,
+                bool centered, bool bias_correction, bool maximize, bool refresh,
+                const std::optional<at::Tensor> &grad_scale, const std::optional<at::Tensor> &found_inf) {
+    const size_t n = params.size();
+    TORCH_CHECK_VALUE(grads.size() == n && offsets.size() == n, "cgd::block_step_: got ", n, " params, ",
+                      grads.size(), " grads and ", offsets.size(), " offsets; the lists must have equal lengths");
+    TORCH_CHECK_VALUE(block >= 1 && nblocks >= 1, "cgd::block_step_: block = ", block, " and nblocks = ", nblocks,
+                      " must be positive");
+    const at::Device device = n ? params[0].device() : exp_avg.device();
+    std::vector<cgd_block_tensor> tensors(n);
+    cgd_dtype dtype = CGD_FLOAT32;
+    for (size_t i = 0; i < n; ++i) {
+        const at::Tensor &p = params[i];
+        dtype = to_cgd_dtype(p, "params", i);
+        TORCH_CHECK_VALUE(p.device() == device && p.scalar_type() == params[0].scalar_type(), "cgd::block_step_: params[",
+                          i, "] is ", p.scalar_type(), " on ", p.device(), " but params[0] is ",
+                          params[0].scalar_type(), " on ", device, "; one call steps tensors of one dtype on one device");
+        // Blocks follow the parameter's logical (row-major) order, so a block means the same on every layout.
+        TORCH_CHECK_VALUE(p.is_contiguous(), "cgd::block_step_: params[", i, "] with strides ", p.strides(),
+                          " is not contiguous; full/block metrics need contiguous parameters");
+        check_like(grads[i], p, p.scalar_type(), "grads", i);
+        tensors[i] = cgd_block_tensor{p.data_ptr(), grads[i].data_ptr(), p.numel(), offsets[i]};
+    }
+    const int64_t length = block * nblocks;
+    cgd_block_state st{};
+    st.block = block;
+    st.nblocks = nblocks;
+    st.exp_avg = state_ptr<float>(exp_avg, device, at::kFloat, length, "exp_avg");
+    st.exp_avg_sq = state_ptr<float>(exp_avg_sq, device, at::kFloat, length * block, "exp_avg_sq");
+    st.precond = state_ptr<float>(precond, device, at::kFloat, length * block, "precond");
+    st.eigvals = state_ptr<float>(eigvals, device, at::kFloat, length, "eigvals");
+    st.step = state_ptr<float>(step, device, at::kFloat, 1, "step");
+    st.outcome = state_ptr<int32_t>(outcome, device, at::kInt, nblocks, "outcome");
+    st.counters = state_ptr<float>(counters, device, at::kFloat, 3, "counters");
+
+    cgd_block_hparams h{};
+    h.lr = lr;
+    h.beta1 = beta1;
+    h.beta2 = beta2;
+    h.power = power;
+    h.eps = eps;
+    h.weight_decay = weight_decay;
+    h.centered = centered;
+    h.bias_correction = bias_correction;
+    h.maximize = maximize;
+    h.refresh = refresh;
+#ifdef CGD_WITH_CUDA
+    c10::cuda::OptionalCUDAGuard guard;
+    if (device.is_cuda()) guard.set_device(device);
+#endif
+    const Target target = target_for(device);
+    check_status(cgd_block_step(&h, dtype, tensors.data(), static_cast<int64_t>(n), &st,
+                                optional_scalar(grad_scale, device, "grad_scale"),
+                                optional_scalar(found_inf, device, "found_inf"), target.device, target.stream));
+}
+
 std::string build_info() { return cgd_version(); }
 
 } // namespace
@@ -202,18 +274,25 @@ TORCH_LIBRARY(cgd, m) {
           "Tensor(d!)[] steps, *, float lr, float beta1, float beta2, float grad_weight, float power, float eps, "
           "float weight_decay, str moment, bool eps_inside, bool bias_correction, bool decoupled_weight_decay, "
           "bool nesterov, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+    m.def("block_step_(Tensor(a!)[] params, Tensor[] grads, int[] offsets, Tensor(b!) exp_avg, "
+          "Tensor(c!) exp_avg_sq, Tensor(d!) precond, Tensor(e!) eigvals, Tensor(f!) step, Tensor(g!) outcome, "
+          "Tensor(h!) counters, *, int block, int nblocks, float lr, float beta1, float beta2, float power, "
+          "float eps, float weight_decay, bool centered, bool bias_correction, bool maximize, bool refresh, "
+          "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
     m.def("nonfinite_flags(Tensor[] tensors) -> (Tensor flags, Tensor found)");
     m.def("build_info() -> str", &build_info);
 }
 
 TORCH_LIBRARY_IMPL(cgd, CPU, m) {
     m.impl("diag_step_", &diag_step);
+    m.impl("block_step_", &block_step);
     m.impl("nonfinite_flags", &nonfinite_flags);
 }
 
 #ifdef CGD_WITH_CUDA
 TORCH_LIBRARY_IMPL(cgd, CUDA, m) {
     m.impl("diag_step_", &diag_step);
+    m.impl("block_step_", &block_step);
     m.impl("nonfinite_flags", &nonfinite_flags);
 }
 #endif

@@ -6,6 +6,7 @@
 """
 
 from ._ops import BUILD_INFO
+from .full import FullCGD
 from .optimizer import CGD, NonFiniteGradientError, beta_to_tau, tau_to_beta
 from .presets import SGD, AdaBelief, Adam, AdamW, RMSprop
 
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BUILD_INFO",
     "CGD",
+    "FullCGD",
     "SGD",
     "AdaBelief",
     "Adam",

@@ -48,6 +48,14 @@ def _diag_step_fake(params, grads, exp_avgs, exp_avg_sqs, steps, **hyperparamete
     return None
 
 
+@torch.library.register_fake("cgd::block_step_")
+def _block_step_fake(params, grads, offsets, exp_avg, *state, **hyperparameters) -> None:
+    for i, (g, p) in enumerate(zip(grads, params)):
+        if g.device != p.device:
+            raise ValueError(f"cgd: grads[{i}] is on {g.device} but params[{i}] is on {p.device}")
+    return None
+
+
 @torch.library.register_fake("cgd::nonfinite_flags")
 def _nonfinite_flags_fake(tensors):
     first = tensors[0]

@@ -1,0 +1,344 @@
+"""``cgd.FullCGD``: CGD with the full covariance metric (paper eq 4.9), exact or block-diagonal.
+
+The maths runs in the C core (``torch.ops.cgd.block_step_``: LAPACK on the CPU, cuSOLVER/cuBLAS on CUDA); this
+module lays a parameter group out as one vector of blocks, owns the state, the refresh schedule and the
+diagnostics.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from . import _ops  # noqa: F401  (loads the operator library)
+from .optimizer import NonFiniteGradientError, _bad, _check_range, _number, tau_to_beta
+
+METRICS = ("full", "block")
+OUTCOMES = {-1: "never", 0: "float32", 1: "float64 retry", 2: "kept previous", 3: "diagonal fallback"}
+_PAPER_TAU = (17.1, 15.3)  # Table 2, full CGD
+
+
+def _layout(numels: list[int], metric: str, block_size: int) -> tuple[list[int], int, int]:
+    """Offsets of each tensor in the blocked vector, the block size and the number of blocks."""
+    if metric == "full":
+        offsets, total = [], 0
+        for n in numels:
+            offsets.append(total)
+            total += n
+        return offsets, max(total, 1), 1
+    offsets, total = [], 0
+    for n in numels:  # every tensor starts a new block: blocks never straddle two tensors
+        offsets.append(total)
+        total += -(-n // block_size) * block_size
+    return offsets, block_size, max(total // block_size, 1)
+
+
+def state_bytes(numels: list[int], metric: str = "full", block_size: int = 64) -> int:
+    """Bytes of float32 state FullCGD keeps for tensors of these sizes: M1 and the eigenvalues (4 bytes per
+    coordinate each), M2 and the preconditioner P (4 * block bytes per coordinate each)."""
+    _, block, nblocks = _layout(numels, metric, block_size)
+    length = block * nblocks
+    return 4 * (2 * length + 2 * length * block + nblocks + 4)
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class FullCGD(Optimizer):
+    r"""Covariant Gradient Descent with the full (or block-diagonal) covariance metric, paper eq 4.9.
+
+    For the vector q of all parameters of a group (``metric="full"``), or for each block of ``block_size``
+    consecutive elements of each tensor (``metric="block"``)::
+
+        M1 <- beta1 M1 + (1 - beta1) g           F = M1 (/ (1 - beta1^t) with bias_correction)
+        M2 <- beta2 M2 + (1 - beta2) g g^T       S = M2 (/ (1 - beta2^t) with bias_correction)
+        C  = S - F F^T   (centered=True; S with centered=False)
+        q  <- q - lr (eps I + C)^(-power) F,  through C = V diag(lambda) V^T with lambda clamped at 0
+
+    The eigendecomposition is refreshed every ``refresh_every`` steps (1 = the paper's method); in between the
+    cached ``(eps I + C)^(-power)`` multiplies the current F.
+
+    Args:
+        params: parameters or parameter groups. All parameters of a group must share device and dtype (float32,
+            float16 or bfloat16), be contiguous, and have gradients on the same steps.
+        lr: learning rate.
+        betas / tau: EMA coefficients of M1 and M2, or the paper's timescales (beta = tau / (1 + tau)). Default:
+            the paper's tuned full-CGD timescales tau = (17.1, 15.3) (Table 2).
+        power: the exponent a in [0, 1]; default 0.4, the paper's tuned full-CGD value (Table 2).
+        eps: regulariser, > 0.
+        metric: "full" (one matrix over the whole group: exact; memory grows as N^2) or "block" (each tensor cut
+            into blocks of ``block_size``; memory 8 * block_size bytes per parameter).
+        block_size: coordinates per block for ``metric="block"``.
+        refresh_every: steps between eigendecompositions.
+        centered: use the covariance M2 - M1 M1^T (True, eq 4.9) or the second moment M2.
+        bias_correction, m2_init: default is the paper's start M1 = 0, M2 = m2_init * I = I without bias
+            correction: with Adam's start (m2_init=0, bias_correction=True) the first step's covariance is exactly
+            0 and the first step is lr * eps^-power times the gradient.
+        weight_decay: decoupled weight decay.
+        maximize: ascend.
+        nonfinite: "raise" (default: error naming the parameter, nothing changed) or "ignore".
+        max_state_bytes: refuse, before allocating, state larger than this (default: the free memory of the
+            device).
+
+    Memory per group of N parameters: ``metric="full"`` 8 N^2 + 8 N bytes; ``metric="block"`` about
+    8 * block_size * N bytes (plus padding of each tensor to a multiple of block_size). See :func:`state_bytes`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-2,
+        betas: tuple[float, float] | None = None,
+        *,
+        tau: tuple[float, float] | None = None,
+        power: float = 0.4,
+        eps: float = 1e-8,
+        metric: str = "full",
+        block_size: int = 64,
+        refresh_every: int = 1,
+        centered: bool = True,
+        bias_correction: bool = False,
+        m2_init: float = 1.0,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        nonfinite: str = "raise",
+        max_state_bytes: int | None = None,
+    ) -> None:
+        if betas is not None and tau is not None:
+            raise _bad("tau", tau, "pass either betas or tau, not both")
+        if betas is None:
+            tau = _PAPER_TAU if tau is None else tau
+            if not isinstance(tau, (tuple, list)) or len(tau) != 2:
+                raise _bad("tau", tau, "must be a pair (tau1, tau2)")
+            betas = tuple(tau_to_beta(_check_range(f"tau[{i}]", t, 0.0)) for i, t in enumerate(tau))
+        if nonfinite not in ("raise", "ignore"):
+            raise _bad("nonfinite", nonfinite, "must be 'raise' or 'ignore'")
+        self.nonfinite = nonfinite
+        self.max_state_bytes = max_state_bytes
+        defaults = dict(lr=lr, betas=tuple(betas), power=power, eps=eps, metric=metric, block_size=block_size,
+                        refresh_every=refresh_every, centered=centered, bias_correction=bias_correction,
+                        m2_init=m2_init, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate(group)
+            params = group["params"]
+            for j, p in enumerate(params):
+                if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                    raise ValueError(f"cgd: parameter {self._label(group, j)} is {p.dtype}; supported parameter "
+                                     "dtypes are float32, float16 and bfloat16")
+                if p.device != params[0].device or p.dtype != params[0].dtype:
+                    raise ValueError(f"cgd: parameter {self._label(group, j)} is {p.dtype} on {p.device} but the "
+                                     f"group's first is {params[0].dtype} on {params[0].device}; FullCGD couples "
+                                     "the parameters of a group, so put other devices/dtypes in their own groups")
+            self._check_memory(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    @staticmethod
+    def _validate(group: dict[str, Any]) -> None:
+        _check_range("lr", group["lr"], 0.0)
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise _bad("betas", betas, "must be a pair (beta1, beta2)")
+        _check_range("betas[0]", betas[0], 0.0, 1.0)
+        _check_range("betas[1]", betas[1], 0.0, 1.0)
+        _check_range("power", group["power"], 0.0, 1.0, hi_open=False)
+        if not _number("eps", group["eps"]) > 0.0:
+            raise _bad("eps", group["eps"], "must be > 0: a covariance is only semi-definite")
+        _check_range("weight_decay", group["weight_decay"], 0.0)
+        _check_range("m2_init", group["m2_init"], 0.0)
+        if group["metric"] not in METRICS:
+            raise _bad("metric", group["metric"], f"must be one of {METRICS} (the diagonal metric is cgd.CGD)")
+        for key in ("block_size", "refresh_every"):
+            value = group[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise _bad(key, value, "must be a positive integer")
+
+    def _check_memory(self, group: dict[str, Any]) -> None:
+        params = group["params"]
+        if not params:
+            return
+        need = state_bytes([p.numel() for p in params], group["metric"], group["block_size"])
+        limit = self.max_state_bytes if self.max_state_bytes is not None else _available_bytes(params[0].device)
+        if need > limit:
+            n = sum(p.numel() for p in params)
+            raise ValueError(
+                f"cgd: metric={group['metric']!r} over {n:,} parameters needs {need / 2**30:.2f} GiB of optimizer "
+                f"state but {limit / 2**30:.2f} GiB are available on {params[0].device}; use metric='block' with a "
+                "smaller block_size, or cgd.CGD (diagonal, 8 bytes per parameter)"
+            )
+
+    @staticmethod
+    def _label(group: dict[str, Any], j: int) -> str:
+        names = group.get("param_names")
+        shape = tuple(group["params"][j].shape)
+        return f"'{names[j]}' (shape {shape})" if names else f"params[{j}] (shape {shape})"
+
+    # ---- the step ----
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Performs one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for group in self.param_groups:
+            self._validate(group)
+            params = group["params"]
+            have = [p.grad is not None for p in params]
+            if not any(have):
+                continue
+            if not all(have):
+                missing = [self._label(group, j) for j, h in enumerate(have) if not h]
+                raise RuntimeError(f"cgd: FullCGD couples a group's parameters, but {', '.join(missing)} got no "
+                                   "gradient this step; give them their own group, or freeze them")
+            grads = []
+            for j, p in enumerate(params):
+                g = p.grad
+                if g.is_sparse:
+                    raise RuntimeError(f"cgd: parameter {self._label(group, j)} has a sparse gradient, which "
+                                       "FullCGD does not support")
+                if not p.is_contiguous():
+                    raise ValueError(f"cgd: parameter {self._label(group, j)} is not contiguous (stride "
+                                     f"{p.stride()}); FullCGD needs contiguous parameters")
+                grads.append(g if g.is_contiguous() and g.stride() == p.stride() else g.contiguous())
+            work.append((group, grads))
+        if self.nonfinite == "raise":
+            self._raise_on_nonfinite(work)
+        found_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)
+        for group, grads in work:
+            self._step_group(group, grads, grad_scale, found_inf)
+        return loss
+
+    _step_supports_amp_scaling = True
+
+    def _raise_on_nonfinite(self, work) -> None:
+        if not work:
+            return
+        checks = [torch.ops.cgd.nonfinite_flags(grads) for _, grads in work]
+        if sum(float(found.item()) for _, found in checks) == 0.0:
+            return
+        bad = [self._label(group, i) for (group, _), (flags, _) in zip(work, checks)
+               for i in flags.nonzero().flatten().tolist()]
+        raise NonFiniteGradientError(f"cgd: the gradient of {', '.join(bad)} contains NaN or Inf; no parameter or "
+                                     "state was changed (nonfinite='raise')")
+
+    def _group_state(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The group's block state, kept under its first parameter so state_dict() saves it."""
+        params = group["params"]
+        state = self.state[params[0]]
+        offsets, block, nblocks = _layout([p.numel() for p in params], group["metric"], group["block_size"])
+        if "precond" not in state:
+            self._check_memory(group)
+            device, length = params[0].device, block * nblocks
+            f32 = dict(dtype=torch.float32, device=device)
+            state["exp_avg"] = torch.zeros(length, **f32)
+            m2 = torch.zeros(nblocks, block, block, **f32)
+            m2.diagonal(dim1=1, dim2=2).fill_(group["m2_init"])  # the paper's M2(0) = I (eq 4.4), scaled
+            state["exp_avg_sq"] = m2
+            state["precond"] = torch.zeros(nblocks, block, block, **f32)
+            state["eigvals"] = torch.zeros(nblocks, block, **f32)
+            state["step"] = torch.zeros((), **f32)
+            state["outcome"] = torch.full((nblocks,), -1, dtype=torch.int32, device=device)
+            state["counters"] = torch.zeros(3, **f32)
+            state["calls"] = 0
+        elif state["exp_avg_sq"].shape != (nblocks, block, block):
+            raise ValueError(f"cgd: the saved state has blocks {tuple(state['exp_avg_sq'].shape)} but this group's "
+                             f"layout needs {(nblocks, block, block)}: metric or block_size changed")
+        state["_layout"] = (offsets, block, nblocks)
+        return state
+
+    def _step_group(self, group, grads, grad_scale, found_inf) -> None:
+        params = group["params"]
+        state = self._group_state(group)
+        offsets, block, nblocks = state.pop("_layout")
+        device = params[0].device
+        refresh = state["calls"] % group["refresh_every"] == 0
+        beta1, beta2 = group["betas"]
+        torch.ops.cgd.block_step_(
+            params, grads, offsets, state["exp_avg"], state["exp_avg_sq"], state["precond"], state["eigvals"],
+            state["step"], state["outcome"], state["counters"],
+            block=block, nblocks=nblocks, lr=_number("lr", group["lr"]), beta1=float(beta1), beta2=float(beta2),
+            power=float(group["power"]), eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+            centered=bool(group["centered"]), bias_correction=bool(group["bias_correction"]),
+            maximize=bool(group["maximize"]), refresh=refresh,
+            grad_scale=None if grad_scale is None else grad_scale.to(device),
+            found_inf=None if found_inf is None else found_inf.to(device),
+        )
+        state["calls"] += 1
+
+    # ---- diagnostics ----
+
+    def solver_stats(self) -> dict[str, int]:
+        """Cumulative eigensolver failures over all groups, by the rung of the ladder that caught them."""
+        totals = [0.0, 0.0, 0.0]
+        for group in self.param_groups:
+            state = self.state.get(group["params"][0]) if group["params"] else None
+            if state and "counters" in state:
+                totals = [a + float(b) for a, b in zip(totals, state["counters"].tolist())]
+        return {"float64_retries": int(totals[0]), "kept_previous": int(totals[1]),
+                "diagonal_fallbacks": int(totals[2])}
+
+    def metric_spectrum(self, top_k: int = 10) -> list[dict[str, Any]]:
+        """Per group, the spectrum of each block's C at its last refresh (the paper's Fig 2, right).
+
+        Returns one dict per group that has stepped: ``eigenvalues`` (nblocks x block, descending), ``top``
+        (the ``top_k`` largest), ``min``, ``condition`` ((eps + max) / (eps + max(min, 0))), ``effective_rank``
+        ((sum lambda)^2 / sum lambda^2 over the clamped eigenvalues), ``outcome`` (how each block's last refresh
+        went, see ``cgd.full.OUTCOMES``). Padding coordinates of a block contribute zero eigenvalues.
+        """
+        out = []
+        for gi, group in enumerate(self.param_groups):
+            state = self.state.get(group["params"][0]) if group["params"] else None
+            if not state or "eigvals" not in state:
+                continue
+            lam = state["eigvals"].detach().to("cpu", torch.float64).flip(-1)
+            clamped = lam.clamp_min(0.0)
+            eps = float(group["eps"])
+            square_sum = (clamped**2).sum(-1)
+            out.append({
+                "group": gi,
+                "eigenvalues": lam,
+                "top": lam[:, :top_k],
+                "min": lam[:, -1],
+                "condition": (eps + lam[:, 0]) / (eps + clamped[:, -1]),
+                "effective_rank": torch.where(square_sum > 0, clamped.sum(-1) ** 2 / square_sum.clamp_min(1e-300),
+                                              torch.zeros_like(square_sum)),
+                "outcome": [OUTCOMES[int(o)] for o in state["outcome"].tolist()],
+            })
+        return out
+
+    # ---- checkpoints ----
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a FullCGD state dict. The state stays float32 (torch's loader would cast it to the parameter
+        dtype) and moves to each group's device."""
+        groups = state_dict["param_groups"]
+        super().load_state_dict({"state": {}, "param_groups": groups})
+        id_map = dict(zip(chain.from_iterable(g["params"] for g in groups),
+                          chain.from_iterable(g["params"] for g in self.param_groups)))
+        for pid, values in state_dict["state"].items():
+            p = id_map.get(pid)
+            if p is None:
+                raise ValueError(f"cgd: the state dict has state for parameter id {pid!r}, which no group lists")
+            self.state[p] = {
+                key: value.to(p.device, torch.int32 if key == "outcome" else torch.float32, copy=True)
+                if isinstance(value, torch.Tensor) else value
+                for key, value in values.items()
+            }
