@@ -1,0 +1,220 @@
+"""cgd.FullCGD (full and block-diagonal covariance metric) against the float64 reference of eq 4.9, against
+diagonal CGD at block size 1, and its failure ladder, diagnostics, checkpoints and errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import batches, make_mlp
+from reference_full import ReferenceFullCGD
+
+import cgd
+
+
+def flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def flat_grad(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def small_model(device="cpu", dtype=torch.float32) -> torch.nn.Module:
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(device, dtype)
+
+
+def block_indices(model: torch.nn.Module, metric: str, block_size: int) -> list[list[int]]:
+    if metric == "full":
+        return [list(range(sum(p.numel() for p in model.parameters())))]
+    blocks, start = [], 0
+    for p in model.parameters():
+        n = p.numel()
+        blocks += [list(range(start + b, start + min(b + block_size, n))) for b in range(0, n, block_size)]
+        start += n
+    return blocks
+
+
+def run_against_reference(device, metric, block_size=4, steps=60, refresh_every=1, **kwargs):
+    model = small_model(device)
+    opt = cgd.FullCGD(model.parameters(), metric=metric, block_size=block_size, refresh_every=refresh_every,
+                      **kwargs)
+    group = opt.param_groups[0]
+    ref = ReferenceFullCGD(flat(model).cpu(), block_indices(model, metric, block_size), lr=group["lr"],
+                           beta1=group["betas"][0], beta2=group["betas"][1], power=group["power"], eps=group["eps"],
+                           centered=group["centered"], bias_correction=group["bias_correction"],
+                           m2_init=group["m2_init"], weight_decay=group["weight_decay"], refresh_every=refresh_every)
+    worst = 0.0
+    for x, y in batches(steps, device=device):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        # The reference steps from the same gradient; the parameters are compared, not reset, so errors compound.
+        expected = ref.step(flat_grad(model).cpu())
+        opt.step()
+        worst = max(worst, (flat(model).cpu().double() - expected).abs().max().item())
+        assert worst < 2e-4, f"{metric}: parameters drifted {worst:.2e} from the float64 reference"
+    return worst
+
+
+@pytest.mark.parametrize("metric", ["full", "block"])
+@pytest.mark.parametrize("kwargs", [
+    dict(lr=0.02),                                                       # paper defaults: tau, a = 0.4, M2(0) = I
+    dict(lr=0.01, power=0.5, centered=False),
+    dict(lr=0.005, betas=(0.9, 0.99), power=0.25, bias_correction=True, m2_init=0.0, centered=False),
+    dict(lr=0.02, power=0.4, weight_decay=0.1),
+    dict(lr=0.05, power=0.0),                                            # SGD with an EMA force
+])
+def test_matches_float64_reference(device, metric, kwargs):
+    run_against_reference(device, metric, **kwargs)
+
+
+def test_refresh_every_applies_cached_metric(device):
+    run_against_reference(device, "full", refresh_every=5, lr=0.02)
+
+
+def test_block_at_least_tensor_size_equals_full_for_one_tensor(device):
+    start = torch.randn(4, 5, generator=torch.Generator().manual_seed(0)).to(device)
+    weights = [torch.nn.Parameter(start.clone()) for _ in range(2)]
+    opts = [cgd.FullCGD([weights[0]], lr=0.03, metric="full"),
+            cgd.FullCGD([weights[1]], lr=0.03, metric="block", block_size=32)]
+    for step in range(40):
+        g = torch.randn(4, 5, generator=torch.Generator().manual_seed(step)).to(device)
+        for w, opt in zip(weights, opts):
+            w.grad = g.clone()
+            opt.step()
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("centered", [True, False])
+def test_block_size_one_equals_diagonal_cgd(device, centered):
+    a, b = make_mlp(device=device), make_mlp(device=device)
+    full = cgd.FullCGD(a.parameters(), lr=0.01, betas=(0.9, 0.95), power=0.4, metric="block", block_size=1,
+                       centered=centered)
+    diag = cgd.CGD(b.parameters(), lr=0.01, betas=(0.9, 0.95), power=0.4, moment="centered" if centered else "raw",
+                   bias_correction=False, m2_init=1.0)
+    for x, y in batches(100, device=device):
+        for model, opt in ((a, full), (b, diag)):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_parameters_keep_fp32_state(device, dtype):
+    model = small_model(device, dtype)
+    opt = cgd.FullCGD(model.parameters(), lr=0.02)
+    for x, y in batches(20, device=device, dtype=dtype):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    state = opt.state[next(model.parameters())]
+    assert all(state[k].dtype == torch.float32 for k in ("exp_avg", "exp_avg_sq", "precond", "eigvals"))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def train(model, opt, steps, start=0, device="cpu"):
+    for i, (x, y) in enumerate(batches(start + steps, device=device)):
+        if i < start:
+            continue
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("metric", ["full", "block"])
+def test_resume_is_bit_identical(device, metric, tmp_path):
+    a = small_model(device)
+    opt_a = cgd.FullCGD(a.parameters(), lr=0.02, metric=metric, block_size=8, refresh_every=3)
+    train(a, opt_a, 40, device=device)
+
+    b = small_model(device)
+    opt_b = cgd.FullCGD(b.parameters(), lr=0.02, metric=metric, block_size=8, refresh_every=3)
+    train(b, opt_b, 17, device=device)
+    torch.save({"model": b.state_dict(), "opt": opt_b.state_dict()}, tmp_path / "ckpt.pt")
+    c = small_model(device)
+    opt_c = cgd.FullCGD(c.parameters(), lr=0.02, metric=metric, block_size=8, refresh_every=3)
+    saved = torch.load(tmp_path / "ckpt.pt")
+    c.load_state_dict(saved["model"])
+    opt_c.load_state_dict(saved["opt"])
+    train(c, opt_c, 23, start=17, device=device)
+    for pa, pc in zip(a.parameters(), c.parameters()):
+        assert torch.equal(pa, pc)
+
+
+def test_failed_refresh_keeps_previous_metric_and_counts_it():
+    model = small_model()
+    opt = cgd.FullCGD(model.parameters(), lr=0.02, metric="block", block_size=8)
+    train(model, opt, 3)
+    state = opt.state[next(model.parameters())]
+    before = state["precond"].clone()
+    state["exp_avg_sq"][1, 0, 1] = state["exp_avg_sq"][1, 1, 0] = float("nan")  # block 1's solve now fails in float32 and float64
+    train(model, opt, 1, start=3)
+    assert opt.solver_stats() == {"float64_retries": 0, "kept_previous": 1, "diagonal_fallbacks": 0}
+    assert torch.equal(state["precond"][1], before[1])
+    assert opt.metric_spectrum()[0]["outcome"][1] == "kept previous"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_failed_first_refresh_falls_back_to_diagonal_metric():
+    model = small_model()
+    opt = cgd.FullCGD(model.parameters(), lr=0.02, metric="block", block_size=8)
+    train(model, opt, 1)
+    state = opt.state[next(model.parameters())]
+    state["outcome"].fill_(-1)  # as if block 0 had never been refreshed
+    state["exp_avg_sq"][0, 2, 3] = state["exp_avg_sq"][0, 3, 2] = float("inf")
+    train(model, opt, 1, start=1)
+    assert opt.solver_stats()["diagonal_fallbacks"] == 1
+    p0 = state["precond"][0]
+    assert torch.equal(p0, torch.diag(torch.diagonal(p0)))  # diagonal, finite
+    assert torch.isfinite(p0).all()
+    assert opt.metric_spectrum()[0]["outcome"][0] == "diagonal fallback"
+
+
+def test_metric_spectrum_matches_eigh_of_the_covariance():
+    model = small_model()
+    opt = cgd.FullCGD(model.parameters(), lr=0.02, tau=(10.0, 10.0))
+    ref = ReferenceFullCGD(flat(model), block_indices(model, "full", 0), lr=0.02, beta1=10 / 11, beta2=10 / 11,
+                           power=0.4)
+    for x, y in batches(30):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        ref.step(flat_grad(model))
+        opt.step()
+    force = ref.m1
+    expected = torch.linalg.eigvalsh(ref.m2[0] - torch.outer(force, force)).flip(0)
+    spectrum = opt.metric_spectrum(top_k=10)[0]
+    torch.testing.assert_close(spectrum["top"][0], expected[:10], rtol=1e-3, atol=1e-7)
+    assert spectrum["condition"][0] >= 1.0
+    assert 1.0 <= spectrum["effective_rank"][0] <= expected.numel()
+
+
+def test_errors_name_the_problem():
+    model = small_model()
+    with pytest.raises(ValueError, match="metric = 'kron'"):
+        cgd.FullCGD(model.parameters(), metric="kron")
+    with pytest.raises(ValueError, match="eps = 0"):
+        cgd.FullCGD(model.parameters(), eps=0)
+    with pytest.raises(ValueError, match="power = 1.5"):
+        cgd.FullCGD(model.parameters(), power=1.5)
+    with pytest.raises(ValueError, match="block_size = 0"):
+        cgd.FullCGD(model.parameters(), metric="block", block_size=0)
+    with pytest.raises(ValueError, match="needs .* GiB"):
+        cgd.FullCGD(model.parameters(), max_state_bytes=1000)
+    big = torch.nn.Parameter(torch.zeros(100_000))
+    with pytest.raises(ValueError, match="metric='full' over 100,000 parameters needs 74.51 GiB"):
+        cgd.FullCGD([big], max_state_bytes=2**30)
+    opt = cgd.FullCGD(model.parameters())
+    model[0].weight.grad = torch.full_like(model[0].weight, float("nan"))
+    for p in list(model.parameters())[1:]:
+        p.grad = torch.zeros_like(p)
+    before = copy.deepcopy(list(model.parameters()))
+    with pytest.raises(cgd.NonFiniteGradientError, match=r"params\[0\] \(shape \(5, 6\)\)"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    model[0].weight.grad = None
+    with pytest.raises(RuntimeError, match="got no gradient"):
+        opt.step()
