@@ -1,0 +1,325 @@
+// The C API's full/block step (cgd_block_step, paper eq 4.9) against a float64 reference with its own Jacobi
+// eigensolver, on the CPU and, when a GPU is present, on CUDA. Also: the failure ladder, skip, argument errors.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cgd.h"
+
+#ifdef CGD_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace {
+
+using Matrix = std::vector<double>; // row-major n x n
+
+// Cyclic Jacobi: A = V diag(w) V^T for a symmetric A; columns of V are eigenvectors.
+void jacobi(Matrix a, int n, std::vector<double> &w, Matrix &v) {
+    v.assign((size_t)n * n, 0.0);
+    for (int i = 0; i < n; ++i) v[(size_t)i * n + i] = 1.0;
+    for (int sweep = 0; sweep < 100; ++sweep) {
+        double off = 0.0;
+        for (int p = 0; p < n; ++p)
+            for (int q = p + 1; q < n; ++q) off += a[(size_t)p * n + q] * a[(size_t)p * n + q];
+        if (off < 1e-30) break;
+        for (int p = 0; p < n; ++p)
+            for (int q = p + 1; q < n; ++q) {
+                double apq = a[(size_t)p * n + q];
+                if (std::fabs(apq) < 1e-300) continue;
+                double theta = (a[(size_t)q * n + q] - a[(size_t)p * n + p]) / (2.0 * apq);
+                double t = (theta >= 0 ? 1.0 : -1.0) / (std::fabs(theta) + std::sqrt(theta * theta + 1.0));
+                double c = 1.0 / std::sqrt(t * t + 1.0), s = t * c;
+                for (int k = 0; k < n; ++k) { // A <- J^T A J
+                    double akp = a[(size_t)k * n + p], akq = a[(size_t)k * n + q];
+                    a[(size_t)k * n + p] = c * akp - s * akq;
+                    a[(size_t)k * n + q] = s * akp + c * akq;
+                }
+                for (int k = 0; k < n; ++k) {
+                    double apk = a[(size_t)p * n + k], aqk = a[(size_t)q * n + k];
+                    a[(size_t)p * n + k] = c * apk - s * aqk;
+                    a[(size_t)q * n + k] = s * apk + c * aqk;
+                }
+                for (int k = 0; k < n; ++k) {
+                    double vkp = v[(size_t)k * n + p], vkq = v[(size_t)k * n + q];
+                    v[(size_t)k * n + p] = c * vkp - s * vkq;
+                    v[(size_t)k * n + q] = s * vkp + c * vkq;
+                }
+            }
+    }
+    w.resize(n);
+    for (int i = 0; i < n; ++i) w[i] = a[(size_t)i * n + i];
+}
+
+// Two tensors (5 and 3 elements) in blocks of 4: tensor 0 fills blocks 0-1 (3 padding coordinates), tensor 1
+// block 2 (1 padding coordinate).
+constexpr int B = 4, NB = 3, L = B * NB;
+const int64_t kNumel[2] = {5, 3}, kOffset[2] = {0, 8};
+
+struct Problem {
+    std::vector<float> param[2], m1 = std::vector<float>(L, 0.0f), m2 = std::vector<float>(NB * B * B, 0.0f),
+                                 precond = std::vector<float>(NB * B * B, 0.0f), eig = std::vector<float>(L, 0.0f);
+    float step = 0.0f, counters[3] = {0, 0, 0};
+    int32_t outcome[NB] = {-1, -1, -1};
+};
+
+Problem make_problem(double m2_init) {
+    Problem pr;
+    std::mt19937 rng(7);
+    std::normal_distribution<float> normal;
+    for (int t = 0; t < 2; ++t)
+        for (int64_t i = 0; i < kNumel[t]; ++i) pr.param[t].push_back(normal(rng));
+    for (int b = 0; b < NB; ++b)
+        for (int i = 0; i < B; ++i) pr.m2[(size_t)b * B * B + i * B + i] = (float)m2_init;
+    return pr;
+}
+
+std::vector<float> gradient(int step, int t) {
+    std::mt19937 rng(100 + step * 2 + t);
+    std::normal_distribution<float> normal;
+    std::vector<float> g;
+    for (int64_t i = 0; i < kNumel[t]; ++i) g.push_back(normal(rng) * (1.0f + (float)i));
+    return g;
+}
+
+// The float64 reference of one step over the blocked vector (padding coordinates get gradient 0).
+struct Reference {
+    std::vector<double> q[2], m1 = std::vector<double>(L, 0.0);
+    std::vector<Matrix> m2, P = std::vector<Matrix>(NB);
+    int t = 0;
+    void step(const cgd_block_hparams &h, const std::vector<float> g[2]) {
+        ++t;
+        std::vector<double> gv(L, 0.0);
+        for (int k = 0; k < 2; ++k)
+            for (int64_t i = 0; i < kNumel[k]; ++i) gv[kOffset[k] + i] = g[k][i];
+        double bc1 = h.bias_correction ? 1 - std::pow(h.beta1, t) : 1, bc2 = h.bias_correction ? 1 - std::pow(h.beta2, t) : 1;
+        std::vector<double> F(L), u(L);
+        for (int i = 0; i < L; ++i) {
+            m1[i] = h.beta1 * m1[i] + (1 - h.beta1) * gv[i];
+            F[i] = m1[i] / bc1;
+        }
+        for (int b = 0; b < NB; ++b) {
+            Matrix &m = m2[b];
+            for (int i = 0; i < B; ++i)
+                for (int j = 0; j < B; ++j)
+                    m[i * B + j] = h.beta2 * m[i * B + j] + (1 - h.beta2) * gv[b * B + i] * gv[b * B + j];
+            if (h.refresh) {
+                Matrix c(B * B), v;
+                std::vector<double> w;
+                for (int i = 0; i < B; ++i)
+                    for (int j = 0; j < B; ++j)
+                        c[i * B + j] = m[i * B + j] / bc2 - (h.centered ? F[b * B + i] * F[b * B + j] : 0.0);
+                jacobi(c, B, w, v);
+                P[b].assign(B * B, 0.0);
+                for (int i = 0; i < B; ++i)
+                    for (int j = 0; j < B; ++j)
+                        for (int k = 0; k < B; ++k)
+                            P[b][i * B + j] += v[i * B + k] * std::pow(h.eps + std::max(w[k], 0.0), -h.power) * v[j * B + k];
+            }
+            for (int i = 0; i < B; ++i) {
+                u[b * B + i] = 0;
+                for (int j = 0; j < B; ++j) u[b * B + i] += P[b][i * B + j] * F[b * B + j];
+            }
+        }
+        for (int k = 0; k < 2; ++k)
+            for (int64_t i = 0; i < kNumel[k]; ++i)
+                q[k][i] = q[k][i] * (1 - h.lr * h.weight_decay) - h.lr * u[kOffset[k] + i];
+    }
+};
+
+bool cuda_device_present() {
+#ifdef CGD_WITH_CUDA
+    int n = 0;
+    return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+#else
+    return false;
+#endif
+}
+
+// One cgd_block_step of pr on `device` (CUDA: copied to the device and back).
+cgd_status run(cgd_device device, const cgd_block_hparams &h, Problem &pr, const std::vector<float> g[2],
+               const float *skip = nullptr) {
+    if (device == CGD_CPU) {
+        cgd_block_tensor ts[2] = {{pr.param[0].data(), g[0].data(), kNumel[0], kOffset[0]},
+                                  {pr.param[1].data(), g[1].data(), kNumel[1], kOffset[1]}};
+        cgd_block_state st = {B, NB, pr.m1.data(), pr.m2.data(), pr.precond.data(), pr.eig.data(), &pr.step,
+                              pr.outcome, pr.counters};
+        return cgd_block_step(&h, CGD_FLOAT32, ts, 2, &st, nullptr, skip, CGD_CPU, nullptr);
+    }
+#ifdef CGD_WITH_CUDA
+    std::vector<void *> allocs;
+    auto up = [&](const void *host, size_t bytes) {
+        void *d = nullptr;
+        EXPECT_EQ(cudaMalloc(&d, bytes), cudaSuccess);
+        EXPECT_EQ(cudaMemcpy(d, host, bytes, cudaMemcpyHostToDevice), cudaSuccess);
+        allocs.push_back(d);
+        return d;
+    };
+    auto down = [&](void *host, const void *dev, size_t bytes) {
+        EXPECT_EQ(cudaMemcpy(host, dev, bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+    };
+    cgd_block_tensor ts[2];
+    for (int k = 0; k < 2; ++k)
+        ts[k] = {up(pr.param[k].data(), kNumel[k] * 4), up(g[k].data(), kNumel[k] * 4), kNumel[k], kOffset[k]};
+    cgd_block_state st = {B, NB, (float *)up(pr.m1.data(), L * 4), (float *)up(pr.m2.data(), pr.m2.size() * 4),
+                          (float *)up(pr.precond.data(), pr.precond.size() * 4), (float *)up(pr.eig.data(), L * 4),
+                          (float *)up(&pr.step, 4), (int32_t *)up(pr.outcome, sizeof pr.outcome),
+                          (float *)up(pr.counters, sizeof pr.counters)};
+    float *d_skip = skip ? (float *)up(skip, 4) : nullptr;
+    cgd_status status = cgd_block_step(&h, CGD_FLOAT32, ts, 2, &st, nullptr, d_skip, CGD_CUDA, nullptr);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    for (int k = 0; k < 2; ++k) down(pr.param[k].data(), ts[k].param, kNumel[k] * 4);
+    down(pr.m1.data(), st.exp_avg, L * 4);
+    down(pr.m2.data(), st.exp_avg_sq, pr.m2.size() * 4);
+    down(pr.precond.data(), st.precond, pr.precond.size() * 4);
+    down(pr.eig.data(), st.eigvals, L * 4);
+    down(&pr.step, st.step, 4);
+    down(pr.outcome, st.outcome, sizeof pr.outcome);
+    down(pr.counters, st.counters, sizeof pr.counters);
+    for (void *p : allocs) cudaFree(p);
+    return status;
+#else
+    return CGD_ERR_UNSUPPORTED;
+#endif
+}
+
+cgd_block_hparams paper_hparams() {
+    cgd_block_hparams h{};
+    h.lr = 0.05;
+    h.beta1 = 17.1 / 18.1;
+    h.beta2 = 15.3 / 16.3;
+    h.power = 0.4;
+    h.eps = 1e-8;
+    h.centered = 1;
+    h.refresh = 1;
+    return h;
+}
+
+class BlockStep : public ::testing::TestWithParam<cgd_device> {
+  protected:
+    void SetUp() override {
+        if (GetParam() == CGD_CUDA && !cgd_has_cuda()) GTEST_SKIP() << "built without CUDA kernels";
+        if (GetParam() == CGD_CUDA && !cuda_device_present())
+            GTEST_SKIP() << "CUDA kernels are built but no CUDA device is present: CUDA path not run";
+    }
+};
+
+struct Config {
+    const char *name;
+    double power, weight_decay, m2_init;
+    int centered, bias_correction, refresh_every;
+};
+
+TEST_P(BlockStep, MatchesFloat64Reference) {
+    const Config configs[] = {{"paper", 0.4, 0.0, 1.0, 1, 0, 1},   {"raw a=0.5", 0.5, 0.0, 1.0, 0, 0, 1},
+                              {"adam start", 0.3, 0.0, 0.0, 0, 1, 1}, {"decay", 0.4, 0.1, 1.0, 1, 0, 1},
+                              {"refresh 3", 0.4, 0.0, 1.0, 1, 0, 3},  {"sgd", 0.0, 0.0, 1.0, 1, 0, 1}};
+    for (const Config &c : configs) {
+        SCOPED_TRACE(c.name);
+        cgd_block_hparams h = paper_hparams();
+        h.power = c.power;
+        h.weight_decay = c.weight_decay;
+        h.centered = c.centered;
+        h.bias_correction = c.bias_correction;
+        Problem pr = make_problem(c.m2_init);
+        Reference ref;
+        for (int k = 0; k < 2; ++k) ref.q[k].assign(pr.param[k].begin(), pr.param[k].end());
+        for (int b = 0; b < NB; ++b) {
+            ref.m2.emplace_back(B * B, 0.0);
+            for (int i = 0; i < B; ++i) ref.m2[b][i * B + i] = c.m2_init;
+        }
+        for (int s = 0; s < 12; ++s) {
+            std::vector<float> g[2] = {gradient(s, 0), gradient(s, 1)};
+            h.refresh = s % c.refresh_every == 0;
+            ASSERT_EQ(run(GetParam(), h, pr, g), CGD_OK) << cgd_last_error();
+            ref.step(h, g);
+            for (int k = 0; k < 2; ++k)
+                for (int64_t i = 0; i < kNumel[k]; ++i)
+                    ASSERT_NEAR(pr.param[k][i], ref.q[k][i], 2e-4 * (1 + std::fabs(ref.q[k][i])))
+                        << "step " << s << " tensor " << k << " element " << i;
+        }
+        EXPECT_EQ(pr.step, 12.0f);
+        for (int b = 0; b < NB; ++b) EXPECT_EQ(pr.outcome[b], CGD_BLOCK_FP32);
+        // Padding never moves: its M1 stays 0.
+        for (int i : {5, 6, 7, 11}) EXPECT_EQ(pr.m1[i], 0.0f);
+    }
+}
+
+TEST_P(BlockStep, NonzeroSkipChangesNothing) {
+    cgd_block_hparams h = paper_hparams();
+    Problem pr = make_problem(1.0);
+    std::vector<float> g[2] = {gradient(0, 0), gradient(0, 1)};
+    ASSERT_EQ(run(GetParam(), h, pr, g), CGD_OK);
+    Problem before = pr;
+    const float skip = 1.0f;
+    ASSERT_EQ(run(GetParam(), h, pr, g, &skip), CGD_OK) << cgd_last_error();
+    for (int k = 0; k < 2; ++k) EXPECT_EQ(pr.param[k], before.param[k]);
+    EXPECT_EQ(pr.m1, before.m1);
+    EXPECT_EQ(pr.m2, before.m2);
+    EXPECT_EQ(pr.precond, before.precond);
+    EXPECT_EQ(pr.step, before.step);
+}
+
+TEST_P(BlockStep, FailedFirstRefreshFallsBackToTheDiagonalThenKeepsThePrevious) {
+    cgd_block_hparams h = paper_hparams();
+    Problem pr = make_problem(1.0);
+    pr.m2[1 * B * B + 0 * B + 1] = pr.m2[1 * B * B + 1 * B + 0] = NAN; // block 1 cannot be decomposed
+    std::vector<float> g[2] = {gradient(0, 0), gradient(0, 1)};
+    ASSERT_EQ(run(GetParam(), h, pr, g), CGD_OK) << cgd_last_error();
+    EXPECT_EQ(pr.outcome[0], CGD_BLOCK_FP32);
+    EXPECT_EQ(pr.outcome[1], CGD_BLOCK_DIAGONAL);
+    EXPECT_EQ(pr.counters[2], 1.0f);
+    for (int i = 0; i < B; ++i)
+        for (int j = 0; j < B; ++j) {
+            float pij = pr.precond[1 * B * B + i * B + j];
+            EXPECT_TRUE(std::isfinite(pij));
+            if (i != j) EXPECT_EQ(pij, 0.0f);
+        }
+    for (int k = 0; k < 2; ++k)
+        for (float p : pr.param[k]) EXPECT_TRUE(std::isfinite(p));
+    std::vector<float> kept(pr.precond.begin() + B * B, pr.precond.begin() + 2 * B * B);
+    ASSERT_EQ(run(GetParam(), h, pr, g), CGD_OK);
+    EXPECT_EQ(pr.outcome[1], CGD_BLOCK_KEPT);
+    EXPECT_EQ(pr.counters[1], 1.0f);
+    EXPECT_EQ(std::vector<float>(pr.precond.begin() + B * B, pr.precond.begin() + 2 * B * B), kept);
+}
+
+INSTANTIATE_TEST_SUITE_P(Devices, BlockStep, ::testing::Values(CGD_CPU, CGD_CUDA),
+                         [](const ::testing::TestParamInfo<cgd_device> &info) {
+                             return std::string(info.param == CGD_CPU ? "CPU" : "CUDA");
+                         });
+
+TEST(BlockStepErrors, ArgumentsAreNamedWithTheirValue) {
+    Problem pr = make_problem(1.0);
+    std::vector<float> g[2] = {gradient(0, 0), gradient(0, 1)};
+    cgd_block_hparams h = paper_hparams();
+    h.eps = 0.0;
+    EXPECT_EQ(run(CGD_CPU, h, pr, g), CGD_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(cgd_last_error()).find("hparams.eps = 0 with power = 0.4"), std::string::npos);
+    h = paper_hparams();
+    h.beta2 = 1.0;
+    EXPECT_EQ(run(CGD_CPU, h, pr, g), CGD_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(cgd_last_error()).find("cgd_block_step: hparams.beta2 = 1"), std::string::npos);
+
+    h = paper_hparams();
+    cgd_block_tensor overlap[2] = {{pr.param[0].data(), g[0].data(), 5, 0}, {pr.param[1].data(), g[1].data(), 3, 4}};
+    cgd_block_state st = {B, NB, pr.m1.data(), pr.m2.data(), pr.precond.data(), pr.eig.data(), &pr.step,
+                          pr.outcome, pr.counters};
+    EXPECT_EQ(cgd_block_step(&h, CGD_FLOAT32, overlap, 2, &st, nullptr, nullptr, CGD_CPU, nullptr),
+              CGD_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(cgd_last_error()).find("tensors[1] covers [4, 7), which overlaps"), std::string::npos);
+    st.block = 0;
+    EXPECT_EQ(cgd_block_step(&h, CGD_FLOAT32, overlap, 2, &st, nullptr, nullptr, CGD_CPU, nullptr),
+              CGD_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(cgd_last_error()).find("state.block = 0"), std::string::npos);
+    st.block = B;
+    st.precond = nullptr;
+    EXPECT_EQ(cgd_block_step(&h, CGD_FLOAT32, overlap, 2, &st, nullptr, nullptr, CGD_CPU, nullptr),
+              CGD_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(cgd_last_error()).find("state.precond is NULL"), std::string::npos);
+}
+
+} // namespace
