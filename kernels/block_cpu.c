@@ -20,7 +20,7 @@ void dsyevd_(const char *jobz, const char *uplo, const int *n, double *a, const 
 typedef struct eig_scratch {
     int n, lwork, liwork, dlwork, dliwork;
     float *a, *w, *work;
-    double *da, *dw, *dwork;
+    double *da, *dw, *dwork, *acc;
     int *iwork;
 } eig_scratch;
 
@@ -31,6 +31,7 @@ static void scratch_free(eig_scratch *s) {
     free(s->da);
     free(s->dw);
     free(s->dwork);
+    free(s->acc);
     free(s->iwork);
 }
 
@@ -53,8 +54,9 @@ static int scratch_init(eig_scratch *s, int n) {
     s->da = malloc(nn * sizeof(double));
     s->dw = malloc((size_t)n * sizeof(double));
     s->dwork = malloc((size_t)s->dlwork * sizeof(double));
+    s->acc = malloc(nn * sizeof(double));
     s->iwork = malloc((size_t)s->dliwork * sizeof(int));
-    if (!s->a || !s->w || !s->work || !s->da || !s->dw || !s->dwork || !s->iwork) {
+    if (!s->a || !s->w || !s->work || !s->da || !s->dw || !s->dwork || !s->acc || !s->iwork) {
         scratch_free(s);
         return 1;
     }
@@ -78,20 +80,28 @@ static double inverse_power(double lambda, double eps, double power) {
     return power == 0.0 ? 1.0 : pow(eps + (lambda > 0.0 ? lambda : 0.0), -power);
 }
 
-/* P = sum_k d_k v_k v_k^T, with v_k = row k of the column-major eigenvector output (a symmetric P). */
-static void assemble_precond(float *P, const double *vecs_d, const float *vecs_f, const double *lambda_d,
-                             const float *lambda_f, int B, double eps, double power) {
-    for (int i = 0; i < B; ++i)
-        for (int j = i; j < B; ++j) {
-            double sum = 0.0;
-            for (int k = 0; k < B; ++k) {
-                double lk = lambda_d ? lambda_d[k] : (double)lambda_f[k];
-                double vi = vecs_d ? vecs_d[(size_t)k * B + i] : (double)vecs_f[(size_t)k * B + i];
-                double vj = vecs_d ? vecs_d[(size_t)k * B + j] : (double)vecs_f[(size_t)k * B + j];
-                sum += inverse_power(lk, eps, power) * vi * vj;
+/* P = sum_k d_k v_k v_k^T, v_k = row k of the column-major eigenvector output, accumulated in double as
+   rank-1 updates of the upper triangle (row-contiguous, so the inner loop vectorises), then mirrored. */
+static void assemble_precond(float *P, double *acc, const double *vecs_d, const float *vecs_f,
+                             const double *lambda_d, const float *lambda_f, int B, double eps, double power) {
+    memset(acc, 0, (size_t)B * (size_t)B * sizeof(double));
+    for (int k = 0; k < B; ++k) {
+        double d = inverse_power(lambda_d ? lambda_d[k] : (double)lambda_f[k], eps, power);
+        for (int i = 0; i < B; ++i) {
+            double vi = vecs_d ? vecs_d[(size_t)k * B + i] : (double)vecs_f[(size_t)k * B + i];
+            double s = d * vi;
+            double *row = acc + (size_t)i * B;
+            if (vecs_d) {
+                const double *v = vecs_d + (size_t)k * B;
+                for (int j = i; j < B; ++j) row[j] += s * v[j];
+            } else {
+                const float *v = vecs_f + (size_t)k * B;
+                for (int j = i; j < B; ++j) row[j] += s * (double)v[j];
             }
-            P[(size_t)i * B + j] = P[(size_t)j * B + i] = (float)sum;
         }
+    }
+    for (int i = 0; i < B; ++i)
+        for (int j = i; j < B; ++j) P[(size_t)i * B + j] = P[(size_t)j * B + i] = (float)acc[(size_t)i * B + j];
 }
 
 /* Refreshes one block's P from C (row-major B x B, symmetric) down the failure ladder of cgd.h. */
@@ -102,7 +112,7 @@ static void refresh_block(const cgd_block_hparams *h, const float *C, float *P, 
     memcpy(s->a, C, nn * sizeof(float));
     ssyevd_("V", "U", &B, s->a, &B, s->w, s->work, &s->lwork, s->iwork, &s->liwork, &info, 1, 1);
     if (info == 0 && all_finite_f(s->w, (size_t)B) && all_finite_f(s->a, nn)) {
-        assemble_precond(P, NULL, s->a, NULL, s->w, B, h->eps, h->power);
+        assemble_precond(P, s->acc, NULL, s->a, NULL, s->w, B, h->eps, h->power);
         memcpy(eigvals, s->w, (size_t)B * sizeof(float));
         *outcome = CGD_BLOCK_FP32;
         return;
@@ -111,7 +121,7 @@ static void refresh_block(const cgd_block_hparams *h, const float *C, float *P, 
     info = 0;
     dsyevd_("V", "U", &B, s->da, &B, s->dw, s->dwork, &s->dlwork, s->iwork, &s->dliwork, &info, 1, 1);
     if (info == 0 && all_finite_d(s->dw, (size_t)B) && all_finite_d(s->da, nn)) {
-        assemble_precond(P, s->da, NULL, s->dw, NULL, B, h->eps, h->power);
+        assemble_precond(P, s->acc, s->da, NULL, s->dw, NULL, B, h->eps, h->power);
         for (int k = 0; k < B; ++k) eigvals[k] = (float)s->dw[k];
         *outcome = CGD_BLOCK_FP64;
         counters_local[0] += 1.0f;
