@@ -79,13 +79,13 @@ def run(name: str, seed: int, steps: int, batch: int, spectrum_every: int):
     return losses, spectra, solver
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny matrices: threads only add overhead, and timings stay comparable
 
     tail = max(1, args.steps // 10)

@@ -239,8 +239,8 @@ class FullCGD(Optimizer):
         raise NonFiniteGradientError(f"cgd: the gradient of {', '.join(bad)} contains NaN or Inf; no parameter or "
                                      "state was changed (nonfinite='raise')")
 
-    def _group_state(self, group: dict[str, Any]) -> dict[str, Any]:
-        """The group's block state, kept under its first parameter so state_dict() saves it."""
+    def _group_state(self, group: dict[str, Any]) -> tuple[dict[str, Any], tuple[list[int], int, int]]:
+        """The group's block state, kept under its first parameter so state_dict() saves it, and its layout."""
         params = group["params"]
         state = self.state[params[0]]
         offsets, block, nblocks = _layout([p.numel() for p in params], group["metric"], group["block_size"])
@@ -261,13 +261,11 @@ class FullCGD(Optimizer):
         elif state["exp_avg_sq"].shape != (nblocks, block, block):
             raise ValueError(f"cgd: the saved state has blocks {tuple(state['exp_avg_sq'].shape)} but this group's "
                              f"layout needs {(nblocks, block, block)}: metric or block_size changed")
-        state["_layout"] = (offsets, block, nblocks)
-        return state
+        return state, (offsets, block, nblocks)
 
     def _step_group(self, group, grads, grad_scale, found_inf) -> None:
         params = group["params"]
-        state = self._group_state(group)
-        offsets, block, nblocks = state.pop("_layout")
+        state, (offsets, block, nblocks) = self._group_state(group)
         device = params[0].device
         refresh = state["calls"] % group["refresh_every"] == 0
         beta1, beta2 = group["betas"]

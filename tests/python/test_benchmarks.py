@@ -13,6 +13,7 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import compare  # noqa: E402
+import multiplication  # noqa: E402
 import step_time  # noqa: E402
 
 
@@ -50,3 +51,13 @@ def test_gpt2_small_shapes():
     shapes = step_time.gpt2_small_shapes()
     assert len(shapes) == 148
     assert sum(math.prod(s) for s in shapes) == 124_439_808
+
+
+def test_multiplication_writes_report_and_plots(tmp_path):
+    assert multiplication.main(["--steps", "3", "--seeds", "2", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "multiplication.md").read_text()
+    for name in multiplication.OPTIMIZERS:
+        assert f"| {name} |" in report
+    assert "'diagonal_fallbacks': 0" in report
+    for png in ("multiplication_loss.png", "multiplication_eigenvalues.png"):
+        assert (tmp_path / png).stat().st_size > 1000
