@@ -16,7 +16,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import _ops  # noqa: F401  (loads the operator library)
-from .optimizer import NonFiniteGradientError, _bad, _check_range, _number, tau_to_beta
+from .optimizer import NonFiniteGradientError, _bad, _check_range, _number, betas_from_tau, validate_step_size
 
 METRICS = ("full", "block")
 OUTCOMES = {-1: "never", 0: "float32", 1: "float64 retry", 2: "kept previous", 3: "diagonal fallback"}
@@ -115,10 +115,7 @@ class FullCGD(Optimizer):
         if betas is not None and tau is not None:
             raise _bad("tau", tau, "pass either betas or tau, not both")
         if betas is None:
-            tau = _PAPER_TAU if tau is None else tau
-            if not isinstance(tau, (tuple, list)) or len(tau) != 2:
-                raise _bad("tau", tau, "must be a pair (tau1, tau2)")
-            betas = tuple(tau_to_beta(_check_range(f"tau[{i}]", t, 0.0)) for i, t in enumerate(tau))
+            betas = betas_from_tau(_PAPER_TAU if tau is None else tau)
         if nonfinite not in ("raise", "ignore"):
             raise _bad("nonfinite", nonfinite, "must be 'raise' or 'ignore'")
         self.nonfinite = nonfinite
@@ -149,13 +146,7 @@ class FullCGD(Optimizer):
 
     @staticmethod
     def _validate(group: dict[str, Any]) -> None:
-        _check_range("lr", group["lr"], 0.0)
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise _bad("betas", betas, "must be a pair (beta1, beta2)")
-        _check_range("betas[0]", betas[0], 0.0, 1.0)
-        _check_range("betas[1]", betas[1], 0.0, 1.0)
-        _check_range("power", group["power"], 0.0, 1.0, hi_open=False)
+        validate_step_size(group)
         if not _number("eps", group["eps"]) > 0.0:
             raise _bad("eps", group["eps"], "must be > 0: a covariance is only semi-definite")
         _check_range("weight_decay", group["weight_decay"], 0.0)

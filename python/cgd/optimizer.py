@@ -77,8 +77,15 @@ def _check_range(name: str, value: Any, lo: float, hi: float = math.inf, hi_open
     return v
 
 
-def validate_group(group: dict[str, Any]) -> None:
-    """Raises ValueError naming the first invalid hyperparameter of a parameter group."""
+def betas_from_tau(tau: Any) -> tuple[float, float]:
+    """The paper's timescales (tau1, tau2), checked, as EMA coefficients."""
+    if not isinstance(tau, (tuple, list)) or len(tau) != 2:
+        raise _bad("tau", tau, "must be a pair (tau1, tau2)")
+    return tuple(tau_to_beta(_check_range(f"tau[{i}]", t, 0.0)) for i, t in enumerate(tau))
+
+
+def validate_step_size(group: dict[str, Any]) -> None:
+    """Checks lr, betas and power, which every CGD optimizer shares."""
     _check_range("lr", group["lr"], 0.0)
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -86,6 +93,12 @@ def validate_group(group: dict[str, Any]) -> None:
     _check_range("betas[0]", betas[0], 0.0, 1.0)
     _check_range("betas[1]", betas[1], 0.0, 1.0)
     _check_range("power", group["power"], 0.0, 1.0, hi_open=False)
+
+
+def validate_group(group: dict[str, Any]) -> None:
+    """Raises ValueError naming the first invalid hyperparameter of a parameter group."""
+    validate_step_size(group)
+    betas = group["betas"]
     _check_range("eps", group["eps"], 0.0)
     _check_range("weight_decay", group["weight_decay"], 0.0)
     _check_range("m2_init", group["m2_init"], 0.0)
@@ -202,9 +215,7 @@ class CGD(Optimizer):
         if tau is not None:
             if betas is not _DEFAULT_BETAS:
                 raise _bad("tau", tau, "pass either betas or tau, not both")
-            if not isinstance(tau, (tuple, list)) or len(tau) != 2:
-                raise _bad("tau", tau, "must be a pair (tau1, tau2)")
-            betas = tuple(tau_to_beta(_check_range(f"tau[{i}]", t, 0.0)) for i, t in enumerate(tau))
+            betas = betas_from_tau(tau)
         if nonfinite not in NONFINITE_POLICIES:
             raise _bad("nonfinite", nonfinite, f"must be one of {NONFINITE_POLICIES}")
         self.nonfinite = nonfinite

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cgd.h"
+#include "test_support.h"
 
 #ifdef CGD_WITH_CUDA
 #include <cuda_runtime.h>
@@ -130,14 +131,6 @@ struct Reference {
     }
 };
 
-bool cuda_device_present() {
-#ifdef CGD_WITH_CUDA
-    int n = 0;
-    return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-#else
-    return false;
-#endif
-}
 
 // One cgd_block_step of pr on `device` (CUDA: copied to the device and back).
 cgd_status run(cgd_device device, const cgd_block_hparams &h, Problem &pr, const std::vector<float> g[2],
@@ -201,9 +194,7 @@ cgd_block_hparams paper_hparams() {
 class BlockStep : public ::testing::TestWithParam<cgd_device> {
   protected:
     void SetUp() override {
-        if (GetParam() == CGD_CUDA && !cgd_has_cuda()) GTEST_SKIP() << "built without CUDA kernels";
-        if (GetParam() == CGD_CUDA && !cuda_device_present())
-            GTEST_SKIP() << "CUDA kernels are built but no CUDA device is present: CUDA path not run";
+        CGD_SKIP_UNLESS_RUNNABLE(GetParam());
     }
 };
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cgd.h"
+#include "test_support.h"
 #include "half_convert.h"
 
 #ifdef CGD_WITH_CUDA
@@ -156,14 +157,6 @@ std::vector<std::vector<double>> new_grads(Problem &pr, std::mt19937 &rng, doubl
 
 // ---------- running the C API on a device ----------
 
-bool cuda_device_present() {
-#ifdef CGD_WITH_CUDA
-    int n = 0;
-    return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-#else
-    return false;
-#endif
-}
 
 #ifdef CGD_WITH_CUDA
 #define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr
@@ -332,9 +325,7 @@ std::vector<Config> configs() {
 class DiagStep : public ::testing::TestWithParam<cgd_device> {
   protected:
     void SetUp() override {
-        if (GetParam() == CGD_CUDA && !cgd_has_cuda()) GTEST_SKIP() << "built without CUDA kernels";
-        if (GetParam() == CGD_CUDA && !cuda_device_present())
-            GTEST_SKIP() << "CUDA kernels are built but no CUDA device is present: CUDA path not run";
+        CGD_SKIP_UNLESS_RUNNABLE(GetParam());
     }
 };
 
