@@ -17,6 +17,9 @@
 /* Largest tensor accepted: 2^46 elements, far above any device memory, keeps every chunk index in int32. */
 #define CGD_MAX_NUMEL ((int64_t)1 << 46)
 
+/* Largest side of a matrix the eigensolvers see: n^2 must stay below 2^31 for cuSOLVER's int sizes. */
+#define CGD_MAX_MATRIX 46340
+
 static _Thread_local char last_error[512];
 
 static cgd_status fail(cgd_status status, const char *fmt, ...) {
@@ -176,8 +179,7 @@ cgd_status cgd_nonfinite_check(cgd_dtype dtype, const void *const *data, const i
 #endif
 }
 
-static cgd_status check_block_hparams(const cgd_block_hparams *h) {
-    static const char fn[] = "cgd_block_step";
+static cgd_status check_block_hparams(const char *fn, const cgd_block_hparams *h) {
     cgd_status st;
     if ((st = check_range(fn, "lr", h->lr, 0.0, INFINITY, 1))) return st;
     if ((st = check_range(fn, "beta1", h->beta1, 0.0, 1.0, 1))) return st;
@@ -199,14 +201,13 @@ cgd_status cgd_block_step(const cgd_block_hparams *hparams, cgd_dtype dtype, con
     cgd_status st;
     if (!hparams) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams is NULL", fn);
     if (!state) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: state is NULL", fn);
-    if ((st = check_block_hparams(hparams))) return st;
+    if ((st = check_block_hparams(fn, hparams))) return st;
     if ((st = check_common(fn, dtype, device, count))) return st;
     if (count > 0 && !tensors)
         return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors is NULL but count = %lld", fn, (long long)count);
-    /* One block's matrices must stay addressable with int32 rows on the device: 46341^2 < 2^31. */
-    if (state->block < 1 || state->block > 46340)
-        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: state.block = %lld is outside [1, 46340]", fn,
-                    (long long)state->block);
+    if (state->block < 1 || state->block > CGD_MAX_MATRIX)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: state.block = %lld is outside [1, %d]", fn,
+                    (long long)state->block, CGD_MAX_MATRIX);
     if (state->nblocks < 1 || state->nblocks > CGD_MAX_NUMEL / state->block)
         return fail(CGD_ERR_INVALID_ARGUMENT, "%s: state.nblocks = %lld is outside [1, 2^46 / block]", fn,
                     (long long)state->nblocks);
@@ -237,6 +238,49 @@ cgd_status cgd_block_step(const cgd_block_hparams *hparams, cgd_dtype dtype, con
 #ifdef CGD_WITH_CUDA
     char why[256];
     int e = cgd_cuda_block_step(hparams, dtype, tensors, count, state, grad_scale, skip, stream, why, sizeof why);
+    if (e) return fail(CGD_ERR_CUDA, "%s: %s", fn, why);
+    return ok();
+#else
+    (void)stream;
+    return fail(CGD_ERR_UNSUPPORTED, "%s: unreachable without CUDA", fn);
+#endif
+}
+
+cgd_status cgd_kron_step(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_kron_tensor *tensors,
+                         int64_t count, const float *grad_scale, const float *skip, cgd_device device, void *stream) {
+    static const char fn[] = "cgd_kron_step";
+    cgd_status st;
+    if (!hparams) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams is NULL", fn);
+    if ((st = check_block_hparams(fn, hparams))) return st;
+    if ((st = check_common(fn, dtype, device, count))) return st;
+    if (count > 0 && !tensors)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors is NULL but count = %lld", fn, (long long)count);
+    for (int64_t i = 0; i < count; ++i) {
+        const cgd_kron_tensor *t = &tensors[i];
+        if (t->rows < 1 || t->cols < 1 || t->rows > CGD_MAX_NUMEL / t->cols)
+            return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors[%lld] is %lld x %lld; both sides must be >= 1 and "
+                        "the product <= 2^46", fn, (long long)i, (long long)t->rows, (long long)t->cols);
+        if ((t->left_full && t->rows > CGD_MAX_MATRIX) || (t->right_full && t->cols > CGD_MAX_MATRIX))
+            return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors[%lld] asks for a full %s factor of side %lld; the "
+                        "largest is %d (keep that side diagonal)", fn, (long long)i, t->left_full &&
+                        t->rows > CGD_MAX_MATRIX ? "left" : "right", (long long)(t->left_full &&
+                        t->rows > CGD_MAX_MATRIX ? t->rows : t->cols), CGD_MAX_MATRIX);
+        const char *missing = !t->param ? "param" : !t->grad ? "grad" : !t->exp_avg ? "exp_avg"
+                              : !t->left_sq ? "left_sq" : !t->right_sq ? "right_sq"
+                              : (t->left_full && !t->left_basis) ? "left_basis"
+                              : (t->right_full && !t->right_basis) ? "right_basis" : !t->left_eig ? "left_eig"
+                              : !t->right_eig ? "right_eig" : !t->step ? "step" : !t->outcome ? "outcome"
+                              : !t->counters ? "counters" : NULL;
+        if (missing) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors[%lld].%s is NULL", fn, (long long)i, missing);
+    }
+    if (device == CGD_CPU) {
+        if (cgd_cpu_kron_step(hparams, dtype, tensors, count, grad_scale, skip))
+            return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the workspace", fn);
+        return ok();
+    }
+#ifdef CGD_WITH_CUDA
+    char why[256];
+    int e = cgd_cuda_kron_step(hparams, dtype, tensors, count, grad_scale, skip, stream, why, sizeof why);
     if (e) return fail(CGD_ERR_CUDA, "%s: %s", fn, why);
     return ok();
 #else

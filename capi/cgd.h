@@ -195,6 +195,50 @@ cgd_status cgd_block_step(const cgd_block_hparams *hparams, cgd_dtype dtype, con
                           int64_t count, const cgd_block_state *state, const float *grad_scale, const float *skip,
                           cgd_device device, void *stream);
 
+/* ---------------------------------------------------------------------------------------------------------
+ * Kronecker-factored CGD: the metric of block CGD for a whole matrix-shaped tensor, with the covariance of its
+ * elements approximated by a Kronecker product. A tensor is read as a row-major rows x cols matrix G (a conv
+ * weight as out_channels x the rest). Per tensor, with F = M1 (/ (1 - beta1^t)) as in a block step:
+ *   M1 <- beta1 M1 + (1 - beta1) G
+ *   Pl <- beta2 Pl + (1 - beta2) G G^T   (rows x rows)      Pr <- beta2 Pr + (1 - beta2) G^T G   (cols x cols)
+ *   L  = Pl / bc2 - F F^T,  R = Pr / bc2 - F^T F   (centered; Pl / bc2 and Pr / bc2 otherwise)
+ * L and R are the two partial traces of the full metric's C = M2 - vec(F) vec(F)^T, and C ~ (L (x) R) / tr(R)
+ * is the Kronecker product with exactly those partial traces (equal to C whenever C is a Kronecker product).
+ * Its eigenvectors are u_i (x) v_j and its eigenvalues mu_i nu_j / tr(R), so, with L = U diag(mu) U^T and
+ * R = V diag(nu) V^T (both clamped at 0), the CGD direction (eps I + C)^-a vec(F) is exactly
+ *   D = U [ (U^T F V) ./ (eps + mu_i nu_j / sum(nu))^a ] V^T,        p <- p (1 - lr wd) - lr D.
+ * A side larger than the caller's limit keeps only the diagonal of its factor (its basis is the identity):
+ * O(rows) state instead of O(rows^2). A factor's refresh goes down the ladder of the block step (float32
+ * solver, float64 on the CPU, keep the previous basis, the factor's diagonal), with the outcome per factor.
+ * --------------------------------------------------------------------------------------------------------- */
+
+/* One matrix of a Kronecker-factored step; every array is float32 (outcome int32) on the call's device. */
+typedef struct cgd_kron_tensor {
+    void *param;          /* rows * cols elements of the call's dtype, row-major */
+    const void *grad;
+    int64_t rows, cols;   /* >= 1 each */
+    int32_t left_full;    /* 1: the left factor is a full rows x rows matrix; 0: its diagonal only */
+    int32_t right_full;   /* the same for the right factor (cols) */
+    float *exp_avg;       /* M1: rows * cols */
+    float *left_sq;       /* Pl: rows * rows when left_full, else its diagonal (rows) */
+    float *right_sq;      /* Pr: cols * cols when right_full, else cols */
+    float *left_basis;    /* U^T: rows * rows, row k = eigenvector k (the column-major U LAPACK and cuSOLVER
+                             return); unused (may be NULL) when !left_full */
+    float *right_basis;   /* V^T: cols * cols, likewise */
+    float *left_eig;      /* rows: mu at the last refresh, ascending when left_full */
+    float *right_eig;     /* cols: nu / sum(max(nu, 0)) at the last refresh (0 when the sum is 0) */
+    float *step;          /* one float: steps taken */
+    int32_t *outcome;     /* 2: CGD_BLOCK_* of the left and right factor's last refresh; start at CGD_BLOCK_NEVER */
+    float *counters;      /* 3 floats, cumulative as in cgd_block_state */
+} cgd_kron_tensor;
+
+/*
+ * One Kronecker-factored CGD step over `count` tensors, each with its own factors (hparams as for
+ * cgd_block_step; `refresh` eigendecomposes every factor of the call). The first step must refresh.
+ */
+cgd_status cgd_kron_step(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_kron_tensor *tensors,
+                         int64_t count, const float *grad_scale, const float *skip, cgd_device device, void *stream);
+
 #ifdef __cplusplus
 }
 #endif

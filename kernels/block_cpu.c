@@ -7,78 +7,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "eigh_cpu.h"
 #include "half_convert.h"
 #include "kernels.h"
-
-/* LAPACK's Fortran symbols, with gfortran's trailing hidden lengths of the character arguments. */
-void ssyevd_(const char *jobz, const char *uplo, const int *n, float *a, const int *lda, float *w, float *work,
-             const int *lwork, int *iwork, const int *liwork, int *info, size_t jobz_len, size_t uplo_len);
-void dsyevd_(const char *jobz, const char *uplo, const int *n, double *a, const int *lda, double *w, double *work,
-             const int *lwork, int *iwork, const int *liwork, int *info, size_t jobz_len, size_t uplo_len);
-
-/* Per-thread scratch of one block's eigendecomposition. */
-typedef struct eig_scratch {
-    int n, lwork, liwork, dlwork, dliwork;
-    float *a, *w, *work;
-    double *da, *dw, *dwork, *acc;
-    int *iwork;
-} eig_scratch;
-
-static void scratch_free(eig_scratch *s) {
-    free(s->a);
-    free(s->w);
-    free(s->work);
-    free(s->da);
-    free(s->dw);
-    free(s->dwork);
-    free(s->acc);
-    free(s->iwork);
-}
-
-static int scratch_init(eig_scratch *s, int n) {
-    memset(s, 0, sizeof *s);
-    s->n = n;
-    int query = -1, info = 0, iq = 0;
-    float fq = 0.0f;
-    double dq = 0.0;
-    ssyevd_("V", "U", &n, NULL, &n, NULL, &fq, &query, &iq, &query, &info, 1, 1);
-    s->lwork = (int)fq + 1;
-    s->liwork = iq;
-    dsyevd_("V", "U", &n, NULL, &n, NULL, &dq, &query, &iq, &query, &info, 1, 1);
-    s->dlwork = (int)dq + 1;
-    s->dliwork = iq > s->liwork ? iq : s->liwork;
-    size_t nn = (size_t)n * (size_t)n;
-    s->a = malloc(nn * sizeof(float));
-    s->w = malloc((size_t)n * sizeof(float));
-    s->work = malloc((size_t)s->lwork * sizeof(float));
-    s->da = malloc(nn * sizeof(double));
-    s->dw = malloc((size_t)n * sizeof(double));
-    s->dwork = malloc((size_t)s->dlwork * sizeof(double));
-    s->acc = malloc(nn * sizeof(double));
-    s->iwork = malloc((size_t)s->dliwork * sizeof(int));
-    if (!s->a || !s->w || !s->work || !s->da || !s->dw || !s->dwork || !s->acc || !s->iwork) {
-        scratch_free(s);
-        return 1;
-    }
-    return 0;
-}
-
-static int all_finite_f(const float *x, size_t n) {
-    for (size_t i = 0; i < n; ++i)
-        if (!isfinite(x[i])) return 0;
-    return 1;
-}
-
-static int all_finite_d(const double *x, size_t n) {
-    for (size_t i = 0; i < n; ++i)
-        if (!isfinite(x[i])) return 0;
-    return 1;
-}
-
-/* (eps + max(lambda, 0))^-a: eigenvalues of a covariance are >= 0, and rounding may push the smallest below. */
-static double inverse_power(double lambda, double eps, double power) {
-    return power == 0.0 ? 1.0 : pow(eps + (lambda > 0.0 ? lambda : 0.0), -power);
-}
 
 /* P = sum_k d_k v_k v_k^T, v_k = row k of the column-major eigenvector output, accumulated in double as
    rank-1 updates of the upper triangle (row-contiguous, so the inner loop vectorises), then mirrored. */
@@ -86,7 +17,7 @@ static void assemble_precond(float *P, double *acc, const double *vecs_d, const 
                              const double *lambda_d, const float *lambda_f, int B, double eps, double power) {
     memset(acc, 0, (size_t)B * (size_t)B * sizeof(double));
     for (int k = 0; k < B; ++k) {
-        double d = inverse_power(lambda_d ? lambda_d[k] : (double)lambda_f[k], eps, power);
+        double d = cgd_inverse_power(lambda_d ? lambda_d[k] : (double)lambda_f[k], eps, power);
         for (int i = 0; i < B; ++i) {
             double vi = vecs_d ? vecs_d[(size_t)k * B + i] : (double)vecs_f[(size_t)k * B + i];
             double s = d * vi;
@@ -106,22 +37,18 @@ static void assemble_precond(float *P, double *acc, const double *vecs_d, const 
 
 /* Refreshes one block's P from C (row-major B x B, symmetric) down the failure ladder of cgd.h. */
 static void refresh_block(const cgd_block_hparams *h, const float *C, float *P, float *eigvals, int32_t *outcome,
-                          float *counters_local, eig_scratch *s) {
-    int B = s->n, info = 0;
+                          float *counters_local, cgd_eigh_scratch *s, double *acc) {
+    int B = s->n;
     size_t nn = (size_t)B * (size_t)B;
-    memcpy(s->a, C, nn * sizeof(float));
-    ssyevd_("V", "U", &B, s->a, &B, s->w, s->work, &s->lwork, s->iwork, &s->liwork, &info, 1, 1);
-    if (info == 0 && all_finite_f(s->w, (size_t)B) && all_finite_f(s->a, nn)) {
-        assemble_precond(P, s->acc, NULL, s->a, NULL, s->w, B, h->eps, h->power);
+    int solved = cgd_eigh_solve(C, s);
+    if (solved == CGD_BLOCK_FP32) {
+        assemble_precond(P, acc, NULL, s->a, NULL, s->w, B, h->eps, h->power);
         memcpy(eigvals, s->w, (size_t)B * sizeof(float));
         *outcome = CGD_BLOCK_FP32;
         return;
     }
-    for (size_t i = 0; i < nn; ++i) s->da[i] = C[i];
-    info = 0;
-    dsyevd_("V", "U", &B, s->da, &B, s->dw, s->dwork, &s->dlwork, s->iwork, &s->dliwork, &info, 1, 1);
-    if (info == 0 && all_finite_d(s->dw, (size_t)B) && all_finite_d(s->da, nn)) {
-        assemble_precond(P, s->acc, s->da, NULL, s->dw, NULL, B, h->eps, h->power);
+    if (solved == CGD_BLOCK_FP64) {
+        assemble_precond(P, acc, s->da, NULL, s->dw, NULL, B, h->eps, h->power);
         for (int k = 0; k < B; ++k) eigvals[k] = (float)s->dw[k];
         *outcome = CGD_BLOCK_FP64;
         counters_local[0] += 1.0f;
@@ -136,7 +63,7 @@ static void refresh_block(const cgd_block_hparams *h, const float *C, float *P, 
     for (int i = 0; i < B; ++i) {
         double cii = C[(size_t)i * B + i];
         /* A non-finite C (the moments themselves are broken) still yields a finite P: the identity. */
-        P[(size_t)i * B + i] = isfinite(cii) ? (float)inverse_power(cii, h->eps, h->power) : 1.0f;
+        P[(size_t)i * B + i] = isfinite(cii) ? (float)cgd_inverse_power(cii, h->eps, h->power) : 1.0f;
         eigvals[i] = (float)cii;
     }
     *outcome = CGD_BLOCK_DIAGONAL;
@@ -175,14 +102,16 @@ int cgd_cpu_block_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_bl
     float counters[3] = {0.0f, 0.0f, 0.0f};
 #pragma omp parallel
     {
-        eig_scratch s;
+        cgd_eigh_scratch s;
         float *C = NULL, *F = NULL;
+        double *acc = NULL;
         float local[3] = {0.0f, 0.0f, 0.0f};
-        int have_scratch = h->refresh && scratch_init(&s, (int)B) == 0;
+        int have_scratch = h->refresh && cgd_eigh_scratch_init(&s, (int)B) == 0;
         int ready = !h->refresh || have_scratch;
         if (h->refresh) {
             C = malloc((size_t)B * (size_t)B * sizeof(float));
-            ready = ready && C != NULL;
+            acc = malloc((size_t)B * (size_t)B * sizeof(double));
+            ready = ready && C != NULL && acc != NULL;
         }
         F = malloc((size_t)B * sizeof(float));
         ready = ready && F != NULL;
@@ -209,7 +138,7 @@ int cgd_cpu_block_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_bl
                     for (int64_t i = 0; i < B; ++i)
                         for (int64_t j = 0; j < B; ++j)
                             C[i * B + j] = m2[i * B + j] * inv_bc2 - (h->centered ? F[i] * F[j] : 0.0f);
-                    refresh_block(h, C, P, st->eigvals + b * B, &st->outcome[b], local, &s);
+                    refresh_block(h, C, P, st->eigvals + b * B, &st->outcome[b], local, &s, acc);
                 }
                 for (int64_t i = 0; i < B; ++i) {
                     double sum = 0.0;
@@ -220,8 +149,9 @@ int cgd_cpu_block_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_bl
         }
 #pragma omp critical
         for (int k = 0; k < 3; ++k) counters[k] += local[k];
-        if (have_scratch) scratch_free(&s);
+        if (have_scratch) cgd_eigh_scratch_free(&s);
         free(C);
+        free(acc);
         free(F);
     }
     if (!failed) {

@@ -12,16 +12,13 @@
  * The float64 retry rung of the CPU ladder is left out here: choosing it would need the solver's status on the
  * host. Workspace comes from cudaMallocAsync, so it is stream-ordered and graph-capturable.
  */
-#include <cublas_v2.h>
-#include <cuda_runtime.h>
-#include <cusolverDn.h>
 #include <math.h>
-#include <stdio.h>
 
+#include "cuda_solver.cuh"
 #include "kernels.h"
 #include "multi_tensor.cuh"
 
-#define BLOCK_THREADS 256
+#define BLOCK_THREADS CGD_SOLVER_THREADS
 /* Largest workspace of one refresh chunk (three B x B matrices per block): bounds memory whatever nblocks is. */
 #define REFRESH_CHUNK_BYTES ((size_t)256 << 20)
 
@@ -32,14 +29,12 @@ typedef struct vector_args {
     int64_t offset[CGD_MT_MAX_TENSORS];
 } vector_args;
 
-__device__ __forceinline__ bool skipped(const float *skip) { return skip != nullptr && *skip != 0.0f; }
-
 /* ---- kernels ---- */
 
 template <int DT>
 __global__ void gather_kernel(const vector_args a, float *g, const float *grad_scale, const float *skip,
                               int maximize) {
-    if (skipped(skip)) return;
+    if (cgd_skipped(skip)) return;
     cgd_mt_work w = cgd_mt_locate(&a.layout, blockIdx.x);
     float scale = grad_scale ? *grad_scale : 1.0f;
     for (int64_t i = w.begin + threadIdx.x; i < w.end; i += blockDim.x) {
@@ -51,7 +46,7 @@ __global__ void gather_kernel(const vector_args a, float *g, const float *grad_s
 /* F is written even on a skipped step (from the unchanged M1), so the refresh that follows reads a valid C. */
 __global__ void first_moment_kernel(float *m1, float *F, const float *g, int64_t length, float beta1, float w1,
                                     const float *step, double beta1_d, int bias_correction, const float *skip) {
-    bool skip_step = skipped(skip);
+    bool skip_step = cgd_skipped(skip);
     float inv_bc1 = bias_correction ? (float)(1.0 / (1.0 - pow(beta1_d, (double)*step + 1.0))) : 1.0f;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < length; i += (int64_t)gridDim.x * blockDim.x) {
         float m = skip_step ? m1[i] : beta1 * m1[i] + w1 * g[i];
@@ -62,7 +57,7 @@ __global__ void first_moment_kernel(float *m1, float *F, const float *g, int64_t
 
 __global__ void second_moment_kernel(float *m2, const float *g, int64_t B, int64_t total, float beta2, float w2,
                                      const float *skip) {
-    if (skipped(skip)) return;
+    if (cgd_skipped(skip)) return;
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
         int64_t b = e / (B * B), r = e - b * B * B, i = r / B, j = r - i * B;
         m2[e] = beta2 * m2[e] + w2 * g[b * B + i] * g[b * B + j];
@@ -106,7 +101,7 @@ __global__ void commit_kernel(float *P, const float *Pn, const float *lambda, co
                               int32_t *outcome, float *counters, const float *m2, const float *F, int64_t B,
                               int64_t first, const float *step, double beta2_d, int bias_correction, int centered,
                               float eps, float power, const float *skip) {
-    if (skipped(skip)) return;
+    if (cgd_skipped(skip)) return;
     int64_t b = first + blockIdx.x, local = blockIdx.x;
     float *Pb = P + b * B * B;
     if (ok[local]) {
@@ -146,7 +141,7 @@ __global__ void commit_kernel(float *P, const float *Pn, const float *lambda, co
 
 /* u = P F per block; P is symmetric, so thread i reads column i (row j, element i): coalesced over i. */
 __global__ void apply_kernel(float *u, const float *P, const float *F, int64_t B, int64_t length, const float *skip) {
-    if (skipped(skip)) return;
+    if (cgd_skipped(skip)) return;
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < length; e += (int64_t)gridDim.x * blockDim.x) {
         int64_t b = e / B, i = e % B;
         const float *Pb = P + b * B * B;
@@ -159,7 +154,7 @@ __global__ void apply_kernel(float *u, const float *P, const float *F, int64_t B
 
 template <int DT>
 __global__ void update_kernel(const vector_args a, const float *u, float lr, float decay, const float *skip) {
-    if (skipped(skip)) return;
+    if (cgd_skipped(skip)) return;
     cgd_mt_work w = cgd_mt_locate(&a.layout, blockIdx.x);
     for (int64_t i = w.begin + threadIdx.x; i < w.end; i += blockDim.x) {
         float p = load1<DT>(a.param[w.tensor], i);
@@ -168,57 +163,12 @@ __global__ void update_kernel(const vector_args a, const float *u, float lr, flo
 }
 
 __global__ void increment_kernel(float *step, const float *skip) {
-    if (!skipped(skip)) *step += 1.0f;
+    if (!cgd_skipped(skip)) *step += 1.0f;
 }
 
 /* ---- host side ---- */
 
 namespace {
-
-struct Handles {
-    int device = -1;
-    cusolverDnHandle_t solver = nullptr;
-    cublasHandle_t blas = nullptr;
-    syevjInfo_t syevj = nullptr;
-};
-
-/* One set per host thread and device: creating handles costs milliseconds, so they live for the thread. */
-thread_local Handles handles_by_device[16];
-
-struct Failure {
-    char *why;
-    int size;
-    int code;
-};
-
-int report(Failure *f, const char *what, int code) {
-    snprintf(f->why, (size_t)f->size, "%s failed with status %d", what, code);
-    f->code = code ? code : 1;
-    return f->code;
-}
-
-#define CUDA_TRY(call)                                                                                          \
-    do {                                                                                                        \
-        cudaError_t e_ = (call);                                                                                \
-        if (e_ != cudaSuccess) {                                                                                \
-            snprintf(fail.why, (size_t)fail.size, "%s: %s", #call, cudaGetErrorString(e_));                     \
-            fail.code = (int)e_;                                                                                \
-            goto done;                                                                                          \
-        }                                                                                                       \
-    } while (0)
-#define SOLVER_TRY(call)                                                                                        \
-    do {                                                                                                        \
-        int s_ = (int)(call);                                                                                   \
-        if (s_ != 0) {                                                                                          \
-            report(&fail, #call, s_);                                                                           \
-            goto done;                                                                                          \
-        }                                                                                                       \
-    } while (0)
-
-int grid_for(int64_t n) {
-    int64_t blocks = (n + BLOCK_THREADS - 1) / BLOCK_THREADS;
-    return (int)(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);
-}
 
 template <int DT> void launch_vector(bool update, const vector_args &a, float *vec, const float *grad_scale,
                                      const float *skip, int maximize, float lr, float decay, cudaStream_t stream) {
@@ -265,39 +215,25 @@ void for_tensors(bool update, cgd_dtype dtype, const cgd_block_tensor *tensors, 
 extern "C" int cgd_cuda_block_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_block_tensor *tensors,
                                    int64_t count, const cgd_block_state *st, const float *grad_scale,
                                    const float *skip, void *stream_ptr, char *why, int why_size) {
-    Failure fail = {why, why_size, 0};
+    CgdFailure fail = {why, why_size, 0};
     cudaStream_t stream = (cudaStream_t)stream_ptr;
     const int64_t B = st->block, nb = st->nblocks, length = B * nb;
     const size_t matrix_bytes = (size_t)B * (size_t)B * sizeof(float);
     float *g = nullptr, *F = nullptr, *u = nullptr, *A = nullptr, *S = nullptr, *Pn = nullptr, *lambda = nullptr;
     float *work = nullptr;
     int *info = nullptr, *ok = nullptr;
-    int device = 0;
-    Handles *hd = nullptr;
-    CUDA_TRY(cudaGetDevice(&device));
-    if (device >= 16) {
-        snprintf(why, (size_t)why_size, "device %d: at most 16 devices are supported", device);
-        return 1;
-    }
-    hd = &handles_by_device[device];
-    if (hd->device != device) {
-        SOLVER_TRY(cusolverDnCreate(&hd->solver));
-        SOLVER_TRY(cublasCreate(&hd->blas));
-        SOLVER_TRY(cusolverDnCreateSyevjInfo(&hd->syevj));
-        hd->device = device;
-    }
-    SOLVER_TRY(cusolverDnSetStream(hd->solver, stream));
-    SOLVER_TRY(cublasSetStream(hd->blas, stream));
+    CgdHandles *hd = cgd_solver_handles(stream, fail);
+    if (!hd) return fail.code;
 
     CUDA_TRY(cudaMallocAsync((void **)&g, (size_t)length * sizeof(float), stream));
     CUDA_TRY(cudaMallocAsync((void **)&F, (size_t)length * sizeof(float), stream));
     CUDA_TRY(cudaMallocAsync((void **)&u, (size_t)length * sizeof(float), stream));
     CUDA_TRY(cudaMemsetAsync(g, 0, (size_t)length * sizeof(float), stream));
     for_tensors(false, dtype, tensors, count, g, grad_scale, skip, h->maximize, 0.0f, 1.0f, stream);
-    first_moment_kernel<<<grid_for(length), BLOCK_THREADS, 0, stream>>>(
+    first_moment_kernel<<<cgd_grid_for(length), BLOCK_THREADS, 0, stream>>>(
         st->exp_avg, F, g, length, (float)h->beta1, (float)(1.0 - h->beta1), st->step, h->beta1,
         h->bias_correction, skip);
-    second_moment_kernel<<<grid_for(length * B), BLOCK_THREADS, 0, stream>>>(
+    second_moment_kernel<<<cgd_grid_for(length * B), BLOCK_THREADS, 0, stream>>>(
         st->exp_avg_sq, g, B, length * B, (float)h->beta2, (float)(1.0 - h->beta2), skip);
     CUDA_TRY(cudaGetLastError());
 
@@ -322,7 +258,7 @@ extern "C" int cgd_cuda_block_step(const cgd_block_hparams *h, cgd_dtype dtype, 
         CUDA_TRY(cudaMallocAsync((void **)&work, (size_t)(lwork > 0 ? lwork : 1) * sizeof(float), stream));
         for (int64_t first = 0; first < nb; first += chunk) {
             int64_t m = nb - first < chunk ? nb - first : chunk;
-            build_c_kernel<<<grid_for(m * B * B), BLOCK_THREADS, 0, stream>>>(
+            build_c_kernel<<<cgd_grid_for(m * B * B), BLOCK_THREADS, 0, stream>>>(
                 A, st->exp_avg_sq, F, B, first, m, st->step, h->beta2, h->bias_correction, h->centered);
             CUDA_TRY(cudaGetLastError());
             if (B <= 32) {
@@ -346,7 +282,7 @@ extern "C" int cgd_cuda_block_step(const cgd_block_hparams *h, cgd_dtype dtype, 
             CUDA_TRY(cudaGetLastError());
         }
     }
-    apply_kernel<<<grid_for(length), BLOCK_THREADS, 0, stream>>>(u, st->precond, F, B, length, skip);
+    apply_kernel<<<cgd_grid_for(length), BLOCK_THREADS, 0, stream>>>(u, st->precond, F, B, length, skip);
     for_tensors(true, dtype, tensors, count, u, nullptr, skip, 0, (float)h->lr,
                 (float)(1.0 - h->lr * h->weight_decay), stream);
     increment_kernel<<<1, 1, 0, stream>>>(st->step, skip);

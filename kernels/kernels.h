@@ -36,6 +36,15 @@ int cgd_cuda_block_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_b
                         const cgd_block_state *state, const float *grad_scale, const float *skip, void *stream,
                         char *why, int why_size);
 
+/* Kronecker-factored CGD (kron_cpu.c, kron_cuda.cu), with the same return conventions as the block step. The
+   CPU one steps tensor by tensor: when it runs out of memory, the tensors before the failing one have stepped
+   (each tensor's state stays consistent with its own step count). */
+int cgd_cpu_kron_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tensors, int64_t count,
+                      const float *grad_scale, const float *skip);
+
+int cgd_cuda_kron_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tensors, int64_t count,
+                       const float *grad_scale, const float *skip, void *stream, char *why, int why_size);
+
 #ifdef __cplusplus
 }
 #endif

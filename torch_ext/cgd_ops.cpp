@@ -193,17 +193,34 @@ std::tuple<at::Tensor, at::Tensor> nonfinite_flags(at::TensorList tensors) {
     return {flags, found};
 }
 
-// State tensors of a block step: float32 (outcome int32), contiguous, on the parameters' device, of the size
-// the block layout needs.
+// State tensors of a block or kron step: float32 (outcome int32), contiguous, on the parameters' device, of the
+// size the layout needs.
 template <typename T>
-T *state_ptr(const at::Tensor &t, const at::Device &device, at::ScalarType dtype, int64_t numel, const char *what) {
-    TORCH_CHECK_VALUE(t.device() == device, "cgd::block_step_: ", what, " is on ", t.device(),
-                      " but the parameters are on ", device);
-    TORCH_CHECK_TYPE(t.scalar_type() == dtype, "cgd::block_step_: ", what, " has dtype ", t.scalar_type(),
-                     ", expected ", dtype);
-    TORCH_CHECK_VALUE(t.is_contiguous() && t.numel() == numel, "cgd::block_step_: ", what, " must be contiguous with ",
-                      numel, " elements, got sizes ", t.sizes(), " and strides ", t.strides());
+T *state_ptr(const char *op, const at::Tensor &t, const at::Device &device, at::ScalarType dtype, int64_t numel,
+             const char *what, int64_t index = -1) {
+    const std::string name = index < 0 ? std::string(what) : std::string(what) + "[" + std::to_string(index) + "]";
+    TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " is on ", t.device(), " but the parameters are on ",
+                      device);
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+    TORCH_CHECK_VALUE(t.is_contiguous() && t.numel() == numel, op, ": ", name, " must be contiguous with ", numel,
+                      " elements, got sizes ", t.sizes(), " and strides ", t.strides());
     return t.data_ptr<T>();
+}
+
+cgd_block_hparams matrix_hparams(double lr, double beta1, double beta2, double power, double eps, double weight_decay,
+                                 bool centered, bool bias_correction, bool maximize, bool refresh) {
+    cgd_block_hparams h{};
+    h.lr = lr;
+    h.beta1 = beta1;
+    h.beta2 = beta2;
+    h.power = power;
+    h.eps = eps;
+    h.weight_decay = weight_decay;
+    h.centered = centered;
+    h.bias_correction = bias_correction;
+    h.maximize = maximize;
+    h.refresh = refresh;
+    return h;
 }
 
 void block_step(at::TensorList params, at::TensorList grads, at::IntArrayRef offsets, const at::Tensor &exp_avg,
@@ -212,6 +229,7 @@ void block_step(at::TensorList params, at::TensorList grads, at::IntArrayRef off
                 int64_t nblocks, double lr, double beta1, double beta2, double power, double eps, double weight_decay,
                 bool centered, bool bias_correction, bool maximize, bool refresh,
                 const std::optional<at::Tensor> &grad_scale, const std::optional<at::Tensor> &found_inf) {
+    static const char op[] = "cgd::block_step_";
     const size_t n = params.size();
     TORCH_CHECK_VALUE(grads.size() == n && offsets.size() == n, "cgd::block_step_: got ", n, " params, ",
                       grads.size(), " grads and ", offsets.size(), " offsets; the lists must have equal lengths");
@@ -236,25 +254,16 @@ void block_step(at::TensorList params, at::TensorList grads, at::IntArrayRef off
     cgd_block_state st{};
     st.block = block;
     st.nblocks = nblocks;
-    st.exp_avg = state_ptr<float>(exp_avg, device, at::kFloat, length, "exp_avg");
-    st.exp_avg_sq = state_ptr<float>(exp_avg_sq, device, at::kFloat, length * block, "exp_avg_sq");
-    st.precond = state_ptr<float>(precond, device, at::kFloat, length * block, "precond");
-    st.eigvals = state_ptr<float>(eigvals, device, at::kFloat, length, "eigvals");
-    st.step = state_ptr<float>(step, device, at::kFloat, 1, "step");
-    st.outcome = state_ptr<int32_t>(outcome, device, at::kInt, nblocks, "outcome");
-    st.counters = state_ptr<float>(counters, device, at::kFloat, 3, "counters");
+    st.exp_avg = state_ptr<float>(op, exp_avg, device, at::kFloat, length, "exp_avg");
+    st.exp_avg_sq = state_ptr<float>(op, exp_avg_sq, device, at::kFloat, length * block, "exp_avg_sq");
+    st.precond = state_ptr<float>(op, precond, device, at::kFloat, length * block, "precond");
+    st.eigvals = state_ptr<float>(op, eigvals, device, at::kFloat, length, "eigvals");
+    st.step = state_ptr<float>(op, step, device, at::kFloat, 1, "step");
+    st.outcome = state_ptr<int32_t>(op, outcome, device, at::kInt, nblocks, "outcome");
+    st.counters = state_ptr<float>(op, counters, device, at::kFloat, 3, "counters");
 
-    cgd_block_hparams h{};
-    h.lr = lr;
-    h.beta1 = beta1;
-    h.beta2 = beta2;
-    h.power = power;
-    h.eps = eps;
-    h.weight_decay = weight_decay;
-    h.centered = centered;
-    h.bias_correction = bias_correction;
-    h.maximize = maximize;
-    h.refresh = refresh;
+    const cgd_block_hparams h = matrix_hparams(lr, beta1, beta2, power, eps, weight_decay, centered, bias_correction,
+                                               maximize, refresh);
 #ifdef CGD_WITH_CUDA
     c10::cuda::OptionalCUDAGuard guard;
     if (device.is_cuda()) guard.set_device(device);
@@ -263,6 +272,71 @@ void block_step(at::TensorList params, at::TensorList grads, at::IntArrayRef off
     check_status(cgd_block_step(&h, dtype, tensors.data(), static_cast<int64_t>(n), &st,
                                 optional_scalar(grad_scale, device, "grad_scale"),
                                 optional_scalar(found_inf, device, "found_inf"), target.device, target.stream));
+}
+
+// One Kronecker-factored step: per tensor, exp_avg is its rows x cols matrix view (which fixes rows and cols);
+// an empty basis tensor marks that side as diagonal.
+void kron_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList left_sqs,
+               at::TensorList right_sqs, at::TensorList left_bases, at::TensorList right_bases,
+               at::TensorList left_eigs, at::TensorList right_eigs, at::TensorList steps, at::TensorList outcomes,
+               at::TensorList counters, double lr, double beta1, double beta2, double power, double eps,
+               double weight_decay, bool centered, bool bias_correction, bool maximize, bool refresh,
+               const std::optional<at::Tensor> &grad_scale, const std::optional<at::Tensor> &found_inf) {
+    static const char op[] = "cgd::kron_step_";
+    const size_t n = params.size();
+    for (const at::TensorList &list : {grads, exp_avgs, left_sqs, right_sqs, left_bases, right_bases, left_eigs,
+                                       right_eigs, steps, outcomes, counters})
+        TORCH_CHECK_VALUE(list.size() == n, op, ": got ", n, " params but a state list of ", list.size(),
+                          "; every list needs one entry per parameter");
+    if (n == 0) return;
+    const at::Device device = params[0].device();
+    const cgd_dtype dtype = to_cgd_dtype(params[0], "params", 0);
+    std::vector<cgd_kron_tensor> tensors(n);
+    for (size_t i = 0; i < n; ++i) {
+        const at::Tensor &p = params[i];
+        to_cgd_dtype(p, "params", i);
+        TORCH_CHECK_VALUE(p.device() == device && p.scalar_type() == params[0].scalar_type(), op, ": params[", i,
+                          "] is ", p.scalar_type(), " on ", p.device(), " but params[0] is ", params[0].scalar_type(),
+                          " on ", device, "; one call steps tensors of one dtype on one device");
+        TORCH_CHECK_VALUE(p.is_contiguous(), op, ": params[", i, "] with strides ", p.strides(),
+                          " is not contiguous; the Kronecker metric reads it as a row-major matrix");
+        check_like(grads[i], p, p.scalar_type(), "grads", i);
+        TORCH_CHECK_VALUE(exp_avgs[i].dim() == 2 && exp_avgs[i].numel() == p.numel(), op, ": exp_avgs[", i,
+                          "] must be the rows x cols matrix of params[", i, "] (", p.numel(), " elements), got sizes ",
+                          exp_avgs[i].sizes());
+        const int64_t rows = exp_avgs[i].size(0), cols = exp_avgs[i].size(1);
+        const bool lf = left_bases[i].numel() > 0, rf = right_bases[i].numel() > 0;
+        const int64_t k = static_cast<int64_t>(i);
+        cgd_kron_tensor &t = tensors[i];
+        t.param = p.data_ptr();
+        t.grad = grads[i].data_ptr();
+        t.rows = rows;
+        t.cols = cols;
+        t.left_full = lf;
+        t.right_full = rf;
+        t.exp_avg = state_ptr<float>(op, exp_avgs[i], device, at::kFloat, rows * cols, "exp_avgs", k);
+        t.left_sq = state_ptr<float>(op, left_sqs[i], device, at::kFloat, lf ? rows * rows : rows, "left_sqs", k);
+        t.right_sq = state_ptr<float>(op, right_sqs[i], device, at::kFloat, rf ? cols * cols : cols, "right_sqs", k);
+        t.left_basis = lf ? state_ptr<float>(op, left_bases[i], device, at::kFloat, rows * rows, "left_bases", k)
+                          : nullptr;
+        t.right_basis = rf ? state_ptr<float>(op, right_bases[i], device, at::kFloat, cols * cols, "right_bases", k)
+                           : nullptr;
+        t.left_eig = state_ptr<float>(op, left_eigs[i], device, at::kFloat, rows, "left_eigs", k);
+        t.right_eig = state_ptr<float>(op, right_eigs[i], device, at::kFloat, cols, "right_eigs", k);
+        t.step = state_ptr<float>(op, steps[i], device, at::kFloat, 1, "steps", k);
+        t.outcome = state_ptr<int32_t>(op, outcomes[i], device, at::kInt, 2, "outcomes", k);
+        t.counters = state_ptr<float>(op, counters[i], device, at::kFloat, 3, "counters", k);
+    }
+    const cgd_block_hparams h = matrix_hparams(lr, beta1, beta2, power, eps, weight_decay, centered, bias_correction,
+                                               maximize, refresh);
+#ifdef CGD_WITH_CUDA
+    c10::cuda::OptionalCUDAGuard guard;
+    if (device.is_cuda()) guard.set_device(device);
+#endif
+    const Target target = target_for(device);
+    check_status(cgd_kron_step(&h, dtype, tensors.data(), static_cast<int64_t>(n),
+                               optional_scalar(grad_scale, device, "grad_scale"),
+                               optional_scalar(found_inf, device, "found_inf"), target.device, target.stream));
 }
 
 std::string build_info() { return cgd_version(); }
@@ -279,6 +353,11 @@ TORCH_LIBRARY(cgd, m) {
           "Tensor(h!) counters, *, int block, int nblocks, float lr, float beta1, float beta2, float power, "
           "float eps, float weight_decay, bool centered, bool bias_correction, bool maximize, bool refresh, "
           "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+    m.def("kron_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] left_sqs, "
+          "Tensor(d!)[] right_sqs, Tensor(e!)[] left_bases, Tensor(f!)[] right_bases, Tensor(g!)[] left_eigs, "
+          "Tensor(h!)[] right_eigs, Tensor(i!)[] steps, Tensor(j!)[] outcomes, Tensor(k!)[] counters, *, float lr, "
+          "float beta1, float beta2, float power, float eps, float weight_decay, bool centered, "
+          "bool bias_correction, bool maximize, bool refresh, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
     m.def("nonfinite_flags(Tensor[] tensors) -> (Tensor flags, Tensor found)");
     m.def("build_info() -> str", &build_info);
 }
@@ -286,6 +365,7 @@ TORCH_LIBRARY(cgd, m) {
 TORCH_LIBRARY_IMPL(cgd, CPU, m) {
     m.impl("diag_step_", &diag_step);
     m.impl("block_step_", &block_step);
+    m.impl("kron_step_", &kron_step);
     m.impl("nonfinite_flags", &nonfinite_flags);
 }
 
@@ -293,6 +373,7 @@ TORCH_LIBRARY_IMPL(cgd, CPU, m) {
 TORCH_LIBRARY_IMPL(cgd, CUDA, m) {
     m.impl("diag_step_", &diag_step);
     m.impl("block_step_", &block_step);
+    m.impl("kron_step_", &kron_step);
     m.impl("nonfinite_flags", &nonfinite_flags);
 }
 #endif

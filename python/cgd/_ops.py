@@ -56,6 +56,14 @@ def _block_step_fake(params, grads, offsets, exp_avg, *state, **hyperparameters)
     return None
 
 
+@torch.library.register_fake("cgd::kron_step_")
+def _kron_step_fake(params, grads, *state_lists, **hyperparameters) -> None:
+    for i, (g, p) in enumerate(zip(grads, params)):
+        if g.device != p.device:
+            raise ValueError(f"cgd: grads[{i}] is on {g.device} but params[{i}] is on {p.device}")
+    return None
+
+
 @torch.library.register_fake("cgd::nonfinite_flags")
 def _nonfinite_flags_fake(tensors):
     first = tensors[0]

@@ -7,6 +7,7 @@ diagnostics.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable
 from itertools import chain
@@ -18,9 +19,10 @@ from torch.optim import Optimizer
 from . import _ops  # noqa: F401  (loads the operator library)
 from .optimizer import NonFiniteGradientError, _bad, _check_range, _number, betas_from_tau, validate_step_size
 
-METRICS = ("full", "block")
+METRICS = ("full", "block", "kron")
 OUTCOMES = {-1: "never", 0: "float32", 1: "float64 retry", 2: "kept previous", 3: "diagonal fallback"}
 _PAPER_TAU = (17.1, 15.3)  # Table 2, full CGD
+_MAX_MATRIX = 46340  # capi/cgd.c: n^2 < 2^31
 
 
 def _layout(numels: list[int], metric: str, block_size: int) -> tuple[list[int], int, int]:
@@ -38,12 +40,42 @@ def _layout(numels: list[int], metric: str, block_size: int) -> tuple[list[int],
     return offsets, block_size, max(total // block_size, 1)
 
 
-def state_bytes(numels: list[int], metric: str = "full", block_size: int = 64) -> int:
-    """Bytes of float32 state FullCGD keeps for tensors of these sizes: M1 and the eigenvalues (4 bytes per
-    coordinate each), M2 and the preconditioner P (4 * block bytes per coordinate each)."""
+def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The rows x cols matrix the Kronecker metric reads a tensor as: a conv weight is out_channels x the rest, a
+    vector (or scalar) is a column, so its left factor is its full covariance."""
+    numel = math.prod(shape)
+    rows = shape[0] if len(shape) >= 2 else numel
+    return rows, (numel // rows if rows else 0)
+
+
+def state_bytes(shapes: list, metric: str = "full", block_size: int = 64, max_factor_dim: int = 4096) -> int:
+    """Bytes of float32 state FullCGD keeps for tensors of these shapes (or element counts, for "full"/"block").
+
+    full/block: M1 and the eigenvalues (4 bytes per coordinate each), M2 and the preconditioner P (4 * block bytes
+    per coordinate each). kron, per rows x cols tensor: M1 (rows * cols), and per side of n <= max_factor_dim its
+    EMA factor and eigenbasis (n^2 each) and eigenvalues (n); a larger side keeps 2 n values.
+    """
+    if metric == "kron":
+        total = 0
+        for shape in shapes:
+            rows, cols = _matrix_shape((shape,) if isinstance(shape, int) else tuple(shape))
+            if rows * cols == 0:
+                continue
+            total += rows * cols + 6
+            for n in (rows, cols):
+                total += 2 * n * n + n if n <= max_factor_dim else 2 * n
+        return 4 * total
+    numels = [n if isinstance(n, int) else math.prod(n) for n in shapes]
     _, block, nblocks = _layout(numels, metric, block_size)
     length = block * nblocks
     return 4 * (2 * length + 2 * length * block + nblocks + 4)
+
+
+def _effective_rank(clamped: torch.Tensor) -> torch.Tensor:
+    """(sum lambda)^2 / sum lambda^2 along the last dimension, 0 for an all-zero spectrum."""
+    square_sum = (clamped**2).sum(-1)
+    return torch.where(square_sum > 0, clamped.sum(-1) ** 2 / square_sum.clamp_min(1e-300),
+                       torch.zeros_like(square_sum))
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -66,6 +98,13 @@ class FullCGD(Optimizer):
     The eigendecomposition is refreshed every ``refresh_every`` steps (1 = the paper's method); in between the
     cached ``(eps I + C)^(-power)`` multiplies the current F.
 
+    ``metric="kron"`` is the mode for real networks (GPT, ResNet): each tensor, read as a rows x cols matrix G
+    (conv weights as out_channels x the rest, vectors as a column), gets C approximated by the Kronecker product
+    ``(L (x) R) / tr(R)`` of its partial traces ``L = EMA(G G^T) - F F^T`` and ``R = EMA(G^T G) - F^T F``.
+    The direction ``(eps I + C)^(-power) F`` is then exact for that C through the factors' eigenbases (see the
+    README's derivation); it equals full mode whenever the gradients' covariance is a Kronecker product. A side
+    longer than ``max_factor_dim`` keeps only the diagonal of its factor.
+
     Args:
         params: parameters or parameter groups. All parameters of a group must share device and dtype (float32,
             float16 or bfloat16), be contiguous, and have gradients on the same steps.
@@ -74,10 +113,12 @@ class FullCGD(Optimizer):
             the paper's tuned full-CGD timescales tau = (17.1, 15.3) (Table 2).
         power: the exponent a in [0, 1]; default 0.4, the paper's tuned full-CGD value (Table 2).
         eps: regulariser, > 0.
-        metric: "full" (one matrix over the whole group: exact; memory grows as N^2) or "block" (each tensor cut
-            into blocks of ``block_size``; memory 8 * block_size bytes per parameter).
+        metric: "full" (one matrix over the whole group: exact; memory grows as N^2), "block" (each tensor cut
+            into blocks of ``block_size``; memory 8 * block_size bytes per parameter) or "kron" (Kronecker factors
+            per tensor; memory 8 (rows^2 + cols^2) bytes per matrix).
         block_size: coordinates per block for ``metric="block"``.
         refresh_every: steps between eigendecompositions.
+        max_factor_dim: for ``metric="kron"``, the longest side that gets a full factor (at most 46340).
         centered: use the covariance M2 - M1 M1^T (True, eq 4.9) or the second moment M2.
         bias_correction, m2_init: default is the paper's start M1 = 0, M2 = m2_init * I = I without bias
             correction: with Adam's start (m2_init=0, bias_correction=True) the first step's covariance is exactly
@@ -89,7 +130,8 @@ class FullCGD(Optimizer):
             device).
 
     Memory per group of N parameters: ``metric="full"`` 8 N^2 + 8 N bytes; ``metric="block"`` about
-    8 * block_size * N bytes (plus padding of each tensor to a multiple of block_size). See :func:`state_bytes`.
+    8 * block_size * N bytes (plus padding of each tensor to a multiple of block_size); ``metric="kron"``
+    4 N + 8 (rows^2 + cols^2) per tensor. See :func:`state_bytes`.
     """
 
     def __init__(
@@ -104,6 +146,7 @@ class FullCGD(Optimizer):
         metric: str = "full",
         block_size: int = 64,
         refresh_every: int = 1,
+        max_factor_dim: int = 4096,
         centered: bool = True,
         bias_correction: bool = False,
         m2_init: float = 1.0,
@@ -121,7 +164,7 @@ class FullCGD(Optimizer):
         self.nonfinite = nonfinite
         self.max_state_bytes = max_state_bytes
         defaults = dict(lr=lr, betas=tuple(betas), power=power, eps=eps, metric=metric, block_size=block_size,
-                        refresh_every=refresh_every, centered=centered, bias_correction=bias_correction,
+                        refresh_every=refresh_every, max_factor_dim=max_factor_dim, centered=centered, bias_correction=bias_correction,
                         m2_init=m2_init, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
 
@@ -153,23 +196,27 @@ class FullCGD(Optimizer):
         _check_range("m2_init", group["m2_init"], 0.0)
         if group["metric"] not in METRICS:
             raise _bad("metric", group["metric"], f"must be one of {METRICS} (the diagonal metric is cgd.CGD)")
-        for key in ("block_size", "refresh_every"):
+        for key in ("block_size", "refresh_every", "max_factor_dim"):
             value = group[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise _bad(key, value, "must be a positive integer")
+        if group["max_factor_dim"] > _MAX_MATRIX:
+            raise _bad("max_factor_dim", group["max_factor_dim"], f"must be <= {_MAX_MATRIX} (the eigensolvers' "
+                       "int32 sizes)")
 
     def _check_memory(self, group: dict[str, Any]) -> None:
         params = group["params"]
         if not params:
             return
-        need = state_bytes([p.numel() for p in params], group["metric"], group["block_size"])
+        need = state_bytes([p.shape for p in params], group["metric"], group["block_size"], group["max_factor_dim"])
         limit = self.max_state_bytes if self.max_state_bytes is not None else _available_bytes(params[0].device)
         if need > limit:
             n = sum(p.numel() for p in params)
             raise ValueError(
                 f"cgd: metric={group['metric']!r} over {n:,} parameters needs {need / 2**30:.2f} GiB of optimizer "
-                f"state but {limit / 2**30:.2f} GiB are available on {params[0].device}; use metric='block' with a "
-                "smaller block_size, or cgd.CGD (diagonal, 8 bytes per parameter)"
+                f"state but {limit / 2**30:.2f} GiB are available on {params[0].device}; use metric='kron' (with a "
+                "smaller max_factor_dim), metric='block' with a smaller block_size, or cgd.CGD (diagonal, 8 bytes "
+                "per parameter)"
             )
 
     @staticmethod
@@ -194,13 +241,16 @@ class FullCGD(Optimizer):
             have = [p.grad is not None for p in params]
             if not any(have):
                 continue
-            if not all(have):
+            if not all(have) and group["metric"] != "kron":
                 missing = [self._label(group, j) for j, h in enumerate(have) if not h]
                 raise RuntimeError(f"cgd: FullCGD couples a group's parameters, but {', '.join(missing)} got no "
                                    "gradient this step; give them their own group, or freeze them")
             grads = []
             for j, p in enumerate(params):
                 g = p.grad
+                if g is None:
+                    grads.append(None)
+                    continue
                 if g.is_sparse:
                     raise RuntimeError(f"cgd: parameter {self._label(group, j)} has a sparse gradient, which "
                                        "FullCGD does not support")
@@ -222,10 +272,11 @@ class FullCGD(Optimizer):
     def _raise_on_nonfinite(self, work) -> None:
         if not work:
             return
-        checks = [torch.ops.cgd.nonfinite_flags(grads) for _, grads in work]
+        present = [[j for j, g in enumerate(grads) if g is not None] for _, grads in work]
+        checks = [torch.ops.cgd.nonfinite_flags([grads[j] for j in js]) for (_, grads), js in zip(work, present)]
         if sum(float(found.item()) for _, found in checks) == 0.0:
             return
-        bad = [self._label(group, i) for (group, _), (flags, _) in zip(work, checks)
+        bad = [self._label(group, js[i]) for (group, _), js, (flags, _) in zip(work, present, checks)
                for i in flags.nonzero().flatten().tolist()]
         raise NonFiniteGradientError(f"cgd: the gradient of {', '.join(bad)} contains NaN or Inf; no parameter or "
                                      "state was changed (nonfinite='raise')")
@@ -255,6 +306,9 @@ class FullCGD(Optimizer):
         return state, (offsets, block, nblocks)
 
     def _step_group(self, group, grads, grad_scale, found_inf) -> None:
+        if group["metric"] == "kron":
+            self._step_kron(group, grads, grad_scale, found_inf)
+            return
         params = group["params"]
         state, (offsets, block, nblocks) = self._group_state(group)
         device = params[0].device
@@ -272,46 +326,125 @@ class FullCGD(Optimizer):
         )
         state["calls"] += 1
 
+    def _kron_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
+        """One tensor's Kronecker state; a side of n <= max_factor_dim gets n x n matrices, a longer one vectors
+        and an empty basis. M2(0) = m2_init * I has the partial traces m2_init * cols * I and m2_init * rows * I."""
+        state = self.state[p]
+        rows, cols = _matrix_shape(tuple(p.shape))
+        if "left_sq" in state:
+            if tuple(state["exp_avg"].shape) != (rows, cols):
+                raise ValueError(f"cgd: the saved state of {tuple(state['exp_avg'].shape)} does not match the "
+                                 f"parameter's {rows} x {cols} matrix")
+            return state
+        f32 = dict(dtype=torch.float32, device=p.device)
+        init = float(group["m2_init"])
+        state["exp_avg"] = torch.zeros(rows, cols, **f32)
+        for side, n, other in (("left", rows, cols), ("right", cols, rows)):
+            if n <= group["max_factor_dim"]:
+                state[f"{side}_sq"] = torch.eye(n, **f32).mul_(init * other)
+                state[f"{side}_basis"] = torch.eye(n, **f32)
+            else:
+                state[f"{side}_sq"] = torch.full((n,), init * other, **f32)
+                state[f"{side}_basis"] = torch.zeros(0, **f32)
+        # Until its first refresh (which an AMP-skipped step can postpone) a tensor's metric is the initial one,
+        # (eps + m2_init)^power I: mu = m2_init * cols and the normalised nu = 1 / cols give mu nu = m2_init.
+        state["left_eig"] = torch.full((rows,), init * cols, **f32)
+        state["right_eig"] = torch.full((cols,), 1.0 / cols, **f32)
+        state["step"] = torch.zeros((), **f32)
+        state["outcome"] = torch.full((2,), -1, dtype=torch.int32, device=p.device)
+        state["counters"] = torch.zeros(3, **f32)
+        return state
+
+    def _step_kron(self, group, grads, grad_scale, found_inf) -> None:
+        live = [(p, g) for p, g in zip(group["params"], grads) if g is not None and p.numel() > 0]
+        if not live:
+            return
+        fresh = not all("left_sq" in self.state[p] for p, _ in live)
+        if fresh:
+            self._check_memory(group)
+        states = [self._kron_state(group, p) for p, _ in live]
+        # The schedule is the group's; a tensor whose first step falls between refreshes refreshes anyway.
+        calls = self.state[group["params"][0]].setdefault("calls", 0)
+        refresh = calls % group["refresh_every"] == 0 or fresh
+        device = live[0][0].device
+        beta1, beta2 = group["betas"]
+        keys = ("exp_avg", "left_sq", "right_sq", "left_basis", "right_basis", "left_eig", "right_eig", "step",
+                "outcome", "counters")
+        torch.ops.cgd.kron_step_(
+            [p for p, _ in live], [g for _, g in live], *([st[k] for st in states] for k in keys),
+            lr=_number("lr", group["lr"]), beta1=float(beta1), beta2=float(beta2), power=float(group["power"]),
+            eps=float(group["eps"]), weight_decay=float(group["weight_decay"]), centered=bool(group["centered"]),
+            bias_correction=bool(group["bias_correction"]), maximize=bool(group["maximize"]), refresh=refresh,
+            grad_scale=None if grad_scale is None else grad_scale.to(device),
+            found_inf=None if found_inf is None else found_inf.to(device),
+        )
+        self.state[group["params"][0]]["calls"] = calls + 1
+
     # ---- diagnostics ----
 
     def solver_stats(self) -> dict[str, int]:
         """Cumulative eigensolver failures over all groups, by the rung of the ladder that caught them."""
         totals = [0.0, 0.0, 0.0]
-        for group in self.param_groups:
-            state = self.state.get(group["params"][0]) if group["params"] else None
-            if state and "counters" in state:
+        for state in self.state.values():
+            if "counters" in state:
                 totals = [a + float(b) for a, b in zip(totals, state["counters"].tolist())]
         return {"float64_retries": int(totals[0]), "kept_previous": int(totals[1]),
                 "diagonal_fallbacks": int(totals[2])}
 
     def metric_spectrum(self, top_k: int = 10) -> list[dict[str, Any]]:
-        """Per group, the spectrum of each block's C at its last refresh (the paper's Fig 2, right).
+        """Per group, the spectrum of C at the last refresh (the paper's Fig 2, right).
 
-        Returns one dict per group that has stepped: ``eigenvalues`` (nblocks x block, descending), ``top``
-        (the ``top_k`` largest), ``min``, ``condition`` ((eps + max) / (eps + max(min, 0))), ``effective_rank``
+        full/block groups: one dict with ``eigenvalues`` (nblocks x block, descending), ``top`` (the ``top_k``
+        largest per block), ``min``, ``condition`` ((eps + max) / (eps + max(min, 0))), ``effective_rank``
         ((sum lambda)^2 / sum lambda^2 over the clamped eigenvalues), ``outcome`` (how each block's last refresh
         went, see ``cgd.full.OUTCOMES``). Padding coordinates of a block contribute zero eigenvalues.
+
+        kron groups: one dict with ``tensors``, a list with per stepped tensor its ``param`` label, ``shape``
+        (rows, cols), and ``top``, ``min``, ``condition``, ``effective_rank`` of C's eigenvalues mu_i nu_j (the
+        products of the factors' clamped spectra; the effective rank of a Kronecker product is the product of
+        the factors' effective ranks) and ``outcome`` (left, right).
         """
         out = []
         for gi, group in enumerate(self.param_groups):
+            eps = float(group["eps"])
+            if group["metric"] == "kron":
+                tensors = [self._kron_spectrum(group, j, top_k, eps) for j, p in enumerate(group["params"])
+                           if "left_eig" in self.state.get(p, {})]
+                if tensors:
+                    out.append({"group": gi, "tensors": tensors})
+                continue
             state = self.state.get(group["params"][0]) if group["params"] else None
             if not state or "eigvals" not in state:
                 continue
             lam = state["eigvals"].detach().to("cpu", torch.float64).flip(-1)
             clamped = lam.clamp_min(0.0)
-            eps = float(group["eps"])
-            square_sum = (clamped**2).sum(-1)
             out.append({
                 "group": gi,
                 "eigenvalues": lam,
                 "top": lam[:, :top_k],
                 "min": lam[:, -1],
                 "condition": (eps + lam[:, 0]) / (eps + clamped[:, -1]),
-                "effective_rank": torch.where(square_sum > 0, clamped.sum(-1) ** 2 / square_sum.clamp_min(1e-300),
-                                              torch.zeros_like(square_sum)),
+                "effective_rank": _effective_rank(clamped),
                 "outcome": [OUTCOMES[int(o)] for o in state["outcome"].tolist()],
             })
         return out
+
+    def _kron_spectrum(self, group: dict[str, Any], j: int, top_k: int, eps: float) -> dict[str, Any]:
+        state = self.state[group["params"][j]]
+        mu = state["left_eig"].detach().to("cpu", torch.float64).clamp_min(0.0).sort(descending=True).values
+        nu = state["right_eig"].detach().to("cpu", torch.float64).clamp_min(0.0).sort(descending=True).values
+        # The k largest products lie among the products of the k largest of each factor.
+        top = torch.outer(mu[:top_k], nu[:top_k]).flatten().sort(descending=True).values[:top_k]
+        smallest = float(mu[-1] * nu[-1])
+        return {
+            "param": self._label(group, j),
+            "shape": tuple(state["exp_avg"].shape),
+            "top": top,
+            "min": smallest,
+            "condition": (eps + float(top[0])) / (eps + smallest),
+            "effective_rank": float(_effective_rank(mu) * _effective_rank(nu)),
+            "outcome": tuple(OUTCOMES[int(o)] for o in state["outcome"].tolist()),
+        }
 
     # ---- checkpoints ----
 

@@ -194,8 +194,8 @@ def test_metric_spectrum_matches_eigh_of_the_covariance():
 
 def test_errors_name_the_problem():
     model = small_model()
-    with pytest.raises(ValueError, match="metric = 'kron'"):
-        cgd.FullCGD(model.parameters(), metric="kron")
+    with pytest.raises(ValueError, match="metric = 'diagonal'"):
+        cgd.FullCGD(model.parameters(), metric="diagonal")
     with pytest.raises(ValueError, match="eps = 0"):
         cgd.FullCGD(model.parameters(), eps=0)
     with pytest.raises(ValueError, match="power = 1.5"):

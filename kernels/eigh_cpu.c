@@ -1,0 +1,83 @@
+/*
+ * LAPACK's symmetric eigensolvers behind one call that climbs the first two rungs of the failure ladder.
+ */
+#include "eigh_cpu.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cgd.h"
+
+/* LAPACK's Fortran symbols, with gfortran's trailing hidden lengths of the character arguments. */
+void ssyevd_(const char *jobz, const char *uplo, const int *n, float *a, const int *lda, float *w, float *work,
+             const int *lwork, int *iwork, const int *liwork, int *info, size_t jobz_len, size_t uplo_len);
+void dsyevd_(const char *jobz, const char *uplo, const int *n, double *a, const int *lda, double *w, double *work,
+             const int *lwork, int *iwork, const int *liwork, int *info, size_t jobz_len, size_t uplo_len);
+
+void cgd_eigh_scratch_free(cgd_eigh_scratch *s) {
+    free(s->a);
+    free(s->w);
+    free(s->work);
+    free(s->da);
+    free(s->dw);
+    free(s->dwork);
+    free(s->iwork);
+    memset(s, 0, sizeof *s);
+}
+
+int cgd_eigh_scratch_init(cgd_eigh_scratch *s, int n) {
+    memset(s, 0, sizeof *s);
+    s->n = n;
+    int query = -1, info = 0, iq = 0;
+    float fq = 0.0f;
+    double dq = 0.0;
+    ssyevd_("V", "U", &n, NULL, &n, NULL, &fq, &query, &iq, &query, &info, 1, 1);
+    s->lwork = (int)fq + 1;
+    s->liwork = iq;
+    dsyevd_("V", "U", &n, NULL, &n, NULL, &dq, &query, &iq, &query, &info, 1, 1);
+    s->dlwork = (int)dq + 1;
+    s->dliwork = iq > s->liwork ? iq : s->liwork;
+    size_t nn = (size_t)n * (size_t)n;
+    s->a = malloc(nn * sizeof(float));
+    s->w = malloc((size_t)n * sizeof(float));
+    s->work = malloc((size_t)s->lwork * sizeof(float));
+    s->da = malloc(nn * sizeof(double));
+    s->dw = malloc((size_t)n * sizeof(double));
+    s->dwork = malloc((size_t)s->dlwork * sizeof(double));
+    s->iwork = malloc((size_t)s->dliwork * sizeof(int));
+    if (!s->a || !s->w || !s->work || !s->da || !s->dw || !s->dwork || !s->iwork) {
+        cgd_eigh_scratch_free(s);
+        return 1;
+    }
+    return 0;
+}
+
+static int all_finite_f(const float *x, size_t n) {
+    for (size_t i = 0; i < n; ++i)
+        if (!isfinite(x[i])) return 0;
+    return 1;
+}
+
+static int all_finite_d(const double *x, size_t n) {
+    for (size_t i = 0; i < n; ++i)
+        if (!isfinite(x[i])) return 0;
+    return 1;
+}
+
+int cgd_eigh_solve(const float *C, cgd_eigh_scratch *s) {
+    int n = s->n, info = 0;
+    size_t nn = (size_t)n * (size_t)n;
+    memcpy(s->a, C, nn * sizeof(float));
+    ssyevd_("V", "U", &n, s->a, &n, s->w, s->work, &s->lwork, s->iwork, &s->liwork, &info, 1, 1);
+    if (info == 0 && all_finite_f(s->w, (size_t)n) && all_finite_f(s->a, nn)) return CGD_BLOCK_FP32;
+    for (size_t i = 0; i < nn; ++i) s->da[i] = C[i];
+    info = 0;
+    dsyevd_("V", "U", &n, s->da, &n, s->dw, s->dwork, &s->dlwork, s->iwork, &s->dliwork, &info, 1, 1);
+    if (info == 0 && all_finite_d(s->dw, (size_t)n) && all_finite_d(s->da, nn)) return CGD_BLOCK_FP64;
+    return -1;
+}
+
+double cgd_inverse_power(double lambda, double eps, double power) {
+    return power == 0.0 ? 1.0 : pow(eps + (lambda > 0.0 ? lambda : 0.0), -power);
+}

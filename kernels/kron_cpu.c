@@ -1,0 +1,250 @@
+/*
+ * CPU kernel of Kronecker-factored CGD (cgd.h, cgd_kron_step). Tensors are independent, so OpenMP threads take
+ * whole tensors and the result does not depend on the thread count. Matrix products are plain loops ordered so
+ * the innermost loop runs along contiguous rows; the factors' Gram matrices accumulate in double.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "eigh_cpu.h"
+#include "half_convert.h"
+#include "kernels.h"
+
+/* out = X X^T (left, rows x rows) or X^T X (right, cols x cols) for the row-major rows x cols X; with
+   full = 0 only the diagonal (rows or cols values). out is double: both sides are sums over up to `cols`
+   (or `rows`) products, rounded once. */
+static void gram(const float *X, int64_t rows, int64_t cols, int left, int full, double *out) {
+    int64_t n = left ? rows : cols;
+    memset(out, 0, (size_t)(full ? n * n : n) * sizeof(double));
+    if (left) {
+        for (int64_t i = 0; i < rows; ++i)
+            for (int64_t k = i; k < (full ? rows : i + 1); ++k) {
+                const float *a = X + i * cols, *b = X + k * cols;
+                double sum = 0.0;
+                for (int64_t j = 0; j < cols; ++j) sum += (double)a[j] * b[j];
+                out[full ? i * n + k : i] = sum;
+                if (full) out[k * n + i] = sum;
+            }
+        return;
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+        const float *x = X + i * cols;
+        for (int64_t j = 0; j < cols; ++j) {
+            double xj = x[j];
+            if (!full) {
+                out[j] += xj * xj;
+                continue;
+            }
+            double *row = out + j * n;
+            for (int64_t l = j; l < cols; ++l) row[l] += xj * x[l];
+        }
+    }
+    if (full)
+        for (int64_t j = 0; j < n; ++j)
+            for (int64_t l = j + 1; l < n; ++l) out[l * n + j] = out[j * n + l];
+}
+
+typedef struct side {
+    int left, full;
+    int64_t n;
+    float *sq, *basis, *eig;
+    int32_t *outcome;
+} side;
+
+/* Pf <- beta2 Pf + (1 - beta2) Gram(G) for one side. */
+static void update_factor(const side *sd, const float *g, int64_t rows, int64_t cols, float beta2, float w2,
+                          double *acc) {
+    gram(g, rows, cols, sd->left, sd->full, acc);
+    int64_t count = sd->full ? sd->n * sd->n : sd->n;
+    for (int64_t e = 0; e < count; ++e) sd->sq[e] = beta2 * sd->sq[e] + w2 * (float)acc[e];
+}
+
+/* Eigendecomposes one side's factor (Pf / bc2, minus Gram(F) when centered) down the failure ladder. The right
+   side's eigenvalues are then divided by their clamped sum, the tr(R) of C ~ (L (x) R) / tr(R). */
+static void refresh_factor(const side *sd, const float *F, int64_t rows, int64_t cols, const cgd_block_hparams *h,
+                           float inv_bc2, double *acc, float *C, float *counters) {
+    const int64_t n = sd->n;
+    if (h->centered) gram(F, rows, cols, sd->left, sd->full, acc);
+    int finite = 1;
+    if (sd->full) {
+        for (int64_t e = 0; e < n * n; ++e) {
+            C[e] = sd->sq[e] * inv_bc2 - (h->centered ? (float)acc[e] : 0.0f);
+            finite &= isfinite(C[e]) != 0;
+        }
+    } else {
+        for (int64_t i = 0; i < n; ++i) {
+            C[i] = sd->sq[i] * inv_bc2 - (h->centered ? (float)acc[i] : 0.0f);
+            finite &= isfinite(C[i]) != 0;
+        }
+    }
+    int solved = -1;
+    if (sd->full && finite) {
+        cgd_eigh_scratch s;
+        if (cgd_eigh_scratch_init(&s, (int)n) == 0) {
+            solved = cgd_eigh_solve(C, &s);
+            if (solved == CGD_BLOCK_FP32) {
+                memcpy(sd->basis, s.a, (size_t)(n * n) * sizeof(float));
+                memcpy(sd->eig, s.w, (size_t)n * sizeof(float));
+            } else if (solved == CGD_BLOCK_FP64) {
+                for (int64_t e = 0; e < n * n; ++e) sd->basis[e] = (float)s.da[e];
+                for (int64_t k = 0; k < n; ++k) sd->eig[k] = (float)s.dw[k];
+                counters[0] += 1.0f;
+            }
+            cgd_eigh_scratch_free(&s);
+        }
+    } else if (!sd->full && finite) {
+        memcpy(sd->eig, C, (size_t)n * sizeof(float));
+        solved = CGD_BLOCK_FP32; /* a diagonal factor is its own exact eigendecomposition */
+    }
+    if (solved < 0 && *sd->outcome != CGD_BLOCK_NEVER) {
+        *sd->outcome = CGD_BLOCK_KEPT;
+        counters[1] += 1.0f;
+        return;
+    }
+    if (solved < 0) {
+        /* The factor's diagonal, with the identity as basis; a non-finite entry (the moments themselves are
+           broken) counts as 0. */
+        for (int64_t i = 0; i < n; ++i) {
+            float c = sd->full ? C[i * n + i] : C[i];
+            sd->eig[i] = isfinite(c) ? c : 0.0f;
+        }
+        if (sd->full) {
+            memset(sd->basis, 0, (size_t)(n * n) * sizeof(float));
+            for (int64_t i = 0; i < n; ++i) sd->basis[i * n + i] = 1.0f;
+        }
+        solved = CGD_BLOCK_DIAGONAL;
+        counters[2] += 1.0f;
+    }
+    *sd->outcome = solved;
+    if (!sd->left) {
+        double total = 0.0;
+        for (int64_t j = 0; j < n; ++j) total += sd->eig[j] > 0.0f ? sd->eig[j] : 0.0f;
+        for (int64_t j = 0; j < n; ++j) sd->eig[j] = total > 0.0 ? (float)(sd->eig[j] / total) : 0.0f;
+    }
+}
+
+/* D = U [(U^T F V) ./ (eps + mu_i nu_j)^a] V^T, with U^T and V^T stored row by row (row k = eigenvector k). */
+static void precondition(const side *l, const side *r, const float *F, int64_t rows, int64_t cols,
+                         const cgd_block_hparams *h, float *D, float *Y) {
+    if (h->power == 0.0) {
+        memcpy(D, F, (size_t)(rows * cols) * sizeof(float));
+        return;
+    }
+    /* Y = U^T F */
+    if (l->full) {
+        memset(Y, 0, (size_t)(rows * cols) * sizeof(float));
+        for (int64_t k = 0; k < rows; ++k)
+            for (int64_t i = 0; i < rows; ++i) {
+                float u = l->basis[k * rows + i];
+                const float *f = F + i * cols;
+                float *y = Y + k * cols;
+                for (int64_t j = 0; j < cols; ++j) y[j] += u * f[j];
+            }
+    } else {
+        memcpy(Y, F, (size_t)(rows * cols) * sizeof(float));
+    }
+    /* D = Y V, scaled elementwise in the eigenbasis */
+    for (int64_t i = 0; i < rows; ++i) {
+        const float *y = Y + i * cols;
+        float *d = D + i * cols;
+        double mu = l->eig[i] > 0.0f ? l->eig[i] : 0.0;
+        for (int64_t m = 0; m < cols; ++m) {
+            double sum;
+            if (r->full) {
+                const float *v = r->basis + m * cols;
+                sum = 0.0;
+                for (int64_t j = 0; j < cols; ++j) sum += (double)y[j] * v[j];
+            } else {
+                sum = y[m];
+            }
+            double nu = r->eig[m] > 0.0f ? r->eig[m] : 0.0;
+            d[m] = (float)(sum * pow(h->eps + mu * nu, -h->power));
+        }
+    }
+    /* rotate back: Y = U D, then D = Y V^T */
+    if (l->full) {
+        memset(Y, 0, (size_t)(rows * cols) * sizeof(float));
+        for (int64_t k = 0; k < rows; ++k)
+            for (int64_t i = 0; i < rows; ++i) {
+                float u = l->basis[k * rows + i];
+                const float *d = D + k * cols;
+                float *y = Y + i * cols;
+                for (int64_t j = 0; j < cols; ++j) y[j] += u * d[j];
+            }
+    } else {
+        memcpy(Y, D, (size_t)(rows * cols) * sizeof(float));
+    }
+    if (r->full) {
+        memset(D, 0, (size_t)(rows * cols) * sizeof(float));
+        for (int64_t i = 0; i < rows; ++i)
+            for (int64_t m = 0; m < cols; ++m) {
+                float y = Y[i * cols + m];
+                const float *v = r->basis + m * cols;
+                float *d = D + i * cols;
+                for (int64_t j = 0; j < cols; ++j) d[j] += y * v[j];
+            }
+    } else {
+        memcpy(D, Y, (size_t)(rows * cols) * sizeof(float));
+    }
+}
+
+/* One tensor's whole step; returns 1 when its workspace cannot be allocated (nothing changed then). */
+static int kron_tensor_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tn, float scale,
+                            float *counters) {
+    const int64_t rows = tn->rows, cols = tn->cols, numel = rows * cols;
+    /* Workspace of one factor: a full side needs n^2, a diagonal one n (it may be far too big to square). */
+    const int64_t left_ws = tn->left_full ? rows * rows : rows, right_ws = tn->right_full ? cols * cols : cols;
+    const int64_t factor_ws = left_ws > right_ws ? left_ws : right_ws;
+    const double t = (double)*tn->step + 1.0;
+    const float inv_bc1 = h->bias_correction ? (float)(1.0 / (1.0 - pow(h->beta1, t))) : 1.0f;
+    const float inv_bc2 = h->bias_correction ? (float)(1.0 / (1.0 - pow(h->beta2, t))) : 1.0f;
+    float *g = malloc((size_t)numel * sizeof(float)), *F = malloc((size_t)numel * sizeof(float));
+    float *D = malloc((size_t)numel * sizeof(float)), *Y = malloc((size_t)numel * sizeof(float));
+    float *C = malloc((size_t)factor_ws * sizeof(float));
+    double *acc = malloc((size_t)factor_ws * sizeof(double));
+    int failed = !g || !F || !D || !Y || !C || !acc;
+    if (!failed) {
+        side l = {1, tn->left_full, rows, tn->left_sq, tn->left_basis, tn->left_eig, &tn->outcome[0]};
+        side r = {0, tn->right_full, cols, tn->right_sq, tn->right_basis, tn->right_eig, &tn->outcome[1]};
+        const float beta1 = (float)h->beta1, w1 = (float)(1.0 - h->beta1);
+        for (int64_t e = 0; e < numel; ++e) {
+            float v = cgd_load_f32(dtype, tn->grad, e) / scale;
+            g[e] = h->maximize ? -v : v;
+            tn->exp_avg[e] = beta1 * tn->exp_avg[e] + w1 * g[e];
+            F[e] = tn->exp_avg[e] * inv_bc1;
+        }
+        update_factor(&l, g, rows, cols, (float)h->beta2, (float)(1.0 - h->beta2), acc);
+        update_factor(&r, g, rows, cols, (float)h->beta2, (float)(1.0 - h->beta2), acc);
+        if (h->refresh) {
+            refresh_factor(&l, F, rows, cols, h, inv_bc2, acc, C, counters);
+            refresh_factor(&r, F, rows, cols, h, inv_bc2, acc, C, counters);
+        }
+        precondition(&l, &r, F, rows, cols, h, D, Y);
+        const float lr = (float)h->lr, decay = (float)(1.0 - h->lr * h->weight_decay);
+        for (int64_t e = 0; e < numel; ++e)
+            cgd_store_f32(dtype, tn->param, e, cgd_load_f32(dtype, tn->param, e) * decay - lr * D[e]);
+        *tn->step += 1.0f;
+    }
+    free(g);
+    free(F);
+    free(D);
+    free(Y);
+    free(C);
+    free(acc);
+    return failed;
+}
+
+int cgd_cpu_kron_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tensors, int64_t count,
+                      const float *grad_scale, const float *skip) {
+    if (skip && *skip != 0.0f) return 0;
+    const float scale = grad_scale ? *grad_scale : 1.0f;
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
+    for (int64_t i = 0; i < count; ++i) {
+        float local[3] = {0.0f, 0.0f, 0.0f};
+        failed |= kron_tensor_step(h, dtype, &tensors[i], scale, local);
+        for (int k = 0; k < 3; ++k) tensors[i].counters[k] += local[k];
+    }
+    return failed;
+}

@@ -1,0 +1,336 @@
+/*
+ * CUDA side of Kronecker-factored CGD (cgd.h, cgd_kron_step). Tensor by tensor, on the caller's stream and
+ * without a host synchronisation:
+ *   prepare   g = grad / scale (negated to maximize), M1 <- beta1 M1 + (1 - beta1) g, F = M1 / bc1
+ *   factors   a full side: Gram matrix by cuBLAS GEMM into a workspace, then an EMA kernel (so a skipped step
+ *             changes nothing); a diagonal side: row or column sums of squares in one kernel
+ *   refresh   C = Pf / bc2 - Gram(F), cuSOLVER syevd, then a check and a commit kernel that write the basis and
+ *             eigenvalues, or keep the previous ones, or fall back to the factor's diagonal
+ *   apply     four GEMMs (into and out of the eigenbasis) around an elementwise scaling, then the update
+ * The buffers are row-major; cuBLAS is column-major, so each GEMM below is written for the transposes (a
+ * row-major rows x cols X is the column-major cols x rows X^T with leading dimension cols).
+ * Each tensor costs about a dozen launches; the float64 retry rung of the CPU ladder is left out (it would
+ * need the solver's status on the host).
+ */
+#include <math.h>
+
+#include "cuda_solver.cuh"
+#include "kernels.h"
+#include "multi_tensor.cuh"
+
+namespace {
+
+__device__ float inv_bias(double beta, const float *step, int bias_correction) {
+    return bias_correction ? (float)(1.0 / (1.0 - pow(beta, (double)*step + 1.0))) : 1.0f;
+}
+
+/* F is written even on a skipped step (from the unchanged M1): the refresh and apply read it regardless. */
+template <int DT>
+__global__ void prepare_kernel(const void *grad, float *g, float *m1, float *F, int64_t numel, float beta1, float w1,
+                               double beta1_d, int bias_correction, int maximize, const float *step,
+                               const float *grad_scale, const float *skip) {
+    bool skip_step = cgd_skipped(skip);
+    float scale = grad_scale ? *grad_scale : 1.0f, inv_bc1 = inv_bias(beta1_d, step, bias_correction);
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < numel; e += (int64_t)gridDim.x * blockDim.x) {
+        float v = load1<DT>(grad, e) / scale;
+        v = maximize ? -v : v;
+        g[e] = v;
+        float m = skip_step ? m1[e] : beta1 * m1[e] + w1 * v;
+        if (!skip_step) m1[e] = m;
+        F[e] = m * inv_bc1;
+    }
+}
+
+/* Diagonal of X X^T (left: one CUDA block per row) or X^T X (right: one thread per column) of the row-major
+   rows x cols X: out = scale_old * out + w * sum, or with scale_old = 0 just w * sum. */
+__global__ void diag_gram_kernel(float *out, const float *X, int64_t rows, int64_t cols, int left, float scale_old,
+                                 float w, const float *skip) {
+    if (cgd_skipped(skip) && scale_old != 0.0f) return;
+    if (left) {
+        __shared__ float partial[CGD_SOLVER_THREADS];
+        for (int64_t i = blockIdx.x; i < rows; i += gridDim.x) {
+            float sum = 0.0f;
+            for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) sum = fmaf(X[i * cols + j], X[i * cols + j], sum);
+            partial[threadIdx.x] = sum;
+            __syncthreads();
+            for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+                if ((int)threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+                __syncthreads();
+            }
+            if (threadIdx.x == 0) out[i] = (scale_old != 0.0f ? scale_old * out[i] : 0.0f) + w * partial[0];
+            __syncthreads();
+        }
+        return;
+    }
+    for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < cols; j += (int64_t)gridDim.x * blockDim.x) {
+        float sum = 0.0f;
+        for (int64_t i = 0; i < rows; ++i) sum = fmaf(X[i * cols + j], X[i * cols + j], sum);
+        out[j] = (scale_old != 0.0f ? scale_old * out[j] : 0.0f) + w * sum;
+    }
+}
+
+__global__ void ema_kernel(float *state, const float *fresh, int64_t n, float beta2, float w2, const float *skip) {
+    if (cgd_skipped(skip)) return;
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x)
+        state[e] = beta2 * state[e] + w2 * fresh[e];
+}
+
+/* A <- Pf / bc2 + A (A holds -Gram(F) when centered, is ignored otherwise); the diagonal is copied to cdiag
+   for the fallback, since the solver overwrites A. A diagonal side has n values and no matrix. */
+__global__ void build_factor_kernel(float *A, float *cdiag, const float *sq, int64_t n, int full, int centered,
+                                    double beta2_d, int bias_correction, const float *step) {
+    float inv_bc2 = inv_bias(beta2_d, step, bias_correction);
+    int64_t total = full ? n * n : n;
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
+        float c = sq[e] * inv_bc2 + (centered ? A[e] : 0.0f);
+        A[e] = c;
+        if (!full) cdiag[e] = c;
+        else if (e / n == e % n) cdiag[e / n] = c;
+    }
+}
+
+/* bad |= the solve failed or left a non-finite value (bad is cleared by the host before). */
+__global__ void check_kernel(int *bad, const int *info, const float *vecs, const float *values, int64_t n, int full) {
+    int64_t total = full ? n * n : 0;
+    int local = 0;
+    if (blockIdx.x == 0 && threadIdx.x == 0 && info) local |= *info != 0;
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total + n;
+         e += (int64_t)gridDim.x * blockDim.x)
+        local |= e < total ? !isfinite(vecs[e]) : !isfinite(values[e - total]);
+    if (local) atomicOr(bad, 1);
+}
+
+/* Writes the new basis and eigenvalues, or keeps the old ones, or falls back to the factor's diagonal (with the
+   identity basis). It only reads the outcome: settle_kernel, after it, writes the new one. */
+__global__ void commit_kernel(float *basis, float *eig, const int32_t *outcome, const float *vecs,
+                              const float *values, const float *cdiag, const int *bad, int64_t n, int full,
+                              const float *skip) {
+    if (cgd_skipped(skip) || (*bad && *outcome != CGD_BLOCK_NEVER)) return;
+    int64_t stride = (int64_t)gridDim.x * blockDim.x, start = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (!*bad) {
+        for (int64_t e = start; full && e < n * n; e += stride) basis[e] = vecs[e];
+        for (int64_t k = start; k < n; k += stride) eig[k] = values[k];
+        return;
+    }
+    for (int64_t e = start; full && e < n * n; e += stride) basis[e] = e / n == e % n ? 1.0f : 0.0f;
+    for (int64_t k = start; k < n; k += stride) eig[k] = isfinite(cdiag[k]) ? cdiag[k] : 0.0f;
+}
+
+__global__ void settle_kernel(int32_t *outcome, float *counters, const int *bad, const float *skip) {
+    if (cgd_skipped(skip)) return;
+    if (!*bad) {
+        *outcome = CGD_BLOCK_FP32;
+    } else if (*outcome != CGD_BLOCK_NEVER) {
+        *outcome = CGD_BLOCK_KEPT;
+        counters[1] += 1.0f;
+    } else {
+        *outcome = CGD_BLOCK_DIAGONAL;
+        counters[2] += 1.0f;
+    }
+}
+
+/* Right side: nu <- nu / sum(max(nu, 0)) unless the previous values were kept (they are normalised already). */
+__global__ void normalise_kernel(float *eig, int64_t n, const int32_t *outcome, const float *skip) {
+    if (cgd_skipped(skip) || *outcome == CGD_BLOCK_KEPT) return;
+    __shared__ double partial[CGD_SOLVER_THREADS];
+    double sum = 0.0;
+    for (int64_t k = threadIdx.x; k < n; k += blockDim.x) sum += eig[k] > 0.0f ? eig[k] : 0.0f;
+    partial[threadIdx.x] = sum;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if ((int)threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    double total = partial[0];
+    for (int64_t k = threadIdx.x; k < n; k += blockDim.x) eig[k] = total > 0.0 ? (float)(eig[k] / total) : 0.0f;
+}
+
+__global__ void scale_kernel(float *Z, const float *mu, const float *nu, int64_t rows, int64_t cols, float eps,
+                             float power) {
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < rows * cols;
+         e += (int64_t)gridDim.x * blockDim.x) {
+        float m = fmaxf(mu[e / cols], 0.0f), v = fmaxf(nu[e % cols], 0.0f);
+        Z[e] *= powf(eps + m * v, -power);
+    }
+}
+
+template <int DT>
+__global__ void update_kernel(void *param, const float *D, int64_t numel, float lr, float decay, float *step,
+                              const float *skip) {
+    if (cgd_skipped(skip)) return;
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < numel; e += (int64_t)gridDim.x * blockDim.x)
+        store1<DT>(param, e, load1<DT>(param, e) * decay - lr * D[e]);
+    if (blockIdx.x == 0 && threadIdx.x == 0) *step += 1.0f;
+}
+
+template <int DT>
+void launch_prepare(const cgd_kron_tensor &t, float *g, float *F, const cgd_block_hparams *h, const float *grad_scale,
+                    const float *skip, cudaStream_t stream) {
+    int64_t numel = t.rows * t.cols;
+    prepare_kernel<DT><<<cgd_grid_for(numel), CGD_SOLVER_THREADS, 0, stream>>>(
+        t.grad, g, t.exp_avg, F, numel, (float)h->beta1, (float)(1.0 - h->beta1), h->beta1, h->bias_correction,
+        h->maximize, t.step, grad_scale, skip);
+}
+
+template <int DT>
+void launch_update(const cgd_kron_tensor &t, const float *D, const cgd_block_hparams *h, const float *skip,
+                   cudaStream_t stream) {
+    int64_t numel = t.rows * t.cols;
+    update_kernel<DT><<<cgd_grid_for(numel), CGD_SOLVER_THREADS, 0, stream>>>(
+        t.param, D, numel, (float)h->lr, (float)(1.0 - h->lr * h->weight_decay), t.step, skip);
+}
+
+/* Gram matrix of one side into out (full: n x n, symmetric so its layout is moot): left X X^T, right X^T X. */
+cublasStatus_t gram(cublasHandle_t blas, const float *X, int64_t rows, int64_t cols, int left, float alpha,
+                    float *out) {
+    const float zero = 0.0f;
+    int m = (int)rows, n = (int)cols;
+    /* Column-major, X is X^T (n x m, ld n): X X^T = (X^T)^T X^T, X^T X = X^T (X^T)^T. */
+    if (left) return cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, m, m, n, &alpha, X, n, X, n, &zero, out, m);
+    return cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_T, n, n, m, &alpha, X, n, X, n, &zero, out, n);
+}
+
+}  // namespace
+
+extern "C" int cgd_cuda_kron_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tensors,
+                                  int64_t count, const float *grad_scale, const float *skip, void *stream_ptr,
+                                  char *why, int why_size) {
+    CgdFailure fail = {why, why_size, 0};
+    cudaStream_t stream = (cudaStream_t)stream_ptr;
+    float *g = nullptr, *F = nullptr, *Y = nullptr, *Z = nullptr, *A = nullptr, *cdiag = nullptr, *work = nullptr;
+    int *info = nullptr, *bad = nullptr;
+    const float one = 1.0f, zero = 0.0f;
+    CgdHandles *hd = cgd_solver_handles(stream, fail);
+    if (!hd) return fail.code;
+    CUDA_TRY(cudaMallocAsync((void **)&info, sizeof(int), stream));
+    CUDA_TRY(cudaMallocAsync((void **)&bad, sizeof(int), stream));
+    for (int64_t ti = 0; ti < count; ++ti) {
+        const cgd_kron_tensor &t = tensors[ti];
+        const int64_t rows = t.rows, cols = t.cols, numel = rows * cols;
+        const int64_t side_ws[2] = {t.left_full ? rows * rows : rows, t.right_full ? cols * cols : cols};
+        const int64_t ws = side_ws[0] > side_ws[1] ? side_ws[0] : side_ws[1];
+        CUDA_TRY(cudaMallocAsync((void **)&g, (size_t)numel * sizeof(float), stream));
+        CUDA_TRY(cudaMallocAsync((void **)&F, (size_t)numel * sizeof(float), stream));
+        CUDA_TRY(cudaMallocAsync((void **)&Y, (size_t)numel * sizeof(float), stream));
+        CUDA_TRY(cudaMallocAsync((void **)&Z, (size_t)numel * sizeof(float), stream));
+        CUDA_TRY(cudaMallocAsync((void **)&A, (size_t)ws * sizeof(float), stream));
+        CUDA_TRY(cudaMallocAsync((void **)&cdiag, (size_t)(rows > cols ? rows : cols) * sizeof(float), stream));
+        if (dtype == CGD_FLOAT16)
+            launch_prepare<CGD_FLOAT16>(t, g, F, h, grad_scale, skip, stream);
+        else if (dtype == CGD_BFLOAT16)
+            launch_prepare<CGD_BFLOAT16>(t, g, F, h, grad_scale, skip, stream);
+        else
+            launch_prepare<CGD_FLOAT32>(t, g, F, h, grad_scale, skip, stream);
+        CUDA_TRY(cudaGetLastError());
+
+        for (int s = 0; s < 2; ++s) {
+            const int left = s == 0, full = left ? t.left_full : t.right_full;
+            const int64_t n = left ? rows : cols;
+            float *sq = left ? t.left_sq : t.right_sq, *basis = left ? t.left_basis : t.right_basis;
+            float *eig = left ? t.left_eig : t.right_eig;
+            int32_t *outcome = t.outcome + s;
+            const float beta2 = (float)h->beta2, w2 = (float)(1.0 - h->beta2);
+            if (full) {
+                SOLVER_TRY(gram(hd->blas, g, rows, cols, left, 1.0f, A));
+                ema_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(sq, A, n * n, beta2, w2, skip);
+            } else {
+                int grid = left ? (int)(rows < 65535 ? rows : 65535) : cgd_grid_for(cols);
+                diag_gram_kernel<<<grid, CGD_SOLVER_THREADS, 0, stream>>>(sq, g, rows, cols, left, beta2, w2, skip);
+            }
+            CUDA_TRY(cudaGetLastError());
+            if (!h->refresh) continue;
+            if (h->centered) {
+                if (full) {
+                    SOLVER_TRY(gram(hd->blas, F, rows, cols, left, -1.0f, A));
+                } else {
+                    int grid = left ? (int)(rows < 65535 ? rows : 65535) : cgd_grid_for(cols);
+                    diag_gram_kernel<<<grid, CGD_SOLVER_THREADS, 0, stream>>>(A, F, rows, cols, left, 0.0f, -1.0f,
+                                                                              nullptr);
+                }
+            }
+            build_factor_kernel<<<cgd_grid_for(full ? n * n : n), CGD_SOLVER_THREADS, 0, stream>>>(
+                A, cdiag, sq, n, full, h->centered, h->beta2, h->bias_correction, t.step);
+            CUDA_TRY(cudaGetLastError());
+            /* The eigenvalues land in Y (numel >= n), free until the apply below. */
+            float *values = full ? Y : cdiag;
+            if (full) {
+                int lwork = 0;
+                SOLVER_TRY(cusolverDnSsyevd_bufferSize(hd->solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER,
+                                                       (int)n, A, (int)n, values, &lwork));
+                CUDA_TRY(cudaMallocAsync((void **)&work, (size_t)(lwork > 0 ? lwork : 1) * sizeof(float), stream));
+                SOLVER_TRY(cusolverDnSsyevd(hd->solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, (int)n, A,
+                                            (int)n, values, work, lwork, info));
+                CUDA_TRY(cudaFreeAsync(work, stream));
+                work = nullptr;
+            }
+            CUDA_TRY(cudaMemsetAsync(bad, 0, sizeof(int), stream));
+            check_kernel<<<cgd_grid_for(full ? n * n + n : n), CGD_SOLVER_THREADS, 0, stream>>>(
+                bad, full ? info : nullptr, A, values, n, full);
+            commit_kernel<<<cgd_grid_for(full ? n * n : n), CGD_SOLVER_THREADS, 0, stream>>>(
+                basis, eig, outcome, A, values, cdiag, bad, n, full, skip);
+            settle_kernel<<<1, 1, 0, stream>>>(outcome, t.counters, bad, skip);
+            if (!left) normalise_kernel<<<1, CGD_SOLVER_THREADS, 0, stream>>>(eig, n, outcome, skip);
+            CUDA_TRY(cudaGetLastError());
+        }
+
+        /* D = U [(U^T F V) ./ (eps + mu nu)^a] V^T, built in Z; Y is scratch. */
+        const float *D = F;
+        if (h->power != 0.0) {
+            const int m = (int)rows, n = (int)cols;
+            const float *cur = F;
+            if (t.left_full) { /* Y^T = F^T U, i.e. Y = U^T F */
+                SOLVER_TRY(cublasSgemm(hd->blas, CUBLAS_OP_N, CUBLAS_OP_N, n, m, m, &one, cur, n, t.left_basis, m,
+                                       &zero, Y, n));
+                cur = Y;
+            }
+            if (t.right_full) { /* Z^T = V^T Y^T, i.e. Z = Y V */
+                SOLVER_TRY(cublasSgemm(hd->blas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, n, &one, t.right_basis, n, cur, n,
+                                       &zero, Z, n));
+            } else {
+                CUDA_TRY(cudaMemcpyAsync(Z, cur, (size_t)numel * sizeof(float), cudaMemcpyDeviceToDevice, stream));
+            }
+            scale_kernel<<<cgd_grid_for(numel), CGD_SOLVER_THREADS, 0, stream>>>(Z, t.left_eig, t.right_eig, rows,
+                                                                                 cols, (float)h->eps, (float)h->power);
+            CUDA_TRY(cudaGetLastError());
+            cur = Z;
+            if (t.left_full) { /* Y^T = Z^T U^T, i.e. Y = U Z */
+                SOLVER_TRY(cublasSgemm(hd->blas, CUBLAS_OP_N, CUBLAS_OP_T, n, m, m, &one, cur, n, t.left_basis, m,
+                                       &zero, Y, n));
+                cur = Y;
+            }
+            if (t.right_full) { /* D^T = V Y^T, i.e. D = Y V^T */
+                float *out = cur == Z ? Y : Z;
+                SOLVER_TRY(cublasSgemm(hd->blas, CUBLAS_OP_N, CUBLAS_OP_N, n, m, n, &one, t.right_basis, n, cur, n,
+                                       &zero, out, n));
+                cur = out;
+            }
+            D = cur;
+        }
+        if (dtype == CGD_FLOAT16)
+            launch_update<CGD_FLOAT16>(t, D, h, skip, stream);
+        else if (dtype == CGD_BFLOAT16)
+            launch_update<CGD_BFLOAT16>(t, D, h, skip, stream);
+        else
+            launch_update<CGD_FLOAT32>(t, D, h, skip, stream);
+        CUDA_TRY(cudaGetLastError());
+        cudaFreeAsync(g, stream);
+        cudaFreeAsync(F, stream);
+        cudaFreeAsync(Y, stream);
+        cudaFreeAsync(Z, stream);
+        cudaFreeAsync(A, stream);
+        cudaFreeAsync(cdiag, stream);
+        g = F = Y = Z = A = cdiag = nullptr;
+    }
+
+done:
+    cudaFreeAsync(g, stream);
+    cudaFreeAsync(F, stream);
+    cudaFreeAsync(Y, stream);
+    cudaFreeAsync(Z, stream);
+    cudaFreeAsync(A, stream);
+    cudaFreeAsync(cdiag, stream);
+    cudaFreeAsync(work, stream);
+    cudaFreeAsync(info, stream);
+    cudaFreeAsync(bad, stream);
+    return fail.code;
+}
