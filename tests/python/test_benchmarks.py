@@ -13,6 +13,7 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import compare  # noqa: E402
+import matrix_step_time  # noqa: E402
 import multiplication  # noqa: E402
 import step_time  # noqa: E402
 
@@ -61,3 +62,11 @@ def test_multiplication_writes_report_and_plots(tmp_path):
     assert "'diagonal_fallbacks': 0" in report
     for png in ("multiplication_loss.png", "multiplication_eigenvalues.png"):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_matrix_step_time_reports_against_adamw(tmp_path):
+    out = tmp_path / "matrix.md"
+    assert matrix_step_time.main(["--device", "cpu", "--window", "1", "--only", "kron refresh=1", "--out",
+                                  str(out)]) == 0
+    report = out.read_text()
+    assert "| AdamW foreach |" in report and "| kron refresh=1 |" in report and "refused" not in report

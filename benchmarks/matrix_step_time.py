@@ -1,0 +1,120 @@
+"""Step time of the matrix metrics of cgd.FullCGD (block and kron) against torch.optim.AdamW, in one process.
+
+Block mode for B in 8..64 and kron mode for refresh_every in 1..100, on GPT-2 small's parameter list on a GPU
+(124M parameters in 148 tensors) or on a 4-layer, 128-wide character GPT's on a CPU. The time per step is the
+mean over a window of steps that holds whole refresh periods, so refreshes are amortised as in training.
+"vs AdamW" divides by AdamW's step time in the same run (fused on a GPU, foreach on a CPU). Configurations
+whose state does not fit are reported with the size FullCGD refused.
+
+    ./run.sh python benchmarks/matrix_step_time.py [--device cuda] [--out benchmarks/results/matrix_step_time.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import pathlib
+import sys
+import time
+
+import torch
+
+import cgd
+from step_time import gpt2_small_shapes
+
+
+def char_gpt_shapes(width: int = 128, layers: int = 4, vocab: int = 65, context: int = 256) -> list[tuple]:
+    """The Shakespeare benchmark's model (tasks.py): token and position embeddings, per layer two norms, qkv,
+    projection and a 4x MLP, a final norm and the output head."""
+    d, shapes = width, [(vocab, width), (context, width)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    return shapes + [(d,), (d,), (vocab, d)]
+
+
+def configurations(gpu: bool) -> list[tuple[str, dict]]:
+    rows = [("AdamW fused" if gpu else "AdamW foreach", {})]
+    rows += [(f"block B={b}", dict(metric="block", block_size=b)) for b in (8, 16, 32, 64)]
+    rows += [(f"kron refresh={k}", dict(metric="kron", refresh_every=k)) for k in (1, 10, 100)]
+    return rows
+
+
+def make(name: str, kwargs: dict, params: list, gpu: bool) -> torch.optim.Optimizer:
+    if name.startswith("AdamW"):
+        return torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if gpu else {"foreach": True}))
+    return cgd.FullCGD(params, lr=1e-4, nonfinite="ignore", **kwargs)
+
+
+def timed_steps(opt: torch.optim.Optimizer, steps: int, gpu: bool) -> float:
+    """Mean seconds per step over `steps` consecutive steps."""
+    if gpu:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        opt.step()
+    if gpu:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--window", type=int, default=None,
+                        help="timed steps per configuration (default 100 on a GPU, 20 on a CPU; kron refresh=100 "
+                             "always gets at least one whole period)")
+    parser.add_argument("--shapes", choices=("gpt2", "char-gpt"), default=None,
+                        help="parameter list (default gpt2 on a GPU, char-gpt on a CPU)")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these configuration names")
+    parser.add_argument("--out", type=pathlib.Path, default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    shapes = gpt2_small_shapes() if (args.shapes or ("gpt2" if gpu else "char-gpt")) == "gpt2" else char_gpt_shapes()
+    window = args.window or (100 if gpu else 20)
+    gen = torch.Generator(device=device).manual_seed(0)
+    params = [torch.randn(s, generator=gen, device=device) * 0.02 for s in shapes]
+    grads = [torch.randn(s, generator=gen, device=device) * 1e-3 for s in shapes]
+    numel = sum(math.prod(s) for s in shapes)
+    where = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    command = "benchmarks/matrix_step_time.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [f"# FullCGD step time: block and kron metrics vs AdamW ({numel / 1e6:.1f}M parameters, "
+             f"{len(shapes)} tensors)\n",
+             f"{where}, torch {torch.__version__}, {datetime.date.today().isoformat()}, `{command.strip()}`\n",
+             "Mean ms per step over whole refresh periods; state is float32. \"vs AdamW\" < 1 is faster.\n",
+             "| optimizer | ms/step | vs AdamW | state (GiB) | note |", "|---|---|---|---|---|"]
+    base = None
+    for name, kwargs in configurations(gpu):
+        if args.only is not None and name not in args.only and not name.startswith("AdamW"):
+            continue
+        for p, g in zip(params, grads):
+            p.grad = g
+        try:
+            opt = make(name, kwargs, params, gpu)
+            opt.step()  # allocates the state and does the first refresh
+            steps = max(window, kwargs.get("refresh_every", 1))
+            seconds = timed_steps(opt, steps, gpu)
+        except (RuntimeError, ValueError) as error:  # the memory check, or the device running out
+            lines.append(f"| {name} | | | | refused: {str(error).splitlines()[0][:160]} |")
+            print(lines[-1], file=sys.stderr)
+            continue
+        state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                    if isinstance(v, torch.Tensor))
+        base = base or seconds
+        note = f"{steps} steps" + (f", solver {opt.solver_stats()}" if isinstance(opt, cgd.FullCGD) else "")
+        lines.append(f"| {name} | {seconds * 1e3:.2f} | {seconds / base:.2f} | {state / 2**30:.2f} | {note} |")
+        print(lines[-1], file=sys.stderr)
+        del opt
+        if gpu:
+            torch.cuda.empty_cache()
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
