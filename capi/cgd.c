@@ -288,3 +288,106 @@ cgd_status cgd_kron_step(const cgd_block_hparams *hparams, cgd_dtype dtype, cons
     return fail(CGD_ERR_UNSUPPORTED, "%s: unreachable without CUDA", fn);
 #endif
 }
+
+static cgd_status check_induced(const char *fn, const cgd_induced_hparams *h, cgd_dtype dtype,
+                                const cgd_diag_tensor *tensors, int64_t count, cgd_device device, int need_param) {
+    cgd_status st;
+    if (!h) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams is NULL", fn);
+    if ((st = check_range(fn, "lr", h->lr, 0.0, INFINITY, 1))) return st;
+    if ((st = check_range(fn, "momentum", h->momentum, 0.0, 1.0, 1))) return st;
+    if ((st = check_range(fn, "beta_rms", h->beta_rms, 0.0, 1.0, 1))) return st;
+    if ((st = check_range(fn, "eps", h->eps, 0.0, INFINITY, 1))) return st;
+    if ((st = check_range(fn, "weight_decay", h->weight_decay, 0.0, INFINITY, 1))) return st;
+    if (h->gamma != CGD_GAMMA_IDENTITY && h->gamma != CGD_GAMMA_RMS)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams.gamma = %d is not a cgd_induced_gamma", fn, (int)h->gamma);
+    if (h->gamma == CGD_GAMMA_RMS && h->eps == 0.0)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams.eps = 0 with the RMS metric divides by zero where M2 "
+                    "is 0", fn);
+    if ((st = check_common(fn, dtype, device, count))) return st;
+    if (count > 0 && !tensors)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors is NULL but count = %lld", fn, (long long)count);
+    for (int64_t i = 0; i < count; ++i) {
+        const cgd_diag_tensor *t = &tensors[i];
+        if ((st = check_numel(fn, "tensors.numel", i, t->numel))) return st;
+        if (!t->step) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors[%lld].step is NULL", fn, (long long)i);
+        if (t->numel == 0) continue;
+        const char *missing = (need_param && !t->param) ? "param" : !t->grad ? "grad"
+                              : (need_param && !t->exp_avg) ? "exp_avg"
+                              : (h->gamma == CGD_GAMMA_RMS && !t->exp_avg_sq) ? "exp_avg_sq" : NULL;
+        if (missing) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors[%lld].%s is NULL", fn, (long long)i, missing);
+    }
+    return CGD_OK;
+}
+
+cgd_status cgd_induced_norm(const cgd_induced_hparams *hparams, cgd_dtype dtype, const cgd_diag_tensor *tensors,
+                            int64_t count, float *sum, const float *grad_scale, const float *skip, cgd_device device,
+                            void *stream) {
+    static const char fn[] = "cgd_induced_norm";
+    cgd_status st;
+    if ((st = check_induced(fn, hparams, dtype, tensors, count, device, 0))) return st;
+    if (!sum) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: sum is NULL", fn);
+    if (device == CGD_CPU) {
+        if (cgd_cpu_induced_norm(hparams, dtype, tensors, count, sum, grad_scale, skip))
+            return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the partial sums", fn);
+        return ok();
+    }
+#ifdef CGD_WITH_CUDA
+    int e = cgd_cuda_induced_norm(hparams, dtype, tensors, count, sum, grad_scale, skip, stream);
+    if (e) return fail(CGD_ERR_CUDA, "%s: CUDA error %d: %s", fn, e, cgd_cuda_error_string(e));
+    return ok();
+#else
+    (void)stream;
+    return fail(CGD_ERR_UNSUPPORTED, "%s: unreachable without CUDA", fn);
+#endif
+}
+
+cgd_status cgd_induced_rate(const cgd_induced_metric *metric, const float *sum, const float *loss, float *norm_ema,
+                            float *norm_step, float *rate, const float *skip, cgd_device device, void *stream) {
+    static const char fn[] = "cgd_induced_rate";
+    cgd_status st;
+    if (!metric) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: metric is NULL", fn);
+    if ((st = check_range(fn, "xi", metric->xi, 0.0, INFINITY, 1))) return st;
+    if ((st = check_range(fn, "beta", metric->beta, 0.0, 1.0, 1))) return st;
+    if (metric->embedding != CGD_EMBED_LOSS && metric->embedding != CGD_EMBED_LOG_LOSS)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: metric.embedding = %d is not a cgd_induced_embedding", fn,
+                    (int)metric->embedding);
+    if (metric->embedding == CGD_EMBED_LOG_LOSS && !loss)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: loss is NULL but the log-loss embedding needs the loss", fn);
+    if ((st = check_common(fn, CGD_FLOAT32, device, 0))) return st;
+    if (!sum || !norm_ema || !norm_step || !rate)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: %s is NULL", fn,
+                    !sum ? "sum" : !norm_ema ? "norm_ema" : !norm_step ? "norm_step" : "rate");
+    if (device == CGD_CPU) {
+        cgd_cpu_induced_rate(metric, sum, loss, norm_ema, norm_step, rate, skip);
+        return ok();
+    }
+#ifdef CGD_WITH_CUDA
+    int e = cgd_cuda_induced_rate(metric, sum, loss, norm_ema, norm_step, rate, skip, stream);
+    if (e) return fail(CGD_ERR_CUDA, "%s: CUDA error %d: %s", fn, e, cgd_cuda_error_string(e));
+    return ok();
+#else
+    (void)stream;
+    return fail(CGD_ERR_UNSUPPORTED, "%s: unreachable without CUDA", fn);
+#endif
+}
+
+cgd_status cgd_induced_step(const cgd_induced_hparams *hparams, cgd_dtype dtype, const cgd_diag_tensor *tensors,
+                            int64_t count, const float *rate, const float *grad_scale, const float *skip,
+                            cgd_device device, void *stream) {
+    static const char fn[] = "cgd_induced_step";
+    cgd_status st;
+    if ((st = check_induced(fn, hparams, dtype, tensors, count, device, 1))) return st;
+    if (!rate) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: rate is NULL", fn);
+    if (device == CGD_CPU) {
+        cgd_cpu_induced_step(hparams, dtype, tensors, count, rate, grad_scale, skip);
+        return ok();
+    }
+#ifdef CGD_WITH_CUDA
+    int e = cgd_cuda_induced_step(hparams, dtype, tensors, count, rate, grad_scale, skip, stream);
+    if (e) return fail(CGD_ERR_CUDA, "%s: CUDA error %d: %s", fn, e, cgd_cuda_error_string(e));
+    return ok();
+#else
+    (void)stream;
+    return fail(CGD_ERR_UNSUPPORTED, "%s: unreachable without CUDA", fn);
+#endif
+}

@@ -239,6 +239,62 @@ typedef struct cgd_kron_tensor {
 cgd_status cgd_kron_step(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_kron_tensor *tensors,
                          int64_t count, const float *grad_scale, const float *skip, cgd_device device, void *stream);
 
+/* ---------------------------------------------------------------------------------------------------------
+ * Induced (pull-back) metric (the induced-metric paper, Algorithms 1 and 2 and its RMS variant): the metric of the loss surface
+ * embedded in one more dimension, g = gamma + xi grad grad^T, inverted by Sherman-Morrison. The step of every
+ * parameter is scaled by one number r_t that depends on all parameters, so a step is three calls:
+ *   cgd_induced_norm  per tensor list (one dtype):  sum += sum_i g_i (gamma^-1 g)_i     (caller zeroes sum first;
+ *                     several calls, e.g. one per dtype, or an all-reduce across ranks, may add to it)
+ *   cgd_induced_rate  once:  v <- beta v + (1 - beta) xi sum,  v_hat = v / (1 - beta^t),
+ *                     r = 1 / (1 + |v_hat|)  (embedding L)   or   r = L / (L^2 + |v_hat|)  (embedding log L)
+ *   cgd_induced_step  per tensor list:  M1 <- mu M1 + (1 - mu) g,  p <- p (1 - lr wd) - lr r gamma^-1 M1 / (1 - mu^t)
+ * gamma^-1 is the identity (CGD_GAMMA_IDENTITY: the SGD metric) or RMSProp's, 1 / (sqrt(M2 / (1 - beta_rms^t)) +
+ * eps) with M2 <- beta_rms M2 + (1 - beta_rms) g^2 updated by cgd_induced_norm (CGD_GAMMA_RMS; xi = 0 is AdamW).
+ * Everything stays on the device: no host synchronisation, so the three calls can be captured in a CUDA graph.
+ * The norm is summed in a fixed order (fixed-size chunks in tensor order, then the chunks in order), so it is
+ * bit-reproducible run to run on one device.
+ * --------------------------------------------------------------------------------------------------------- */
+
+typedef enum cgd_induced_gamma { CGD_GAMMA_IDENTITY = 0, CGD_GAMMA_RMS = 1 } cgd_induced_gamma;
+
+typedef enum cgd_induced_embedding { CGD_EMBED_LOSS = 0, CGD_EMBED_LOG_LOSS = 1 } cgd_induced_embedding;
+
+/* Per tensor list (parameter group). */
+typedef struct cgd_induced_hparams {
+    double lr;           /* >= 0 */
+    double momentum;     /* mu in [0, 1) */
+    double beta_rms;     /* [0, 1), CGD_GAMMA_RMS only */
+    double eps;          /* > 0 with CGD_GAMMA_RMS */
+    double weight_decay; /* >= 0, decoupled */
+    int32_t gamma;       /* cgd_induced_gamma */
+    int32_t maximize;
+} cgd_induced_hparams;
+
+/* Once per optimizer: the metric's own coefficients. */
+typedef struct cgd_induced_metric {
+    double xi;           /* >= 0 */
+    double beta;         /* [0, 1): EMA of xi * sum */
+    int32_t embedding;   /* cgd_induced_embedding */
+} cgd_induced_metric;
+
+/*
+ * Tensors are cgd_diag_tensor: param (unused by cgd_induced_norm, may be NULL there), grad, exp_avg (M1),
+ * exp_avg_sq (M2, CGD_GAMMA_RMS only), step (per tensor, advanced by cgd_induced_step), numel.
+ * sum, rate: one float each on the device. grad_scale and skip as in cgd_diag_step.
+ */
+cgd_status cgd_induced_norm(const cgd_induced_hparams *hparams, cgd_dtype dtype, const cgd_diag_tensor *tensors,
+                            int64_t count, float *sum, const float *grad_scale, const float *skip, cgd_device device,
+                            void *stream);
+
+/* norm_ema (v) and norm_step: one float each, the optimizer's state; loss: one float, needed (> 0) with
+   CGD_EMBED_LOG_LOSS, else NULL; a non-positive loss there makes rate NaN (the Python layer refuses it first). */
+cgd_status cgd_induced_rate(const cgd_induced_metric *metric, const float *sum, const float *loss, float *norm_ema,
+                            float *norm_step, float *rate, const float *skip, cgd_device device, void *stream);
+
+cgd_status cgd_induced_step(const cgd_induced_hparams *hparams, cgd_dtype dtype, const cgd_diag_tensor *tensors,
+                            int64_t count, const float *rate, const float *grad_scale, const float *skip,
+                            cgd_device device, void *stream);
+
 #ifdef __cplusplus
 }
 #endif

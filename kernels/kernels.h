@@ -45,6 +45,22 @@ int cgd_cpu_kron_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kro
 int cgd_cuda_kron_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tensors, int64_t count,
                        const float *grad_scale, const float *skip, void *stream, char *why, int why_size);
 
+/* Induced-metric optimizers (induced_cpu.c, induced_cuda.cu). The CPU norm returns nonzero when out of memory;
+   the CUDA launchers return a cudaError_t as int. */
+int cgd_cpu_induced_norm(const cgd_induced_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors, int64_t count,
+                         float *sum, const float *grad_scale, const float *skip);
+void cgd_cpu_induced_rate(const cgd_induced_metric *m, const float *sum, const float *loss, float *norm_ema,
+                          float *norm_step, float *rate, const float *skip);
+void cgd_cpu_induced_step(const cgd_induced_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors,
+                          int64_t count, const float *rate, const float *grad_scale, const float *skip);
+
+int cgd_cuda_induced_norm(const cgd_induced_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors,
+                          int64_t count, float *sum, const float *grad_scale, const float *skip, void *stream);
+int cgd_cuda_induced_rate(const cgd_induced_metric *m, const float *sum, const float *loss, float *norm_ema,
+                          float *norm_step, float *rate, const float *skip, void *stream);
+int cgd_cuda_induced_step(const cgd_induced_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors,
+                          int64_t count, const float *rate, const float *grad_scale, const float *skip, void *stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -339,6 +339,134 @@ void kron_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                                optional_scalar(found_inf, device, "found_inf"), target.device, target.stream));
 }
 
+// Induced-metric ops: the per-list tensors of cgd_induced_norm / cgd_induced_step (param and exp_avg only for the
+// step, exp_avg_sq only for the RMS metric).
+cgd_induced_gamma to_gamma(const std::string &gamma) {
+    if (gamma == "identity") return CGD_GAMMA_IDENTITY;
+    if (gamma == "rms") return CGD_GAMMA_RMS;
+    TORCH_CHECK_VALUE(false, "cgd: gamma = '", gamma, "'; expected 'identity' or 'rms'");
+}
+
+cgd_induced_hparams induced_hparams(double lr, double momentum, double beta_rms, double eps, double weight_decay,
+                                    const std::string &gamma, bool maximize) {
+    cgd_induced_hparams h{};
+    h.lr = lr;
+    h.momentum = momentum;
+    h.beta_rms = beta_rms;
+    h.eps = eps;
+    h.weight_decay = weight_decay;
+    h.gamma = to_gamma(gamma);
+    h.maximize = maximize;
+    return h;
+}
+
+std::vector<cgd_diag_tensor> induced_tensors(const char *op, at::TensorList params, at::TensorList grads,
+                                             at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                             at::TensorList steps, bool rms, cgd_dtype *dtype) {
+    const size_t n = grads.size();
+    TORCH_CHECK_VALUE((params.empty() || params.size() == n) && (exp_avgs.empty() || exp_avgs.size() == n) &&
+                          steps.size() == n && (!rms || exp_avg_sqs.size() == n),
+                      op, ": got ", n, " grads, ", params.size(), " params, ", exp_avgs.size(), " exp_avgs, ",
+                      exp_avg_sqs.size(), " exp_avg_sqs and ", steps.size(),
+                      " steps; every list needs one entry per gradient (exp_avg_sqs only with gamma='rms')");
+    std::vector<cgd_diag_tensor> tensors(n);
+    for (size_t i = 0; i < n; ++i) {
+        const at::Tensor &g = grads[i];
+        *dtype = to_cgd_dtype(g, "grads", i);
+        TORCH_CHECK_VALUE(g.device() == grads[0].device() && g.scalar_type() == grads[0].scalar_type(), op,
+                          ": grads[", i, "] is ", g.scalar_type(), " on ", g.device(), " but grads[0] is ",
+                          grads[0].scalar_type(), " on ", grads[0].device(),
+                          "; one call steps tensors of one dtype on one device");
+        check_dense(g, "grads", i);
+        check_scalar(steps[i], g, "steps", i);
+        cgd_diag_tensor &t = tensors[i];
+        t = cgd_diag_tensor{};
+        t.grad = g.data_ptr();
+        t.step = steps[i].data_ptr<float>();
+        t.numel = g.numel();
+        if (!params.empty()) {
+            check_like(params[i], g, g.scalar_type(), "params", i);
+            t.param = params[i].data_ptr();
+        }
+        if (!exp_avgs.empty()) {
+            check_like(exp_avgs[i], g, at::kFloat, "exp_avgs", i);
+            t.exp_avg = exp_avgs[i].data_ptr<float>();
+        }
+        if (rms) {
+            check_like(exp_avg_sqs[i], g, at::kFloat, "exp_avg_sqs", i);
+            t.exp_avg_sq = exp_avg_sqs[i].data_ptr<float>();
+        }
+    }
+    return tensors;
+}
+
+void induced_norm(at::TensorList grads, at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor &sum,
+                  const std::string &gamma, double beta_rms, double eps, const std::optional<at::Tensor> &grad_scale,
+                  const std::optional<at::Tensor> &found_inf) {
+    static const char op[] = "cgd::induced_norm_";
+    const cgd_induced_hparams h = induced_hparams(0.0, 0.0, beta_rms, eps, 0.0, gamma, false);
+    cgd_dtype dtype = CGD_FLOAT32;
+    std::vector<cgd_diag_tensor> tensors =
+        induced_tensors(op, {}, grads, {}, exp_avg_sqs, steps, h.gamma == CGD_GAMMA_RMS, &dtype);
+    const at::Device device = grads.empty() ? sum.device() : grads[0].device();
+    float *total = state_ptr<float>(op, sum, device, at::kFloat, 1, "sum");
+#ifdef CGD_WITH_CUDA
+    c10::cuda::OptionalCUDAGuard guard;
+    if (device.is_cuda()) guard.set_device(device);
+#endif
+    const Target target = target_for(device);
+    check_status(cgd_induced_norm(&h, dtype, tensors.data(), static_cast<int64_t>(tensors.size()), total,
+                                  optional_scalar(grad_scale, device, "grad_scale"),
+                                  optional_scalar(found_inf, device, "found_inf"), target.device, target.stream));
+}
+
+void induced_rate(const at::Tensor &sum, const at::Tensor &norm_ema, const at::Tensor &norm_step,
+                  const at::Tensor &rate, double xi, double beta, const std::string &embedding,
+                  const std::optional<at::Tensor> &loss, const std::optional<at::Tensor> &found_inf) {
+    static const char op[] = "cgd::induced_rate_";
+    const at::Device device = sum.device();
+    cgd_induced_metric m{};
+    m.xi = xi;
+    m.beta = beta;
+    TORCH_CHECK_VALUE(embedding == "loss" || embedding == "log", "cgd: embedding = '", embedding,
+                      "'; expected 'loss' or 'log'");
+    m.embedding = embedding == "log" ? CGD_EMBED_LOG_LOSS : CGD_EMBED_LOSS;
+    const float *total = state_ptr<float>(op, sum, device, at::kFloat, 1, "sum");
+    float *ema = state_ptr<float>(op, norm_ema, device, at::kFloat, 1, "norm_ema");
+    float *step = state_ptr<float>(op, norm_step, device, at::kFloat, 1, "norm_step");
+    float *r = state_ptr<float>(op, rate, device, at::kFloat, 1, "rate");
+#ifdef CGD_WITH_CUDA
+    c10::cuda::OptionalCUDAGuard guard;
+    if (device.is_cuda()) guard.set_device(device);
+#endif
+    const Target target = target_for(device);
+    check_status(cgd_induced_rate(&m, total, optional_scalar(loss, device, "loss"), ema, step, r,
+                                  optional_scalar(found_inf, device, "found_inf"), target.device, target.stream));
+}
+
+void induced_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                  at::TensorList steps, const at::Tensor &rate, double lr, double momentum, double beta_rms,
+                  double eps, double weight_decay, const std::string &gamma, bool maximize,
+                  const std::optional<at::Tensor> &grad_scale, const std::optional<at::Tensor> &found_inf) {
+    static const char op[] = "cgd::induced_step_";
+    TORCH_CHECK_VALUE(params.size() == grads.size() && exp_avgs.size() == grads.size(), op, ": got ", params.size(),
+                      " params, ", grads.size(), " grads and ", exp_avgs.size(), " exp_avgs");
+    const cgd_induced_hparams h = induced_hparams(lr, momentum, beta_rms, eps, weight_decay, gamma, maximize);
+    cgd_dtype dtype = CGD_FLOAT32;
+    std::vector<cgd_diag_tensor> tensors =
+        induced_tensors(op, params, grads, exp_avgs, exp_avg_sqs, steps, h.gamma == CGD_GAMMA_RMS, &dtype);
+    const at::Device device = grads.empty() ? rate.device() : grads[0].device();
+    const float *r = state_ptr<float>(op, rate, device, at::kFloat, 1, "rate");
+#ifdef CGD_WITH_CUDA
+    c10::cuda::OptionalCUDAGuard guard;
+    if (device.is_cuda()) guard.set_device(device);
+#endif
+    const Target target = target_for(device);
+    check_status(cgd_induced_step(&h, dtype, tensors.data(), static_cast<int64_t>(tensors.size()), r,
+                                  optional_scalar(grad_scale, device, "grad_scale"),
+                                  optional_scalar(found_inf, device, "found_inf"), target.device, target.stream));
+}
+
 std::string build_info() { return cgd_version(); }
 
 } // namespace
@@ -358,6 +486,13 @@ TORCH_LIBRARY(cgd, m) {
           "Tensor(h!)[] right_eigs, Tensor(i!)[] steps, Tensor(j!)[] outcomes, Tensor(k!)[] counters, *, float lr, "
           "float beta1, float beta2, float power, float eps, float weight_decay, bool centered, "
           "bool bias_correction, bool maximize, bool refresh, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+    m.def("induced_norm_(Tensor[] grads, Tensor(a!)[] exp_avg_sqs, Tensor[] steps, Tensor(b!) sum, *, str gamma, "
+          "float beta_rms, float eps, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+    m.def("induced_rate_(Tensor sum, Tensor(a!) norm_ema, Tensor(b!) norm_step, Tensor(c!) rate, *, float xi, "
+          "float beta, str embedding, Tensor? loss=None, Tensor? found_inf=None) -> ()");
+    m.def("induced_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] exp_avg_sqs, "
+          "Tensor(c!)[] steps, Tensor rate, *, float lr, float momentum, float beta_rms, float eps, "
+          "float weight_decay, str gamma, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
     m.def("nonfinite_flags(Tensor[] tensors) -> (Tensor flags, Tensor found)");
     m.def("build_info() -> str", &build_info);
 }
@@ -366,6 +501,9 @@ TORCH_LIBRARY_IMPL(cgd, CPU, m) {
     m.impl("diag_step_", &diag_step);
     m.impl("block_step_", &block_step);
     m.impl("kron_step_", &kron_step);
+    m.impl("induced_norm_", &induced_norm);
+    m.impl("induced_rate_", &induced_rate);
+    m.impl("induced_step_", &induced_step);
     m.impl("nonfinite_flags", &nonfinite_flags);
 }
 
@@ -374,6 +512,9 @@ TORCH_LIBRARY_IMPL(cgd, CUDA, m) {
     m.impl("diag_step_", &diag_step);
     m.impl("block_step_", &block_step);
     m.impl("kron_step_", &kron_step);
+    m.impl("induced_norm_", &induced_norm);
+    m.impl("induced_rate_", &induced_rate);
+    m.impl("induced_step_", &induced_step);
     m.impl("nonfinite_flags", &nonfinite_flags);
 }
 #endif

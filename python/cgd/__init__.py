@@ -7,8 +7,9 @@
 
 from ._ops import BUILD_INFO
 from .full import FullCGD
+from .induced import InducedMetric
 from .optimizer import CGD, NonFiniteGradientError, beta_to_tau, tau_to_beta
-from .presets import SGD, AdaBelief, Adam, AdamW, RMSprop
+from .presets import SGD, AdaBelief, Adam, AdamW, Ballistic, RMSprop
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,8 @@ __all__ = [
     "AdaBelief",
     "Adam",
     "AdamW",
+    "Ballistic",
+    "InducedMetric",
     "NonFiniteGradientError",
     "RMSprop",
     "beta_to_tau",

@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable
-from itertools import chain
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
 from . import _ops  # noqa: F401  (loads the operator library)
-from .optimizer import NonFiniteGradientError, _bad, _check_range, _number, betas_from_tau, validate_step_size
+from .optimizer import (NonFiniteGradientError, _bad, _check_range, _number, betas_from_tau, load_float32_state,
+                        validate_step_size)
 
 METRICS = ("full", "block", "kron")
 OUTCOMES = {-1: "never", 0: "float32", 1: "float64 retry", 2: "kept previous", 3: "diagonal fallback"}
@@ -451,16 +451,4 @@ class FullCGD(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a FullCGD state dict. The state stays float32 (torch's loader would cast it to the parameter
         dtype) and moves to each group's device."""
-        groups = state_dict["param_groups"]
-        super().load_state_dict({"state": {}, "param_groups": groups})
-        id_map = dict(zip(chain.from_iterable(g["params"] for g in groups),
-                          chain.from_iterable(g["params"] for g in self.param_groups)))
-        for pid, values in state_dict["state"].items():
-            p = id_map.get(pid)
-            if p is None:
-                raise ValueError(f"cgd: the state dict has state for parameter id {pid!r}, which no group lists")
-            self.state[p] = {
-                key: value.to(p.device, torch.int32 if key == "outcome" else torch.float32, copy=True)
-                if isinstance(value, torch.Tensor) else value
-                for key, value in values.items()
-            }
+        load_float32_state(self, state_dict, int_keys=("outcome",))

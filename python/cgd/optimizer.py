@@ -84,6 +84,26 @@ def betas_from_tau(tau: Any) -> tuple[float, float]:
     return tuple(tau_to_beta(_check_range(f"tau[{i}]", t, 0.0)) for i, t in enumerate(tau))
 
 
+def load_float32_state(optimizer: Optimizer, state_dict: dict[str, Any], int_keys: tuple[str, ...] = ()) -> None:
+    """Loads per-parameter state as saved, float32 (int32 for ``int_keys``) on each parameter's device.
+
+    torch's own loader casts floating state to the parameter's dtype, which would turn a bf16 model's float32
+    moments into bf16; optimizers whose state is all float32 load through this instead."""
+    groups = state_dict["param_groups"]
+    Optimizer.load_state_dict(optimizer, {"state": {}, "param_groups": groups})
+    id_map = dict(zip(chain.from_iterable(g["params"] for g in groups),
+                      chain.from_iterable(g["params"] for g in optimizer.param_groups)))
+    for pid, values in state_dict["state"].items():
+        p = id_map.get(pid)
+        if p is None:
+            raise ValueError(f"cgd: the state dict has state for parameter id {pid!r}, which no group lists")
+        optimizer.state[p] = {
+            key: value.to(p.device, torch.int32 if key in int_keys else torch.float32, copy=True)
+            if isinstance(value, torch.Tensor) else value
+            for key, value in values.items()
+        }
+
+
 def validate_step_size(group: dict[str, Any]) -> None:
     """Checks lr, betas and power, which every CGD optimizer shares."""
     _check_range("lr", group["lr"], 0.0)

@@ -119,3 +119,16 @@ class AdaBelief(CGD):
         super().__init__(params, lr=lr, betas=betas, power=0.5, eps=eps, weight_decay=weight_decay,
                          decoupled_weight_decay=weight_decouple, moment="belief", eps_inside=False,
                          bias_correction=True, maximize=maximize, nonfinite=nonfinite)
+
+
+class Ballistic(CGD):
+    """The ballistic rule (the "learning rules from optimal control" paper, ``shared/papers/003_*``, Appendix B):
+    ``s <- beta s + (1 - beta) g^2``, ``theta <- theta - lr g / sqrt(s + eps)``: an RMS-scaled step with no first
+    moment, eps inside the root and no bias correction, from s = 0. CGD with betas (0, beta), power 0.5,
+    eps inside, as the paper wrote it (so the first step is lr / sqrt(1 - beta) times the sign of g, in size)."""
+
+    def __init__(self, params, lr: float = 1e-3, beta: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+                 *, maximize: bool = False, nonfinite: str = "raise") -> None:
+        super().__init__(params, lr=lr, betas=(0.0, beta), power=0.5, eps=eps, weight_decay=weight_decay,
+                         decoupled_weight_decay=True, eps_inside=True, bias_correction=False, m2_init=0.0,
+                         maximize=maximize, nonfinite=nonfinite)

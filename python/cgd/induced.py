@@ -1,0 +1,229 @@
+"""``cgd.InducedMetric``: optimizers with the metric the loss surface induces on the parameters.
+
+The induced-metric paper (``shared/papers/004_*``, eqs 7-14, Algorithms 1 and 2) embeds the loss surface
+L = f(loss(theta)) in one more dimension; pulled back, the metric is ``g = gamma + xi grad f grad f^T`` and
+Sherman-Morrison turns ``g^-1 grad`` into ``r * gamma^-1 grad`` with one scalar r for all parameters. The maths runs
+in the C core (``torch.ops.cgd.induced_norm_``, ``induced_rate_``, ``induced_step_``); this module owns the
+PyTorch contract: groups, state, the loss hand-off, the state dict, the non-finite policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from . import _ops  # noqa: F401  (loads the operator library)
+from .optimizer import (SUPPORTED_DTYPES, NonFiniteGradientError, _bad, _check_range, _number, load_float32_state)
+
+GAMMAS = ("identity", "rms")
+EMBEDDINGS = ("loss", "log")
+_GLOBAL = ("xi", "beta", "embedding")
+
+
+class InducedMetric(Optimizer):
+    r"""Gradient descent with the induced (pull-back) metric ``g = gamma + xi grad grad^T``.
+
+    Per step, over all parameters of all groups (one sum per optimizer)::
+
+        s  = xi * sum_i g_i (gamma^-1 g)_i
+        v <- beta v + (1 - beta) s,   v_hat = v / (1 - beta^t)
+        r  = 1 / (1 + |v_hat|)                 (embedding="loss", Algorithm 1)
+        r  = L / (L^2 + |v_hat|)               (embedding="log", Algorithm 2; L the loss, > 0)
+        m <- momentum m + (1 - momentum) g
+        p <- p (1 - lr weight_decay) - lr r gamma^-1 m / (1 - momentum^t)
+
+    ``gamma="identity"`` is the paper's SGD metric (``SGD_METRIC``, ``SGD_LOG_METRIC``); ``gamma="rms"`` takes
+    gamma^-1 = 1 / (sqrt(M2 / (1 - beta_rms^t)) + eps) from RMSProp's M2 (``SGD_RMS``), and with ``xi=0`` it is
+    exactly ``torch.optim.AdamW(betas=(momentum, beta_rms))``.
+
+    Args:
+        params: parameters or groups; all on one device (the norm is one number). Per group: ``lr``,
+            ``momentum``, ``gamma``, ``beta_rms``, ``eps``, ``weight_decay``, ``maximize``.
+        xi, beta, embedding: the metric's coefficient, the EMA of the norm and the embedding f; one per
+            optimizer, since they define the one metric (a group may not set them).
+        nonfinite: "raise" (default: error naming the parameter, nothing changed) or "ignore".
+
+    The loss (needed with ``embedding="log"``) comes from the closure's return value or ``step(loss=...)``.
+    Defaults are the paper's (Appendix A): momentum 0.9, xi 0.1, beta 0.8, beta_rms 0.99, eps 1e-8; its
+    suggestion for xi is about 1 / (number of parameters).
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-2, momentum: float = 0.9, *, xi: float = 0.1,
+                 beta: float = 0.8, embedding: str = "loss", gamma: str = "identity", beta_rms: float = 0.99,
+                 eps: float = 1e-8, weight_decay: float = 0.0, maximize: bool = False,
+                 nonfinite: str = "raise") -> None:
+        _check_range("xi", xi, 0.0)
+        _check_range("beta", beta, 0.0, 1.0)
+        if embedding not in EMBEDDINGS:
+            raise _bad("embedding", embedding, f"must be one of {EMBEDDINGS}")
+        if nonfinite not in ("raise", "ignore"):
+            raise _bad("nonfinite", nonfinite, "must be 'raise' or 'ignore'")
+        self.xi, self.beta, self.embedding, self.nonfinite = float(xi), float(beta), embedding, nonfinite
+        defaults = dict(lr=lr, momentum=momentum, gamma=gamma, beta_rms=beta_rms, eps=eps,
+                        weight_decay=weight_decay, maximize=maximize)
+        self._metric: dict[str, torch.Tensor] = {}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for key in _GLOBAL:
+            if key in param_group:
+                raise _bad(key, param_group[key], "is one per optimizer (it defines the one induced metric); pass "
+                           "it to InducedMetric(...), not to a parameter group")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate(group)
+            device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else None
+            for j, p in enumerate(group["params"]):
+                if p.dtype not in SUPPORTED_DTYPES:
+                    raise ValueError(f"cgd: parameter {self._label(group, j)} is {p.dtype}; supported parameter "
+                                     "dtypes are float32, float16 and bfloat16")
+                if device is not None and p.device != device:
+                    raise ValueError(f"cgd: parameter {self._label(group, j)} is on {p.device} but the first "
+                                     f"parameter is on {device}; the induced metric sums one norm over all "
+                                     "parameters, so they must share a device")
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    @staticmethod
+    def _validate(group: dict[str, Any]) -> None:
+        _check_range("lr", group["lr"], 0.0)
+        _check_range("momentum", group["momentum"], 0.0, 1.0)
+        _check_range("beta_rms", group["beta_rms"], 0.0, 1.0)
+        _check_range("weight_decay", group["weight_decay"], 0.0)
+        if group["gamma"] not in GAMMAS:
+            raise _bad("gamma", group["gamma"], f"must be one of {GAMMAS}")
+        eps = _check_range("eps", group["eps"], 0.0)
+        if group["gamma"] == "rms" and eps == 0.0:
+            raise _bad("eps", group["eps"], "must be > 0 with gamma='rms' (it divides where M2 is 0)")
+
+    @staticmethod
+    def _label(group: dict[str, Any], j: int) -> str:
+        names = group.get("param_names")
+        shape = tuple(group["params"][j].shape)
+        return f"'{names[j]}' (shape {shape})" if names else f"params[{j}] (shape {shape})"
+
+    def _loss_tensor(self, loss: Any, device: torch.device) -> torch.Tensor | None:
+        if self.embedding != "log":
+            return None
+        if loss is None:
+            raise ValueError("cgd: embedding='log' needs the loss: return it from the closure, or call "
+                             "step(loss=loss)")
+        value = _number("loss", loss.detach() if isinstance(loss, torch.Tensor) else loss)
+        if not value > 0.0 or value == float("inf"):
+            raise _bad("loss", value, "embedding='log' needs a positive, finite loss (it steps on log(loss))")
+        return torch.tensor([value], dtype=torch.float32, device=device)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
+        """One step. ``closure`` re-evaluates the model and returns the loss; ``loss`` passes it directly (the
+        log embedding needs one of the two)."""
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []  # (group, [(param, grad, state)]) batched by dtype below
+        for group in self.param_groups:
+            self._validate(group)
+            items = []
+            for j, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse or p.grad.is_complex():
+                    raise RuntimeError(f"cgd: parameter {self._label(group, j)} has a "
+                                       f"{'sparse' if p.grad.is_sparse else 'complex'} gradient, which "
+                                       "InducedMetric does not support")
+                items.append((j, p, p.grad if p.grad.is_contiguous() else p.grad.contiguous()))
+            if items:
+                work.append((group, items))
+        if not work:
+            return loss
+        device = work[0][1][0][1].device
+        loss_t = self._loss_tensor(loss, device)
+        batches = [(group, [item for item in items if item[1].dtype == dtype])  # one kernel call per dtype
+                   for group, items in work for dtype in sorted({p.dtype for _, p, _ in items}, key=str)]
+        if self.nonfinite == "raise":
+            self._raise_on_nonfinite(batches)
+        metric = self._metric_state(device)
+        found_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)
+        scale = None if grad_scale is None else grad_scale.to(device)
+        skip = None if found_inf is None else found_inf.to(device)
+        batches = [(group, [(p, g, self._state(group, p)) for _, p, g in items]) for group, items in batches]
+        metric["sum"].zero_()
+        for group, chosen in batches:
+            rms = group["gamma"] == "rms"
+            torch.ops.cgd.induced_norm_(
+                [g for _, g, _ in chosen], [st["exp_avg_sq"] for _, _, st in chosen] if rms else [],
+                [st["step"] for _, _, st in chosen], metric["sum"], gamma=group["gamma"],
+                beta_rms=float(group["beta_rms"]), eps=float(group["eps"]), grad_scale=scale, found_inf=skip)
+        torch.ops.cgd.induced_rate_(metric["sum"], metric["norm_ema"], metric["norm_step"], metric["rate"],
+                                    xi=self.xi, beta=self.beta, embedding=self.embedding, loss=loss_t,
+                                    found_inf=skip)
+        for group, chosen in batches:
+            rms = group["gamma"] == "rms"
+            torch.ops.cgd.induced_step_(
+                [p for p, _, _ in chosen], [g for _, g, _ in chosen], [st["exp_avg"] for _, _, st in chosen],
+                [st["exp_avg_sq"] for _, _, st in chosen] if rms else [], [st["step"] for _, _, st in chosen],
+                metric["rate"], lr=_number("lr", group["lr"]), momentum=float(group["momentum"]),
+                beta_rms=float(group["beta_rms"]), eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]), gamma=group["gamma"], maximize=bool(group["maximize"]),
+                grad_scale=scale, found_inf=skip)
+        return loss
+
+    def _state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, torch.Tensor]:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        if group["gamma"] == "rms" and "exp_avg_sq" not in state:
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        return state
+
+    def _metric_state(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The optimizer-wide state: v (norm_ema), its step count, and the scratch sum and rate."""
+        if not self._metric:
+            self._metric = {k: torch.zeros((), dtype=torch.float32, device=device)
+                            for k in ("norm_ema", "norm_step", "sum", "rate")}
+        return self._metric
+
+    def _raise_on_nonfinite(self, work) -> None:
+        checks = [torch.ops.cgd.nonfinite_flags([g for _, _, g in items]) for _, items in work]
+        if sum(float(found.item()) for _, found in checks) == 0.0:
+            return
+        bad = [self._label(group, items[i][0]) for (group, items), (flags, _) in zip(work, checks)
+               for i in flags.nonzero().flatten().tolist()]
+        raise NonFiniteGradientError(f"cgd: the gradient of {', '.join(bad)} contains NaN or Inf; no parameter or "
+                                     "state was changed (nonfinite='raise')")
+
+    # ---- checkpoints ----
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus ``induced_metric``: the optimizer-wide norm EMA and its step count, which
+        belong to no single parameter."""
+        out = super().state_dict()
+        out["induced_metric"] = {k: self._metric[k].clone() for k in ("norm_ema", "norm_step")} if self._metric \
+            else {}
+        out["induced_metric"].update(xi=self.xi, beta=self.beta, embedding=self.embedding)
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads an InducedMetric state dict; state stays float32 on each parameter's device."""
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("induced_metric", None)
+        if saved is None:
+            raise ValueError("cgd: this state dict has no 'induced_metric' entry: it was not saved by "
+                             "InducedMetric")
+        load_float32_state(self, state_dict)
+        self.xi, self.beta, self.embedding = float(saved["xi"]), float(saved["beta"]), saved["embedding"]
+        self._metric = {}
+        if "norm_ema" in saved:
+            device = self.param_groups[0]["params"][0].device
+            metric = self._metric_state(device)
+            metric["norm_ema"].copy_(saved["norm_ema"])
+            metric["norm_step"].copy_(saved["norm_step"])
