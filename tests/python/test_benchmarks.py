@@ -13,6 +13,7 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import compare  # noqa: E402
+import low_dim  # noqa: E402
 import matrix_step_time  # noqa: E402
 import multiplication  # noqa: E402
 import step_time  # noqa: E402
@@ -70,3 +71,11 @@ def test_matrix_step_time_reports_against_adamw(tmp_path):
                                   str(out)]) == 0
     report = out.read_text()
     assert "| AdamW foreach |" in report and "| kron refresh=1 |" in report and "refused" not in report
+
+
+def test_low_dim_writes_table_and_plot(tmp_path):
+    assert low_dim.main(["--steps", "5", "--functions", "Beale", "Himmelblau", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "low_dim.md").read_text()
+    for name in ("Muon", "Induced: log-loss metric", "CGD (full)", "AdamW"):
+        assert f"| {name} |" in report
+    assert (tmp_path / "low_dim_trajectories.png").stat().st_size > 1000

@@ -1,0 +1,202 @@
+// The C API's induced-metric calls (cgd_induced_norm, cgd_induced_rate, cgd_induced_step) against a float64
+// scalar reference of the paper's Algorithm 1 with the RMS metric, on the CPU and, when a GPU is present, on
+// CUDA; the norm's run-to-run reproducibility; skip; and argument errors.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cgd.h"
+#include "test_support.h"
+
+#ifdef CGD_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace {
+
+// Two tensors; the second is longer than one CUDA chunk so the norm crosses blocks.
+const int64_t kNumel[2] = {37, 70000};
+
+struct State {
+    std::vector<float> p[2], g[2], m1[2], m2[2];
+    float step[2] = {0, 0}, sum = 0, ema = 0, norm_step = 0, rate = 0;
+};
+
+State make_state() {
+    State s;
+    std::mt19937 rng(3);
+    std::normal_distribution<float> normal;
+    for (int k = 0; k < 2; ++k) {
+        for (int64_t i = 0; i < kNumel[k]; ++i) s.p[k].push_back(normal(rng));
+        s.g[k].assign(kNumel[k], 0.0f);
+        s.m1[k].assign(kNumel[k], 0.0f);
+        s.m2[k].assign(kNumel[k], 0.0f);
+    }
+    return s;
+}
+
+void new_gradient(State &s, int step) {
+    std::mt19937 rng(50 + step);
+    std::normal_distribution<float> normal;
+    for (int k = 0; k < 2; ++k)
+        for (float &x : s.g[k]) x = 0.1f * normal(rng);
+}
+
+cgd_induced_hparams rms_hparams() {
+    cgd_induced_hparams h{};
+    h.lr = 0.01;
+    h.momentum = 0.9;
+    h.beta_rms = 0.99;
+    h.eps = 1e-8;
+    h.weight_decay = 0.01;
+    h.gamma = CGD_GAMMA_RMS;
+    return h;
+}
+
+const cgd_induced_metric kMetric = {1e-4, 0.8, CGD_EMBED_LOSS};
+
+// One step of all three calls on `device` (CUDA: state copied there and back).
+cgd_status run(cgd_device device, State &s, float skip_value = 0.0f) {
+    const cgd_induced_hparams h = rms_hparams();
+    std::vector<void *> allocs;
+    auto put = [&](void *host, size_t bytes) -> void * {
+        if (device == CGD_CPU) return host;
+#ifdef CGD_WITH_CUDA
+        void *d = nullptr;
+        EXPECT_EQ(cudaMalloc(&d, bytes), cudaSuccess);
+        EXPECT_EQ(cudaMemcpy(d, host, bytes, cudaMemcpyHostToDevice), cudaSuccess);
+        allocs.push_back(d);
+        return d;
+#else
+        return host;
+#endif
+    };
+    auto get = [&](void *host, const void *dev, size_t bytes) {
+#ifdef CGD_WITH_CUDA
+        if (device == CGD_CUDA) EXPECT_EQ(cudaMemcpy(host, dev, bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+#endif
+        (void)host, (void)dev, (void)bytes;
+    };
+    cgd_diag_tensor ts[2];
+    for (int k = 0; k < 2; ++k) {
+        size_t b = (size_t)kNumel[k] * 4;
+        ts[k] = {put(s.p[k].data(), b), put(s.g[k].data(), b), (float *)put(s.m1[k].data(), b),
+                 (float *)put(s.m2[k].data(), b), (float *)put(&s.step[k], 4), kNumel[k]};
+    }
+    s.sum = 0.0f;
+    float *sum = (float *)put(&s.sum, 4), *ema = (float *)put(&s.ema, 4), *ns = (float *)put(&s.norm_step, 4);
+    float *rate = (float *)put(&s.rate, 4);
+    const float *skip = skip_value != 0.0f ? (const float *)put(&skip_value, 4) : nullptr;
+    cgd_status st = cgd_induced_norm(&h, CGD_FLOAT32, ts, 2, sum, nullptr, skip, device, nullptr);
+    if (st == CGD_OK) st = cgd_induced_rate(&kMetric, sum, nullptr, ema, ns, rate, skip, device, nullptr);
+    if (st == CGD_OK) st = cgd_induced_step(&h, CGD_FLOAT32, ts, 2, rate, nullptr, skip, device, nullptr);
+    for (int k = 0; k < 2; ++k) {
+        size_t b = (size_t)kNumel[k] * 4;
+        get(s.p[k].data(), ts[k].param, b);
+        get(s.m1[k].data(), ts[k].exp_avg, b);
+        get(s.m2[k].data(), ts[k].exp_avg_sq, b);
+        get(&s.step[k], ts[k].step, 4);
+    }
+    get(&s.sum, sum, 4);
+    get(&s.ema, ema, 4);
+    get(&s.norm_step, ns, 4);
+    get(&s.rate, rate, 4);
+#ifdef CGD_WITH_CUDA
+    for (void *d : allocs) cudaFree(d);
+#endif
+    return st;
+}
+
+class InducedStep : public ::testing::TestWithParam<cgd_device> {
+  protected:
+    void SetUp() override { CGD_SKIP_UNLESS_RUNNABLE(GetParam()); }
+};
+
+TEST_P(InducedStep, MatchesFloat64Reference) {
+    State s = make_state();
+    const cgd_induced_hparams h = rms_hparams();
+    std::vector<double> p[2], m1[2], m2[2];
+    for (int k = 0; k < 2; ++k) {
+        p[k].assign(s.p[k].begin(), s.p[k].end());
+        m1[k].assign(kNumel[k], 0.0);
+        m2[k].assign(kNumel[k], 0.0);
+    }
+    double v = 0.0;
+    for (int t = 1; t <= 10; ++t) {
+        new_gradient(s, t);
+        ASSERT_EQ(run(GetParam(), s), CGD_OK) << cgd_last_error();
+        double sum = 0.0;
+        std::vector<double> gamma_inv[2];
+        for (int k = 0; k < 2; ++k)
+            for (int64_t i = 0; i < kNumel[k]; ++i) {
+                double g = s.g[k][i];
+                m2[k][i] = h.beta_rms * m2[k][i] + (1 - h.beta_rms) * g * g;
+                gamma_inv[k].push_back(1 / (std::sqrt(m2[k][i] / (1 - std::pow(h.beta_rms, t))) + h.eps));
+                sum += g * g * gamma_inv[k].back();
+            }
+        v = kMetric.beta * v + (1 - kMetric.beta) * kMetric.xi * sum;
+        double r = 1 / (1 + std::fabs(v / (1 - std::pow(kMetric.beta, t))));
+        EXPECT_NEAR(s.sum, sum, 1e-4 * sum);
+        EXPECT_NEAR(s.rate, r, 1e-5);
+        double worst = 0.0;
+        for (int k = 0; k < 2; ++k)
+            for (int64_t i = 0; i < kNumel[k]; ++i) {
+                m1[k][i] = h.momentum * m1[k][i] + (1 - h.momentum) * s.g[k][i];
+                p[k][i] = p[k][i] * (1 - h.lr * h.weight_decay) -
+                          h.lr * r * gamma_inv[k][i] * m1[k][i] / (1 - std::pow(h.momentum, t));
+                worst = std::max(worst, std::fabs(p[k][i] - s.p[k][i]));
+            }
+        ASSERT_LT(worst, 2e-5) << "step " << t;
+    }
+    EXPECT_EQ(s.norm_step, 10.0f);
+    EXPECT_EQ(s.step[0], 10.0f);
+}
+
+TEST_P(InducedStep, NormIsReproducibleAndSkipChangesNothing) {
+    State a = make_state(), b = make_state();
+    new_gradient(a, 1);
+    new_gradient(b, 1);
+    ASSERT_EQ(run(GetParam(), a), CGD_OK);
+    ASSERT_EQ(run(GetParam(), b), CGD_OK);
+    EXPECT_EQ(a.sum, b.sum); // bitwise: the summation order is fixed
+    EXPECT_EQ(a.p[1], b.p[1]);
+    State before = a;
+    ASSERT_EQ(run(GetParam(), a, 1.0f), CGD_OK) << cgd_last_error();
+    EXPECT_EQ(a.p[1], before.p[1]);
+    EXPECT_EQ(a.m2[1], before.m2[1]);
+    EXPECT_EQ(a.ema, before.ema);
+    EXPECT_EQ(a.norm_step, before.norm_step);
+    EXPECT_EQ(a.step[1], before.step[1]);
+}
+
+INSTANTIATE_TEST_SUITE_P(Devices, InducedStep, ::testing::Values(CGD_CPU, CGD_CUDA),
+                         [](const ::testing::TestParamInfo<cgd_device> &info) {
+                             return std::string(info.param == CGD_CPU ? "CPU" : "CUDA");
+                         });
+
+TEST(InducedStepErrors, ArgumentsAreNamedWithTheirValue) {
+    State s = make_state();
+    cgd_induced_hparams h = rms_hparams();
+    cgd_diag_tensor t = {s.p[0].data(), s.g[0].data(), s.m1[0].data(), nullptr, &s.step[0], kNumel[0]};
+    float sum = 0, ema = 0, ns = 0, rate = 0;
+    EXPECT_EQ(cgd_induced_norm(&h, CGD_FLOAT32, &t, 1, &sum, nullptr, nullptr, CGD_CPU, nullptr),
+              CGD_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(cgd_last_error()).find("tensors[0].exp_avg_sq is NULL"), std::string::npos);
+    h.momentum = 1.0;
+    EXPECT_EQ(cgd_induced_step(&h, CGD_FLOAT32, &t, 1, &rate, nullptr, nullptr, CGD_CPU, nullptr),
+              CGD_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(cgd_last_error()).find("cgd_induced_step: hparams.momentum = 1"), std::string::npos);
+    cgd_induced_metric m = {0.1, 0.8, CGD_EMBED_LOG_LOSS};
+    EXPECT_EQ(cgd_induced_rate(&m, &sum, nullptr, &ema, &ns, &rate, nullptr, CGD_CPU, nullptr),
+              CGD_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(cgd_last_error()).find("loss is NULL"), std::string::npos);
+    m.xi = -2;
+    EXPECT_EQ(cgd_induced_rate(&m, &sum, nullptr, &ema, &ns, &rate, nullptr, CGD_CPU, nullptr),
+              CGD_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(cgd_last_error()).find("hparams.xi = -2"), std::string::npos);
+}
+
+} // namespace
