@@ -6,6 +6,7 @@
 #   ./run.sh test             build, then every test: GoogleTest (C/CUDA layer) and pytest (Python layer)
 #   ./run.sh build            configure and build only
 #   ./run.sh bench [args]     optimizer step-time benchmark (benchmarks/step_time.py)
+#   ./run.sh suite [args]     every comparison vs AdamW and Muon, CPU or GPU scale (benchmarks/suite.py)
 #   ./run.sh python [args]    the project's Python, with the cgd package importable
 #
 # Environment:
@@ -91,6 +92,12 @@ case "$cmd" in
         ;;
     build) build ;;
     bench) build && run_python "$ROOT/benchmarks/step_time.py" "$@" ;;
+    suite)
+        build
+        # The text corpus lives next to the clone (../shared/data); pass --data to use another copy.
+        data=()
+        [ -f "$ROOT/../shared/data/tinyshakespeare.txt" ] && data=(--data "$ROOT/../shared/data/tinyshakespeare.txt")
+        run_python "$ROOT/benchmarks/suite.py" "${data[@]}" "$@" ;;
     python) build >/dev/null && run_python "$@" ;;
-    *) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; [ -z "$cmd" ] || exit 2 ;;
+    *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; [ -z "$cmd" ] || exit 2 ;;
 esac

@@ -100,19 +100,22 @@ def run(fn, start, f_min, make, steps: int) -> dict:
     path, best = [tuple(start)], math.inf
     t0 = time.perf_counter()
     for step in range(steps + 1):
-        gap = float(fn(point[0, 0].double(), point[0, 1].double())) - f_min
+        gap = float(fn(*point.detach()[0].double())) - f_min
         best = min(best, gap) if math.isfinite(gap) else best
         if gap <= TARGET:
             return {"steps": step, "gap": gap, "best": best, "path": path, "seconds": time.perf_counter() - t0}
-        if not math.isfinite(gap) or step == steps:
+        if not gap < 1e8 or step == steps:  # diverged (or NaN), or out of budget
             break
         opt.zero_grad()
         loss = fn(point[0, 0], point[0, 1])
         loss.backward()
-        if isinstance(opt, cgd.InducedMetric):
-            opt.step(loss=loss)
-        else:
-            opt.step()
+        try:
+            if isinstance(opt, cgd.InducedMetric):
+                opt.step(loss=loss)
+            else:
+                opt.step()
+        except cgd.NonFiniteGradientError:  # the float32 gradient overflowed: diverged
+            break
         path.append(tuple(point.detach()[0].tolist()))
     return {"steps": None, "gap": gap, "best": best, "path": path, "seconds": time.perf_counter() - t0}
 

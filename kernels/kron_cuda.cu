@@ -42,10 +42,11 @@ __global__ void prepare_kernel(const void *grad, float *g, float *m1, float *F, 
 }
 
 /* Diagonal of X X^T (left: one CUDA block per row) or X^T X (right: one thread per column) of the row-major
-   rows x cols X: out = scale_old * out + w * sum, or with scale_old = 0 just w * sum. */
+   rows x cols X: out = scale_old * out + w * sum (an EMA of the state, skipped with the step), or with
+   scale_old = 0 just w * sum (a workspace, written even on a skipped step). */
 __global__ void diag_gram_kernel(float *out, const float *X, int64_t rows, int64_t cols, int left, float scale_old,
-                                 float w, const float *skip) {
-    if (cgd_skipped(skip) && scale_old != 0.0f) return;
+                                 float w, int ema, const float *skip) {
+    if (ema && cgd_skipped(skip)) return;
     if (left) {
         __shared__ float partial[CGD_SOLVER_THREADS];
         for (int64_t i = blockIdx.x; i < rows; i += gridDim.x) {
@@ -57,7 +58,7 @@ __global__ void diag_gram_kernel(float *out, const float *X, int64_t rows, int64
                 if ((int)threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
                 __syncthreads();
             }
-            if (threadIdx.x == 0) out[i] = (scale_old != 0.0f ? scale_old * out[i] : 0.0f) + w * partial[0];
+            if (threadIdx.x == 0) out[i] = (ema ? scale_old * out[i] : 0.0f) + w * partial[0];
             __syncthreads();
         }
         return;
@@ -65,7 +66,7 @@ __global__ void diag_gram_kernel(float *out, const float *X, int64_t rows, int64
     for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < cols; j += (int64_t)gridDim.x * blockDim.x) {
         float sum = 0.0f;
         for (int64_t i = 0; i < rows; ++i) sum = fmaf(X[i * cols + j], X[i * cols + j], sum);
-        out[j] = (scale_old != 0.0f ? scale_old * out[j] : 0.0f) + w * sum;
+        out[j] = (ema ? scale_old * out[j] : 0.0f) + w * sum;
     }
 }
 
@@ -235,7 +236,7 @@ extern "C" int cgd_cuda_kron_step(const cgd_block_hparams *h, cgd_dtype dtype, c
                 ema_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(sq, A, n * n, beta2, w2, skip);
             } else {
                 int grid = left ? (int)(rows < 65535 ? rows : 65535) : cgd_grid_for(cols);
-                diag_gram_kernel<<<grid, CGD_SOLVER_THREADS, 0, stream>>>(sq, g, rows, cols, left, beta2, w2, skip);
+                diag_gram_kernel<<<grid, CGD_SOLVER_THREADS, 0, stream>>>(sq, g, rows, cols, left, beta2, w2, 1, skip);
             }
             CUDA_TRY(cudaGetLastError());
             if (!h->refresh) continue;
@@ -244,7 +245,7 @@ extern "C" int cgd_cuda_kron_step(const cgd_block_hparams *h, cgd_dtype dtype, c
                     SOLVER_TRY(gram(hd->blas, F, rows, cols, left, -1.0f, A));
                 } else {
                     int grid = left ? (int)(rows < 65535 ? rows : 65535) : cgd_grid_for(cols);
-                    diag_gram_kernel<<<grid, CGD_SOLVER_THREADS, 0, stream>>>(A, F, rows, cols, left, 0.0f, -1.0f,
+                    diag_gram_kernel<<<grid, CGD_SOLVER_THREADS, 0, stream>>>(A, F, rows, cols, left, 0.0f, -1.0f, 0,
                                                                               nullptr);
                 }
             }

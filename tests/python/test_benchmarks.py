@@ -17,6 +17,7 @@ import low_dim  # noqa: E402
 import matrix_step_time  # noqa: E402
 import multiplication  # noqa: E402
 import step_time  # noqa: E402
+import suite  # noqa: E402
 
 
 def test_compare_writes_table_and_plot(tmp_path, capsys):
@@ -79,3 +80,18 @@ def test_low_dim_writes_table_and_plot(tmp_path):
     for name in ("Muon", "Induced: log-loss metric", "CGD (full)", "AdamW"):
         assert f"| {name} |" in report
     assert (tmp_path / "low_dim_trajectories.png").stat().st_size > 1000
+
+
+def test_suite_writes_every_part(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 40)
+    assert suite.main(["--device", "cpu", "--scale", "cpu", "--parts", "rosenbrock", "mlp", "cnn", "gpt", "--steps",
+                       "2", "--optimizers", "AdamW", "Muon + AdamW", "CGD kron", "--data", str(text),
+                       "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "suite_cpu.md").read_text()
+    assert "| CGD (full) |" in report and "| AdaBelief |" in report  # the paper's Table 1 rows
+    for task in ("MLP on digits", "ResNet-style CNN", "character GPT"):
+        assert f"## {task}" in report
+    assert report.count("| CGD kron |") == 3 and "not applicable: torch.optim.Muon takes 2-D" in report
+    for task in ("mlp", "cnn", "gpt"):
+        assert (tmp_path / f"suite_cpu_{task}.png").stat().st_size > 1000

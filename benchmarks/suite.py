@@ -1,0 +1,367 @@
+"""The benchmark suite: every comparison in one command, at CPU scale (minutes) or GPU scale.
+
+Parts (``--parts``, default all):
+  rosenbrock      the CGD paper's Table 1: 2-D Rosenbrock from (0, 0.5), its tuned SGD, RMSProp, Adam,
+                  AdaBelief, diagonal and full CGD rows (deterministic: one run each)
+  multiplication  the CGD paper's Table 2 task (benchmarks/multiplication.py, 5 seeds)
+  mlp, cnn, gpt   real models: an MLP and a ResNet-style CNN on scikit-learn's bundled digits (ResNet-18 at GPU
+                  scale, on the digits upsampled to 32 x 32), a character GPT (4 layers, 4 heads, 128 wide) on
+                  TinyShakespeare (--data; skipped without it)
+
+Real-model protocol, the same for every optimizer: a learning-rate grid of 4 values around the optimizer's own
+usual scale (listed in the report), seed 0, full step budget, chosen by final validation loss; then seeds 0..2 at
+the chosen value. Reported: final validation loss (and accuracy) mean and spread, the best seed, time-to-target
+(wall-clock until the validation loss first reaches AdamW's mean final one), optimizer ms per step.
+
+Optimizers: AdamW (fused on a GPU), Muon (torch.optim.Muon on the 2-D hidden weights, AdamW at lr 1e-3 on the
+rest: embeddings, the first and last layer, biases, norms, conv kernels), diagonal CGD (cgd.CGD), block CGD
+(cgd.FullCGD, block 16, eigenbasis refreshed every 10 steps), Kronecker CGD (cgd.FullCGD metric="kron", refresh
+every 10 steps), and the induced RMS metric (cgd.InducedMetric, xi = 1 / number of parameters, the paper's
+suggestion).
+
+    ./run.sh suite                                   # CPU scale, or GPU scale on a GPU
+    ./run.sh suite --parts gpt --data ../shared/data/tinyshakespeare.txt --scale gpu
+
+Writes benchmarks/results/suite_<scale>.md and suite_<scale>_<task>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import pathlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import multiplication  # noqa: E402
+import tasks  # noqa: E402
+
+import cgd  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+SEEDS = (0, 1, 2)
+
+# Steps per run and evaluation interval, per task and scale.
+BUDGET = {
+    "cpu": {"mlp": (600, 50), "cnn": (300, 50), "gpt": (300, 50)},
+    "gpu": {"mlp": (3000, 100), "cnn": (2000, 100), "gpt": (5000, 250)},
+}
+
+
+# ---- optimizers ----
+
+class WithAdamW:
+    """Muon on the hidden 2-D weights and AdamW on everything else, stepped together (Muon's intended use)."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
+        self.parts = [muon, adamw]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.parts:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for opt in self.parts:
+            opt.step()
+
+
+def muon_split(params: list[torch.nn.Parameter]) -> tuple[list, list]:
+    """Hidden matrices (every 2-D weight but the first and the last, i.e. not the input layer or embedding and not
+    the output head) for Muon; the rest for AdamW."""
+    matrices = [i for i, p in enumerate(params) if p.dim() == 2]
+    hidden = set(matrices[1:-1])
+    return [p for i, p in enumerate(params) if i in hidden], [p for i, p in enumerate(params) if i not in hidden]
+
+
+def optimizer_grid(gpu: bool) -> dict[str, tuple[tuple[float, ...], Callable[[list, float], object]]]:
+    def muon(params, lr):
+        hidden, rest = muon_split(params)
+        if not hidden:
+            raise ValueError("not applicable: torch.optim.Muon takes 2-D weights and this model's hidden weights "
+                             "are conv kernels (4-D)")
+        return WithAdamW(torch.optim.Muon(hidden, lr=lr, weight_decay=0.01),
+                         torch.optim.AdamW(rest, lr=1e-3, weight_decay=0.01, fused=gpu or None))
+
+    def induced(params, lr):
+        n = sum(p.numel() for p in params)
+        return cgd.InducedMetric(params, lr=lr, gamma="rms", xi=1.0 / n, weight_decay=0.01)
+
+    adam_scale = (3e-4, 1e-3, 3e-3, 1e-2)
+    return {
+        "AdamW": (adam_scale, lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.01, fused=gpu or None)),
+        "Muon + AdamW": ((3e-3, 1e-2, 3e-2, 1e-1), muon),
+        "CGD diagonal": (adam_scale, lambda p, lr: cgd.CGD(p, lr=lr, weight_decay=0.01)),
+        "CGD block 16": ((1e-3, 3e-3, 1e-2, 3e-2), lambda p, lr: cgd.FullCGD(
+            p, lr=lr, metric="block", block_size=16, refresh_every=10, weight_decay=0.01, nonfinite="ignore")),
+        "CGD kron": ((1e-3, 3e-3, 1e-2, 3e-2), lambda p, lr: cgd.FullCGD(
+            p, lr=lr, metric="kron", refresh_every=10, weight_decay=0.01, nonfinite="ignore")),
+        "Induced RMS": (adam_scale, induced),
+    }
+
+
+# ---- tasks ----
+
+class _Residual(torch.nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(cout)
+        self.conv2 = torch.nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(cout)
+        self.skip = torch.nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.skip = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                            torch.nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.skip(x))
+
+
+class ResNet(torch.nn.Module):
+    """ResNet-18's layout (He et al. 2016; CIFAR-style 3x3 stem, no max-pool) with `blocks` residual blocks per
+    stage and `width` channels in the first: blocks=(2, 2, 2, 2), width=64 is ResNet-18."""
+
+    def __init__(self, blocks=(2, 2, 2, 2), width: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(1, width, 3, 1, 1, bias=False), torch.nn.BatchNorm2d(width),
+                                        torch.nn.ReLU())
+        layers, cin = [], width
+        for stage, n in enumerate(blocks):
+            cout = width * 2**stage
+            for b in range(n):
+                layers.append(_Residual(cin, cout, 2 if b == 0 and stage > 0 else 1))
+                cin = cout
+        self.layers = torch.nn.Sequential(*layers)
+        self.head = torch.nn.Linear(cin, classes)
+
+    def forward(self, x):
+        return self.head(self.layers(self.stem(x)).mean(dim=(2, 3)))
+
+
+def digits_images(device, seed: int, scale: str) -> tasks.Task:
+    """The digits as 1-channel images (8 x 8 on the CPU, upsampled to 32 x 32 for ResNet-18 on a GPU)."""
+    base = tasks.digits(device, seed=seed)
+    side = 32 if scale == "gpu" else 8
+
+    def image(x):
+        x = x.view(-1, 1, 8, 8)
+        return F.interpolate(x, size=side, mode="bilinear", align_corners=False) if side != 8 else x
+
+    def make_model():
+        torch.manual_seed(seed)
+        model = ResNet() if scale == "gpu" else ResNet(blocks=(1, 1), width=16)
+        return model.to(device)
+
+    def loss(model, xb, yb):
+        return F.cross_entropy(model(image(xb)), yb)
+
+    wrapped = _ImageModel(base.evaluate, image)
+    return tasks.Task("cnn", make_model, base.batch, loss, wrapped)
+
+
+class _ImageModel:
+    """Evaluates an image model with the digits task's held-out set, reshaping the flat inputs first."""
+
+    def __init__(self, evaluate, image) -> None:
+        self.evaluate, self.image = evaluate, image
+
+    def __call__(self, model):
+        return self.evaluate(lambda x: model(self.image(x)))
+
+
+def make_task(name: str, device, seed: int, scale: str, data: str | None) -> tasks.Task:
+    if name == "mlp":
+        return tasks.digits(device, seed=seed, hidden=128 if scale == "cpu" else 512)
+    if name == "cnn":
+        return digits_images(device, seed, scale)
+    block = 64 if scale == "cpu" else 256
+    return tasks.shakespeare(data, device, seed=seed, block=block, batch_size=32 if scale == "cpu" else 64)
+
+
+# ---- runs ----
+
+def train_run(task: tasks.Task, make, steps: int, every: int, gpu: bool) -> dict:
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    try:
+        h = tasks.train(task, make, steps, eval_every=every, sync=sync)
+    except (RuntimeError, ValueError) as error:  # e.g. a non-finite gradient refused
+        return {"failed": str(error).splitlines()[0][:120]}
+    if h.diverged or not h.evals:
+        return {"failed": "diverged"}
+    return {"evals": h.evals, "seconds": h.seconds, "final": h.evals[-1][1],
+            "opt_ms": 1e3 * h.optimizer_seconds / max(len(h.steps), 1)}
+
+
+def time_to(run: dict, target: float) -> float | None:
+    for step, metrics in run["evals"]:
+        if metrics.get("val_loss", metrics.get("test_loss")) <= target:
+            return run["seconds"][step - 1]
+    return None
+
+
+def loss_of(metrics: dict) -> float:
+    return metrics.get("val_loss", metrics.get("test_loss"))
+
+
+def real_model(name: str, args, device, gpu: bool, lines: list[str]) -> None:
+    steps, every = BUDGET[args.scale][name]
+    if args.steps:
+        steps, every = args.steps, max(1, args.steps // 4)
+    grid = optimizer_grid(gpu)
+    chosen: dict[str, tuple[float, list[dict]]] = {}
+    for opt_name, (lrs, factory) in grid.items():
+        if args.optimizers and opt_name not in args.optimizers:
+            continue
+        trials = []
+        for lr in lrs:
+            r = train_run(make_task(name, device, 0, args.scale, args.data), lambda p, lr=lr: factory(p, lr), steps,
+                          every, gpu)
+            trials.append((lr, r))
+            print(f"{name} {opt_name} lr={lr:g}: {r.get('failed') or loss_of(r['final'])}", file=sys.stderr)
+        ok = [(lr, r) for lr, r in trials if "failed" not in r]
+        if not ok:
+            chosen[opt_name] = (float("nan"), [trials[0][1]])
+            continue
+        lr, first = min(ok, key=lambda t: loss_of(t[1]["final"]))
+        runs = [first] + [train_run(make_task(name, device, s, args.scale, args.data),
+                                    lambda p, lr=lr: factory(p, lr), steps, every, gpu) for s in SEEDS[1:]]
+        chosen[opt_name] = (lr, runs)
+    good = {k: [r for r in runs if "failed" not in r] for k, (_, runs) in chosen.items()}
+    target = statistics.mean(loss_of(r["final"]) for r in good.get("AdamW", [])) if good.get("AdamW") else None
+    title = {"mlp": "MLP on digits", "cnn": "ResNet-style CNN on digits", "gpt": "character GPT on TinyShakespeare"}
+    lines += [f"\n## {title[name]} ({steps} steps, evaluation every {every})\n",
+              "| optimizer | lr grid | chosen lr | final val loss (mean ± sd over seeds) | best seed | accuracy "
+              "| time to AdamW's loss (s) | optimizer ms/step |", "|---|---|---|---|---|---|---|---|"]
+    for opt_name, (lr, runs) in chosen.items():
+        ok = good[opt_name]
+        lrs = ", ".join(f"{x:g}" for x in grid[opt_name][0])
+        if not ok:
+            lines.append(f"| {opt_name} | {lrs} | – | failed: {runs[0].get('failed')} | | | | |")
+            continue
+        losses = [loss_of(r["final"]) for r in ok]
+        acc = [r["final"]["test_acc"] for r in ok if "test_acc" in r["final"]]
+        times = [time_to(r, target) for r in ok] if target is not None else []
+        reached = [t for t in times if t is not None]
+        sd = statistics.stdev(losses) if len(losses) > 1 else 0.0
+        acc_cell = f"{100 * statistics.mean(acc):.1f}%" if acc else "–"
+        time_cell = f"{statistics.mean(reached):.1f} ({len(reached)}/{len(ok)} seeds)" if reached else "not reached"
+        lines.append(f"| {opt_name} | {lrs} | {lr:g} | {statistics.mean(losses):.4f} ± {sd:.4f} | {min(losses):.4f} "
+                     f"| {acc_cell} | {time_cell} | {statistics.mean(r['opt_ms'] for r in ok):.2f} |")
+    plot(name, good, args)
+    lines.append(f"\n![{name}](suite_{args.scale}_{name}.png)\n")
+
+
+def plot(name: str, good: dict, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for opt_name, runs in good.items():
+        if not runs:
+            continue
+        steps = [s for s, _ in runs[0]["evals"]]
+        mean = [statistics.mean(loss_of(r["evals"][i][1]) for r in runs if len(r["evals"]) > i)
+                for i in range(len(steps))]
+        seconds = [statistics.mean(r["seconds"][s - 1] for r in runs) for s in steps]
+        by_step.plot(steps, mean, label=opt_name)
+        by_time.plot(seconds, mean, label=opt_name)
+    for ax, xlabel in ((by_step, "step"), (by_time, "wall-clock seconds")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation loss (mean over seeds)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.suptitle(name)
+    fig.tight_layout()
+    fig.savefig(args.out / f"suite_{args.scale}_{name}.png", dpi=100)
+    plt.close(fig)
+
+
+def rosenbrock(lines: list[str], steps: int) -> None:
+    """Table 1 of the CGD paper, moments started as the paper does (M1 = 0, M2 = I, no bias correction)."""
+    def tau(t1, t2):
+        return cgd.tau_to_beta(t1), cgd.tau_to_beta(t2)
+
+    common = dict(bias_correction=False, m2_init=1.0)
+    rows = {
+        "SGD": lambda p: cgd.CGD(p, lr=0.0024, betas=(0.0, 0.0), power=0.0, bias_correction=False),
+        "RMSProp": lambda p: cgd.CGD(p, lr=0.0067, betas=tau(0, 999), power=0.5, **common),
+        "Adam": lambda p: cgd.CGD(p, lr=0.0822, betas=tau(9, 999), power=0.5, **common),
+        "AdaBelief": lambda p: cgd.CGD(p, lr=0.034, betas=tau(8.21, 11.78), power=0.5, moment="centered", **common),
+        "CGD (diagonal)": lambda p: cgd.CGD(p, lr=0.028, betas=tau(9.24, 13.6), power=0.23, moment="centered",
+                                            **common),
+        "CGD (full)": lambda p: cgd.FullCGD(p, lr=0.012, tau=(10.9, 9.46), power=0.39),
+    }
+    marks = [m for m in (100, 300, 1000, 3000) if m <= steps]
+    lines += [f"\n## Rosenbrock from (0, 0.5), the CGD paper's Table 1 hyperparameters ({steps} steps)\n",
+              "| optimizer | " + " | ".join(f"loss at {m}" for m in marks) + " | final point |",
+              "|---|" + "---|" * (len(marks) + 1)]
+    for name, make in rows.items():
+        q = torch.nn.Parameter(torch.tensor([0.0, 0.5]))
+        opt = make([q])
+        at = {}
+        for step in range(1, steps + 1):
+            opt.zero_grad()
+            loss = (1 - q[0]) ** 2 + 100 * (q[1] - q[0] ** 2) ** 2
+            loss.backward()
+            opt.step()
+            if step in marks:
+                with torch.no_grad():
+                    at[step] = float((1 - q[0]) ** 2 + 100 * (q[1] - q[0] ** 2) ** 2)
+        point = ", ".join(f"{v:.4f}" for v in q.detach().tolist())
+        lines.append(f"| {name} | " + " | ".join(f"{at[m]:.2e}" for m in marks) + f" | ({point}) |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--scale", choices=("cpu", "gpu"), default=None, help="default: gpu on a GPU, else cpu")
+    parser.add_argument("--parts", nargs="*", default=["rosenbrock", "multiplication", "mlp", "cnn", "gpt"])
+    parser.add_argument("--optimizers", nargs="*", default=None, help="only these real-model optimizers")
+    parser.add_argument("--data", default=None, help="TinyShakespeare text for the gpt part")
+    parser.add_argument("--steps", type=int, default=None, help="override every real-model step budget")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    args.scale = args.scale or ("gpu" if gpu else "cpu")
+    args.out.mkdir(parents=True, exist_ok=True)
+    where = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    command = "./run.sh suite " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [f"# Benchmark suite, {args.scale} scale\n",
+             f"{where}, torch {torch.__version__}, {datetime.date.today().isoformat()}, `{command.strip()}`\n",
+             "Protocol: see the docstring of benchmarks/suite.py (4-point lr grid per optimizer on seed 0, then "
+             f"seeds {SEEDS} at the chosen lr; time-to-target is wall-clock to AdamW's mean final loss)."]
+    t0 = time.perf_counter()
+    for part in args.parts:
+        if part == "rosenbrock":
+            rosenbrock(lines, 3000 if args.scale == "gpu" else 1000)
+        elif part == "multiplication":
+            steps = "500" if args.scale == "cpu" else "2000"
+            multiplication.main(["--steps", str(args.steps or steps), "--seeds", "5", "--out", str(args.out)])
+            lines.append("\n## Multiplication task (CGD paper, Table 2)\n\nSee [multiplication.md](multiplication.md).")
+        elif part in ("mlp", "cnn", "gpt"):
+            if part == "gpt" and args.data is None:
+                lines.append("\n## character GPT\n\nSkipped: no --data (TinyShakespeare) given.")
+                continue
+            real_model(part, args, device, gpu, lines)
+        else:
+            raise SystemExit(f"suite.py: unknown part {part!r}")
+        print(f"[suite] {part} done at {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    report = "\n".join(lines) + "\n"
+    (args.out / f"suite_{args.scale}.md").write_text(report)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
