@@ -16,6 +16,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import _ops  # noqa: F401  (loads the operator library)
+from ._distributed import is_dtensor
 from .optimizer import (NonFiniteGradientError, _bad, _check_range, _number, betas_from_tau, load_float32_state,
                         validate_step_size)
 
@@ -175,6 +176,11 @@ class FullCGD(Optimizer):
             self._validate(group)
             params = group["params"]
             for j, p in enumerate(params):
+                if is_dtensor(p):
+                    raise ValueError(f"cgd: parameter {self._label(group, j)} is a DTensor (FSDP2/tensor parallel): "
+                                     "FullCGD's full, block and kron metrics couple elements that live on different "
+                                     "ranks, which is not implemented yet; use cgd.CGD or cgd.InducedMetric under "
+                                     "FSDP2, or DistributedDataParallel")
                 if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
                     raise ValueError(f"cgd: parameter {self._label(group, j)} is {p.dtype}; supported parameter "
                                      "dtypes are float32, float16 and bfloat16")

@@ -16,6 +16,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import _ops  # noqa: F401  (loads the operator library)
+from ._distributed import is_dtensor, local, sum_over_shards
 from .optimizer import (SUPPORTED_DTYPES, NonFiniteGradientError, _bad, _check_range, _number, load_float32_state)
 
 GAMMAS = ("identity", "rms")
@@ -118,7 +119,12 @@ class InducedMetric(Optimizer):
         value = _number("loss", loss.detach() if isinstance(loss, torch.Tensor) else loss)
         if not value > 0.0 or value == float("inf"):
             raise _bad("loss", value, "embedding='log' needs a positive, finite loss (it steps on log(loss))")
-        return torch.tensor([value], dtype=torch.float32, device=device)
+        loss_t = torch.tensor(value, dtype=torch.float32, device=device)
+        if any(is_dtensor(p) for group in self.param_groups for p in group["params"]):
+            # Under FSDP2 each rank computed the loss of its own batch; the metric needs the global (mean) one.
+            ranks = float(sum_over_shards(torch.ones((), device=device), self.param_groups[0]["params"]))
+            loss_t = sum_over_shards(loss_t, self.param_groups[0]["params"]) / ranks
+        return loss_t
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
@@ -138,7 +144,8 @@ class InducedMetric(Optimizer):
                     raise RuntimeError(f"cgd: parameter {self._label(group, j)} has a "
                                        f"{'sparse' if p.grad.is_sparse else 'complex'} gradient, which "
                                        "InducedMetric does not support")
-                items.append((j, p, p.grad if p.grad.is_contiguous() else p.grad.contiguous()))
+                g = local(p.grad)
+                items.append((j, p, g if g.is_contiguous() else g.contiguous()))
             if items:
                 work.append((group, items))
         if not work:
@@ -154,7 +161,10 @@ class InducedMetric(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         scale = None if grad_scale is None else grad_scale.to(device)
         skip = None if found_inf is None else found_inf.to(device)
-        batches = [(group, [(p, g, self._state(group, p)) for _, p, g in items]) for group, items in batches]
+        sharded = [p for _, items in batches for _, p, _ in items]
+        # The kernels see local shards (FSDP2) and float32 state like them; the state itself stays like p.
+        batches = [(group, [(local(p), g, {k: local(v) for k, v in self._state(group, p).items()})
+                            for _, p, g in items]) for group, items in batches]
         metric["sum"].zero_()
         for group, chosen in batches:
             rms = group["gamma"] == "rms"
@@ -162,6 +172,7 @@ class InducedMetric(Optimizer):
                 [g for _, g, _ in chosen], [st["exp_avg_sq"] for _, _, st in chosen] if rms else [],
                 [st["step"] for _, _, st in chosen], metric["sum"], gamma=group["gamma"],
                 beta_rms=float(group["beta_rms"]), eps=float(group["eps"]), grad_scale=scale, found_inf=skip)
+        sum_over_shards(metric["sum"], sharded)  # the one collective of a step under FSDP2
         torch.ops.cgd.induced_rate_(metric["sum"], metric["norm_ema"], metric["norm_step"], metric["rate"],
                                     xi=self.xi, beta=self.beta, embedding=self.embedding, loss=loss_t,
                                     found_inf=skip)
@@ -194,12 +205,13 @@ class InducedMetric(Optimizer):
 
     def _raise_on_nonfinite(self, work) -> None:
         checks = [torch.ops.cgd.nonfinite_flags([g for _, _, g in items]) for _, items in work]
-        if sum(float(found.item()) for _, found in checks) == 0.0:
+        total = sum_over_shards(sum(found for _, found in checks), [p for _, items in work for _, p, _ in items])
+        if float(total) == 0.0:
             return
         bad = [self._label(group, items[i][0]) for (group, items), (flags, _) in zip(work, checks)
                for i in flags.nonzero().flatten().tolist()]
-        raise NonFiniteGradientError(f"cgd: the gradient of {', '.join(bad)} contains NaN or Inf; no parameter or "
-                                     "state was changed (nonfinite='raise')")
+        raise NonFiniteGradientError(f"cgd: the gradient of {', '.join(bad) or 'a parameter shard on another rank'} "
+                                     "contains NaN or Inf; no parameter or state was changed (nonfinite='raise')")
 
     # ---- checkpoints ----
 

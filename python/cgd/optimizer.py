@@ -17,6 +17,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import _ops  # noqa: F401  (loads the operator library)
+from ._distributed import local, sum_over_shards
 
 MOMENTS = ("raw", "centered", "belief")
 NONFINITE_POLICIES = ("raise", "skip", "ignore")
@@ -155,6 +156,7 @@ class _Batch:
     exp_avg_sqs: list[torch.Tensor] = field(default_factory=list)
     steps: list[torch.Tensor] = field(default_factory=list)
     where: list[tuple[int, int]] = field(default_factory=list)  # (group index, param index) for messages
+    sharded: list[torch.Tensor] = field(default_factory=list)  # the parameters as given (DTensor under FSDP2)
 
 
 class CGD(Optimizer):
@@ -331,12 +333,12 @@ class CGD(Optimizer):
                     f"cgd: parameter {self._label(gi, j)} has a sparse gradient, which CGD does not support; "
                     "use torch.optim.SparseAdam for sparse embeddings, or dense gradients"
                 )
-            if not _dense(p):
+            if not _dense(local(p)):
                 raise ValueError(
                     f"cgd: parameter {self._label(gi, j)} is a strided view with gaps or overlaps "
-                    f"(stride {p.stride()}); optimise the tensor it views instead"
+                    f"(stride {local(p).stride()}); optimise the tensor it views instead"
                 )
-            if g.stride() != p.stride() or not _dense(g):
+            if local(g).stride() != local(p).stride() or not _dense(local(g)):
                 g = torch.empty_like(p).copy_(g)  # the kernels walk param, grad and state in one memory order
             state = self.state[p]
             first = "exp_avg" not in state
@@ -355,14 +357,16 @@ class CGD(Optimizer):
             batch = batches.get(key)
             if batch is None:
                 batch = batches[key] = _Batch(group, grad_weight)
-            batch.params.append(p)
-            batch.grads.append(g)
+            # DTensor (FSDP2) parameters: the kernels step the local shard; the state is a DTensor like p.
+            batch.params.append(local(p))
+            batch.grads.append(local(g))
             batch.steps.append(state["step"])
             batch.where.append((gi, j))
+            batch.sharded.append(p)
             if need_m1:
-                batch.exp_avgs.append(state["exp_avg"])
+                batch.exp_avgs.append(local(state["exp_avg"]))
             if m2_key is not None:
-                batch.exp_avg_sqs.append(state[m2_key])
+                batch.exp_avg_sqs.append(local(state[m2_key]))
         return list(batches.values())
 
     def _skip_flag(self, batches: list[_Batch]) -> torch.Tensor | None:
@@ -377,6 +381,8 @@ class CGD(Optimizer):
         total = checks[0][1]
         for _, found in checks[1:]:
             total = total + found.to(device, non_blocking=True)
+        # Under FSDP2 every rank must take the same decision, whichever shard held the NaN.
+        total = sum_over_shards(total, chain.from_iterable(b.sharded for b in batches))
         if self.nonfinite == "raise":
             if total.item() != 0.0:
                 bad = [
@@ -385,7 +391,8 @@ class CGD(Optimizer):
                     for i in flags.nonzero().flatten().tolist()
                 ]
                 raise NonFiniteGradientError(
-                    f"cgd: the gradient of {', '.join(bad)} contains NaN or Inf; no parameter or state was "
+                    f"cgd: the gradient of {', '.join(bad) or 'a parameter shard on another rank'} contains NaN or "
+                    "Inf; no parameter or state was "
                     "changed (nonfinite='raise'). Pass nonfinite='skip' to skip such steps instead, or "
                     "nonfinite='ignore' to apply them as torch.optim does"
                 )

@@ -1,7 +1,13 @@
-"""cgd under torch.distributed on the CPU (gloo, 2 processes): DistributedDataParallel training gives the same
-parameters as one process on the whole batch, for every optimizer mode. DDP averages the gradients before the
-step, so each rank's optimizer sees the full-batch gradient and steps identically; these tests check that
-nothing in cgd (state, the induced metric's global norm, the block layout) breaks that."""
+"""cgd under torch.distributed on the CPU (gloo, 2 processes).
+
+- DistributedDataParallel gives the same parameters as one process on the whole batch, for every optimizer
+  mode: DDP averages the gradients before the step, so each rank's optimizer sees the full-batch gradient.
+- FSDP2 (fully_shard, DTensor parameters sharded on dim 0): the elementwise optimizers step their local shards
+  and the induced metric all-reduces its norm (and the loss, for the log embedding); the result equals one
+  process. FullCGD refuses DTensor parameters with a clear error.
+- torch.distributed.checkpoint: a checkpoint saved by 2 FSDP2 ranks loads into 1 plain process, which then
+  continues exactly as an uninterrupted run.
+"""
 
 from __future__ import annotations
 
@@ -39,26 +45,74 @@ def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)
 
 
-def _train(make, rank: int | None, world: int) -> list[torch.Tensor]:
-    model = _model()
-    net = torch.nn.parallel.DistributedDataParallel(model) if rank is not None else model
-    opt = make(list(model.parameters()))
-    for step in range(STEPS):
+FSDP_MODES = ("CGD", "CGD centered power 0.4", "Ballistic", "InducedMetric rms", "InducedMetric sgd",
+              "InducedMetric log")
+MODES["InducedMetric log"] = lambda p: cgd.InducedMetric(p, lr=1e-2, xi=0.1, embedding="log")
+
+
+def _steps(model, net, opt, rank: int | None, world: int, steps: range) -> None:
+    for step in steps:
         x, y = _data(step)
         if rank is not None:  # each rank its contiguous share of the batch
             x, y = x.chunk(world)[rank], y.chunk(world)[rank]
         opt.zero_grad()
-        torch.nn.functional.mse_loss(net(x), y).backward()
-        opt.step()
-    return [p.detach().clone() for p in model.parameters()]
+        loss = torch.nn.functional.mse_loss(net(x), y)
+        loss.backward()
+        if not isinstance(opt, cgd.InducedMetric):
+            opt.step()
+            continue
+        if rank is not None and net is not model:
+            # DDP: the log embedding needs the global loss, which only the user's loop knows to average (under
+            # FSDP2 cgd averages it itself, over the parameters' shard group).
+            loss = loss.detach().clone()
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        opt.step(loss=loss)
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def _full(model) -> list[torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    return [(p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for p in model.parameters()]
+
+
+def _train(make, rank: int | None, world: int, wrap: str = "ddp") -> list[torch.Tensor]:
+    model = _model()
+    net = model
+    if rank is not None and wrap == "ddp":
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    elif rank is not None:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
+    opt = make(list(model.parameters()))
+    _steps(model, net, opt, rank, world, range(STEPS))
+    return _full(model)
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results = {name: _train(make, rank, world) for name, make in MODES.items()}
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.fsdp import fully_shard
+
+        results = {("ddp", name): _train(make, rank, world) for name, make in MODES.items()}
+        results.update({("fsdp", name): _train(MODES[name], rank, world, "fsdp") for name in FSDP_MODES})
+        model = _model()
+        fully_shard(model)
+        try:
+            cgd.FullCGD(model.parameters())
+        except ValueError as error:
+            results["fullcgd_error"] = str(error)
+        # A checkpoint of CGD after half the steps, saved by both ranks.
+        model = _model()
+        fully_shard(model)
+        opt = MODES["CGD"](list(model.parameters()))
+        _steps(model, model, opt, rank, world, range(STEPS // 2))
+        model_sd, opt_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=os.path.join(os.path.dirname(out), "ckpt"))
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -76,12 +130,41 @@ def ddp_results(tmp_path_factory) -> dict[str, list[torch.Tensor]]:
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("this torch build has no gloo backend")
     out = str(tmp_path_factory.mktemp("ddp") / "params.pt")
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method="spawn")
-    return torch.load(out)
+    mp.start_processes(_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method="spawn")
+    results = torch.load(out)
+    results["dir"] = os.path.dirname(out)
+    return results
 
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_ddp_matches_one_process(ddp_results, mode):
     expected = _train(MODES[mode], None, 1)
-    for got, want in zip(ddp_results[mode], expected):
+    for got, want in zip(ddp_results[("ddp", mode)], expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", FSDP_MODES)
+def test_fsdp2_matches_one_process(ddp_results, mode):
+    expected = _train(MODES[mode], None, 1)
+    for got, want in zip(ddp_results[("fsdp", mode)], expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_full_cgd_is_refused_clearly(ddp_results):
+    assert "is a DTensor (FSDP2/tensor parallel)" in ddp_results["fullcgd_error"]
+
+
+def test_checkpoint_from_two_ranks_continues_in_one(ddp_results):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = _model()
+    opt = MODES["CGD"](list(model.parameters()))
+    model_sd, opt_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": opt_sd}
+    dcp.load(state, checkpoint_id=os.path.join(ddp_results["dir"], "ckpt"))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    _steps(model, model, opt, None, 1, range(STEPS // 2, STEPS))
+    expected = _train(MODES["CGD"], None, 1)
+    for got, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)

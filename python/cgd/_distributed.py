@@ -1,0 +1,44 @@
+"""What the optimizers need from torch.distributed for DTensor (FSDP2) parameters: the local shard to hand to
+the kernels, and a sum over the ranks that hold the other shards.
+
+Elementwise updates need no communication: each rank steps its shard, with state created like the parameter
+(a DTensor of the same placements, so torch.distributed.checkpoint can reshard it). Only quantities summed over
+all elements (the induced metric's norm, the non-finite flag) are all-reduced, over the mesh dimensions the
+tensors are sharded on; replicated dimensions already hold the whole sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+try:
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # a torch without DTensor: nothing is ever distributed here
+    DTensor = Shard = None
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor the kernels update in place: a DTensor's local shard (a view), else the tensor itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def sum_over_shards(value: torch.Tensor, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """All-reduces `value` (a local partial sum over the local shards of `tensors`) over every mesh dimension
+    on which one of them is sharded. All tensors are expected on one device mesh."""
+    groups = {}
+    for t in tensors:
+        if is_dtensor(t):
+            mesh = t.device_mesh
+            for dim, placement in enumerate(t.placements):
+                if isinstance(placement, Shard):
+                    groups[(id(mesh), dim)] = mesh.get_group(dim)
+    for group in groups.values():
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+    return value
