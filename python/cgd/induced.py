@@ -48,6 +48,11 @@ class InducedMetric(Optimizer):
         nonfinite: "raise" (default: error naming the parameter, nothing changed) or "ignore".
 
     The loss (needed with ``embedding="log"``) comes from the closure's return value or ``step(loss=...)``.
+    Under FSDP2 the norm and the loss are averaged over the ranks by cgd; under DDP pass the loss averaged over
+    the ranks yourself (``dist.all_reduce(loss, op=AVG)``), since each rank only sees its own batch's loss.
+
+    The norm EMA v and its step count are state of the first parameter of the first group
+    (``metric_norm_ema``, ``metric_norm_step``), so ``state_dict()`` and distributed checkpoints carry them.
     Defaults are the paper's (Appendix A): momentum 0.9, xi 0.1, beta 0.8, beta_rms 0.99, eps 1e-8; its
     suggestion for xi is about 1 / (number of parameters).
     """
@@ -67,7 +72,7 @@ class InducedMetric(Optimizer):
         self.xi, self.beta, self.embedding, self.nonfinite = float(xi), float(beta), embedding, nonfinite
         defaults = dict(lr=lr, momentum=momentum, gamma=gamma, beta_rms=beta_rms, eps=eps,
                         weight_decay=weight_decay, maximize=maximize)
-        self._metric: dict[str, torch.Tensor] = {}
+        self._scratch: dict[str, torch.Tensor] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -197,11 +202,16 @@ class InducedMetric(Optimizer):
         return state
 
     def _metric_state(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """The optimizer-wide state: v (norm_ema), its step count, and the scratch sum and rate."""
-        if not self._metric:
-            self._metric = {k: torch.zeros((), dtype=torch.float32, device=device)
-                            for k in ("norm_ema", "norm_step", "sum", "rate")}
-        return self._metric
+        """The optimizer-wide norm EMA v and its step count, kept in the state of the first parameter of the first
+        group (so state_dict() and torch.distributed.checkpoint save them like any state), plus scratch
+        tensors for the sum and the rate."""
+        anchor = self.state[self.param_groups[0]["params"][0]]
+        for key in ("metric_norm_ema", "metric_norm_step"):
+            if key not in anchor:
+                anchor[key] = torch.zeros((), dtype=torch.float32, device=device)
+        if not self._scratch:
+            self._scratch = {k: torch.zeros((), dtype=torch.float32, device=device) for k in ("sum", "rate")}
+        return {"norm_ema": anchor["metric_norm_ema"], "norm_step": anchor["metric_norm_step"], **self._scratch}
 
     def _raise_on_nonfinite(self, work) -> None:
         checks = [torch.ops.cgd.nonfinite_flags([g for _, _, g in items]) for _, items in work]
@@ -215,27 +225,7 @@ class InducedMetric(Optimizer):
 
     # ---- checkpoints ----
 
-    def state_dict(self) -> dict[str, Any]:
-        """torch's state dict plus ``induced_metric``: the optimizer-wide norm EMA and its step count, which
-        belong to no single parameter."""
-        out = super().state_dict()
-        out["induced_metric"] = {k: self._metric[k].clone() for k in ("norm_ema", "norm_step")} if self._metric \
-            else {}
-        out["induced_metric"].update(xi=self.xi, beta=self.beta, embedding=self.embedding)
-        return out
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads an InducedMetric state dict; state stays float32 on each parameter's device."""
-        state_dict = dict(state_dict)
-        saved = state_dict.pop("induced_metric", None)
-        if saved is None:
-            raise ValueError("cgd: this state dict has no 'induced_metric' entry: it was not saved by "
-                             "InducedMetric")
+        """Loads an InducedMetric state dict (the norm EMA included); state stays float32 on each parameter's
+        device."""
         load_float32_state(self, state_dict)
-        self.xi, self.beta, self.embedding = float(saved["xi"]), float(saved["beta"]), saved["embedding"]
-        self._metric = {}
-        if "norm_ema" in saved:
-            device = self.param_groups[0]["params"][0].device
-            metric = self._metric_state(device)
-            metric["norm_ema"].copy_(saved["norm_ema"])
-            metric["norm_step"].copy_(saved["norm_step"])

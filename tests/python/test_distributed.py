@@ -48,6 +48,7 @@ def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 FSDP_MODES = ("CGD", "CGD centered power 0.4", "Ballistic", "InducedMetric rms", "InducedMetric sgd",
               "InducedMetric log")
 MODES["InducedMetric log"] = lambda p: cgd.InducedMetric(p, lr=1e-2, xi=0.1, embedding="log")
+CHECKPOINTED = ("CGD", "InducedMetric rms")
 
 
 def _steps(model, net, opt, rank: int | None, world: int, steps: range) -> None:
@@ -106,13 +107,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             cgd.FullCGD(model.parameters())
         except ValueError as error:
             results["fullcgd_error"] = str(error)
-        # A checkpoint of CGD after half the steps, saved by both ranks.
-        model = _model()
-        fully_shard(model)
-        opt = MODES["CGD"](list(model.parameters()))
-        _steps(model, model, opt, rank, world, range(STEPS // 2))
-        model_sd, opt_sd = get_state_dict(model, opt)
-        dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=os.path.join(os.path.dirname(out), "ckpt"))
+        for mode in CHECKPOINTED:  # a checkpoint after half the steps, saved by both ranks
+            model = _model()
+            fully_shard(model)
+            opt = MODES[mode](list(model.parameters()))
+            _steps(model, model, opt, rank, world, range(STEPS // 2))
+            model_sd, opt_sd = get_state_dict(model, opt)
+            dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=os.path.join(os.path.dirname(out), mode))
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -154,17 +155,18 @@ def test_fsdp2_full_cgd_is_refused_clearly(ddp_results):
     assert "is a DTensor (FSDP2/tensor parallel)" in ddp_results["fullcgd_error"]
 
 
-def test_checkpoint_from_two_ranks_continues_in_one(ddp_results):
+@pytest.mark.parametrize("mode", CHECKPOINTED)
+def test_checkpoint_from_two_ranks_continues_in_one(ddp_results, mode):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model = _model()
-    opt = MODES["CGD"](list(model.parameters()))
+    opt = MODES[mode](list(model.parameters()))
     model_sd, opt_sd = get_state_dict(model, opt)
     state = {"model": model_sd, "optim": opt_sd}
-    dcp.load(state, checkpoint_id=os.path.join(ddp_results["dir"], "ckpt"))
+    dcp.load(state, checkpoint_id=os.path.join(ddp_results["dir"], mode))
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     _steps(model, model, opt, None, 1, range(STEPS // 2, STEPS))
-    expected = _train(MODES["CGD"], None, 1)
+    expected = _train(MODES[mode], None, 1)
     for got, want in zip(model.parameters(), expected):
         torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
