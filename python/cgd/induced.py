@@ -209,8 +209,8 @@ class InducedMetric(Optimizer):
         for key in ("metric_norm_ema", "metric_norm_step"):
             if key not in anchor:
                 anchor[key] = torch.zeros((), dtype=torch.float32, device=device)
-        if not self._scratch:
-            self._scratch = {k: torch.zeros((), dtype=torch.float32, device=device) for k in ("sum", "rate")}
+        if not self._scratch:  # filled in place: torch.compile traces a dict update, not a new attribute
+            self._scratch.update({k: torch.zeros((), dtype=torch.float32, device=device) for k in ("sum", "rate")})
         return {"norm_ema": anchor["metric_norm_ema"], "norm_step": anchor["metric_norm_step"], **self._scratch}
 
     def _raise_on_nonfinite(self, work) -> None:
