@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 
 try:
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # a torch without DTensor: nothing is ever distributed here
-    DTensor = Shard = None
+    DTensor = Replicate = Shard = None
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
@@ -42,3 +42,16 @@ def sum_over_shards(value: torch.Tensor, tensors: Iterable[torch.Tensor]) -> tor
     for group in groups.values():
         dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
     return value
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every rank (an all-gather for a sharded DTensor), else the tensor itself."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of `whole` (identical on every rank) in `like`'s placements: a local slice, no
+    communication."""
+    mesh = like.device_mesh
+    replicated = DTensor.from_local(whole, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return replicated.redistribute(mesh, like.placements).to_local()

@@ -16,7 +16,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import _ops  # noqa: F401  (loads the operator library)
-from ._distributed import is_dtensor
+from ._distributed import full, is_dtensor, local, shard_like
 from .optimizer import (NonFiniteGradientError, _bad, _check_range, _number, betas_from_tau, load_float32_state,
                         validate_step_size)
 
@@ -176,11 +176,6 @@ class FullCGD(Optimizer):
             self._validate(group)
             params = group["params"]
             for j, p in enumerate(params):
-                if is_dtensor(p):
-                    raise ValueError(f"cgd: parameter {self._label(group, j)} is a DTensor (FSDP2/tensor parallel): "
-                                     "FullCGD's full, block and kron metrics couple elements that live on different "
-                                     "ranks, which is not implemented yet; use cgd.CGD or cgd.InducedMetric under "
-                                     "FSDP2, or DistributedDataParallel")
                 if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
                     raise ValueError(f"cgd: parameter {self._label(group, j)} is {p.dtype}; supported parameter "
                                      "dtypes are float32, float16 and bfloat16")
@@ -263,15 +258,34 @@ class FullCGD(Optimizer):
                 if not p.is_contiguous():
                     raise ValueError(f"cgd: parameter {self._label(group, j)} is not contiguous (stride "
                                      f"{p.stride()}); FullCGD needs contiguous parameters")
+                g = full(g)  # FSDP2: the metric couples elements across shards, so every rank gathers them
                 grads.append(g if g.is_contiguous() and g.stride() == p.stride() else g.contiguous())
-            work.append((group, grads))
+            # What the kernels update: the parameter itself, or for a DTensor a zero stand-in of its full shape
+            # that receives -lr * direction, later added to the local shard.
+            targets = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) if is_dtensor(p) else p for p in params]
+            work.append((group, grads, targets))
         if self.nonfinite == "raise":
-            self._raise_on_nonfinite(work)
+            self._raise_on_nonfinite([(group, grads) for group, grads, _ in work])
         found_inf = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
-        for group, grads in work:
-            self._step_group(group, grads, grad_scale, found_inf)
+        for group, grads, targets in work:
+            self._step_group(group, grads, targets, grad_scale, found_inf)
+            self._add_to_shards(group, targets, found_inf)
         return loss
+
+    @staticmethod
+    def _add_to_shards(group: dict[str, Any], targets: list[torch.Tensor], found_inf) -> None:
+        """DTensor parameters: p <- p (1 - lr wd) - lr direction on each rank's shard. Every rank computed the same
+        full direction from the same gathered gradients, so the shards stay one consistent tensor."""
+        decay = 1.0 - _number("lr", group["lr"]) * float(group["weight_decay"])
+        for p, target in zip(group["params"], targets):
+            if target is p or p.grad is None:
+                continue
+            shard, mine = local(p), shard_like(target, p)
+            stepped = shard * decay + mine
+            if found_inf is not None:  # a skipped step leaves the shard alone, without a host sync
+                stepped = torch.where(found_inf.to(shard.device) != 0, shard, stepped)
+            shard.copy_(stepped)
 
     _step_supports_amp_scaling = True
 
@@ -311,9 +325,9 @@ class FullCGD(Optimizer):
                              f"layout needs {(nblocks, block, block)}: metric or block_size changed")
         return state, (offsets, block, nblocks)
 
-    def _step_group(self, group, grads, grad_scale, found_inf) -> None:
+    def _step_group(self, group, grads, targets, grad_scale, found_inf) -> None:
         if group["metric"] == "kron":
-            self._step_kron(group, grads, grad_scale, found_inf)
+            self._step_kron(group, grads, targets, grad_scale, found_inf)
             return
         params = group["params"]
         state, (offsets, block, nblocks) = self._group_state(group)
@@ -321,7 +335,7 @@ class FullCGD(Optimizer):
         refresh = state["calls"] % group["refresh_every"] == 0
         beta1, beta2 = group["betas"]
         torch.ops.cgd.block_step_(
-            params, grads, offsets, state["exp_avg"], state["exp_avg_sq"], state["precond"], state["eigvals"],
+            targets, grads, offsets, state["exp_avg"], state["exp_avg_sq"], state["precond"], state["eigvals"],
             state["step"], state["outcome"], state["counters"],
             block=block, nblocks=nblocks, lr=_number("lr", group["lr"]), beta1=float(beta1), beta2=float(beta2),
             power=float(group["power"]), eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
@@ -361,8 +375,9 @@ class FullCGD(Optimizer):
         state["counters"] = torch.zeros(3, **f32)
         return state
 
-    def _step_kron(self, group, grads, grad_scale, found_inf) -> None:
+    def _step_kron(self, group, grads, targets, grad_scale, found_inf) -> None:
         live = [(p, g) for p, g in zip(group["params"], grads) if g is not None and p.numel() > 0]
+        stand_in = {id(p): t for p, t in zip(group["params"], targets)}
         if not live:
             return
         fresh = not all("left_sq" in self.state[p] for p, _ in live)
@@ -377,7 +392,7 @@ class FullCGD(Optimizer):
         keys = ("exp_avg", "left_sq", "right_sq", "left_basis", "right_basis", "left_eig", "right_eig", "step",
                 "outcome", "counters")
         torch.ops.cgd.kron_step_(
-            [p for p, _ in live], [g for _, g in live], *([st[k] for st in states] for k in keys),
+            [stand_in[id(p)] for p, _ in live], [g for _, g in live], *([st[k] for st in states] for k in keys),
             lr=_number("lr", group["lr"]), beta1=float(beta1), beta2=float(beta2), power=float(group["power"]),
             eps=float(group["eps"]), weight_decay=float(group["weight_decay"]), centered=bool(group["centered"]),
             bias_correction=bool(group["bias_correction"]), maximize=bool(group["maximize"]), refresh=refresh,
