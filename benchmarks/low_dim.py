@@ -109,6 +109,8 @@ def run(fn, start, f_min, make, steps: int) -> dict:
         opt.zero_grad()
         loss = fn(point[0, 0], point[0, 1])
         loss.backward()
+        if isinstance(opt, cgd.InducedMetric) and opt.embedding == "log" and not float(loss) > 0.0:
+            break  # the float32 loss rounded to 0 short of the target: log(loss) cannot step further
         try:
             if isinstance(opt, cgd.InducedMetric):
                 opt.step(loss=loss)
