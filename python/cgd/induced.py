@@ -17,7 +17,8 @@ from torch.optim import Optimizer
 
 from . import _ops  # noqa: F401  (loads the operator library)
 from ._distributed import is_dtensor, local, sum_over_shards
-from .optimizer import (SUPPORTED_DTYPES, NonFiniteGradientError, _bad, _check_range, _number, load_float32_state)
+from .optimizer import (SUPPORTED_DTYPES, NonFiniteGradientError, _bad, _check_range, _number, load_float32_state,
+                        resolve_nonfinite)
 
 GAMMAS = ("identity", "rms")
 EMBEDDINGS = ("loss", "log")
@@ -46,6 +47,8 @@ class InducedMetric(Optimizer):
         xi, beta, embedding: the metric's coefficient, the EMA of the norm and the embedding f; one per
             optimizer, since they define the one metric (a group may not set them).
         nonfinite: "raise" (default: error naming the parameter, nothing changed) or "ignore".
+        capturable: a step without host synchronisation, for CUDA-graph capture: needs ``nonfinite="ignore"``
+            (the default then) and the "loss" embedding.
 
     The loss (needed with ``embedding="log"``) comes from the closure's return value or ``step(loss=...)``.
     Under FSDP2 the norm and the loss are averaged over the ranks by cgd; under DDP pass the loss averaged over
@@ -62,14 +65,17 @@ class InducedMetric(Optimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, momentum: float = 0.9, *, xi: float = 0.1,
                  beta: float = 0.8, embedding: str = "loss", gamma: str = "identity", beta_rms: float = 0.99,
                  eps: float = 1e-8, weight_decay: float = 0.0, maximize: bool = False,
-                 nonfinite: str = "raise") -> None:
+                 nonfinite: str | None = None, capturable: bool = False) -> None:
         _check_range("xi", xi, 0.0)
         _check_range("beta", beta, 0.0, 1.0)
         if embedding not in EMBEDDINGS:
             raise _bad("embedding", embedding, f"must be one of {EMBEDDINGS}")
-        if nonfinite not in ("raise", "ignore"):
-            raise _bad("nonfinite", nonfinite, "must be 'raise' or 'ignore'")
-        self.xi, self.beta, self.embedding, self.nonfinite = float(xi), float(beta), embedding, nonfinite
+        if capturable and embedding == "log":
+            raise _bad("capturable", capturable, "embedding='log' reads the loss on the host to refuse a "
+                       "non-positive one, which CUDA-graph capture forbids")
+        self.capturable = bool(capturable)
+        self.nonfinite = resolve_nonfinite(nonfinite, self.capturable, ("raise", "ignore"))
+        self.xi, self.beta, self.embedding = float(xi), float(beta), embedding
         defaults = dict(lr=lr, momentum=momentum, gamma=gamma, beta_rms=beta_rms, eps=eps,
                         weight_decay=weight_decay, maximize=maximize)
         self._scratch: dict[str, torch.Tensor] = {}

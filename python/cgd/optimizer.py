@@ -105,6 +105,19 @@ def load_float32_state(optimizer: Optimizer, state_dict: dict[str, Any], int_key
         }
 
 
+def resolve_nonfinite(nonfinite: str | None, capturable: bool, policies: tuple[str, ...]) -> str:
+    """The non-finite policy: "raise" by default, or "skip" under capturable=True, where raising would need the
+    flag on the host (a synchronisation CUDA-graph capture forbids)."""
+    if nonfinite is None:
+        nonfinite = "skip" if capturable and "skip" in policies else ("ignore" if capturable else "raise")
+    if nonfinite not in policies:
+        raise _bad("nonfinite", nonfinite, f"must be one of {policies}")
+    if capturable and nonfinite == "raise":
+        raise _bad("nonfinite", nonfinite, "capturable=True cannot raise: that reads the non-finite flag on the "
+                   f"host; use one of {tuple(p for p in policies if p != 'raise')}")
+    return nonfinite
+
+
 def validate_step_size(group: dict[str, Any]) -> None:
     """Checks lr, betas and power, which every CGD optimizer shares."""
     _check_range("lr", group["lr"], 0.0)
@@ -195,7 +208,11 @@ class CGD(Optimizer):
             naming the parameter and applies no part of the step; "skip" skips the whole step on the device
             without a host synchronisation, counted in :attr:`skipped_steps`; "ignore" checks nothing (the
             fastest; a NaN then spreads into parameters and state, as with torch.optim). "raise" costs one extra
-            read of the gradients and one device-to-host synchronisation per step.
+            read of the gradients and one device-to-host synchronisation per step. Default "raise", or "skip"
+            with ``capturable=True``.
+        capturable: promise a step with no host synchronisation, so it can be captured in a CUDA graph (the
+            step counters already live on the device): refuses ``nonfinite="raise"``; keep ``lr`` a Python
+            float (a CUDA tensor lr would be read on the host).
 
     Defaults: ``power=0.5``, ``betas=(0.9, 0.999)``, ``eps=1e-8`` (inside the power), bias correction on,
     ``m2_init=0``: Adam's timescales and start with the paper's placement of eps, so a learning rate tuned for
@@ -232,15 +249,15 @@ class CGD(Optimizer):
         heavy_ball: bool = False,
         dampening: float = 0.0,
         maximize: bool = False,
-        nonfinite: str = "raise",
+        nonfinite: str | None = None,
+        capturable: bool = False,
     ) -> None:
         if tau is not None:
             if betas is not _DEFAULT_BETAS:
                 raise _bad("tau", tau, "pass either betas or tau, not both")
             betas = betas_from_tau(tau)
-        if nonfinite not in NONFINITE_POLICIES:
-            raise _bad("nonfinite", nonfinite, f"must be one of {NONFINITE_POLICIES}")
-        self.nonfinite = nonfinite
+        self.capturable = bool(capturable)
+        self.nonfinite = resolve_nonfinite(nonfinite, self.capturable, NONFINITE_POLICIES)
         self._skipped: torch.Tensor | None = None
         defaults = dict(
             lr=lr,
@@ -263,6 +280,7 @@ class CGD(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("nonfinite", "raise")
+        self.__dict__.setdefault("capturable", False)
         self.__dict__.setdefault("_skipped", None)
         for group in self.param_groups:
             for key, value in self.defaults.items():

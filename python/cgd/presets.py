@@ -25,10 +25,8 @@ from .optimizer import CGD, _bad
 _DEFAULT_BETAS = (0.9, 0.999)
 
 
-def _reject_unsupported(name: str, foreach: Any, fused: Any, capturable: bool, differentiable: bool) -> None:
+def _reject_unsupported(name: str, foreach: Any, fused: Any, differentiable: bool) -> None:
     del foreach, fused  # one fused pass whatever they say
-    if capturable:
-        raise _bad(f"{name}(capturable)", capturable, "CUDA-graph capture is not supported yet")
     if differentiable:
         raise _bad(f"{name}(differentiable)", differentiable, "differentiating through the step is not supported")
 
@@ -43,13 +41,14 @@ class SGD(CGD):
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False, foreach=None,
-                 differentiable: bool = False, fused=None, nonfinite: str = "raise") -> None:
-        _reject_unsupported("SGD", foreach, fused, False, differentiable)
+                 differentiable: bool = False, fused=None, capturable: bool = False,
+                 nonfinite: str | None = None) -> None:
+        _reject_unsupported("SGD", foreach, fused, differentiable)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise _bad("SGD(nesterov)", nesterov, "Nesterov momentum requires a momentum and zero dampening")
         super().__init__(params, lr=lr, betas=(momentum, 0.0), power=0.0, eps=0.0, weight_decay=weight_decay,
                          decoupled_weight_decay=False, bias_correction=False, nesterov=nesterov, heavy_ball=True,
-                         dampening=dampening, maximize=maximize, nonfinite=nonfinite)
+                         dampening=dampening, maximize=maximize, nonfinite=nonfinite, capturable=capturable)
 
 
 class RMSprop(CGD):
@@ -63,8 +62,8 @@ class RMSprop(CGD):
     def __init__(self, params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False,
                  capturable: bool = False, foreach=None, maximize: bool = False, differentiable: bool = False,
-                 *, nonfinite: str = "raise") -> None:
-        _reject_unsupported("RMSprop", foreach, None, capturable, differentiable)
+                 *, nonfinite: str | None = None) -> None:
+        _reject_unsupported("RMSprop", foreach, None, differentiable)
         if momentum != 0:
             raise _bad("RMSprop(momentum)", momentum, "torch's RMSprop momentum acts after the metric, which is "
                        "not a CGD special case; use cgd.CGD(betas=(momentum, alpha), power=0.5)")
@@ -73,7 +72,7 @@ class RMSprop(CGD):
                        "tau1; use cgd.CGD(moment='centered') for the paper's variance metric")
         super().__init__(params, lr=lr, betas=(0.0, alpha), power=0.5, eps=eps, weight_decay=weight_decay,
                          decoupled_weight_decay=False, eps_inside=False, bias_correction=False, maximize=maximize,
-                         nonfinite=nonfinite)
+                         nonfinite=nonfinite, capturable=capturable)
 
 
 class Adam(CGD):
@@ -82,14 +81,14 @@ class Adam(CGD):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = _DEFAULT_BETAS, eps: float = 1e-8,
                  weight_decay: float = 0.0, amsgrad: bool = False, *, foreach=None, maximize: bool = False,
                  capturable: bool = False, differentiable: bool = False, fused=None,
-                 decoupled_weight_decay: bool = False, nonfinite: str = "raise") -> None:
-        _reject_unsupported(type(self).__name__, foreach, fused, capturable, differentiable)
+                 decoupled_weight_decay: bool = False, nonfinite: str | None = None) -> None:
+        _reject_unsupported(type(self).__name__, foreach, fused, differentiable)
         if amsgrad:
             raise _bad(f"{type(self).__name__}(amsgrad)", amsgrad,
                        "AMSGrad's running maximum is not a CGD special case")
         super().__init__(params, lr=lr, betas=betas, power=0.5, eps=eps, weight_decay=weight_decay,
                          decoupled_weight_decay=decoupled_weight_decay, eps_inside=False, bias_correction=True,
-                         maximize=maximize, nonfinite=nonfinite)
+                         maximize=maximize, nonfinite=nonfinite, capturable=capturable)
 
 
 class AdamW(Adam):
@@ -98,7 +97,7 @@ class AdamW(Adam):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = _DEFAULT_BETAS, eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False, foreach=None,
                  capturable: bool = False, differentiable: bool = False, fused=None,
-                 nonfinite: str = "raise") -> None:
+                 nonfinite: str | None = None) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=True, nonfinite=nonfinite)
@@ -115,7 +114,7 @@ class AdaBelief(CGD):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = _DEFAULT_BETAS, eps: float = 1e-16,
                  weight_decay: float = 0.0, weight_decouple: bool = True, *, maximize: bool = False,
-                 nonfinite: str = "raise") -> None:
+                 nonfinite: str | None = None) -> None:
         super().__init__(params, lr=lr, betas=betas, power=0.5, eps=eps, weight_decay=weight_decay,
                          decoupled_weight_decay=weight_decouple, moment="belief", eps_inside=False,
                          bias_correction=True, maximize=maximize, nonfinite=nonfinite)
@@ -128,7 +127,7 @@ class Ballistic(CGD):
     eps inside, as the paper wrote it (so the first step is lr / sqrt(1 - beta) times the sign of g, in size)."""
 
     def __init__(self, params, lr: float = 1e-3, beta: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
-                 *, maximize: bool = False, nonfinite: str = "raise") -> None:
+                 *, maximize: bool = False, nonfinite: str | None = None) -> None:
         super().__init__(params, lr=lr, betas=(0.0, beta), power=0.5, eps=eps, weight_decay=weight_decay,
                          decoupled_weight_decay=True, eps_inside=True, bias_correction=False, m2_init=0.0,
                          maximize=maximize, nonfinite=nonfinite)

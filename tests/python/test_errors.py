@@ -59,7 +59,7 @@ def test_invalid_param_group_is_not_added():
     [
         (lambda p: cgd.Adam(p, amsgrad=True), r"Adam\(amsgrad\) = True is invalid"),
         (lambda p: cgd.AdamW(p, amsgrad=True), r"AdamW\(amsgrad\) = True is invalid"),
-        (lambda p: cgd.Adam(p, capturable=True), r"capturable"),
+        (lambda p: cgd.Adam(p, capturable=True, nonfinite="raise"), r"capturable=True cannot raise"),
         (lambda p: cgd.RMSprop(p, momentum=0.9), r"RMSprop\(momentum\) = 0.9 is invalid"),
         (lambda p: cgd.RMSprop(p, centered=True), r"RMSprop\(centered\) = True is invalid"),
         (lambda p: cgd.SGD(p, nesterov=True), r"Nesterov momentum requires a momentum"),
