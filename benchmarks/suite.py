@@ -357,9 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise SystemExit(f"suite.py: unknown part {part!r}")
         print(f"[suite] {part} done at {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    report = "\n".join(lines) + "\n"
-    (args.out / f"suite_{args.scale}.md").write_text(report)
-    print(report)
+        # Written after every part, so a long run that is stopped keeps what it finished.
+        (args.out / f"suite_{args.scale}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
     return 0
 
 
