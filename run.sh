@@ -29,7 +29,7 @@ ensure_system_packages() {
     command -v ninja >/dev/null || missing+=(ninja-build)
     command -v g++ >/dev/null || missing+=(g++)
     [ -f /usr/include/gtest/gtest.h ] || missing+=(libgtest-dev)
-    ls /usr/lib/*/liblapack.so /usr/lib/liblapack.so >/dev/null 2>&1 || missing+=(liblapack-dev)
+    compgen -G "/usr/lib/*/liblapack.so" >/dev/null || [ -f /usr/lib/liblapack.so ] || missing+=(liblapack-dev)
     [ ${#missing[@]} -eq 0 ] && return
     if command -v apt-get >/dev/null && [ "$(id -u)" -eq 0 ]; then
         say "installing Debian packages: ${missing[*]}"
