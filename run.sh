@@ -8,12 +8,14 @@
 #   ./run.sh bench [args]     optimizer step-time benchmark (benchmarks/step_time.py)
 #   ./run.sh suite [args]     every comparison vs AdamW and Muon, CPU or GPU scale (benchmarks/suite.py)
 #   ./run.sh python [args]    the project's Python, with the cgd package importable
+#   ./run.sh fetch-deps       download and unpack the Debian build packages into .deps, for an offline machine
 #
 # Environment:
 #   CGD_VENV       virtual environment (default: ~/.cache/torch-cgd/venv)
 #   CGD_PYTHON     use this interpreter as it is and install nothing (a machine without network, e.g. the GPU host)
 #   CGD_BUILD_DIR  CMake build directory (default: ./build)
 #   CGD_CUDA       AUTO (default), ON (fail if the CUDA kernels cannot be built) or OFF
+#   CGD_DEPS       a folder made by fetch-deps: use the build packages from there instead of the system
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -23,14 +25,52 @@ VENV=${CGD_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/torch-cgd/venv}
 say() { printf '[run.sh] %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
+# Debian packages the build needs beyond a compiler: LAPACK for the CPU eigensolvers, GoogleTest for the C tests.
+DEPS_PACKAGES=(liblapack3 liblapack-dev libblas3 libblas-dev libgfortran5 libgtest-dev)
+
+# On a machine without network (the GPU host) the packages travel unpacked: `./run.sh fetch-deps` here, then
+# carry .deps and run with CGD_DEPS=.deps. This puts them on the compiler's and the loader's paths.
+use_carried_deps() {
+    [ -n "${CGD_DEPS:-}" ] || return 0
+    DEPS=$(cd "$CGD_DEPS" && pwd)
+    CMAKE_DEPS_ARGS=(-DCMAKE_PREFIX_PATH="$DEPS/root/usr" -DCMAKE_LIBRARY_PATH="$DEPS/lib")
+    export LD_LIBRARY_PATH="$DEPS/lib:$DEPS/root/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+}
+
+fetch_deps() {
+    local dir=$ROOT/.deps
+    rm -rf "$dir" && mkdir -p "$dir/debs" "$dir/root" "$dir/lib"
+    (cd "$dir/debs" && apt-get download "${DEPS_PACKAGES[@]}")
+    for deb in "$dir"/debs/*.deb; do dpkg -x "$deb" "$dir/root"; done
+    # dpkg -x skips the alternatives that give LAPACK and BLAS their plain names; copies, not links, so the
+    # folder survives being carried to another path.
+    local arch=$dir/root/usr/lib/x86_64-linux-gnu
+    for lib in lapack/liblapack blas/libblas; do
+        cp -L "$arch/$lib.so.3" "$dir/lib/$(basename "$lib").so"
+        cp -L "$arch/$lib.so.3" "$dir/lib/$(basename "$lib").so.3"
+    done
+    cp -L "$arch/libgfortran.so.5" "$dir/lib/"
+    # Keep it well under a device call's 64 MiB: the copies above replace the originals; no docs, no archives
+    # but GoogleTest's.
+    rm -rf "$dir/debs" "$dir/root/usr/share" "$arch/lapack" "$arch/blas" "$arch"/libgfortran.so*
+    find "$dir/root" -name '*.a' ! -name 'libg*test*.a' -delete
+    say "unpacked ${DEPS_PACKAGES[*]} into $dir: carry it and set CGD_DEPS=.deps"
+}
+
 ensure_system_packages() {
     local missing=()
     command -v cmake >/dev/null || missing+=(cmake)
     command -v ninja >/dev/null || missing+=(ninja-build)
     command -v g++ >/dev/null || missing+=(g++)
-    [ -f /usr/include/gtest/gtest.h ] || missing+=(libgtest-dev)
-    compgen -G "/usr/lib/*/liblapack.so" >/dev/null || [ -f /usr/lib/liblapack.so ] || missing+=(liblapack-dev)
+    if [ -z "${CGD_DEPS:-}" ]; then
+        [ -f /usr/include/gtest/gtest.h ] || missing+=(libgtest-dev)
+        compgen -G "/usr/lib/*/liblapack.so" >/dev/null || [ -f /usr/lib/liblapack.so ] || missing+=(liblapack-dev)
+    fi
     [ ${#missing[@]} -eq 0 ] && return
+    if [ -n "${CGD_PYTHON:-}" ]; then
+        die "missing build packages: ${missing[*]}; on a machine without network run './run.sh fetch-deps' where "\
+"there is one, carry .deps, and set CGD_DEPS=.deps"
+    fi
     if command -v apt-get >/dev/null && [ "$(id -u)" -eq 0 ]; then
         say "installing Debian packages: ${missing[*]}"
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
@@ -59,7 +99,10 @@ ensure_python() {
     PY=$VENV/bin/python
 }
 
+CMAKE_DEPS_ARGS=()
+
 build() {
+    use_carried_deps
     ensure_system_packages
     ensure_python
     if ! command -v nvcc >/dev/null && [ -z "${CUDACXX:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
@@ -69,7 +112,7 @@ build() {
     # Torch's CMake package warns about things that do not concern us (kineto, arch lists): keep the log, show
     # it only when configuring fails.
     if ! cmake -S "$ROOT" -B "$BUILD" -G Ninja -DPython3_EXECUTABLE="$PY" -DCGD_CUDA="${CGD_CUDA:-AUTO}" \
-            >"$BUILD/configure.log" 2>&1; then
+            "${CMAKE_DEPS_ARGS[@]}" >"$BUILD/configure.log" 2>&1; then
         cat "$BUILD/configure.log" >&2
         die "CMake configuration failed (log: $BUILD/configure.log)"
     fi
@@ -99,5 +142,6 @@ case "$cmd" in
         [ -f "$ROOT/../shared/data/tinyshakespeare.txt" ] && data=(--data "$ROOT/../shared/data/tinyshakespeare.txt")
         run_python "$ROOT/benchmarks/suite.py" "${data[@]}" "$@" ;;
     python) build >/dev/null && run_python "$@" ;;
-    *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; [ -z "$cmd" ] || exit 2 ;;
+    fetch-deps) fetch_deps ;;
+    *) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; [ -z "$cmd" ] || exit 2 ;;
 esac
