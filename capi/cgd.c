@@ -63,6 +63,11 @@ const char *cgd_status_name(cgd_status status) {
 
 const char *cgd_last_error(void) { return last_error; }
 
+/* The end of every call that reached the CUDA kernels (a build without them links stubs that report it). */
+static cgd_status cuda_outcome(const char *fn, int e) {
+    return e ? fail(CGD_ERR_CUDA, "%s: CUDA error %d: %s", fn, e, cgd_cuda_error_string(e)) : ok();
+}
+
 static cgd_status check_common(const char *fn, cgd_dtype dtype, cgd_device device, int64_t count) {
     if (dtype != CGD_FLOAT32 && dtype != CGD_FLOAT16 && dtype != CGD_BFLOAT16)
         return fail(CGD_ERR_INVALID_ARGUMENT, "%s: dtype = %d is not a cgd_dtype", fn, (int)dtype);
@@ -141,14 +146,7 @@ cgd_status cgd_diag_step(const cgd_diag_hparams *hparams, cgd_dtype dtype, const
         cgd_cpu_diag_step(&k, dtype, tensors, count, grad_scale, skip);
         return ok();
     }
-#ifdef CGD_WITH_CUDA
-    int e = cgd_cuda_diag_step(&k, dtype, tensors, count, grad_scale, skip, stream);
-    if (e) return fail(CGD_ERR_CUDA, "%s: CUDA error %d: %s", fn, e, cgd_cuda_error_string(e));
-    return ok();
-#else
-    (void)stream;
-    return fail(CGD_ERR_UNSUPPORTED, "%s: unreachable without CUDA", fn);
-#endif
+    return cuda_outcome(fn, cgd_cuda_diag_step(&k, dtype, tensors, count, grad_scale, skip, stream));
 }
 
 cgd_status cgd_nonfinite_check(cgd_dtype dtype, const void *const *data, const int64_t *numels, int64_t count,
@@ -169,14 +167,7 @@ cgd_status cgd_nonfinite_check(cgd_dtype dtype, const void *const *data, const i
         cgd_cpu_nonfinite_check(dtype, data, numels, count, flags, found);
         return ok();
     }
-#ifdef CGD_WITH_CUDA
-    int e = cgd_cuda_nonfinite_check(dtype, data, numels, count, flags, found, stream);
-    if (e) return fail(CGD_ERR_CUDA, "%s: CUDA error %d: %s", fn, e, cgd_cuda_error_string(e));
-    return ok();
-#else
-    (void)stream;
-    return fail(CGD_ERR_UNSUPPORTED, "%s: unreachable without CUDA", fn);
-#endif
+    return cuda_outcome(fn, cgd_cuda_nonfinite_check(dtype, data, numels, count, flags, found, stream));
 }
 
 static cgd_status check_block_hparams(const char *fn, const cgd_block_hparams *h) {
@@ -235,15 +226,9 @@ cgd_status cgd_block_step(const cgd_block_hparams *hparams, cgd_dtype dtype, con
         if (failed) return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the workspace", fn);
         return ok();
     }
-#ifdef CGD_WITH_CUDA
     char why[256];
     int e = cgd_cuda_block_step(hparams, dtype, tensors, count, state, grad_scale, skip, stream, why, sizeof why);
-    if (e) return fail(CGD_ERR_CUDA, "%s: %s", fn, why);
-    return ok();
-#else
-    (void)stream;
-    return fail(CGD_ERR_UNSUPPORTED, "%s: unreachable without CUDA", fn);
-#endif
+    return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : ok();
 }
 
 cgd_status cgd_kron_step(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_kron_tensor *tensors,
@@ -278,15 +263,9 @@ cgd_status cgd_kron_step(const cgd_block_hparams *hparams, cgd_dtype dtype, cons
             return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the workspace", fn);
         return ok();
     }
-#ifdef CGD_WITH_CUDA
     char why[256];
     int e = cgd_cuda_kron_step(hparams, dtype, tensors, count, grad_scale, skip, stream, why, sizeof why);
-    if (e) return fail(CGD_ERR_CUDA, "%s: %s", fn, why);
-    return ok();
-#else
-    (void)stream;
-    return fail(CGD_ERR_UNSUPPORTED, "%s: unreachable without CUDA", fn);
-#endif
+    return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : ok();
 }
 
 static cgd_status check_induced(const char *fn, const cgd_induced_hparams *h, cgd_dtype dtype,
@@ -331,14 +310,7 @@ cgd_status cgd_induced_norm(const cgd_induced_hparams *hparams, cgd_dtype dtype,
             return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the partial sums", fn);
         return ok();
     }
-#ifdef CGD_WITH_CUDA
-    int e = cgd_cuda_induced_norm(hparams, dtype, tensors, count, sum, grad_scale, skip, stream);
-    if (e) return fail(CGD_ERR_CUDA, "%s: CUDA error %d: %s", fn, e, cgd_cuda_error_string(e));
-    return ok();
-#else
-    (void)stream;
-    return fail(CGD_ERR_UNSUPPORTED, "%s: unreachable without CUDA", fn);
-#endif
+    return cuda_outcome(fn, cgd_cuda_induced_norm(hparams, dtype, tensors, count, sum, grad_scale, skip, stream));
 }
 
 cgd_status cgd_induced_rate(const cgd_induced_metric *metric, const float *sum, const float *loss, float *norm_ema,
@@ -361,14 +333,7 @@ cgd_status cgd_induced_rate(const cgd_induced_metric *metric, const float *sum, 
         cgd_cpu_induced_rate(metric, sum, loss, norm_ema, norm_step, rate, skip);
         return ok();
     }
-#ifdef CGD_WITH_CUDA
-    int e = cgd_cuda_induced_rate(metric, sum, loss, norm_ema, norm_step, rate, skip, stream);
-    if (e) return fail(CGD_ERR_CUDA, "%s: CUDA error %d: %s", fn, e, cgd_cuda_error_string(e));
-    return ok();
-#else
-    (void)stream;
-    return fail(CGD_ERR_UNSUPPORTED, "%s: unreachable without CUDA", fn);
-#endif
+    return cuda_outcome(fn, cgd_cuda_induced_rate(metric, sum, loss, norm_ema, norm_step, rate, skip, stream));
 }
 
 cgd_status cgd_induced_step(const cgd_induced_hparams *hparams, cgd_dtype dtype, const cgd_diag_tensor *tensors,
@@ -382,12 +347,5 @@ cgd_status cgd_induced_step(const cgd_induced_hparams *hparams, cgd_dtype dtype,
         cgd_cpu_induced_step(hparams, dtype, tensors, count, rate, grad_scale, skip);
         return ok();
     }
-#ifdef CGD_WITH_CUDA
-    int e = cgd_cuda_induced_step(hparams, dtype, tensors, count, rate, grad_scale, skip, stream);
-    if (e) return fail(CGD_ERR_CUDA, "%s: CUDA error %d: %s", fn, e, cgd_cuda_error_string(e));
-    return ok();
-#else
-    (void)stream;
-    return fail(CGD_ERR_UNSUPPORTED, "%s: unreachable without CUDA", fn);
-#endif
+    return cuda_outcome(fn, cgd_cuda_induced_step(hparams, dtype, tensors, count, rate, grad_scale, skip, stream));
 }
