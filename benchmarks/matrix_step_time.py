@@ -21,7 +21,7 @@ import time
 import torch
 
 import cgd
-from step_time import gpt2_small_shapes
+from step_time import emit_report, gpt2_small_shapes
 
 
 def char_gpt_shapes(width: int = 128, layers: int = 4, vocab: int = 65, context: int = 256) -> list[tuple]:
@@ -108,11 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         del opt
         if gpu:
             torch.cuda.empty_cache()
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+    emit_report(lines, args.out)
     return 0
 
 

@@ -28,6 +28,15 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def emit_report(lines: list[str], out: pathlib.Path | None) -> None:
+    """Prints the Markdown report, and writes it to `out` when given."""
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report)
+
+
 def gpt2_small_shapes() -> list[tuple[int, ...]]:
     """GPT-2 small (Radford et al. 2019): 50257-token vocabulary, 1024 positions, 12 layers, 768 wide."""
     d, shapes = 768, [(50257, 768), (1024, 768)]
@@ -154,11 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             print(lines[-1], file=sys.stderr)
         if gpu:
             torch.cuda.empty_cache()
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+    emit_report(lines, args.out)
     return 0
 
 

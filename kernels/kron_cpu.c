@@ -124,6 +124,23 @@ static void refresh_factor(const side *sd, const float *F, int64_t rows, int64_t
     }
 }
 
+/* out = U^T X (into_basis) or U X, for the rows x cols X and the left side's stored U^T (row k = eigenvector
+   k); a diagonal side's basis is the identity. Row-axpy order keeps the innermost loop on contiguous rows. */
+static void left_rotate(const side *l, const float *X, int64_t rows, int64_t cols, int into_basis, float *out) {
+    if (!l->full) {
+        memcpy(out, X, (size_t)(rows * cols) * sizeof(float));
+        return;
+    }
+    memset(out, 0, (size_t)(rows * cols) * sizeof(float));
+    for (int64_t k = 0; k < rows; ++k)
+        for (int64_t i = 0; i < rows; ++i) {
+            float u = l->basis[k * rows + i]; /* U[i][k] */
+            const float *x = X + (into_basis ? i : k) * cols;
+            float *o = out + (into_basis ? k : i) * cols;
+            for (int64_t j = 0; j < cols; ++j) o[j] += u * x[j];
+        }
+}
+
 /* D = U [(U^T F V) ./ (eps + mu_i nu_j)^a] V^T, with U^T and V^T stored row by row (row k = eigenvector k). */
 static void precondition(const side *l, const side *r, const float *F, int64_t rows, int64_t cols,
                          const cgd_block_hparams *h, float *D, float *Y) {
@@ -131,19 +148,7 @@ static void precondition(const side *l, const side *r, const float *F, int64_t r
         memcpy(D, F, (size_t)(rows * cols) * sizeof(float));
         return;
     }
-    /* Y = U^T F */
-    if (l->full) {
-        memset(Y, 0, (size_t)(rows * cols) * sizeof(float));
-        for (int64_t k = 0; k < rows; ++k)
-            for (int64_t i = 0; i < rows; ++i) {
-                float u = l->basis[k * rows + i];
-                const float *f = F + i * cols;
-                float *y = Y + k * cols;
-                for (int64_t j = 0; j < cols; ++j) y[j] += u * f[j];
-            }
-    } else {
-        memcpy(Y, F, (size_t)(rows * cols) * sizeof(float));
-    }
+    left_rotate(l, F, rows, cols, 1, Y); /* Y = U^T F */
     /* D = Y V, scaled elementwise in the eigenbasis */
     for (int64_t i = 0; i < rows; ++i) {
         const float *y = Y + i * cols;
@@ -162,19 +167,7 @@ static void precondition(const side *l, const side *r, const float *F, int64_t r
             d[m] = (float)(sum * pow(h->eps + mu * nu, -h->power));
         }
     }
-    /* rotate back: Y = U D, then D = Y V^T */
-    if (l->full) {
-        memset(Y, 0, (size_t)(rows * cols) * sizeof(float));
-        for (int64_t k = 0; k < rows; ++k)
-            for (int64_t i = 0; i < rows; ++i) {
-                float u = l->basis[k * rows + i];
-                const float *d = D + k * cols;
-                float *y = Y + i * cols;
-                for (int64_t j = 0; j < cols; ++j) y[j] += u * d[j];
-            }
-    } else {
-        memcpy(Y, D, (size_t)(rows * cols) * sizeof(float));
-    }
+    left_rotate(l, D, rows, cols, 0, Y); /* rotate back: Y = U D, then D = Y V^T */
     if (r->full) {
         memset(D, 0, (size_t)(rows * cols) * sizeof(float));
         for (int64_t i = 0; i < rows; ++i)
