@@ -29,9 +29,8 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def sum_over_shards(value: torch.Tensor, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """All-reduces `value` (a local partial sum over the local shards of `tensors`) over every mesh dimension
-    on which one of them is sharded. All tensors are expected on one device mesh."""
+def _shard_groups(tensors: Iterable[torch.Tensor]) -> list:
+    """The process groups of the mesh dimensions on which one of `tensors` is sharded (one mesh expected)."""
     groups = {}
     for t in tensors:
         if is_dtensor(t):
@@ -39,9 +38,25 @@ def sum_over_shards(value: torch.Tensor, tensors: Iterable[torch.Tensor]) -> tor
             for dim, placement in enumerate(t.placements):
                 if isinstance(placement, Shard):
                     groups[(id(mesh), dim)] = mesh.get_group(dim)
-    for group in groups.values():
+    return list(groups.values())
+
+
+def sum_over_shards(value: torch.Tensor, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """All-reduces `value` (a local partial sum over the local shards of `tensors`) over every mesh dimension
+    on which one of them is sharded."""
+    for group in _shard_groups(tensors):
         dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
     return value
+
+
+def mean_over_shards(value: torch.Tensor, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The mean of `value` over the ranks that hold the other shards of `tensors` (e.g. each rank's own loss)."""
+    groups = _shard_groups(tensors)
+    ranks = 1
+    for group in groups:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+        ranks *= dist.get_world_size(group)
+    return value / ranks
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

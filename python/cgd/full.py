@@ -17,8 +17,8 @@ from torch.optim import Optimizer
 
 from . import _ops  # noqa: F401  (loads the operator library)
 from ._distributed import full, is_dtensor, local, shard_like
-from .optimizer import (NonFiniteGradientError, _bad, _check_range, _number, betas_from_tau, load_float32_state,
-                        validate_step_size)
+from .optimizer import (NonFiniteGradientError, _bad, _check_range, _number, betas_from_tau, group_param_label,
+                        load_float32_state, validate_step_size)
 
 METRICS = ("full", "block", "kron")
 OUTCOMES = {-1: "never", 0: "float32", 1: "float64 retry", 2: "kept previous", 3: "diagonal fallback"}
@@ -165,8 +165,8 @@ class FullCGD(Optimizer):
         self.nonfinite = nonfinite
         self.max_state_bytes = max_state_bytes
         defaults = dict(lr=lr, betas=tuple(betas), power=power, eps=eps, metric=metric, block_size=block_size,
-                        refresh_every=refresh_every, max_factor_dim=max_factor_dim, centered=centered, bias_correction=bias_correction,
-                        m2_init=m2_init, weight_decay=weight_decay, maximize=maximize)
+                        refresh_every=refresh_every, max_factor_dim=max_factor_dim, centered=centered,
+                        bias_correction=bias_correction, m2_init=m2_init, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -220,11 +220,7 @@ class FullCGD(Optimizer):
                 "per parameter)"
             )
 
-    @staticmethod
-    def _label(group: dict[str, Any], j: int) -> str:
-        names = group.get("param_names")
-        shape = tuple(group["params"][j].shape)
-        return f"'{names[j]}' (shape {shape})" if names else f"params[{j}] (shape {shape})"
+    _label = staticmethod(group_param_label)
 
     # ---- the step ----
 

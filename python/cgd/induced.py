@@ -16,9 +16,9 @@ import torch
 from torch.optim import Optimizer
 
 from . import _ops  # noqa: F401  (loads the operator library)
-from ._distributed import is_dtensor, local, sum_over_shards
-from .optimizer import (SUPPORTED_DTYPES, NonFiniteGradientError, _bad, _check_range, _number, load_float32_state,
-                        resolve_nonfinite)
+from ._distributed import local, mean_over_shards, sum_over_shards
+from .optimizer import (SUPPORTED_DTYPES, NonFiniteGradientError, _bad, _check_range, _number, group_param_label,
+                        load_float32_state, resolve_nonfinite)
 
 GAMMAS = ("identity", "rms")
 EMBEDDINGS = ("loss", "log")
@@ -115,11 +115,7 @@ class InducedMetric(Optimizer):
         if group["gamma"] == "rms" and eps == 0.0:
             raise _bad("eps", group["eps"], "must be > 0 with gamma='rms' (it divides where M2 is 0)")
 
-    @staticmethod
-    def _label(group: dict[str, Any], j: int) -> str:
-        names = group.get("param_names")
-        shape = tuple(group["params"][j].shape)
-        return f"'{names[j]}' (shape {shape})" if names else f"params[{j}] (shape {shape})"
+    _label = staticmethod(group_param_label)
 
     def _loss_tensor(self, loss: Any, device: torch.device) -> torch.Tensor | None:
         if self.embedding != "log":
@@ -130,12 +126,8 @@ class InducedMetric(Optimizer):
         value = _number("loss", loss.detach() if isinstance(loss, torch.Tensor) else loss)
         if not value > 0.0 or value == float("inf"):
             raise _bad("loss", value, "embedding='log' needs a positive, finite loss (it steps on log(loss))")
-        loss_t = torch.tensor(value, dtype=torch.float32, device=device)
-        if any(is_dtensor(p) for group in self.param_groups for p in group["params"]):
-            # Under FSDP2 each rank computed the loss of its own batch; the metric needs the global (mean) one.
-            ranks = float(sum_over_shards(torch.ones((), device=device), self.param_groups[0]["params"]))
-            loss_t = sum_over_shards(loss_t, self.param_groups[0]["params"]) / ranks
-        return loss_t
+        # Under FSDP2 each rank computed the loss of its own batch; the metric needs the global (mean) one.
+        return mean_over_shards(torch.tensor(value, dtype=torch.float32, device=device), self.param_groups[0]["params"])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:

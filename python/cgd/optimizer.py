@@ -105,6 +105,13 @@ def load_float32_state(optimizer: Optimizer, state_dict: dict[str, Any], int_key
         }
 
 
+def group_param_label(group: dict[str, Any], j: int) -> str:
+    """How messages name parameter j of a group: its name when the group has names, else its index; with shape."""
+    names = group.get("param_names")
+    shape = tuple(group["params"][j].shape)
+    return f"'{names[j]}' (shape {shape})" if names else f"params[{j}] (shape {shape})"
+
+
 def resolve_nonfinite(nonfinite: str | None, capturable: bool, policies: tuple[str, ...]) -> str:
     """The non-finite policy: "raise" by default, or "skip" under capturable=True, where raising would need the
     flag on the host (a synchronisation CUDA-graph capture forbids)."""
