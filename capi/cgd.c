@@ -6,6 +6,7 @@
 
 #include <math.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 
 #include "kernels.h"
@@ -79,6 +80,27 @@ static cgd_status check_common(const char *fn, cgd_dtype dtype, cgd_device devic
         return fail(CGD_ERR_UNSUPPORTED, "%s: device = CGD_CUDA but this build of torch-cgd (%s) has no CUDA kernels",
                     fn, cgd_version());
 #endif
+    return CGD_OK;
+}
+
+cgd_status cgd_prepare(cgd_device device) {
+    static const char fn[] = "cgd_prepare";
+    cgd_status st;
+    if ((st = check_common(fn, CGD_FLOAT32, device, 0))) return st;
+    if (device == CGD_CPU) return ok();
+    char why[256];
+    int e = cgd_cuda_prepare(why, sizeof why);
+    return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : ok();
+}
+
+/* The end of a step that takes a workspace: NULL is only fine when none is needed, and a short one is refused
+   before the kernels run. */
+static cgd_status check_workspace(const char *fn, const void *workspace, size_t given, size_t needed) {
+    if (given < needed || (needed > 0 && !workspace))
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: workspace of %zu bytes at %p, but this call needs %zu bytes (see "
+                    "its *_workspace_size function)", fn, given, workspace, needed);
+    if (((uintptr_t)workspace & 255u) != 0)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: workspace %p is not 256-byte aligned", fn, workspace);
     return CGD_OK;
 }
 
@@ -185,23 +207,50 @@ static cgd_status check_block_hparams(const char *fn, const cgd_block_hparams *h
     return CGD_OK;
 }
 
-cgd_status cgd_block_step(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_block_tensor *tensors,
-                          int64_t count, const cgd_block_state *state, const float *grad_scale, const float *skip,
-                          cgd_device device, void *stream) {
-    static const char fn[] = "cgd_block_step";
+static cgd_status check_block_layout(const char *fn, const cgd_block_hparams *hparams, const cgd_block_state *state) {
     cgd_status st;
     if (!hparams) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams is NULL", fn);
     if (!state) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: state is NULL", fn);
     if ((st = check_block_hparams(fn, hparams))) return st;
-    if ((st = check_common(fn, dtype, device, count))) return st;
-    if (count > 0 && !tensors)
-        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors is NULL but count = %lld", fn, (long long)count);
     if (state->block < 1 || state->block > CGD_MAX_MATRIX)
         return fail(CGD_ERR_INVALID_ARGUMENT, "%s: state.block = %lld is outside [1, %d]", fn,
                     (long long)state->block, CGD_MAX_MATRIX);
     if (state->nblocks < 1 || state->nblocks > CGD_MAX_NUMEL / state->block)
         return fail(CGD_ERR_INVALID_ARGUMENT, "%s: state.nblocks = %lld is outside [1, 2^46 / block]", fn,
                     (long long)state->nblocks);
+    return CGD_OK;
+}
+
+/* The workspace a block step needs on `device`, for the two public entry points. */
+static cgd_status block_workspace(const char *fn, const cgd_block_hparams *hparams, const cgd_block_state *state,
+                                  cgd_device device, size_t *bytes) {
+    *bytes = 0;
+    if (device == CGD_CPU) return CGD_OK;
+    char why[256];
+    int e = cgd_cuda_block_workspace(hparams, state, bytes, why, sizeof why);
+    return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : CGD_OK;
+}
+
+cgd_status cgd_block_workspace_size(const cgd_block_hparams *hparams, const cgd_block_state *state,
+                                    cgd_device device, size_t *bytes) {
+    static const char fn[] = "cgd_block_workspace_size";
+    cgd_status st;
+    if (!bytes) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: bytes is NULL", fn);
+    if ((st = check_block_layout(fn, hparams, state))) return st;
+    if ((st = check_common(fn, CGD_FLOAT32, device, 0))) return st;
+    if ((st = block_workspace(fn, hparams, state, device, bytes))) return st;
+    return ok();
+}
+
+cgd_status cgd_block_step(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_block_tensor *tensors,
+                          int64_t count, const cgd_block_state *state, const float *grad_scale, const float *skip,
+                          void *workspace, size_t workspace_bytes, cgd_device device, void *stream) {
+    static const char fn[] = "cgd_block_step";
+    cgd_status st;
+    if ((st = check_block_layout(fn, hparams, state))) return st;
+    if ((st = check_common(fn, dtype, device, count))) return st;
+    if (count > 0 && !tensors)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors is NULL but count = %lld", fn, (long long)count);
     if (!state->exp_avg || !state->exp_avg_sq || !state->precond || !state->eigvals || !state->step ||
         !state->outcome || !state->counters)
         return fail(CGD_ERR_INVALID_ARGUMENT, "%s: state.%s is NULL", fn,
@@ -221,19 +270,23 @@ cgd_status cgd_block_step(const cgd_block_hparams *hparams, cgd_dtype dtype, con
                         t->param ? "grad" : "param");
         end = t->offset + t->numel;
     }
+    size_t needed = 0;
+    if ((st = block_workspace(fn, hparams, state, device, &needed))) return st;
+    if ((st = check_workspace(fn, workspace, workspace_bytes, needed))) return st;
     if (device == CGD_CPU) {
         int failed = cgd_cpu_block_step(hparams, dtype, tensors, count, state, grad_scale, skip);
-        if (failed) return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the workspace", fn);
+        if (failed) return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the scratch space; nothing changed", fn);
         return ok();
     }
     char why[256];
-    int e = cgd_cuda_block_step(hparams, dtype, tensors, count, state, grad_scale, skip, stream, why, sizeof why);
+    int e = cgd_cuda_block_step(hparams, dtype, tensors, count, state, grad_scale, skip, workspace, stream, why,
+                                sizeof why);
     return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : ok();
 }
 
-cgd_status cgd_kron_step(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_kron_tensor *tensors,
-                         int64_t count, const float *grad_scale, const float *skip, cgd_device device, void *stream) {
-    static const char fn[] = "cgd_kron_step";
+/* The sizes and pointers of a kron step's tensors (also what its workspace query reads). */
+static cgd_status check_kron_tensors(const char *fn, const cgd_block_hparams *hparams, cgd_dtype dtype,
+                                     const cgd_kron_tensor *tensors, int64_t count, cgd_device device) {
     cgd_status st;
     if (!hparams) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams is NULL", fn);
     if ((st = check_block_hparams(fn, hparams))) return st;
@@ -258,13 +311,44 @@ cgd_status cgd_kron_step(const cgd_block_hparams *hparams, cgd_dtype dtype, cons
                               : !t->counters ? "counters" : NULL;
         if (missing) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors[%lld].%s is NULL", fn, (long long)i, missing);
     }
+    return CGD_OK;
+}
+
+static cgd_status kron_workspace(const char *fn, const cgd_block_hparams *hparams, const cgd_kron_tensor *tensors,
+                                 int64_t count, cgd_device device, size_t *bytes) {
+    *bytes = 0;
+    if (device == CGD_CPU) return CGD_OK;
+    char why[256];
+    int e = cgd_cuda_kron_workspace(hparams, tensors, count, bytes, why, sizeof why);
+    return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : CGD_OK;
+}
+
+cgd_status cgd_kron_workspace_size(const cgd_block_hparams *hparams, const cgd_kron_tensor *tensors, int64_t count,
+                                   cgd_device device, size_t *bytes) {
+    static const char fn[] = "cgd_kron_workspace_size";
+    cgd_status st;
+    if (!bytes) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: bytes is NULL", fn);
+    if ((st = check_kron_tensors(fn, hparams, CGD_FLOAT32, tensors, count, device))) return st;
+    if ((st = kron_workspace(fn, hparams, tensors, count, device, bytes))) return st;
+    return ok();
+}
+
+cgd_status cgd_kron_step(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_kron_tensor *tensors,
+                         int64_t count, const float *grad_scale, const float *skip, void *workspace,
+                         size_t workspace_bytes, cgd_device device, void *stream) {
+    static const char fn[] = "cgd_kron_step";
+    cgd_status st;
+    size_t needed = 0;
+    if ((st = check_kron_tensors(fn, hparams, dtype, tensors, count, device))) return st;
+    if ((st = kron_workspace(fn, hparams, tensors, count, device, &needed))) return st;
+    if ((st = check_workspace(fn, workspace, workspace_bytes, needed))) return st;
     if (device == CGD_CPU) {
         if (cgd_cpu_kron_step(hparams, dtype, tensors, count, grad_scale, skip))
-            return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the workspace", fn);
+            return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the scratch space; nothing changed", fn);
         return ok();
     }
     char why[256];
-    int e = cgd_cuda_kron_step(hparams, dtype, tensors, count, grad_scale, skip, stream, why, sizeof why);
+    int e = cgd_cuda_kron_step(hparams, dtype, tensors, count, grad_scale, skip, workspace, stream, why, sizeof why);
     return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : ok();
 }
 
@@ -298,23 +382,44 @@ static cgd_status check_induced(const char *fn, const cgd_induced_hparams *h, cg
     return CGD_OK;
 }
 
+static size_t induced_norm_workspace(const cgd_diag_tensor *tensors, int64_t count, cgd_device device) {
+    return device == CGD_CPU ? 0 : (size_t)cgd_induced_norm_chunks(tensors, count) * sizeof(double);
+}
+
+cgd_status cgd_induced_norm_workspace_size(const cgd_diag_tensor *tensors, int64_t count, cgd_device device,
+                                           size_t *bytes) {
+    static const char fn[] = "cgd_induced_norm_workspace_size";
+    cgd_status st;
+    if (!bytes) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: bytes is NULL", fn);
+    if ((st = check_common(fn, CGD_FLOAT32, device, count))) return st;
+    if (count > 0 && !tensors)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors is NULL but count = %lld", fn, (long long)count);
+    for (int64_t i = 0; i < count; ++i)
+        if ((st = check_numel(fn, "tensors.numel", i, tensors[i].numel))) return st;
+    *bytes = induced_norm_workspace(tensors, count, device);
+    return ok();
+}
+
 cgd_status cgd_induced_norm(const cgd_induced_hparams *hparams, cgd_dtype dtype, const cgd_diag_tensor *tensors,
-                            int64_t count, float *sum, const float *grad_scale, const float *skip, cgd_device device,
-                            void *stream) {
+                            int64_t count, float *sum, const float *grad_scale, const float *skip, void *workspace,
+                            size_t workspace_bytes, cgd_device device, void *stream) {
     static const char fn[] = "cgd_induced_norm";
     cgd_status st;
     if ((st = check_induced(fn, hparams, dtype, tensors, count, device, 0))) return st;
     if (!sum) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: sum is NULL", fn);
+    if ((st = check_workspace(fn, workspace, workspace_bytes, induced_norm_workspace(tensors, count, device))))
+        return st;
     if (device == CGD_CPU) {
         if (cgd_cpu_induced_norm(hparams, dtype, tensors, count, sum, grad_scale, skip))
-            return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the partial sums", fn);
+            return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the partial sums; nothing changed", fn);
         return ok();
     }
-    return cuda_outcome(fn, cgd_cuda_induced_norm(hparams, dtype, tensors, count, sum, grad_scale, skip, stream));
+    return cuda_outcome(fn, cgd_cuda_induced_norm(hparams, dtype, tensors, count, sum, grad_scale, skip,
+                                                  (double *)workspace, stream));
 }
 
 cgd_status cgd_induced_rate(const cgd_induced_metric *metric, const float *sum, const float *loss, float *norm_ema,
-                            float *norm_step, float *rate, const float *skip, cgd_device device, void *stream) {
+                            double *norm_step, float *rate, const float *skip, cgd_device device, void *stream) {
     static const char fn[] = "cgd_induced_rate";
     cgd_status st;
     if (!metric) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: metric is NULL", fn);

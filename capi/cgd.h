@@ -12,13 +12,19 @@
  * - One call steps many tensors: all of one dtype, all on one device. CUDA calls run on the current device,
  *   enqueue work on the caller's stream (a cudaStream_t passed as void*, NULL = the legacy default stream) and
  *   never synchronize the host, so a step can be captured in a CUDA graph.
- * - Parameters and gradients are float32, float16 or bfloat16; optimizer state is always float32. All maths
- *   runs in float32.
+ * - Nothing allocates device memory: a call that needs scratch space (block, kron, induced norm) takes a
+ *   workspace from the caller, sized by its *_workspace_size function, so a framework's caching allocator
+ *   provides it and a failed allocation happens before anything changed. cuSOLVER/cuBLAS handles are created
+ *   by cgd_prepare (or the first workspace query) on the calling thread, never inside a CUDA-graph capture.
+ * - Parameters and gradients are float32, float16 or bfloat16; optimizer state is float32, step counters
+ *   float64 (exact up to 2^53 steps). All maths runs in float32, with no implicit fused multiply-add on either
+ *   back end: both evaluate each expression as written (fmaf only where the source says so).
  * - Sizes are int64: tensors past 2^31 elements are fine.
  */
 #ifndef CGD_H
 #define CGD_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #ifdef __cplusplus
@@ -79,6 +85,9 @@ typedef struct cgd_diag_hparams {
     int32_t decoupled_weight_decay;
     int32_t nesterov;
     int32_t maximize;
+    /* NULL, or one float on the call's device that replaces lr (>= 0, not checked): read by the kernel, so a
+       captured CUDA graph follows a scheduler that changes it in place. lr is used as a float32 either way. */
+    const float *lr_device;
 } cgd_diag_hparams;
 
 /* One tensor of a multi-tensor step. All pointers live on the call's device. */
@@ -87,7 +96,7 @@ typedef struct cgd_diag_tensor {
     const void *grad;   /* numel elements of the call's dtype */
     float *exp_avg;     /* M1, numel floats; may be NULL when beta1 == 0 and moment == CGD_MOMENT_RAW */
     float *exp_avg_sq;  /* M2 (or S for CGD_MOMENT_BELIEF), numel floats; may be NULL when power == 0 */
-    float *step;        /* one float: steps taken so far; incremented by each step that is not skipped */
+    double *step;       /* one double: steps taken so far; incremented by each step that is not skipped */
     int64_t numel;      /* >= 0; empty tensors are skipped, but their step still advances */
 } cgd_diag_tensor;
 
@@ -102,6 +111,13 @@ const char *cgd_status_name(cgd_status status);
 
 /* Message of the last failed call on this thread ("" after a success). */
 const char *cgd_last_error(void);
+
+/*
+ * Creates what later calls on `device` need from the calling thread (on CUDA: the current device's cuSOLVER and
+ * cuBLAS handles, which allocate). Call it once before capturing a block or kron step in a CUDA graph; a step
+ * captured without it fails with a message saying so. A no-op on the CPU.
+ */
+cgd_status cgd_prepare(cgd_device device);
 
 /*
  * One diagonal CGD step over `count` tensors.
@@ -172,7 +188,8 @@ enum {
     CGD_BLOCK_DIAGONAL = 3     /* failed with no previous P: P = diag((eps + max(C_ii, 0))^-a) */
 };
 
-/* The state of one block step, all float32 / int32 arrays on the call's device, owned by the caller. */
+/* The state of one block step, float32 arrays (outcome int32, step float64) on the call's device, owned by the
+   caller. */
 typedef struct cgd_block_state {
     int64_t block;       /* coordinates per block, >= 1 */
     int64_t nblocks;     /* >= 1 */
@@ -181,19 +198,30 @@ typedef struct cgd_block_state {
     float *precond;      /* P: nblocks * block * block */
     float *eigvals;      /* nblocks * block: eigenvalues of C at the last refresh, ascending (diagonal of C
                             after a diagonal fallback, unchanged after a kept P) */
-    float *step;         /* one float: steps taken */
+    double *step;        /* one double: steps taken */
     int32_t *outcome;    /* nblocks: CGD_BLOCK_* of the last refresh; initialise to CGD_BLOCK_NEVER */
     float *counters;     /* 3 floats, cumulative: float64 retries, kept P, diagonal fallbacks */
 } cgd_block_state;
 
 /*
+ * Bytes of workspace a cgd_block_step with these hparams (refresh matters) and this state's block layout needs
+ * on `device`: written to *bytes. 0 on the CPU, whose kernels take their scratch from the heap, all of it before
+ * they change anything. On CUDA this queries cuSOLVER (creating the handles, as cgd_prepare does).
+ */
+cgd_status cgd_block_workspace_size(const cgd_block_hparams *hparams, const cgd_block_state *state,
+                                    cgd_device device, size_t *bytes);
+
+/*
  * One full/block CGD step over `count` tensors forming one blocked vector. The first step must refresh.
- * grad_scale and skip are as in cgd_diag_step. On CUDA the call allocates its workspace stream-ordered
- * (cudaMallocAsync) and uses cuSOLVER and cuBLAS handles cached per thread and device.
+ * grad_scale and skip are as in cgd_diag_step. workspace: at least cgd_block_workspace_size bytes on the
+ * device, 256-byte aligned, used only for the duration of the step on `stream` (NULL when the size is 0). A
+ * workspace that is too small is refused before anything changes. On CUDA the call uses cuSOLVER and cuBLAS
+ * handles cached per thread and device; blocks of <= 32 are solved by syevjBatched, larger ones by
+ * XsyevBatched, one call per chunk of blocks.
  */
 cgd_status cgd_block_step(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_block_tensor *tensors,
                           int64_t count, const cgd_block_state *state, const float *grad_scale, const float *skip,
-                          cgd_device device, void *stream);
+                          void *workspace, size_t workspace_bytes, cgd_device device, void *stream);
 
 /* ---------------------------------------------------------------------------------------------------------
  * Kronecker-factored CGD: the metric of block CGD for a whole matrix-shaped tensor, with the covariance of its
@@ -212,7 +240,8 @@ cgd_status cgd_block_step(const cgd_block_hparams *hparams, cgd_dtype dtype, con
  * solver, float64 on the CPU, keep the previous basis, the factor's diagonal), with the outcome per factor.
  * --------------------------------------------------------------------------------------------------------- */
 
-/* One matrix of a Kronecker-factored step; every array is float32 (outcome int32) on the call's device. */
+/* One matrix of a Kronecker-factored step; every array is float32 (outcome int32, step float64) on the call's
+   device. */
 typedef struct cgd_kron_tensor {
     void *param;          /* rows * cols elements of the call's dtype, row-major */
     const void *grad;
@@ -227,17 +256,24 @@ typedef struct cgd_kron_tensor {
     float *right_basis;   /* V^T: cols * cols, likewise */
     float *left_eig;      /* rows: mu at the last refresh, ascending when left_full */
     float *right_eig;     /* cols: nu / sum(max(nu, 0)) at the last refresh (0 when the sum is 0) */
-    float *step;          /* one float: steps taken */
+    double *step;         /* one double: steps taken */
     int32_t *outcome;     /* 2: CGD_BLOCK_* of the left and right factor's last refresh; start at CGD_BLOCK_NEVER */
     float *counters;      /* 3 floats, cumulative as in cgd_block_state */
 } cgd_kron_tensor;
 
+/* Bytes of workspace a cgd_kron_step of these tensors needs on `device` (as cgd_block_workspace_size; the
+   tensors are stepped one after another, so it is the largest tensor's need, not the sum). */
+cgd_status cgd_kron_workspace_size(const cgd_block_hparams *hparams, const cgd_kron_tensor *tensors, int64_t count,
+                                   cgd_device device, size_t *bytes);
+
 /*
  * One Kronecker-factored CGD step over `count` tensors, each with its own factors (hparams as for
- * cgd_block_step; `refresh` eigendecomposes every factor of the call). The first step must refresh.
+ * cgd_block_step; `refresh` eigendecomposes every factor of the call). The first step must refresh. workspace
+ * as for cgd_block_step, sized by cgd_kron_workspace_size.
  */
 cgd_status cgd_kron_step(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_kron_tensor *tensors,
-                         int64_t count, const float *grad_scale, const float *skip, cgd_device device, void *stream);
+                         int64_t count, const float *grad_scale, const float *skip, void *workspace,
+                         size_t workspace_bytes, cgd_device device, void *stream);
 
 /* ---------------------------------------------------------------------------------------------------------
  * Induced (pull-back) metric (the induced-metric paper, Algorithms 1 and 2 and its RMS variant): the metric of the loss surface
@@ -268,6 +304,7 @@ typedef struct cgd_induced_hparams {
     double weight_decay; /* >= 0, decoupled */
     int32_t gamma;       /* cgd_induced_gamma */
     int32_t maximize;
+    const float *lr_device; /* NULL, or one float on the device replacing lr, as in cgd_diag_hparams */
 } cgd_induced_hparams;
 
 /* Once per optimizer: the metric's own coefficients. */
@@ -280,16 +317,20 @@ typedef struct cgd_induced_metric {
 /*
  * Tensors are cgd_diag_tensor: param (unused by cgd_induced_norm, may be NULL there), grad, exp_avg (M1),
  * exp_avg_sq (M2, CGD_GAMMA_RMS only), step (per tensor, advanced by cgd_induced_step), numel.
- * sum, rate: one float each on the device. grad_scale and skip as in cgd_diag_step.
+ * sum, rate: one float each on the device. grad_scale and skip as in cgd_diag_step. cgd_induced_norm's
+ * workspace holds its per-chunk partial sums (the deterministic order): cgd_induced_norm_workspace_size bytes.
  */
-cgd_status cgd_induced_norm(const cgd_induced_hparams *hparams, cgd_dtype dtype, const cgd_diag_tensor *tensors,
-                            int64_t count, float *sum, const float *grad_scale, const float *skip, cgd_device device,
-                            void *stream);
+cgd_status cgd_induced_norm_workspace_size(const cgd_diag_tensor *tensors, int64_t count, cgd_device device,
+                                           size_t *bytes);
 
-/* norm_ema (v) and norm_step: one float each, the optimizer's state; loss: one float, needed (> 0) with
+cgd_status cgd_induced_norm(const cgd_induced_hparams *hparams, cgd_dtype dtype, const cgd_diag_tensor *tensors,
+                            int64_t count, float *sum, const float *grad_scale, const float *skip, void *workspace,
+                            size_t workspace_bytes, cgd_device device, void *stream);
+
+/* norm_ema (v, float) and norm_step (double): the optimizer's state; loss: one float, needed (> 0) with
    CGD_EMBED_LOG_LOSS, else NULL; a non-positive loss there makes rate NaN (the Python layer refuses it first). */
 cgd_status cgd_induced_rate(const cgd_induced_metric *metric, const float *sum, const float *loss, float *norm_ema,
-                            float *norm_step, float *rate, const float *skip, cgd_device device, void *stream);
+                            double *norm_step, float *rate, const float *skip, cgd_device device, void *stream);
 
 cgd_status cgd_induced_step(const cgd_induced_hparams *hparams, cgd_dtype dtype, const cgd_diag_tensor *tensors,
                             int64_t count, const float *rate, const float *grad_scale, const float *skip,

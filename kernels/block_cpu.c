@@ -35,12 +35,15 @@ static void assemble_precond(float *P, double *acc, const double *vecs_d, const 
         for (int j = i; j < B; ++j) P[(size_t)i * B + j] = P[(size_t)j * B + i] = (float)acc[(size_t)i * B + j];
 }
 
-/* Refreshes one block's P from C (row-major B x B, symmetric) down the failure ladder of cgd.h. */
+/* Refreshes one block's P from C (row-major B x B, symmetric) down the failure ladder of cgd.h. A C holding
+   NaN or Inf (the moments themselves overflowed) never reaches LAPACK: it takes the ladder's later rungs. */
 static void refresh_block(const cgd_block_hparams *h, const float *C, float *P, float *eigvals, int32_t *outcome,
                           float *counters_local, cgd_eigh_scratch *s, double *acc) {
     int B = s->n;
     size_t nn = (size_t)B * (size_t)B;
-    int solved = cgd_eigh_solve(C, s);
+    int finite = 1;
+    for (size_t e = 0; e < nn; ++e) finite &= isfinite(C[e]) != 0;
+    int solved = finite ? cgd_eigh_solve(C, B, s) : -1;
     if (solved == CGD_BLOCK_FP32) {
         assemble_precond(P, acc, NULL, s->a, NULL, s->w, B, h->eps, h->power);
         memcpy(eigvals, s->w, (size_t)B * sizeof(float));
@@ -83,8 +86,8 @@ int cgd_cpu_block_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_bl
     const float inv_bc1 = (float)(1.0 / bc1), inv_bc2 = (float)(1.0 / bc2);
 
     /* g: the padded gradient; u: the preconditioned force, both over the whole blocked vector. */
-    float *g = calloc((size_t)length, sizeof(float));
-    float *u = malloc((size_t)length * sizeof(float));
+    float *g = cgd_host_zalloc((size_t)length * sizeof(float));
+    float *u = cgd_host_alloc((size_t)length * sizeof(float));
     if (!g || !u) {
         free(g);
         free(u);
@@ -109,11 +112,11 @@ int cgd_cpu_block_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_bl
         int have_scratch = h->refresh && cgd_eigh_scratch_init(&s, (int)B) == 0;
         int ready = !h->refresh || have_scratch;
         if (h->refresh) {
-            C = malloc((size_t)B * (size_t)B * sizeof(float));
-            acc = malloc((size_t)B * (size_t)B * sizeof(double));
+            C = cgd_host_alloc((size_t)B * (size_t)B * sizeof(float));
+            acc = cgd_host_alloc((size_t)B * (size_t)B * sizeof(double));
             ready = ready && C != NULL && acc != NULL;
         }
-        F = malloc((size_t)B * sizeof(float));
+        F = cgd_host_alloc((size_t)B * sizeof(float));
         ready = ready && F != NULL;
         if (!ready) {
 #pragma omp atomic write
@@ -164,7 +167,7 @@ int cgd_cpu_block_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_bl
             }
         }
         for (int k = 0; k < 3; ++k) st->counters[k] += counters[k];
-        *st->step += 1.0f;
+        *st->step += 1.0;
     }
     free(g);
     free(u);

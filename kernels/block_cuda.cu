@@ -3,14 +3,17 @@
  * synchronisation:
  *   gather     the tensors' gradients into one zero-padded vector g (multi-tensor launches)
  *   moments    M1 <- beta1 M1 + (1 - beta1) g, F = M1 / bc1;  M2 <- beta2 M2 + (1 - beta2) g g^T
- *   refresh    per chunk of blocks: C = M2 / bc2 - F F^T into a workspace, eigendecomposition (cuSOLVER
- *              syevjBatched for blocks of <= 32, syevd per block above), then a check-and-scale kernel and a
- *              batched GEMM form P = V diag((eps + max(lambda, 0))^-a) V^T; a commit kernel writes P only for
- *              blocks whose solve succeeded (else keeps the previous P, or the diagonal metric)
+ *   refresh    per chunk of blocks: C = M2 / bc2 - F F^T into the workspace; a block whose C holds NaN or Inf
+ *              is replaced by the identity (the solver never sees it) and marked failed; eigendecomposition
+ *              (cuSOLVER syevjBatched for blocks of <= 32, XsyevBatched above: one call per chunk), then a
+ *              check-and-scale kernel and a batched GEMM form P = V diag((eps + max(lambda, 0))^-a) V^T; a
+ *              commit kernel writes P only for blocks whose solve succeeded (else keeps the previous P, or the
+ *              diagonal metric)
  *   apply      u = P F (one thread per coordinate, coalesced thanks to P's symmetry), then the parameter update
  *              scattered back to the tensors
  * The float64 retry rung of the CPU ladder is left out here: choosing it would need the solver's status on the
- * host. Workspace comes from cudaMallocAsync, so it is stream-ordered and graph-capturable.
+ * host. Every buffer is carved from the caller's workspace (cgd_block_workspace_size): the step allocates
+ * nothing, so it is graph-capturable and cannot fail half-way for want of memory.
  */
 #include <math.h>
 
@@ -21,6 +24,8 @@
 #define BLOCK_THREADS CGD_SOLVER_THREADS
 /* Largest workspace of one refresh chunk (three B x B matrices per block): bounds memory whatever nblocks is. */
 #define REFRESH_CHUNK_BYTES ((size_t)256 << 20)
+/* syevjBatched is limited to n <= 32; above, the 64-bit batched QR-based solver. */
+#define JACOBI_MAX_BLOCK 32
 
 typedef struct vector_args {
     cgd_mt_layout layout;
@@ -45,9 +50,9 @@ __global__ void gather_kernel(const vector_args a, float *g, const float *grad_s
 
 /* F is written even on a skipped step (from the unchanged M1), so the refresh that follows reads a valid C. */
 __global__ void first_moment_kernel(float *m1, float *F, const float *g, int64_t length, float beta1, float w1,
-                                    const float *step, double beta1_d, int bias_correction, const float *skip) {
+                                    const double *step, double beta1_d, int bias_correction, const float *skip) {
     bool skip_step = cgd_skipped(skip);
-    float inv_bc1 = bias_correction ? (float)(1.0 / (1.0 - pow(beta1_d, (double)*step + 1.0))) : 1.0f;
+    float inv_bc1 = bias_correction ? (float)(1.0 / (1.0 - pow(beta1_d, *step + 1.0))) : 1.0f;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < length; i += (int64_t)gridDim.x * blockDim.x) {
         float m = skip_step ? m1[i] : beta1 * m1[i] + w1 * g[i];
         if (!skip_step) m1[i] = m;
@@ -66,8 +71,8 @@ __global__ void second_moment_kernel(float *m2, const float *g, int64_t B, int64
 
 /* C of blocks [first, first + n) into A (their own copy: the solver overwrites it with eigenvectors). */
 __global__ void build_c_kernel(float *A, const float *m2, const float *F, int64_t B, int64_t first, int64_t n,
-                               const float *step, double beta2_d, int bias_correction, int centered) {
-    float inv_bc2 = bias_correction ? (float)(1.0 / (1.0 - pow(beta2_d, (double)*step + 1.0))) : 1.0f;
+                               const double *step, double beta2_d, int bias_correction, int centered) {
+    float inv_bc2 = bias_correction ? (float)(1.0 / (1.0 - pow(beta2_d, *step + 1.0))) : 1.0f;
     int64_t total = n * B * B;
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
         int64_t b = first + e / (B * B), r = e % (B * B), i = r / B, j = r % B;
@@ -76,13 +81,25 @@ __global__ void build_c_kernel(float *A, const float *m2, const float *F, int64_
     }
 }
 
-/* One CUDA block per matrix block: did the solve succeed (info 0, everything finite)? If so, scale the
-   eigenvector columns by d_k into S (V is column-major: column k = eigenvector k) and record the eigenvalues. */
+/* One CUDA block per matrix block: ok[b] = C is finite; a non-finite C becomes the identity, so the solver only
+   ever sees finite input and the block takes the failure ladder. */
+__global__ void screen_kernel(float *A, int *ok, int64_t B) {
+    float *Ab = A + (int64_t)blockIdx.x * B * B;
+    int bad = 0;
+    for (int64_t e = threadIdx.x; e < B * B; e += blockDim.x) bad |= !isfinite(Ab[e]);
+    bad = __syncthreads_or(bad);
+    if (threadIdx.x == 0) ok[blockIdx.x] = !bad;
+    if (!bad) return;
+    for (int64_t e = threadIdx.x; e < B * B; e += blockDim.x) Ab[e] = e / B == e % B ? 1.0f : 0.0f;
+}
+
+/* One CUDA block per matrix block: did the solve succeed (finite input, info 0, everything finite)? If so,
+   scale the eigenvector columns by d_k into S (V is column-major: column k = eigenvector k). */
 __global__ void check_scale_kernel(const float *V, const float *lambda, const int *info, float *S, int *ok,
                                    int64_t B, float eps, float power) {
     int64_t b = blockIdx.x;
     const float *Vb = V + b * B * B;
-    int bad = info[b] != 0;
+    int bad = info[b] != 0 || !ok[b];
     for (int64_t e = threadIdx.x; e < B * B; e += blockDim.x) bad |= !isfinite(Vb[e]);
     for (int64_t k = threadIdx.x; k < B; k += blockDim.x) bad |= !isfinite(lambda[b * B + k]);
     bad = __syncthreads_or(bad);
@@ -99,11 +116,15 @@ __global__ void check_scale_kernel(const float *V, const float *lambda, const in
 /* Writes block first + b's new P (or keeps / falls back), its eigenvalues and outcome, and counts failures. */
 __global__ void commit_kernel(float *P, const float *Pn, const float *lambda, const int *ok, float *eigvals,
                               int32_t *outcome, float *counters, const float *m2, const float *F, int64_t B,
-                              int64_t first, const float *step, double beta2_d, int bias_correction, int centered,
+                              int64_t first, const double *step, double beta2_d, int bias_correction, int centered,
                               float eps, float power, const float *skip) {
     if (cgd_skipped(skip)) return;
     int64_t b = first + blockIdx.x, local = blockIdx.x;
     float *Pb = P + b * B * B;
+    /* Every thread reads the previous outcome before thread 0 overwrites it below: a warp that read it late
+       would take the "keep" branch and leave its share of a diagonal fallback unwritten. */
+    const int32_t previous = outcome[b];
+    __syncthreads();
     if (ok[local]) {
         for (int64_t e = threadIdx.x; e < B * B; e += blockDim.x) {
             int64_t i = e / B, j = e % B;
@@ -114,14 +135,14 @@ __global__ void commit_kernel(float *P, const float *Pn, const float *lambda, co
         if (threadIdx.x == 0) outcome[b] = CGD_BLOCK_FP32;
         return;
     }
-    if (outcome[b] != CGD_BLOCK_NEVER) {
+    if (previous != CGD_BLOCK_NEVER) {
         if (threadIdx.x == 0) {
             outcome[b] = CGD_BLOCK_KEPT;
             atomicAdd(&counters[1], 1.0f);
         }
         return;
     }
-    float inv_bc2 = bias_correction ? (float)(1.0 / (1.0 - pow(beta2_d, (double)*step + 1.0))) : 1.0f;
+    float inv_bc2 = bias_correction ? (float)(1.0 / (1.0 - pow(beta2_d, *step + 1.0))) : 1.0f;
     for (int64_t e = threadIdx.x; e < B * B; e += blockDim.x) {
         int64_t i = e / B, j = e % B;
         float value = 0.0f;
@@ -162,8 +183,8 @@ __global__ void update_kernel(const vector_args a, const float *u, float lr, flo
     }
 }
 
-__global__ void increment_kernel(float *step, const float *skip) {
-    if (!cgd_skipped(skip)) *step += 1.0f;
+__global__ void increment_kernel(double *step, const float *skip) {
+    if (!cgd_skipped(skip)) *step += 1.0;
 }
 
 /* ---- host side ---- */
@@ -210,94 +231,124 @@ void for_tensors(bool update, cgd_dtype dtype, const cgd_block_tensor *tensors, 
     flush();
 }
 
+
+
+/* The workspace of one step, carved (or, with a null workspace, only sized) by block_layout. */
+struct BlockBuffers {
+    float *g, *F, *u;                    /* the blocked vector: gradient, force, preconditioned force */
+    float *A, *S, *Pn, *lambda, *work;   /* one refresh chunk: C then V, V diag(d), P, eigenvalues, solver */
+    int *info, *ok;
+    int64_t chunk;                       /* blocks per refresh chunk */
+    int lwork;                           /* syevjBatched's work, in floats */
+    size_t work_bytes;                   /* XsyevBatched's device work */
+};
+
+int block_layout(CgdHandles *hd, const cgd_block_hparams *h, const cgd_block_state *st, void *workspace,
+                 BlockBuffers *b, size_t *bytes, CgdFailure &fail) {
+    const int64_t B = st->block, nb = st->nblocks, length = B * nb;
+    CgdCarver carve(workspace);
+    size_t host_bytes = 0;
+    *b = BlockBuffers{};
+    b->g = carve.take<float>((size_t)length);
+    b->F = carve.take<float>((size_t)length);
+    b->u = carve.take<float>((size_t)length);
+    if (h->refresh) {
+        const size_t matrix = (size_t)B * (size_t)B;
+        int64_t chunk = (int64_t)(REFRESH_CHUNK_BYTES / (3 * matrix * sizeof(float)));
+        chunk = chunk < 1 ? 1 : (chunk > nb ? nb : chunk);
+        b->chunk = chunk;
+        b->A = carve.take<float>((size_t)chunk * matrix);
+        b->S = carve.take<float>((size_t)chunk * matrix);
+        b->Pn = carve.take<float>((size_t)chunk * matrix);
+        b->lambda = carve.take<float>((size_t)(chunk * B));
+        b->info = carve.take<int>((size_t)chunk);
+        b->ok = carve.take<int>((size_t)chunk);
+        if (B <= JACOBI_MAX_BLOCK) {
+            SOLVER_TRY(cusolverDnSsyevjBatched_bufferSize(hd->solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER,
+                                                          (int)B, nullptr, (int)B, nullptr, &b->lwork, hd->syevj,
+                                                          (int)chunk));
+            b->work = carve.take<float>((size_t)(b->lwork > 0 ? b->lwork : 1));
+        } else {
+            SOLVER_TRY(cusolverDnXsyevBatched_bufferSize(hd->solver, hd->params, CUSOLVER_EIG_MODE_VECTOR,
+                                                         CUBLAS_FILL_MODE_UPPER, B, CUDA_R_32F, nullptr, B,
+                                                         CUDA_R_32F, nullptr, CUDA_R_32F, &b->work_bytes,
+                                                         &host_bytes, chunk));
+            b->work = reinterpret_cast<float *>(carve.take<char>(b->work_bytes > 0 ? b->work_bytes : 1));
+            if (!cgd_reserve_host_work(hd, host_bytes)) {
+                snprintf(fail.why, (size_t)fail.size, "out of host memory for XsyevBatched's %zu-byte workspace",
+                         host_bytes);
+                fail.code = 1;
+                return fail.code;
+            }
+        }
+    }
+    *bytes = carve.used;
+done:
+    return fail.code;
+}
+
 }  // namespace
+
+extern "C" int cgd_cuda_block_workspace(const cgd_block_hparams *h, const cgd_block_state *st, size_t *bytes,
+                                        char *why, int why_size) {
+    CgdFailure fail = {why, why_size, 0};
+    BlockBuffers b;
+    CgdHandles *hd = cgd_solver_handles(nullptr, false, fail);
+    return hd ? block_layout(hd, h, st, nullptr, &b, bytes, fail) : fail.code;
+}
 
 extern "C" int cgd_cuda_block_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_block_tensor *tensors,
                                    int64_t count, const cgd_block_state *st, const float *grad_scale,
-                                   const float *skip, void *stream_ptr, char *why, int why_size) {
+                                   const float *skip, void *workspace, void *stream_ptr, char *why, int why_size) {
     CgdFailure fail = {why, why_size, 0};
     cudaStream_t stream = (cudaStream_t)stream_ptr;
     const int64_t B = st->block, nb = st->nblocks, length = B * nb;
-    const size_t matrix_bytes = (size_t)B * (size_t)B * sizeof(float);
-    float *g = nullptr, *F = nullptr, *u = nullptr, *A = nullptr, *S = nullptr, *Pn = nullptr, *lambda = nullptr;
-    float *work = nullptr;
-    int *info = nullptr, *ok = nullptr;
-    CgdHandles *hd = cgd_solver_handles(stream, fail);
+    const int n = (int)B;
+    const float one = 1.0f, zero = 0.0f;
+    BlockBuffers b;
+    size_t bytes = 0;
+    CgdHandles *hd = cgd_solver_handles(stream, true, fail);
     if (!hd) return fail.code;
+    if (block_layout(hd, h, st, workspace, &b, &bytes, fail)) return fail.code;
 
-    CUDA_TRY(cudaMallocAsync((void **)&g, (size_t)length * sizeof(float), stream));
-    CUDA_TRY(cudaMallocAsync((void **)&F, (size_t)length * sizeof(float), stream));
-    CUDA_TRY(cudaMallocAsync((void **)&u, (size_t)length * sizeof(float), stream));
-    CUDA_TRY(cudaMemsetAsync(g, 0, (size_t)length * sizeof(float), stream));
-    for_tensors(false, dtype, tensors, count, g, grad_scale, skip, h->maximize, 0.0f, 1.0f, stream);
+    CUDA_TRY(cudaMemsetAsync(b.g, 0, (size_t)length * sizeof(float), stream));
+    for_tensors(false, dtype, tensors, count, b.g, grad_scale, skip, h->maximize, 0.0f, 1.0f, stream);
     first_moment_kernel<<<cgd_grid_for(length), BLOCK_THREADS, 0, stream>>>(
-        st->exp_avg, F, g, length, (float)h->beta1, (float)(1.0 - h->beta1), st->step, h->beta1,
+        st->exp_avg, b.F, b.g, length, (float)h->beta1, (float)(1.0 - h->beta1), st->step, h->beta1,
         h->bias_correction, skip);
     second_moment_kernel<<<cgd_grid_for(length * B), BLOCK_THREADS, 0, stream>>>(
-        st->exp_avg_sq, g, B, length * B, (float)h->beta2, (float)(1.0 - h->beta2), skip);
+        st->exp_avg_sq, b.g, B, length * B, (float)h->beta2, (float)(1.0 - h->beta2), skip);
     CUDA_TRY(cudaGetLastError());
 
-    if (h->refresh) {
-        int64_t chunk = (int64_t)(REFRESH_CHUNK_BYTES / (3 * matrix_bytes));
-        chunk = chunk < 1 ? 1 : (chunk > nb ? nb : chunk);
-        const int n = (int)B;
-        int lwork = 0;
-        if (B <= 32)
-            SOLVER_TRY(cusolverDnSsyevjBatched_bufferSize(hd->solver, CUSOLVER_EIG_MODE_VECTOR,
-                                                          CUBLAS_FILL_MODE_UPPER, n, nullptr, n, nullptr, &lwork,
-                                                          hd->syevj, (int)chunk));
+    for (int64_t first = 0; h->refresh && first < nb; first += b.chunk) {
+        int64_t m = nb - first < b.chunk ? nb - first : b.chunk;
+        build_c_kernel<<<cgd_grid_for(m * B * B), BLOCK_THREADS, 0, stream>>>(
+            b.A, st->exp_avg_sq, b.F, B, first, m, st->step, h->beta2, h->bias_correction, h->centered);
+        screen_kernel<<<(unsigned)m, BLOCK_THREADS, 0, stream>>>(b.A, b.ok, B);
+        CUDA_TRY(cudaGetLastError());
+        if (B <= JACOBI_MAX_BLOCK)
+            SOLVER_TRY(cusolverDnSsyevjBatched(hd->solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, n, b.A, n,
+                                               b.lambda, b.work, b.lwork, b.info, hd->syevj, (int)m));
         else
-            SOLVER_TRY(cusolverDnSsyevd_bufferSize(hd->solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, n,
-                                                   nullptr, n, nullptr, &lwork));
-        CUDA_TRY(cudaMallocAsync((void **)&A, chunk * matrix_bytes, stream));
-        CUDA_TRY(cudaMallocAsync((void **)&S, chunk * matrix_bytes, stream));
-        CUDA_TRY(cudaMallocAsync((void **)&Pn, chunk * matrix_bytes, stream));
-        CUDA_TRY(cudaMallocAsync((void **)&lambda, (size_t)(chunk * B) * sizeof(float), stream));
-        CUDA_TRY(cudaMallocAsync((void **)&info, (size_t)chunk * sizeof(int), stream));
-        CUDA_TRY(cudaMallocAsync((void **)&ok, (size_t)chunk * sizeof(int), stream));
-        CUDA_TRY(cudaMallocAsync((void **)&work, (size_t)(lwork > 0 ? lwork : 1) * sizeof(float), stream));
-        for (int64_t first = 0; first < nb; first += chunk) {
-            int64_t m = nb - first < chunk ? nb - first : chunk;
-            build_c_kernel<<<cgd_grid_for(m * B * B), BLOCK_THREADS, 0, stream>>>(
-                A, st->exp_avg_sq, F, B, first, m, st->step, h->beta2, h->bias_correction, h->centered);
-            CUDA_TRY(cudaGetLastError());
-            if (B <= 32) {
-                SOLVER_TRY(cusolverDnSsyevjBatched(hd->solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, n,
-                                                   A, n, lambda, work, lwork, info, hd->syevj, (int)m));
-            } else {
-                for (int64_t b = 0; b < m; ++b)
-                    SOLVER_TRY(cusolverDnSsyevd(hd->solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, n,
-                                                A + b * B * B, n, lambda + b * B, work, lwork, info + b));
-            }
-            check_scale_kernel<<<(unsigned)m, BLOCK_THREADS, 0, stream>>>(A, lambda, info, S, ok, B,
-                                                                          (float)h->eps, (float)h->power);
-            CUDA_TRY(cudaGetLastError());
-            /* Column-major: Pn = S V^T = V diag(d) V^T. Blocks whose solve failed produce garbage, never read. */
-            const float one = 1.0f, zero = 0.0f;
-            SOLVER_TRY(cublasSgemmStridedBatched(hd->blas, CUBLAS_OP_N, CUBLAS_OP_T, n, n, n, &one, S, n, B * B, A,
-                                                 n, B * B, &zero, Pn, n, B * B, (int)m));
-            commit_kernel<<<(unsigned)m, BLOCK_THREADS, 0, stream>>>(
-                st->precond, Pn, lambda, ok, st->eigvals, st->outcome, st->counters, st->exp_avg_sq, F, B, first,
-                st->step, h->beta2, h->bias_correction, h->centered, (float)h->eps, (float)h->power, skip);
-            CUDA_TRY(cudaGetLastError());
-        }
+            SOLVER_TRY(cusolverDnXsyevBatched(hd->solver, hd->params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER,
+                                              B, CUDA_R_32F, b.A, B, CUDA_R_32F, b.lambda, CUDA_R_32F, b.work,
+                                              b.work_bytes, hd->host_work, hd->host_bytes, b.info, m));
+        check_scale_kernel<<<(unsigned)m, BLOCK_THREADS, 0, stream>>>(b.A, b.lambda, b.info, b.S, b.ok, B,
+                                                                      (float)h->eps, (float)h->power);
+        CUDA_TRY(cudaGetLastError());
+        /* Column-major: Pn = S V^T = V diag(d) V^T. Blocks whose solve failed produce garbage, never read. */
+        SOLVER_TRY(cublasSgemmStridedBatched(hd->blas, CUBLAS_OP_N, CUBLAS_OP_T, n, n, n, &one, b.S, n, B * B, b.A, n,
+                                             B * B, &zero, b.Pn, n, B * B, (int)m));
+        commit_kernel<<<(unsigned)m, BLOCK_THREADS, 0, stream>>>(
+            st->precond, b.Pn, b.lambda, b.ok, st->eigvals, st->outcome, st->counters, st->exp_avg_sq, b.F, B, first,
+            st->step, h->beta2, h->bias_correction, h->centered, (float)h->eps, (float)h->power, skip);
+        CUDA_TRY(cudaGetLastError());
     }
-    apply_kernel<<<cgd_grid_for(length), BLOCK_THREADS, 0, stream>>>(u, st->precond, F, B, length, skip);
-    for_tensors(true, dtype, tensors, count, u, nullptr, skip, 0, (float)h->lr,
+    apply_kernel<<<cgd_grid_for(length), BLOCK_THREADS, 0, stream>>>(b.u, st->precond, b.F, B, length, skip);
+    for_tensors(true, dtype, tensors, count, b.u, nullptr, skip, 0, (float)h->lr,
                 (float)(1.0 - h->lr * h->weight_decay), stream);
     increment_kernel<<<1, 1, 0, stream>>>(st->step, skip);
     CUDA_TRY(cudaGetLastError());
-
 done:
-    cudaFreeAsync(g, stream);
-    cudaFreeAsync(F, stream);
-    cudaFreeAsync(u, stream);
-    cudaFreeAsync(A, stream);
-    cudaFreeAsync(S, stream);
-    cudaFreeAsync(Pn, stream);
-    cudaFreeAsync(lambda, stream);
-    cudaFreeAsync(info, stream);
-    cudaFreeAsync(ok, stream);
-    cudaFreeAsync(work, stream);
     return fail.code;
 }

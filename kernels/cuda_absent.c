@@ -14,6 +14,13 @@ const char *cgd_cuda_error_string(int error) {
     return "this build of torch-cgd has no CUDA kernels";
 }
 
+static int absent(char *why, int why_size) {
+    snprintf(why, (size_t)why_size, "%s", cgd_cuda_error_string(CGD_NO_CUDA));
+    return CGD_NO_CUDA;
+}
+
+int cgd_cuda_prepare(char *why, int why_size) { return absent(why, why_size); }
+
 int cgd_cuda_diag_step(const cgd_diag_consts *k, cgd_dtype dtype, const cgd_diag_tensor *tensors, int64_t count,
                        const float *grad_scale, const float *skip, void *stream) {
     return CGD_NO_CUDA;
@@ -24,26 +31,36 @@ int cgd_cuda_nonfinite_check(cgd_dtype dtype, const void *const *data, const int
     return CGD_NO_CUDA;
 }
 
+int cgd_cuda_block_workspace(const cgd_block_hparams *h, const cgd_block_state *state, size_t *bytes, char *why,
+                             int why_size) {
+    return absent(why, why_size);
+}
+
 int cgd_cuda_block_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_block_tensor *tensors, int64_t count,
-                        const cgd_block_state *state, const float *grad_scale, const float *skip, void *stream,
-                        char *why, int why_size) {
-    snprintf(why, (size_t)why_size, "%s", cgd_cuda_error_string(CGD_NO_CUDA));
-    return CGD_NO_CUDA;
+                        const cgd_block_state *state, const float *grad_scale, const float *skip, void *workspace,
+                        void *stream, char *why, int why_size) {
+    return absent(why, why_size);
+}
+
+int cgd_cuda_kron_workspace(const cgd_block_hparams *h, const cgd_kron_tensor *tensors, int64_t count,
+                            size_t *bytes, char *why, int why_size) {
+    return absent(why, why_size);
 }
 
 int cgd_cuda_kron_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tensors, int64_t count,
-                       const float *grad_scale, const float *skip, void *stream, char *why, int why_size) {
-    snprintf(why, (size_t)why_size, "%s", cgd_cuda_error_string(CGD_NO_CUDA));
-    return CGD_NO_CUDA;
+                       const float *grad_scale, const float *skip, void *workspace, void *stream, char *why,
+                       int why_size) {
+    return absent(why, why_size);
 }
 
 int cgd_cuda_induced_norm(const cgd_induced_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors,
-                          int64_t count, float *sum, const float *grad_scale, const float *skip, void *stream) {
+                          int64_t count, float *sum, const float *grad_scale, const float *skip, double *partial,
+                          void *stream) {
     return CGD_NO_CUDA;
 }
 
 int cgd_cuda_induced_rate(const cgd_induced_metric *m, const float *sum, const float *loss, float *norm_ema,
-                          float *norm_step, float *rate, const float *skip, void *stream) {
+                          double *norm_step, float *rate, const float *skip, void *stream) {
     return CGD_NO_CUDA;
 }
 

@@ -1,6 +1,7 @@
 /*
  * What the CUDA kernels of block and Kronecker-factored CGD share on the host side: cuSOLVER/cuBLAS handles
- * cached per host thread and device, and the error plumbing that turns a failed call into a message. Internal.
+ * cached per host thread and device, the carving of the caller's workspace into buffers, and the error plumbing
+ * that turns a failed call into a message. Internal.
  */
 #ifndef CGD_CUDA_SOLVER_CUH
 #define CGD_CUDA_SOLVER_CUH
@@ -10,6 +11,7 @@
 #include <cusolverDn.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 
 #define CGD_SOLVER_THREADS 256
 
@@ -18,6 +20,10 @@ struct CgdHandles {
     cusolverDnHandle_t solver = nullptr;
     cublasHandle_t blas = nullptr;
     syevjInfo_t syevj = nullptr;
+    cusolverDnParams_t params = nullptr;
+    /* XsyevBatched's host workspace: grown by the workspace queries, which run before every step, and reused. */
+    void *host_work = nullptr;
+    size_t host_bytes = 0;
 };
 
 struct CgdFailure {
@@ -32,8 +38,7 @@ inline int cgd_report(CgdFailure *f, const char *what, int code) {
     return f->code;
 }
 
-/* Both macros jump to the caller's `done:` label, where the workspace is freed; the caller names its
-   CgdFailure `fail`. */
+/* Both macros jump to the caller's `done:` label; the caller names its CgdFailure `fail`. */
 #define CUDA_TRY(call)                                                                                          \
     do {                                                                                                        \
         cudaError_t e_ = (call);                                                                                \
@@ -52,9 +57,10 @@ inline int cgd_report(CgdFailure *f, const char *what, int code) {
         }                                                                                                       \
     } while (0)
 
-/* The current device's handles, bound to `stream`; nullptr (and fail filled in) on failure. Creating handles
-   costs milliseconds, so one set lives per host thread and device. */
-inline CgdHandles *cgd_solver_handles(cudaStream_t stream, CgdFailure &fail) {
+/* The current device's handles, created on first use (cgd_prepare or a workspace query). Creation allocates, so
+   it is refused while `stream` is being captured into a CUDA graph: the message says to prepare first. With
+   stream = nullptr nothing is bound. nullptr (and fail filled in) on failure. */
+inline CgdHandles *cgd_solver_handles(cudaStream_t stream, bool bind, CgdFailure &fail) {
     static thread_local CgdHandles by_device[16];
     CgdHandles *hd = nullptr;
     int device = 0;
@@ -66,17 +72,54 @@ inline CgdHandles *cgd_solver_handles(cudaStream_t stream, CgdFailure &fail) {
     }
     hd = &by_device[device];
     if (hd->device != device) {
+        cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+        if (bind) CUDA_TRY(cudaStreamIsCapturing(stream, &capture));
+        if (capture != cudaStreamCaptureStatusNone) {
+            snprintf(fail.why, (size_t)fail.size, "the cuSOLVER/cuBLAS handles of device %d do not exist yet and "
+                     "cannot be created during CUDA-graph capture: call cgd_prepare (torch: run one step, or build "
+                     "the optimizer on CUDA parameters) before capturing", device);
+            fail.code = 1;
+            return nullptr;
+        }
         SOLVER_TRY(cusolverDnCreate(&hd->solver));
         SOLVER_TRY(cublasCreate(&hd->blas));
         SOLVER_TRY(cusolverDnCreateSyevjInfo(&hd->syevj));
+        SOLVER_TRY(cusolverDnCreateParams(&hd->params));
         hd->device = device;
     }
-    SOLVER_TRY(cusolverDnSetStream(hd->solver, stream));
-    SOLVER_TRY(cublasSetStream(hd->blas, stream));
+    if (bind) {
+        SOLVER_TRY(cusolverDnSetStream(hd->solver, stream));
+        SOLVER_TRY(cublasSetStream(hd->blas, stream));
+    }
     return hd;
 done:
     return nullptr;
 }
+
+/* Grows the handles' host workspace to `bytes`; false when out of host memory. */
+inline bool cgd_reserve_host_work(CgdHandles *hd, size_t bytes) {
+    if (bytes <= hd->host_bytes) return true;
+    void *p = realloc(hd->host_work, bytes);
+    if (!p) return false;
+    hd->host_work = p;
+    hd->host_bytes = bytes;
+    return true;
+}
+
+/*
+ * Lays buffers out in the caller's workspace, 256-byte aligned. The same code sizes the workspace (base =
+ * nullptr: only `used` advances) and carves it (base = the workspace), so the two cannot disagree.
+ */
+struct CgdCarver {
+    char *base;
+    size_t used = 0;
+    explicit CgdCarver(void *workspace) : base(static_cast<char *>(workspace)) {}
+    template <typename T> T *take(size_t count) {
+        size_t offset = (used + 255) & ~(size_t)255;
+        used = offset + count * sizeof(T);
+        return base ? reinterpret_cast<T *>(base + offset) : nullptr;
+    }
+};
 
 inline int cgd_grid_for(int64_t n) {
     int64_t blocks = (n + CGD_SOLVER_THREADS - 1) / CGD_SOLVER_THREADS;

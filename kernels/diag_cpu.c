@@ -46,7 +46,7 @@ void cgd_cpu_diag_step(const cgd_diag_consts *k, cgd_dtype dtype, const cgd_diag
     float scale = grad_scale ? *grad_scale : 1.0f;
     for (int64_t ti = 0; ti < count; ++ti) {
         const cgd_diag_tensor *t = &tensors[ti];
-        cgd_diag_step_consts s = cgd_diag_make_step_consts(k, *t->step);
+        cgd_diag_step_consts s = cgd_diag_make_step_consts(k, *t->step, k->lr_device ? *k->lr_device : k->lr);
         int64_t chunks = (t->numel + CGD_CPU_CHUNK - 1) / CGD_CPU_CHUNK;
 #pragma omp parallel for schedule(static) if (chunks > 1)
         for (int64_t c = 0; c < chunks; ++c) {
@@ -54,7 +54,7 @@ void cgd_cpu_diag_step(const cgd_diag_consts *k, cgd_dtype dtype, const cgd_diag
             int64_t end = begin + CGD_CPU_CHUNK < t->numel ? begin + CGD_CPU_CHUNK : t->numel;
             diag_chunk(dtype, k, &s, t, scale, begin, end);
         }
-        *t->step += 1.0f;
+        *t->step += 1.0;
     }
 }
 

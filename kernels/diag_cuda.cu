@@ -15,13 +15,13 @@ typedef struct diag_args {
     const void *grad[CGD_MT_MAX_TENSORS];
     float *m1[CGD_MT_MAX_TENSORS];
     float *m2[CGD_MT_MAX_TENSORS];
-    float *step[CGD_MT_MAX_TENSORS];
+    double *step[CGD_MT_MAX_TENSORS];
     uint8_t vector_ok[CGD_MT_MAX_TENSORS];
 } diag_args;
 
 typedef struct step_args {
     int32_t count;
-    float *step[CGD_MT_MAX_TENSORS];
+    double *step[CGD_MT_MAX_TENSORS];
 } step_args;
 
 typedef struct scan_args {
@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(CGD_MT_THREADS)
     if (skip && *skip != 0.0f) return;
     const cgd_mt_work w = cgd_mt_locate(&args.layout, (int32_t)blockIdx.x);
     const int t = w.tensor;
-    const cgd_diag_step_consts s = cgd_diag_make_step_consts(&k, *args.step[t]);
+    const cgd_diag_step_consts s = cgd_diag_make_step_consts(&k, *args.step[t], k.lr_device ? *k.lr_device : k.lr);
     const float scale = grad_scale ? *grad_scale : 1.0f;
     void *param = args.param[t];
     const void *grad = args.grad[t];
@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(CGD_MT_THREADS)
 __global__ void increment_steps_kernel(const step_args args, const float *skip) {
     if (skip && *skip != 0.0f) return;
     int i = (int)threadIdx.x;
-    if (i < args.count) *args.step[i] += 1.0f;
+    if (i < args.count) *args.step[i] += 1.0;
 }
 
 static int aligned(const void *p, int bytes) { return ((uintptr_t)p % (uintptr_t)bytes) == 0; }
@@ -231,4 +231,4 @@ extern "C" int cgd_cuda_nonfinite_check(cgd_dtype dtype, const void *const *data
     return launch_scan(&args, dtype, flags + first, found, s);
 }
 
-extern "C" const char *cgd_cuda_error_string(int error) { return cudaGetErrorString((cudaError_t)error); }
+

@@ -1,6 +1,10 @@
 /*
  * The diagonal CGD update for one element, written once and compiled both as C11 (CPU kernels) and as CUDA
  * device code, so the two back ends cannot drift apart. See cgd_diag_hparams in capi/cgd.h for the equations.
+ * Both back ends are built without floating-point contraction (CMakeLists.txt: -ffp-contract=off, nvcc
+ * --fmad=false), so each product and sum below is rounded as written on the CPU and the GPU alike. That is
+ * the specification: e.g. the centered variance c / bc2 - mean^2 of a constant gradient is exactly 0 on both,
+ * where a fused multiply-add would leave a rounding residual of order ulp(g^2) that can exceed eps.
  */
 #ifndef CGD_DIAG_MATH_H
 #define CGD_DIAG_MATH_H
@@ -21,15 +25,17 @@ enum { CGD_METRIC_NONE = 0, CGD_METRIC_SQRT = 1, CGD_METRIC_POW = 2 };
 
 /* Per-call constants in the float32 the kernels compute in. */
 typedef struct cgd_diag_consts {
-    float lr, beta1, beta2, one_minus_beta2, grad_weight, power, eps, weight_decay, decay_factor;
-    double beta1_d, beta2_d; /* bias corrections are formed in double, as torch does on the host */
+    float lr, beta1, beta2, one_minus_beta2, grad_weight, power, eps, weight_decay;
+    double beta1_d, beta2_d, weight_decay_d; /* bias corrections are formed in double, as torch does on the host */
+    const float *lr_device; /* replaces lr when set (cgd_diag_hparams.lr_device) */
     int32_t metric, moment, eps_inside, bias_correction, decoupled_weight_decay, nesterov, maximize;
     int32_t has_m1, has_m2;
 } cgd_diag_consts;
 
-/* Per-tensor constants that depend on the tensor's step count t. */
+/* Per-tensor constants that depend on the tensor's step count t and on lr (host or device). */
 typedef struct cgd_diag_step_consts {
-    float step_size; /* lr / (1 - beta1^t) */
+    float step_size;    /* lr / (1 - beta1^t) */
+    float decay_factor; /* 1 - lr * weight_decay */
     float inv_bc1;   /* 1 / (1 - beta1^t), for the centered variance */
     float inv_bc2;   /* 1 / (1 - beta2^t) */
     float bc2_pow;   /* (1 - beta2^t)^power: divides C^power when eps sits outside, as torch's Adam does */
@@ -45,9 +51,10 @@ CGD_HD cgd_diag_consts cgd_diag_make_consts(const cgd_diag_hparams *h) {
     k.power = (float)h->power;
     k.eps = (float)h->eps;
     k.weight_decay = (float)h->weight_decay;
-    k.decay_factor = (float)(1.0 - h->lr * h->weight_decay);
     k.beta1_d = h->beta1;
     k.beta2_d = h->beta2;
+    k.weight_decay_d = h->weight_decay;
+    k.lr_device = h->lr_device;
     k.metric = h->power == 0.0 ? CGD_METRIC_NONE : (h->power == 0.5 ? CGD_METRIC_SQRT : CGD_METRIC_POW);
     k.moment = h->moment;
     k.eps_inside = h->eps_inside != 0;
@@ -61,15 +68,17 @@ CGD_HD cgd_diag_consts cgd_diag_make_consts(const cgd_diag_hparams *h) {
     return k;
 }
 
-CGD_HD cgd_diag_step_consts cgd_diag_make_step_consts(const cgd_diag_consts *k, float steps_taken) {
+/* lr: k->lr, or *k->lr_device read by the caller on its own side (host or device). */
+CGD_HD cgd_diag_step_consts cgd_diag_make_step_consts(const cgd_diag_consts *k, double steps_taken, float lr) {
     cgd_diag_step_consts s;
-    double t = (double)steps_taken + 1.0;
+    double t = steps_taken + 1.0;
     double bc1 = 1.0, bc2 = 1.0;
     if (k->bias_correction) {
         bc1 = 1.0 - pow(k->beta1_d, t);
         bc2 = 1.0 - pow(k->beta2_d, t);
     }
-    s.step_size = (float)((double)k->lr / bc1);
+    s.step_size = (float)((double)lr / bc1);
+    s.decay_factor = (float)(1.0 - (double)lr * k->weight_decay_d);
     s.inv_bc1 = (float)(1.0 / bc1);
     s.inv_bc2 = (float)(1.0 / bc2);
     s.bc2_pow = (float)pow(bc2, (double)k->power);
@@ -91,7 +100,7 @@ CGD_HD void cgd_diag_update(const cgd_diag_consts *k, const cgd_diag_step_consts
     float param = *p;
     if (k->weight_decay != 0.0f) {
         if (k->decoupled_weight_decay)
-            param *= k->decay_factor;
+            param *= s->decay_factor;
         else
             g += k->weight_decay * param;
     }

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "cgd.h"
+#include "kernels.h"
 
 /* LAPACK's Fortran symbols, with gfortran's trailing hidden lengths of the character arguments. */
 void ssyevd_(const char *jobz, const char *uplo, const int *n, float *a, const int *lda, float *w, float *work,
@@ -39,13 +40,13 @@ int cgd_eigh_scratch_init(cgd_eigh_scratch *s, int n) {
     s->dlwork = (int)dq + 1;
     s->dliwork = iq > s->liwork ? iq : s->liwork;
     size_t nn = (size_t)n * (size_t)n;
-    s->a = malloc(nn * sizeof(float));
-    s->w = malloc((size_t)n * sizeof(float));
-    s->work = malloc((size_t)s->lwork * sizeof(float));
-    s->da = malloc(nn * sizeof(double));
-    s->dw = malloc((size_t)n * sizeof(double));
-    s->dwork = malloc((size_t)s->dlwork * sizeof(double));
-    s->iwork = malloc((size_t)s->dliwork * sizeof(int));
+    s->a = cgd_host_alloc(nn * sizeof(float));
+    s->w = cgd_host_alloc((size_t)n * sizeof(float));
+    s->work = cgd_host_alloc((size_t)s->lwork * sizeof(float));
+    s->da = cgd_host_alloc(nn * sizeof(double));
+    s->dw = cgd_host_alloc((size_t)n * sizeof(double));
+    s->dwork = cgd_host_alloc((size_t)s->dlwork * sizeof(double));
+    s->iwork = cgd_host_alloc((size_t)s->dliwork * sizeof(int));
     if (!s->a || !s->w || !s->work || !s->da || !s->dw || !s->dwork || !s->iwork) {
         cgd_eigh_scratch_free(s);
         return 1;
@@ -65,8 +66,10 @@ static int all_finite_d(const double *x, size_t n) {
     return 1;
 }
 
-int cgd_eigh_solve(const float *C, cgd_eigh_scratch *s) {
-    int n = s->n, info = 0;
+int cgd_eigh_solve(const float *C, int n, cgd_eigh_scratch *s) {
+    int info = 0;
+#pragma omp atomic
+    ++cgd_hooks.eigh_calls;
     size_t nn = (size_t)n * (size_t)n;
     memcpy(s->a, C, nn * sizeof(float));
     ssyevd_("V", "U", &n, s->a, &n, s->w, s->work, &s->lwork, s->iwork, &s->liwork, &info, 1, 1);

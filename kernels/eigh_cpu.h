@@ -5,7 +5,8 @@
 #ifndef CGD_EIGH_CPU_H
 #define CGD_EIGH_CPU_H
 
-/* Workspace of one n x n eigendecomposition; one per thread, reused for every matrix of that size. */
+/* Workspace of eigendecompositions up to n x n; one per thread, reused for every matrix of that size or smaller
+   (LAPACK's workspace needs grow with n). */
 typedef struct cgd_eigh_scratch {
     int n, lwork, liwork, dlwork, dliwork;
     float *a, *w, *work;
@@ -18,11 +19,11 @@ int cgd_eigh_scratch_init(cgd_eigh_scratch *s, int n);
 void cgd_eigh_scratch_free(cgd_eigh_scratch *s);
 
 /*
- * Eigendecomposes the symmetric n x n matrix C (either triangle layout: it is symmetric). Returns
+ * Eigendecomposes the symmetric n x n matrix C, n <= s->n (either triangle layout: it is symmetric). Returns
  * CGD_BLOCK_FP32 with eigenvalues (ascending) in s->w and eigenvectors in s->a (column-major: column k is
  * eigenvector k), CGD_BLOCK_FP64 with them in s->dw and s->da, or -1 when both solvers failed.
  */
-int cgd_eigh_solve(const float *C, cgd_eigh_scratch *s);
+int cgd_eigh_solve(const float *C, int n, cgd_eigh_scratch *s);
 
 /* (eps + max(lambda, 0))^-a: eigenvalues of a covariance are >= 0, and rounding may push the smallest below. */
 double cgd_inverse_power(double lambda, double eps, double power);

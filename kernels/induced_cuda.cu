@@ -17,12 +17,12 @@ struct induced_args {
     const void *grad[CGD_MT_MAX_TENSORS];
     float *m1[CGD_MT_MAX_TENSORS];
     float *m2[CGD_MT_MAX_TENSORS];
-    float *step[CGD_MT_MAX_TENSORS];
+    double *step[CGD_MT_MAX_TENSORS];
 };
 
 struct step_list {
     int32_t count;
-    float *step[CGD_MT_MAX_TENSORS];
+    double *step[CGD_MT_MAX_TENSORS];
 };
 
 __device__ bool skipped(const float *skip) { return skip != nullptr && *skip != 0.0f; }
@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(CGD_MT_THREADS)
                 const float *skip) {
     if (skipped(skip)) return;
     const cgd_mt_work w = cgd_mt_locate(&a.layout, (int32_t)blockIdx.x);
-    const cgd_induced_step_consts s = cgd_induced_make_step_consts(&k, *a.step[w.tensor]);
+    const cgd_induced_step_consts s = cgd_induced_make_step_consts(&k, *a.step[w.tensor], k.lr);
     const float scale = grad_scale ? *grad_scale : 1.0f;
     float *m2 = a.m2[w.tensor];
     double acc = 0.0;
@@ -66,10 +66,10 @@ __global__ void __launch_bounds__(CGD_MT_THREADS)
 }
 
 __global__ void rate_kernel(const cgd_induced_metric m, const float *sum, const float *loss, float *norm_ema,
-                            float *norm_step, float *rate, const float *skip) {
+                            double *norm_step, float *rate, const float *skip) {
     if (skipped(skip)) return;
     *rate = cgd_induced_rate_of(&m, *sum, loss ? *loss : 0.0f, norm_ema, *norm_step);
-    *norm_step += 1.0f;
+    *norm_step += 1.0;
 }
 
 template <int DT>
@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(CGD_MT_THREADS)
     if (skipped(skip)) return;
     const cgd_mt_work w = cgd_mt_locate(&a.layout, (int32_t)blockIdx.x);
     const int t = w.tensor;
-    const cgd_induced_step_consts s = cgd_induced_make_step_consts(&k, *a.step[t]);
+    const cgd_induced_step_consts s = cgd_induced_make_step_consts(&k, *a.step[t], k.lr_device ? *k.lr_device : k.lr);
     const float scale = grad_scale ? *grad_scale : 1.0f, r = *rate;
     for (int64_t i = w.begin + threadIdx.x; i < w.end; i += blockDim.x) {
         float p = load1<DT>(a.param[t], i);
@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(CGD_MT_THREADS)
 /* After the step kernel on the same stream, so no block can still be reading a counter. */
 __global__ void increment_kernel(const step_list steps, const float *skip) {
     if (skipped(skip)) return;
-    if ((int)threadIdx.x < steps.count) *steps.step[threadIdx.x] += 1.0f;
+    if ((int)threadIdx.x < steps.count) *steps.step[threadIdx.x] += 1.0;
 }
 
 template <typename Launch>
@@ -122,17 +122,13 @@ int for_batches(const cgd_diag_tensor *tensors, int64_t count, Launch launch) {
 
 }  // namespace
 
+/* partial: the caller's workspace, one double per chunk (cgd_induced_norm_chunks). */
 extern "C" int cgd_cuda_induced_norm(const cgd_induced_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors,
                                      int64_t count, float *sum, const float *grad_scale, const float *skip,
-                                     void *stream_ptr) {
+                                     double *partial, void *stream_ptr) {
     cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
     const cgd_induced_consts k = cgd_induced_make_consts(h);
-    int64_t total_chunks = 0;
-    for (int64_t i = 0; i < count; ++i) total_chunks += (tensors[i].numel + CGD_MT_CHUNK - 1) / CGD_MT_CHUNK;
-    if (total_chunks == 0) return 0;
-    double *partial = nullptr;
-    cudaError_t e = cudaMallocAsync((void **)&partial, (size_t)total_chunks * sizeof(double), stream);
-    if (e != cudaSuccess) return (int)e;
+    if (cgd_induced_norm_chunks(tensors, count) == 0) return 0;
     int64_t written = 0;
     int err = for_batches(tensors, count, [&](const induced_args &a, const step_list &) {
         int32_t blocks = cgd_mt_chunks(&a.layout);
@@ -150,12 +146,11 @@ extern "C" int cgd_cuda_induced_norm(const cgd_induced_hparams *h, cgd_dtype dty
         add_partials_kernel<<<1, CGD_MT_THREADS, 0, stream>>>(partial, written, sum, skip);
         err = (int)cudaGetLastError();
     }
-    cudaFreeAsync(partial, stream);
     return err;
 }
 
 extern "C" int cgd_cuda_induced_rate(const cgd_induced_metric *m, const float *sum, const float *loss,
-                                     float *norm_ema, float *norm_step, float *rate, const float *skip,
+                                     float *norm_ema, double *norm_step, float *rate, const float *skip,
                                      void *stream_ptr) {
     rate_kernel<<<1, 1, 0, static_cast<cudaStream_t>(stream_ptr)>>>(*m, sum, loss, norm_ema, norm_step, rate, skip);
     return (int)cudaGetLastError();

@@ -19,14 +19,16 @@
 #endif
 
 typedef struct cgd_induced_consts {
-    float lr, momentum, one_minus_momentum, beta_rms, one_minus_beta_rms, eps, decay;
-    double momentum_d, beta_rms_d;
+    float lr, momentum, one_minus_momentum, beta_rms, one_minus_beta_rms, eps;
+    double momentum_d, beta_rms_d, weight_decay_d;
+    const float *lr_device; /* replaces lr when set */
     int32_t rms, maximize;
 } cgd_induced_consts;
 
 /* Depend on the tensor's step count t (its step + 1). */
 typedef struct cgd_induced_step_consts {
     float step_size; /* lr / (1 - mu^t) */
+    float decay;     /* 1 - lr * weight_decay */
     float sqrt_bc2;  /* sqrt(1 - beta_rms^t) */
 } cgd_induced_step_consts;
 
@@ -38,7 +40,8 @@ CGD_IHD cgd_induced_consts cgd_induced_make_consts(const cgd_induced_hparams *h)
     k.beta_rms = (float)h->beta_rms;
     k.one_minus_beta_rms = (float)(1.0 - h->beta_rms);
     k.eps = (float)h->eps;
-    k.decay = (float)(1.0 - h->lr * h->weight_decay);
+    k.weight_decay_d = h->weight_decay;
+    k.lr_device = h->lr_device;
     k.momentum_d = h->momentum;
     k.beta_rms_d = h->beta_rms;
     k.rms = h->gamma == CGD_GAMMA_RMS;
@@ -46,10 +49,12 @@ CGD_IHD cgd_induced_consts cgd_induced_make_consts(const cgd_induced_hparams *h)
     return k;
 }
 
-CGD_IHD cgd_induced_step_consts cgd_induced_make_step_consts(const cgd_induced_consts *k, float step) {
+/* lr: k->lr, or *k->lr_device read by the caller on its own side. */
+CGD_IHD cgd_induced_step_consts cgd_induced_make_step_consts(const cgd_induced_consts *k, double step, float lr) {
     cgd_induced_step_consts s;
-    double t = (double)step + 1.0;
-    s.step_size = (float)(k->lr / (1.0 - pow(k->momentum_d, t)));
+    double t = step + 1.0;
+    s.step_size = (float)((double)lr / (1.0 - pow(k->momentum_d, t)));
+    s.decay = (float)(1.0 - (double)lr * k->weight_decay_d);
     s.sqrt_bc2 = (float)sqrt(1.0 - pow(k->beta_rms_d, t));
     return s;
 }
@@ -73,15 +78,15 @@ CGD_IHD float cgd_induced_update(const cgd_induced_consts *k, const cgd_induced_
     if (k->maximize) g = -g;
     *m1 = k->momentum * *m1 + k->one_minus_momentum * g;
     float denom = k->rms ? sqrtf(m2) / s->sqrt_bc2 + k->eps : 1.0f;
-    return p * k->decay - s->step_size * rate * (*m1 / denom);
+    return p * s->decay - s->step_size * rate * (*m1 / denom);
 }
 
 /* v <- beta v + (1 - beta) xi sum; r from the bias-corrected v (Algorithms 1 and 2). */
 CGD_IHD float cgd_induced_rate_of(const cgd_induced_metric *m, float sum, float loss, float *norm_ema,
-                                  float norm_step) {
+                                  double norm_step) {
     float v = (float)m->beta * *norm_ema + (float)(1.0 - m->beta) * ((float)m->xi * sum);
     *norm_ema = v;
-    float v_hat = fabsf(v / (float)(1.0 - pow(m->beta, (double)norm_step + 1.0)));
+    float v_hat = fabsf(v / (float)(1.0 - pow(m->beta, norm_step + 1.0)));
     return m->embedding == CGD_EMBED_LOG_LOSS ? loss / (loss * loss + v_hat) : 1.0f / (1.0f + v_hat);
 }
 

@@ -1,7 +1,8 @@
 /*
  * CPU kernel of Kronecker-factored CGD (cgd.h, cgd_kron_step). Tensors are independent, so OpenMP threads take
  * whole tensors and the result does not depend on the thread count. Matrix products are plain loops ordered so
- * the innermost loop runs along contiguous rows; the factors' Gram matrices accumulate in double.
+ * the innermost loop runs along contiguous rows; the factors' Gram matrices accumulate in double. Every thread
+ * allocates scratch for the largest tensor before any tensor steps, so running out of memory changes nothing.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -63,7 +64,7 @@ static void update_factor(const side *sd, const float *g, int64_t rows, int64_t 
 /* Eigendecomposes one side's factor (Pf / bc2, minus Gram(F) when centered) down the failure ladder. The right
    side's eigenvalues are then divided by their clamped sum, the tr(R) of C ~ (L (x) R) / tr(R). */
 static void refresh_factor(const side *sd, const float *F, int64_t rows, int64_t cols, const cgd_block_hparams *h,
-                           float inv_bc2, double *acc, float *C, float *counters) {
+                           float inv_bc2, double *acc, float *C, cgd_eigh_scratch *s, float *counters) {
     const int64_t n = sd->n;
     if (h->centered) gram(F, rows, cols, sd->left, sd->full, acc);
     int finite = 1;
@@ -80,18 +81,14 @@ static void refresh_factor(const side *sd, const float *F, int64_t rows, int64_t
     }
     int solved = -1;
     if (sd->full && finite) {
-        cgd_eigh_scratch s;
-        if (cgd_eigh_scratch_init(&s, (int)n) == 0) {
-            solved = cgd_eigh_solve(C, &s);
-            if (solved == CGD_BLOCK_FP32) {
-                memcpy(sd->basis, s.a, (size_t)(n * n) * sizeof(float));
-                memcpy(sd->eig, s.w, (size_t)n * sizeof(float));
-            } else if (solved == CGD_BLOCK_FP64) {
-                for (int64_t e = 0; e < n * n; ++e) sd->basis[e] = (float)s.da[e];
-                for (int64_t k = 0; k < n; ++k) sd->eig[k] = (float)s.dw[k];
-                counters[0] += 1.0f;
-            }
-            cgd_eigh_scratch_free(&s);
+        solved = cgd_eigh_solve(C, (int)n, s);
+        if (solved == CGD_BLOCK_FP32) {
+            memcpy(sd->basis, s->a, (size_t)(n * n) * sizeof(float));
+            memcpy(sd->eig, s->w, (size_t)n * sizeof(float));
+        } else if (solved == CGD_BLOCK_FP64) {
+            for (int64_t e = 0; e < n * n; ++e) sd->basis[e] = (float)s->da[e];
+            for (int64_t k = 0; k < n; ++k) sd->eig[k] = (float)s->dw[k];
+            counters[0] += 1.0f;
         }
     } else if (!sd->full && finite) {
         memcpy(sd->eig, C, (size_t)n * sizeof(float));
@@ -182,62 +179,112 @@ static void precondition(const side *l, const side *r, const float *F, int64_t r
     }
 }
 
-/* One tensor's whole step; returns 1 when its workspace cannot be allocated (nothing changed then). */
-static int kron_tensor_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tn, float scale,
-                            float *counters) {
+/* One thread's scratch, sized for the largest tensor of the call. */
+typedef struct scratch {
+    float *g, *F, *D, *Y, *C;
+    double *acc;
+    cgd_eigh_scratch eigh;
+    int have_eigh;
+} scratch;
+
+/* Element and factor workspace of one tensor: a full side needs n^2, a diagonal one n (it may be far too big to
+   square); and the side of its largest full factor (0 without one). */
+static void tensor_needs(const cgd_kron_tensor *tn, int64_t *numel, int64_t *factor_ws, int64_t *full_side) {
+    const int64_t left = tn->left_full ? tn->rows * tn->rows : tn->rows;
+    const int64_t right = tn->right_full ? tn->cols * tn->cols : tn->cols;
+    *numel = tn->rows * tn->cols;
+    *factor_ws = left > right ? left : right;
+    *full_side = tn->left_full ? tn->rows : 0;
+    if (tn->right_full && tn->cols > *full_side) *full_side = tn->cols;
+}
+
+static void scratch_free(scratch *w) {
+    free(w->g);
+    free(w->F);
+    free(w->D);
+    free(w->Y);
+    free(w->C);
+    free(w->acc);
+    if (w->have_eigh) cgd_eigh_scratch_free(&w->eigh);
+    memset(w, 0, sizeof *w);
+}
+
+/* 0 on success; 1 when out of memory (nothing left allocated). */
+static int scratch_init(scratch *w, int64_t numel, int64_t factor_ws, int64_t full_side, int refresh) {
+    memset(w, 0, sizeof *w);
+    w->g = cgd_host_alloc((size_t)numel * sizeof(float));
+    w->F = cgd_host_alloc((size_t)numel * sizeof(float));
+    w->D = cgd_host_alloc((size_t)numel * sizeof(float));
+    w->Y = cgd_host_alloc((size_t)numel * sizeof(float));
+    w->C = cgd_host_alloc((size_t)factor_ws * sizeof(float));
+    w->acc = cgd_host_alloc((size_t)factor_ws * sizeof(double));
+    int ok = w->g && w->F && w->D && w->Y && w->C && w->acc;
+    if (ok && refresh && full_side > 0) ok = w->have_eigh = cgd_eigh_scratch_init(&w->eigh, (int)full_side) == 0;
+    if (!ok) scratch_free(w);
+    return !ok;
+}
+
+/* One tensor's whole step, in the thread's scratch. */
+static void kron_tensor_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tn, float scale,
+                             scratch *w, float *counters) {
     const int64_t rows = tn->rows, cols = tn->cols, numel = rows * cols;
-    /* Workspace of one factor: a full side needs n^2, a diagonal one n (it may be far too big to square). */
-    const int64_t left_ws = tn->left_full ? rows * rows : rows, right_ws = tn->right_full ? cols * cols : cols;
-    const int64_t factor_ws = left_ws > right_ws ? left_ws : right_ws;
-    const double t = (double)*tn->step + 1.0;
+    const double t = *tn->step + 1.0;
     const float inv_bc1 = h->bias_correction ? (float)(1.0 / (1.0 - pow(h->beta1, t))) : 1.0f;
     const float inv_bc2 = h->bias_correction ? (float)(1.0 / (1.0 - pow(h->beta2, t))) : 1.0f;
-    float *g = malloc((size_t)numel * sizeof(float)), *F = malloc((size_t)numel * sizeof(float));
-    float *D = malloc((size_t)numel * sizeof(float)), *Y = malloc((size_t)numel * sizeof(float));
-    float *C = malloc((size_t)factor_ws * sizeof(float));
-    double *acc = malloc((size_t)factor_ws * sizeof(double));
-    int failed = !g || !F || !D || !Y || !C || !acc;
-    if (!failed) {
-        side l = {1, tn->left_full, rows, tn->left_sq, tn->left_basis, tn->left_eig, &tn->outcome[0]};
-        side r = {0, tn->right_full, cols, tn->right_sq, tn->right_basis, tn->right_eig, &tn->outcome[1]};
-        const float beta1 = (float)h->beta1, w1 = (float)(1.0 - h->beta1);
-        for (int64_t e = 0; e < numel; ++e) {
-            float v = cgd_load_f32(dtype, tn->grad, e) / scale;
-            g[e] = h->maximize ? -v : v;
-            tn->exp_avg[e] = beta1 * tn->exp_avg[e] + w1 * g[e];
-            F[e] = tn->exp_avg[e] * inv_bc1;
-        }
-        update_factor(&l, g, rows, cols, (float)h->beta2, (float)(1.0 - h->beta2), acc);
-        update_factor(&r, g, rows, cols, (float)h->beta2, (float)(1.0 - h->beta2), acc);
-        if (h->refresh) {
-            refresh_factor(&l, F, rows, cols, h, inv_bc2, acc, C, counters);
-            refresh_factor(&r, F, rows, cols, h, inv_bc2, acc, C, counters);
-        }
-        precondition(&l, &r, F, rows, cols, h, D, Y);
-        const float lr = (float)h->lr, decay = (float)(1.0 - h->lr * h->weight_decay);
-        for (int64_t e = 0; e < numel; ++e)
-            cgd_store_f32(dtype, tn->param, e, cgd_load_f32(dtype, tn->param, e) * decay - lr * D[e]);
-        *tn->step += 1.0f;
+    float *g = w->g, *F = w->F, *D = w->D, *Y = w->Y;
+    side l = {1, tn->left_full, rows, tn->left_sq, tn->left_basis, tn->left_eig, &tn->outcome[0]};
+    side r = {0, tn->right_full, cols, tn->right_sq, tn->right_basis, tn->right_eig, &tn->outcome[1]};
+    const float beta1 = (float)h->beta1, w1 = (float)(1.0 - h->beta1);
+    for (int64_t e = 0; e < numel; ++e) {
+        float v = cgd_load_f32(dtype, tn->grad, e) / scale;
+        g[e] = h->maximize ? -v : v;
+        tn->exp_avg[e] = beta1 * tn->exp_avg[e] + w1 * g[e];
+        F[e] = tn->exp_avg[e] * inv_bc1;
     }
-    free(g);
-    free(F);
-    free(D);
-    free(Y);
-    free(C);
-    free(acc);
-    return failed;
+    update_factor(&l, g, rows, cols, (float)h->beta2, (float)(1.0 - h->beta2), w->acc);
+    update_factor(&r, g, rows, cols, (float)h->beta2, (float)(1.0 - h->beta2), w->acc);
+    if (h->refresh) {
+        refresh_factor(&l, F, rows, cols, h, inv_bc2, w->acc, w->C, &w->eigh, counters);
+        refresh_factor(&r, F, rows, cols, h, inv_bc2, w->acc, w->C, &w->eigh, counters);
+    }
+    precondition(&l, &r, F, rows, cols, h, D, Y);
+    const float lr = (float)h->lr, decay = (float)(1.0 - h->lr * h->weight_decay);
+    for (int64_t e = 0; e < numel; ++e)
+        cgd_store_f32(dtype, tn->param, e, cgd_load_f32(dtype, tn->param, e) * decay - lr * D[e]);
+    *tn->step += 1.0;
 }
 
 int cgd_cpu_kron_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tensors, int64_t count,
                       const float *grad_scale, const float *skip) {
     if (skip && *skip != 0.0f) return 0;
     const float scale = grad_scale ? *grad_scale : 1.0f;
-    int failed = 0;
-#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
+    int64_t numel = 1, factor_ws = 1, full_side = 0;
     for (int64_t i = 0; i < count; ++i) {
-        float local[3] = {0.0f, 0.0f, 0.0f};
-        failed |= kron_tensor_step(h, dtype, &tensors[i], scale, local);
-        for (int k = 0; k < 3; ++k) tensors[i].counters[k] += local[k];
+        int64_t a, b, c;
+        tensor_needs(&tensors[i], &a, &b, &c);
+        numel = a > numel ? a : numel;
+        factor_ws = b > factor_ws ? b : factor_ws;
+        full_side = c > full_side ? c : full_side;
+    }
+    int failed = 0;
+#pragma omp parallel
+    {
+        scratch w;
+        int mine = scratch_init(&w, numel, factor_ws, full_side, h->refresh);
+        if (mine) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t i = 0; i < count; ++i) {
+                float local[3] = {0.0f, 0.0f, 0.0f};
+                kron_tensor_step(h, dtype, &tensors[i], scale, &w, local);
+                for (int k = 0; k < 3; ++k) tensors[i].counters[k] += local[k];
+            }
+        }
+        if (!mine) scratch_free(&w);
     }
     return failed;
 }

@@ -4,11 +4,14 @@
  *   prepare   g = grad / scale (negated to maximize), M1 <- beta1 M1 + (1 - beta1) g, F = M1 / bc1
  *   factors   a full side: Gram matrix by cuBLAS GEMM into a workspace, then an EMA kernel (so a skipped step
  *             changes nothing); a diagonal side: row or column sums of squares in one kernel
- *   refresh   C = Pf / bc2 - Gram(F), cuSOLVER syevd, then a check and a commit kernel that write the basis and
- *             eigenvalues, or keep the previous ones, or fall back to the factor's diagonal
+ *   refresh   C = Pf / bc2 - Gram(F); a C holding NaN or Inf is replaced by the identity before cuSOLVER syevd
+ *             (the solver never sees it) and marked failed; then a check and a commit kernel that write the basis
+ *             and eigenvalues, or keep the previous ones, or fall back to the factor's diagonal
  *   apply     four GEMMs (into and out of the eigenbasis) around an elementwise scaling, then the update
  * The buffers are row-major; cuBLAS is column-major, so each GEMM below is written for the transposes (a
- * row-major rows x cols X is the column-major cols x rows X^T with leading dimension cols).
+ * row-major rows x cols X is the column-major cols x rows X^T with leading dimension cols). GEMMs use cuBLAS's
+ * 64-bit API: a diagonal side may exceed 2^31 elements. Buffers are carved from the caller's workspace, sized
+ * for the largest tensor and reused by each in turn; the step allocates nothing.
  * Each tensor costs about a dozen launches; the float64 retry rung of the CPU ladder is left out (it would
  * need the solver's status on the host).
  */
@@ -20,14 +23,14 @@
 
 namespace {
 
-__device__ float inv_bias(double beta, const float *step, int bias_correction) {
-    return bias_correction ? (float)(1.0 / (1.0 - pow(beta, (double)*step + 1.0))) : 1.0f;
+__device__ float inv_bias(double beta, const double *step, int bias_correction) {
+    return bias_correction ? (float)(1.0 / (1.0 - pow(beta, *step + 1.0))) : 1.0f;
 }
 
 /* F is written even on a skipped step (from the unchanged M1): the refresh and apply read it regardless. */
 template <int DT>
 __global__ void prepare_kernel(const void *grad, float *g, float *m1, float *F, int64_t numel, float beta1, float w1,
-                               double beta1_d, int bias_correction, int maximize, const float *step,
+                               double beta1_d, int bias_correction, int maximize, const double *step,
                                const float *grad_scale, const float *skip) {
     bool skip_step = cgd_skipped(skip);
     float scale = grad_scale ? *grad_scale : 1.0f, inv_bc1 = inv_bias(beta1_d, step, bias_correction);
@@ -79,7 +82,7 @@ __global__ void ema_kernel(float *state, const float *fresh, int64_t n, float be
 /* A <- Pf / bc2 + A (A holds -Gram(F) when centered, is ignored otherwise); the diagonal is copied to cdiag
    for the fallback, since the solver overwrites A. A diagonal side has n values and no matrix. */
 __global__ void build_factor_kernel(float *A, float *cdiag, const float *sq, int64_t n, int full, int centered,
-                                    double beta2_d, int bias_correction, const float *step) {
+                                    double beta2_d, int bias_correction, const double *step) {
     float inv_bc2 = inv_bias(beta2_d, step, bias_correction);
     int64_t total = full ? n * n : n;
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
@@ -90,7 +93,22 @@ __global__ void build_factor_kernel(float *A, float *cdiag, const float *sq, int
     }
 }
 
-/* bad |= the solve failed or left a non-finite value (bad is cleared by the host before). */
+/* bad |= the factor C about to be solved holds NaN or Inf (bad is cleared on the stream before). */
+__global__ void screen_kernel(int *bad, const float *A, int64_t total) {
+    int local = 0;
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x)
+        local |= !isfinite(A[e]);
+    if (local) atomicOr(bad, 1);
+}
+
+/* A failed screen hands the solver the identity instead, so it never sees NaN or Inf. */
+__global__ void replace_kernel(float *A, int64_t n, const int *bad) {
+    if (!*bad) return;
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n * n; e += (int64_t)gridDim.x * blockDim.x)
+        A[e] = e / n == e % n ? 1.0f : 0.0f;
+}
+
+/* bad |= the solve failed or left a non-finite value. */
 __global__ void check_kernel(int *bad, const int *info, const float *vecs, const float *values, int64_t n, int full) {
     int64_t total = full ? n * n : 0;
     int local = 0;
@@ -156,12 +174,12 @@ __global__ void scale_kernel(float *Z, const float *mu, const float *nu, int64_t
 }
 
 template <int DT>
-__global__ void update_kernel(void *param, const float *D, int64_t numel, float lr, float decay, float *step,
+__global__ void update_kernel(void *param, const float *D, int64_t numel, float lr, float decay, double *step,
                               const float *skip) {
     if (cgd_skipped(skip)) return;
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < numel; e += (int64_t)gridDim.x * blockDim.x)
         store1<DT>(param, e, load1<DT>(param, e) * decay - lr * D[e]);
-    if (blockIdx.x == 0 && threadIdx.x == 0) *step += 1.0f;
+    if (blockIdx.x == 0 && threadIdx.x == 0) *step += 1.0;
 }
 
 template <int DT>
@@ -185,43 +203,86 @@ void launch_update(const cgd_kron_tensor &t, const float *D, const cgd_block_hpa
 cublasStatus_t gram(cublasHandle_t blas, const float *X, int64_t rows, int64_t cols, int left, float alpha,
                     float *out) {
     const float zero = 0.0f;
-    int m = (int)rows, n = (int)cols;
+    const int64_t m = rows, n = cols;
     /* Column-major, X is X^T (n x m, ld n): X X^T = (X^T)^T X^T, X^T X = X^T (X^T)^T. */
-    if (left) return cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, m, m, n, &alpha, X, n, X, n, &zero, out, m);
-    return cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_T, n, n, m, &alpha, X, n, X, n, &zero, out, n);
+    if (left) return cublasSgemm_64(blas, CUBLAS_OP_T, CUBLAS_OP_N, m, m, n, &alpha, X, n, X, n, &zero, out, m);
+    return cublasSgemm_64(blas, CUBLAS_OP_N, CUBLAS_OP_T, n, n, m, &alpha, X, n, X, n, &zero, out, n);
+}
+
+/* The workspace of one step, sized for the largest tensor (carved, or only sized with a null workspace). */
+struct KronBuffers {
+    float *g, *F, *Y, *Z; /* one tensor's elements: gradient, force, two scratch matrices */
+    float *A, *cdiag;     /* one factor (n^2, or n when diagonal) and its diagonal */
+    float *work;          /* syevd's work for the largest full factor */
+    int *info, *bad;
+    int lwork;
+};
+
+int kron_layout(CgdHandles *hd, const cgd_block_hparams *h, const cgd_kron_tensor *tensors, int64_t count,
+                void *workspace, KronBuffers *b, size_t *bytes, CgdFailure &fail) {
+    int64_t numel = 1, factor = 1, side = 1, full_side = 0;
+    for (int64_t i = 0; i < count; ++i) {
+        const cgd_kron_tensor &t = tensors[i];
+        const int64_t left = t.left_full ? t.rows * t.rows : t.rows, right = t.right_full ? t.cols * t.cols : t.cols;
+        numel = t.rows * t.cols > numel ? t.rows * t.cols : numel;
+        factor = left > factor ? left : factor;
+        factor = right > factor ? right : factor;
+        side = t.rows > side ? t.rows : side;
+        side = t.cols > side ? t.cols : side;
+        if (t.left_full && t.rows > full_side) full_side = t.rows;
+        if (t.right_full && t.cols > full_side) full_side = t.cols;
+    }
+    CgdCarver carve(workspace);
+    *b = KronBuffers{};
+    b->g = carve.take<float>((size_t)numel);
+    b->F = carve.take<float>((size_t)numel);
+    b->Y = carve.take<float>((size_t)numel);
+    b->Z = carve.take<float>((size_t)numel);
+    b->A = carve.take<float>((size_t)factor);
+    b->cdiag = carve.take<float>((size_t)side);
+    b->info = carve.take<int>(1);
+    b->bad = carve.take<int>(1);
+    if (h->refresh && full_side > 0) {
+        /* syevd's workspace grows with n, so the largest factor's serves every smaller one. */
+        SOLVER_TRY(cusolverDnSsyevd_bufferSize(hd->solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER,
+                                               (int)full_side, nullptr, (int)full_side, nullptr, &b->lwork));
+        b->work = carve.take<float>((size_t)(b->lwork > 0 ? b->lwork : 1));
+    }
+    *bytes = carve.used;
+done:
+    return fail.code;
 }
 
 }  // namespace
 
+extern "C" int cgd_cuda_kron_workspace(const cgd_block_hparams *h, const cgd_kron_tensor *tensors, int64_t count,
+                                       size_t *bytes, char *why, int why_size) {
+    CgdFailure fail = {why, why_size, 0};
+    KronBuffers b;
+    CgdHandles *hd = cgd_solver_handles(nullptr, false, fail);
+    return hd ? kron_layout(hd, h, tensors, count, nullptr, &b, bytes, fail) : fail.code;
+}
+
 extern "C" int cgd_cuda_kron_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tensors,
-                                  int64_t count, const float *grad_scale, const float *skip, void *stream_ptr,
-                                  char *why, int why_size) {
+                                  int64_t count, const float *grad_scale, const float *skip, void *workspace,
+                                  void *stream_ptr, char *why, int why_size) {
     CgdFailure fail = {why, why_size, 0};
     cudaStream_t stream = (cudaStream_t)stream_ptr;
-    float *g = nullptr, *F = nullptr, *Y = nullptr, *Z = nullptr, *A = nullptr, *cdiag = nullptr, *work = nullptr;
-    int *info = nullptr, *bad = nullptr;
     const float one = 1.0f, zero = 0.0f;
-    CgdHandles *hd = cgd_solver_handles(stream, fail);
+    KronBuffers b;
+    size_t bytes = 0;
+    CgdHandles *hd = cgd_solver_handles(stream, true, fail);
     if (!hd) return fail.code;
-    CUDA_TRY(cudaMallocAsync((void **)&info, sizeof(int), stream));
-    CUDA_TRY(cudaMallocAsync((void **)&bad, sizeof(int), stream));
+    if (kron_layout(hd, h, tensors, count, workspace, &b, &bytes, fail)) return fail.code;
     for (int64_t ti = 0; ti < count; ++ti) {
         const cgd_kron_tensor &t = tensors[ti];
         const int64_t rows = t.rows, cols = t.cols, numel = rows * cols;
-        const int64_t side_ws[2] = {t.left_full ? rows * rows : rows, t.right_full ? cols * cols : cols};
-        const int64_t ws = side_ws[0] > side_ws[1] ? side_ws[0] : side_ws[1];
-        CUDA_TRY(cudaMallocAsync((void **)&g, (size_t)numel * sizeof(float), stream));
-        CUDA_TRY(cudaMallocAsync((void **)&F, (size_t)numel * sizeof(float), stream));
-        CUDA_TRY(cudaMallocAsync((void **)&Y, (size_t)numel * sizeof(float), stream));
-        CUDA_TRY(cudaMallocAsync((void **)&Z, (size_t)numel * sizeof(float), stream));
-        CUDA_TRY(cudaMallocAsync((void **)&A, (size_t)ws * sizeof(float), stream));
-        CUDA_TRY(cudaMallocAsync((void **)&cdiag, (size_t)(rows > cols ? rows : cols) * sizeof(float), stream));
         if (dtype == CGD_FLOAT16)
-            launch_prepare<CGD_FLOAT16>(t, g, F, h, grad_scale, skip, stream);
+            launch_prepare<CGD_FLOAT16>(t, b.g, b.F, h, grad_scale, skip, stream);
         else if (dtype == CGD_BFLOAT16)
-            launch_prepare<CGD_BFLOAT16>(t, g, F, h, grad_scale, skip, stream);
+            launch_prepare<CGD_BFLOAT16>(t, b.g, b.F, h, grad_scale, skip, stream);
         else
-            launch_prepare<CGD_FLOAT32>(t, g, F, h, grad_scale, skip, stream);
+            launch_prepare<CGD_FLOAT32>(t, b.g, b.F, h, grad_scale, skip, stream);
         CUDA_TRY(cudaGetLastError());
 
         for (int s = 0; s < 2; ++s) {
@@ -232,61 +293,59 @@ extern "C" int cgd_cuda_kron_step(const cgd_block_hparams *h, cgd_dtype dtype, c
             int32_t *outcome = t.outcome + s;
             const float beta2 = (float)h->beta2, w2 = (float)(1.0 - h->beta2);
             if (full) {
-                SOLVER_TRY(gram(hd->blas, g, rows, cols, left, 1.0f, A));
-                ema_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(sq, A, n * n, beta2, w2, skip);
+                SOLVER_TRY(gram(hd->blas, b.g, rows, cols, left, 1.0f, b.A));
+                ema_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(sq, b.A, n * n, beta2, w2, skip);
             } else {
                 int grid = left ? (int)(rows < 65535 ? rows : 65535) : cgd_grid_for(cols);
-                diag_gram_kernel<<<grid, CGD_SOLVER_THREADS, 0, stream>>>(sq, g, rows, cols, left, beta2, w2, 1, skip);
+                diag_gram_kernel<<<grid, CGD_SOLVER_THREADS, 0, stream>>>(sq, b.g, rows, cols, left, beta2, w2, 1,
+                                                                          skip);
             }
             CUDA_TRY(cudaGetLastError());
             if (!h->refresh) continue;
             if (h->centered) {
                 if (full) {
-                    SOLVER_TRY(gram(hd->blas, F, rows, cols, left, -1.0f, A));
+                    SOLVER_TRY(gram(hd->blas, b.F, rows, cols, left, -1.0f, b.A));
                 } else {
                     int grid = left ? (int)(rows < 65535 ? rows : 65535) : cgd_grid_for(cols);
-                    diag_gram_kernel<<<grid, CGD_SOLVER_THREADS, 0, stream>>>(A, F, rows, cols, left, 0.0f, -1.0f, 0,
-                                                                              nullptr);
+                    diag_gram_kernel<<<grid, CGD_SOLVER_THREADS, 0, stream>>>(b.A, b.F, rows, cols, left, 0.0f,
+                                                                              -1.0f, 0, nullptr);
                 }
             }
             build_factor_kernel<<<cgd_grid_for(full ? n * n : n), CGD_SOLVER_THREADS, 0, stream>>>(
-                A, cdiag, sq, n, full, h->centered, h->beta2, h->bias_correction, t.step);
-            CUDA_TRY(cudaGetLastError());
+                b.A, b.cdiag, sq, n, full, h->centered, h->beta2, h->bias_correction, t.step);
+            CUDA_TRY(cudaMemsetAsync(b.bad, 0, sizeof(int), stream));
             /* The eigenvalues land in Y (numel >= n), free until the apply below. */
-            float *values = full ? Y : cdiag;
+            float *values = full ? b.Y : b.cdiag;
             if (full) {
-                int lwork = 0;
-                SOLVER_TRY(cusolverDnSsyevd_bufferSize(hd->solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER,
-                                                       (int)n, A, (int)n, values, &lwork));
-                CUDA_TRY(cudaMallocAsync((void **)&work, (size_t)(lwork > 0 ? lwork : 1) * sizeof(float), stream));
-                SOLVER_TRY(cusolverDnSsyevd(hd->solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, (int)n, A,
-                                            (int)n, values, work, lwork, info));
-                CUDA_TRY(cudaFreeAsync(work, stream));
-                work = nullptr;
+                screen_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(b.bad, b.A, n * n);
+                replace_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(b.A, n, b.bad);
+                CUDA_TRY(cudaGetLastError());
+                SOLVER_TRY(cusolverDnSsyevd(hd->solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, (int)n, b.A,
+                                            (int)n, values, b.work, b.lwork, b.info));
             }
-            CUDA_TRY(cudaMemsetAsync(bad, 0, sizeof(int), stream));
             check_kernel<<<cgd_grid_for(full ? n * n + n : n), CGD_SOLVER_THREADS, 0, stream>>>(
-                bad, full ? info : nullptr, A, values, n, full);
+                b.bad, full ? b.info : nullptr, b.A, values, n, full);
             commit_kernel<<<cgd_grid_for(full ? n * n : n), CGD_SOLVER_THREADS, 0, stream>>>(
-                basis, eig, outcome, A, values, cdiag, bad, n, full, skip);
-            settle_kernel<<<1, 1, 0, stream>>>(outcome, t.counters, bad, skip);
+                basis, eig, outcome, b.A, values, b.cdiag, b.bad, n, full, skip);
+            settle_kernel<<<1, 1, 0, stream>>>(outcome, t.counters, b.bad, skip);
             if (!left) normalise_kernel<<<1, CGD_SOLVER_THREADS, 0, stream>>>(eig, n, outcome, skip);
             CUDA_TRY(cudaGetLastError());
         }
 
         /* D = U [(U^T F V) ./ (eps + mu nu)^a] V^T, built in Z; Y is scratch. */
-        const float *D = F;
+        const float *D = b.F;
         if (h->power != 0.0) {
-            const int m = (int)rows, n = (int)cols;
-            const float *cur = F;
+            const int64_t m = rows, n = cols;
+            const float *cur = b.F;
+            float *Y = b.Y, *Z = b.Z;
             if (t.left_full) { /* Y^T = F^T U, i.e. Y = U^T F */
-                SOLVER_TRY(cublasSgemm(hd->blas, CUBLAS_OP_N, CUBLAS_OP_N, n, m, m, &one, cur, n, t.left_basis, m,
-                                       &zero, Y, n));
+                SOLVER_TRY(cublasSgemm_64(hd->blas, CUBLAS_OP_N, CUBLAS_OP_N, n, m, m, &one, cur, n, t.left_basis, m,
+                                          &zero, Y, n));
                 cur = Y;
             }
             if (t.right_full) { /* Z^T = V^T Y^T, i.e. Z = Y V */
-                SOLVER_TRY(cublasSgemm(hd->blas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, n, &one, t.right_basis, n, cur, n,
-                                       &zero, Z, n));
+                SOLVER_TRY(cublasSgemm_64(hd->blas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, n, &one, t.right_basis, n, cur, n,
+                                          &zero, Z, n));
             } else {
                 CUDA_TRY(cudaMemcpyAsync(Z, cur, (size_t)numel * sizeof(float), cudaMemcpyDeviceToDevice, stream));
             }
@@ -295,14 +354,14 @@ extern "C" int cgd_cuda_kron_step(const cgd_block_hparams *h, cgd_dtype dtype, c
             CUDA_TRY(cudaGetLastError());
             cur = Z;
             if (t.left_full) { /* Y^T = Z^T U^T, i.e. Y = U Z */
-                SOLVER_TRY(cublasSgemm(hd->blas, CUBLAS_OP_N, CUBLAS_OP_T, n, m, m, &one, cur, n, t.left_basis, m,
-                                       &zero, Y, n));
+                SOLVER_TRY(cublasSgemm_64(hd->blas, CUBLAS_OP_N, CUBLAS_OP_T, n, m, m, &one, cur, n, t.left_basis, m,
+                                          &zero, Y, n));
                 cur = Y;
             }
             if (t.right_full) { /* D^T = V Y^T, i.e. D = Y V^T */
                 float *out = cur == Z ? Y : Z;
-                SOLVER_TRY(cublasSgemm(hd->blas, CUBLAS_OP_N, CUBLAS_OP_N, n, m, n, &one, t.right_basis, n, cur, n,
-                                       &zero, out, n));
+                SOLVER_TRY(cublasSgemm_64(hd->blas, CUBLAS_OP_N, CUBLAS_OP_N, n, m, n, &one, t.right_basis, n, cur, n,
+                                          &zero, out, n));
                 cur = out;
             }
             D = cur;
@@ -314,24 +373,7 @@ extern "C" int cgd_cuda_kron_step(const cgd_block_hparams *h, cgd_dtype dtype, c
         else
             launch_update<CGD_FLOAT32>(t, D, h, skip, stream);
         CUDA_TRY(cudaGetLastError());
-        cudaFreeAsync(g, stream);
-        cudaFreeAsync(F, stream);
-        cudaFreeAsync(Y, stream);
-        cudaFreeAsync(Z, stream);
-        cudaFreeAsync(A, stream);
-        cudaFreeAsync(cdiag, stream);
-        g = F = Y = Z = A = cdiag = nullptr;
     }
-
 done:
-    cudaFreeAsync(g, stream);
-    cudaFreeAsync(F, stream);
-    cudaFreeAsync(Y, stream);
-    cudaFreeAsync(Z, stream);
-    cudaFreeAsync(A, stream);
-    cudaFreeAsync(cdiag, stream);
-    cudaFreeAsync(work, stream);
-    cudaFreeAsync(info, stream);
-    cudaFreeAsync(bad, stream);
     return fail.code;
 }

@@ -14,8 +14,9 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "kernels.h" /* CGD_MT_CHUNK */
+
 #define CGD_MT_MAX_TENSORS 192
-#define CGD_MT_CHUNK 32768
 #define CGD_MT_THREADS 256
 
 typedef struct cgd_mt_layout {

@@ -49,11 +49,12 @@ void check_like(const at::Tensor &t, const at::Tensor &param, at::ScalarType dty
                       " but params[", i, "] has ", param.strides(), "; they must share one memory layout");
 }
 
-void check_scalar(const at::Tensor &t, const at::Tensor &param, const char *what, size_t i) {
+// Step counters: one float64 each (exact up to 2^53 steps), on the parameter's device.
+void check_step(const at::Tensor &t, const at::Tensor &param, const char *what, size_t i) {
     TORCH_CHECK_VALUE(t.device() == param.device(), "cgd: ", what, "[", i, "] is on ", t.device(), " but params[", i,
                       "] is on ", param.device(), " (step counters live on the parameter's device)");
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat && t.numel() == 1, "cgd: ", what, "[", i,
-                     "] must be a one-element float32 tensor, got ", t.scalar_type(), " with ", t.numel(), " elements");
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kDouble && t.numel() == 1, "cgd: ", what, "[", i,
+                     "] must be a one-element float64 tensor, got ", t.scalar_type(), " with ", t.numel(), " elements");
 }
 
 const float *optional_scalar(const std::optional<at::Tensor> &t, const at::Device &device, const char *what) {
@@ -75,6 +76,24 @@ cgd_moment to_moment(const std::string &moment) {
     if (moment == "centered") return CGD_MOMENT_CENTERED;
     if (moment == "belief") return CGD_MOMENT_BELIEF;
     TORCH_CHECK_VALUE(false, "cgd: moment = '", moment, "'; expected 'raw', 'centered' or 'belief'");
+}
+
+// A step's scratch space from torch's allocator (the caching allocator on CUDA, stream-ordered on the current
+// stream), so it shares torch's cached memory and a failed allocation raises before anything changed. The tensor
+// keeps the memory alive until the call returns; data is nullptr when nothing is needed.
+struct Workspace {
+    at::Tensor tensor;
+    void *data = nullptr;
+    size_t bytes = 0;
+};
+
+Workspace workspace_for(const at::Device &device, size_t bytes) {
+    Workspace w;
+    if (bytes == 0) return w;
+    w.tensor = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(device));
+    w.data = w.tensor.data_ptr();
+    w.bytes = bytes;
+    return w;
 }
 
 // The device the C API runs on and the stream it enqueues to: the current stream of the tensors' device.
@@ -100,7 +119,7 @@ void diag_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                at::TensorList steps, double lr, double beta1, double beta2, double grad_weight, double power,
                double eps, double weight_decay, const std::string &moment, bool eps_inside, bool bias_correction,
                bool decoupled_weight_decay, bool nesterov, bool maximize, const std::optional<at::Tensor> &grad_scale,
-               const std::optional<at::Tensor> &found_inf) {
+               const std::optional<at::Tensor> &found_inf, const std::optional<at::Tensor> &lr_tensor) {
     const size_t n = params.size();
     TORCH_CHECK_VALUE(grads.size() == n && steps.size() == n, "cgd::diag_step_: got ", n, " params, ", grads.size(),
                       " grads and ", steps.size(), " steps; the lists must have equal lengths");
@@ -122,11 +141,11 @@ void diag_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                           "; one call steps tensors of one dtype on one device");
         check_dense(p, "params", i);
         check_like(grads[i], p, p.scalar_type(), "grads", i);
-        check_scalar(steps[i], p, "steps", i);
+        check_step(steps[i], p, "steps", i);
         cgd_diag_tensor &t = tensors[i];
         t.param = p.data_ptr();
         t.grad = grads[i].data_ptr();
-        t.step = steps[i].data_ptr<float>();
+        t.step = steps[i].data_ptr<double>();
         t.numel = p.numel();
         t.exp_avg = nullptr;
         t.exp_avg_sq = nullptr;
@@ -154,6 +173,7 @@ void diag_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
     h.decoupled_weight_decay = decoupled_weight_decay;
     h.nesterov = nesterov;
     h.maximize = maximize;
+    h.lr_device = optional_scalar(lr_tensor, first.device(), "lr_tensor");
 
 #ifdef CGD_WITH_CUDA
     c10::cuda::OptionalCUDAGuard guard;
@@ -258,7 +278,7 @@ void block_step(at::TensorList params, at::TensorList grads, at::IntArrayRef off
     st.exp_avg_sq = state_ptr<float>(op, exp_avg_sq, device, at::kFloat, length * block, "exp_avg_sq");
     st.precond = state_ptr<float>(op, precond, device, at::kFloat, length * block, "precond");
     st.eigvals = state_ptr<float>(op, eigvals, device, at::kFloat, length, "eigvals");
-    st.step = state_ptr<float>(op, step, device, at::kFloat, 1, "step");
+    st.step = state_ptr<double>(op, step, device, at::kDouble, 1, "step");
     st.outcome = state_ptr<int32_t>(op, outcome, device, at::kInt, nblocks, "outcome");
     st.counters = state_ptr<float>(op, counters, device, at::kFloat, 3, "counters");
 
@@ -269,9 +289,13 @@ void block_step(at::TensorList params, at::TensorList grads, at::IntArrayRef off
     if (device.is_cuda()) guard.set_device(device);
 #endif
     const Target target = target_for(device);
+    size_t bytes = 0;
+    check_status(cgd_block_workspace_size(&h, &st, target.device, &bytes));
+    const Workspace workspace = workspace_for(device, bytes);
     check_status(cgd_block_step(&h, dtype, tensors.data(), static_cast<int64_t>(n), &st,
                                 optional_scalar(grad_scale, device, "grad_scale"),
-                                optional_scalar(found_inf, device, "found_inf"), target.device, target.stream));
+                                optional_scalar(found_inf, device, "found_inf"), workspace.data, workspace.bytes,
+                                target.device, target.stream));
 }
 
 // One Kronecker-factored step: per tensor, exp_avg is its rows x cols matrix view (which fixes rows and cols);
@@ -323,7 +347,7 @@ void kron_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                            : nullptr;
         t.left_eig = state_ptr<float>(op, left_eigs[i], device, at::kFloat, rows, "left_eigs", k);
         t.right_eig = state_ptr<float>(op, right_eigs[i], device, at::kFloat, cols, "right_eigs", k);
-        t.step = state_ptr<float>(op, steps[i], device, at::kFloat, 1, "steps", k);
+        t.step = state_ptr<double>(op, steps[i], device, at::kDouble, 1, "steps", k);
         t.outcome = state_ptr<int32_t>(op, outcomes[i], device, at::kInt, 2, "outcomes", k);
         t.counters = state_ptr<float>(op, counters[i], device, at::kFloat, 3, "counters", k);
     }
@@ -334,9 +358,13 @@ void kron_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
     if (device.is_cuda()) guard.set_device(device);
 #endif
     const Target target = target_for(device);
+    size_t bytes = 0;
+    check_status(cgd_kron_workspace_size(&h, tensors.data(), static_cast<int64_t>(n), target.device, &bytes));
+    const Workspace workspace = workspace_for(device, bytes);
     check_status(cgd_kron_step(&h, dtype, tensors.data(), static_cast<int64_t>(n),
                                optional_scalar(grad_scale, device, "grad_scale"),
-                               optional_scalar(found_inf, device, "found_inf"), target.device, target.stream));
+                               optional_scalar(found_inf, device, "found_inf"), workspace.data, workspace.bytes,
+                               target.device, target.stream));
 }
 
 // Induced-metric ops: the per-list tensors of cgd_induced_norm / cgd_induced_step (param and exp_avg only for the
@@ -348,7 +376,7 @@ cgd_induced_gamma to_gamma(const std::string &gamma) {
 }
 
 cgd_induced_hparams induced_hparams(double lr, double momentum, double beta_rms, double eps, double weight_decay,
-                                    const std::string &gamma, bool maximize) {
+                                    const std::string &gamma, bool maximize, const float *lr_device = nullptr) {
     cgd_induced_hparams h{};
     h.lr = lr;
     h.momentum = momentum;
@@ -357,6 +385,7 @@ cgd_induced_hparams induced_hparams(double lr, double momentum, double beta_rms,
     h.weight_decay = weight_decay;
     h.gamma = to_gamma(gamma);
     h.maximize = maximize;
+    h.lr_device = lr_device;
     return h;
 }
 
@@ -378,11 +407,11 @@ std::vector<cgd_diag_tensor> induced_tensors(const char *op, at::TensorList para
                           grads[0].scalar_type(), " on ", grads[0].device(),
                           "; one call steps tensors of one dtype on one device");
         check_dense(g, "grads", i);
-        check_scalar(steps[i], g, "steps", i);
+        check_step(steps[i], g, "steps", i);
         cgd_diag_tensor &t = tensors[i];
         t = cgd_diag_tensor{};
         t.grad = g.data_ptr();
-        t.step = steps[i].data_ptr<float>();
+        t.step = steps[i].data_ptr<double>();
         t.numel = g.numel();
         if (!params.empty()) {
             check_like(params[i], g, g.scalar_type(), "params", i);
@@ -415,9 +444,14 @@ void induced_norm(at::TensorList grads, at::TensorList exp_avg_sqs, at::TensorLi
     if (device.is_cuda()) guard.set_device(device);
 #endif
     const Target target = target_for(device);
+    size_t bytes = 0;
+    check_status(cgd_induced_norm_workspace_size(tensors.data(), static_cast<int64_t>(tensors.size()), target.device,
+                                                 &bytes));
+    const Workspace workspace = workspace_for(device, bytes);
     check_status(cgd_induced_norm(&h, dtype, tensors.data(), static_cast<int64_t>(tensors.size()), total,
                                   optional_scalar(grad_scale, device, "grad_scale"),
-                                  optional_scalar(found_inf, device, "found_inf"), target.device, target.stream));
+                                  optional_scalar(found_inf, device, "found_inf"), workspace.data, workspace.bytes,
+                                  target.device, target.stream));
 }
 
 void induced_rate(const at::Tensor &sum, const at::Tensor &norm_ema, const at::Tensor &norm_step,
@@ -433,7 +467,7 @@ void induced_rate(const at::Tensor &sum, const at::Tensor &norm_ema, const at::T
     m.embedding = embedding == "log" ? CGD_EMBED_LOG_LOSS : CGD_EMBED_LOSS;
     const float *total = state_ptr<float>(op, sum, device, at::kFloat, 1, "sum");
     float *ema = state_ptr<float>(op, norm_ema, device, at::kFloat, 1, "norm_ema");
-    float *step = state_ptr<float>(op, norm_step, device, at::kFloat, 1, "norm_step");
+    double *step = state_ptr<double>(op, norm_step, device, at::kDouble, 1, "norm_step");
     float *r = state_ptr<float>(op, rate, device, at::kFloat, 1, "rate");
 #ifdef CGD_WITH_CUDA
     c10::cuda::OptionalCUDAGuard guard;
@@ -447,15 +481,17 @@ void induced_rate(const at::Tensor &sum, const at::Tensor &norm_ema, const at::T
 void induced_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                   at::TensorList steps, const at::Tensor &rate, double lr, double momentum, double beta_rms,
                   double eps, double weight_decay, const std::string &gamma, bool maximize,
-                  const std::optional<at::Tensor> &grad_scale, const std::optional<at::Tensor> &found_inf) {
+                  const std::optional<at::Tensor> &grad_scale, const std::optional<at::Tensor> &found_inf,
+                  const std::optional<at::Tensor> &lr_tensor) {
     static const char op[] = "cgd::induced_step_";
     TORCH_CHECK_VALUE(params.size() == grads.size() && exp_avgs.size() == grads.size(), op, ": got ", params.size(),
                       " params, ", grads.size(), " grads and ", exp_avgs.size(), " exp_avgs");
-    const cgd_induced_hparams h = induced_hparams(lr, momentum, beta_rms, eps, weight_decay, gamma, maximize);
+    const at::Device device = grads.empty() ? rate.device() : grads[0].device();
+    const cgd_induced_hparams h = induced_hparams(lr, momentum, beta_rms, eps, weight_decay, gamma, maximize,
+                                                  optional_scalar(lr_tensor, device, "lr_tensor"));
     cgd_dtype dtype = CGD_FLOAT32;
     std::vector<cgd_diag_tensor> tensors =
         induced_tensors(op, params, grads, exp_avgs, exp_avg_sqs, steps, h.gamma == CGD_GAMMA_RMS, &dtype);
-    const at::Device device = grads.empty() ? rate.device() : grads[0].device();
     const float *r = state_ptr<float>(op, rate, device, at::kFloat, 1, "rate");
 #ifdef CGD_WITH_CUDA
     c10::cuda::OptionalCUDAGuard guard;
@@ -467,6 +503,16 @@ void induced_step(at::TensorList params, at::TensorList grads, at::TensorList ex
                                   optional_scalar(found_inf, device, "found_inf"), target.device, target.stream));
 }
 
+// Creates the handles later block and kron steps on `device` need, from this thread: done before a CUDA-graph
+// capture, where creating them would fail.
+void prepare(const at::Device &device) {
+#ifdef CGD_WITH_CUDA
+    c10::cuda::OptionalCUDAGuard guard;
+    if (device.is_cuda()) guard.set_device(device);
+#endif
+    check_status(cgd_prepare(target_for(device).device));
+}
+
 std::string build_info() { return cgd_version(); }
 
 } // namespace
@@ -475,7 +521,7 @@ TORCH_LIBRARY(cgd, m) {
     m.def("diag_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
           "Tensor(d!)[] steps, *, float lr, float beta1, float beta2, float grad_weight, float power, float eps, "
           "float weight_decay, str moment, bool eps_inside, bool bias_correction, bool decoupled_weight_decay, "
-          "bool nesterov, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+          "bool nesterov, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? lr_tensor=None) -> ()");
     m.def("block_step_(Tensor(a!)[] params, Tensor[] grads, int[] offsets, Tensor(b!) exp_avg, "
           "Tensor(c!) exp_avg_sq, Tensor(d!) precond, Tensor(e!) eigvals, Tensor(f!) step, Tensor(g!) outcome, "
           "Tensor(h!) counters, *, int block, int nblocks, float lr, float beta1, float beta2, float power, "
@@ -492,9 +538,11 @@ TORCH_LIBRARY(cgd, m) {
           "float beta, str embedding, Tensor? loss=None, Tensor? found_inf=None) -> ()");
     m.def("induced_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] exp_avg_sqs, "
           "Tensor(c!)[] steps, Tensor rate, *, float lr, float momentum, float beta_rms, float eps, "
-          "float weight_decay, str gamma, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+          "float weight_decay, str gamma, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, "
+          "Tensor? lr_tensor=None) -> ()");
     m.def("nonfinite_flags(Tensor[] tensors) -> (Tensor flags, Tensor found)");
     m.def("build_info() -> str", &build_info);
+    m.def("prepare(Device device) -> ()", &prepare);
 }
 
 TORCH_LIBRARY_IMPL(cgd, CPU, m) {

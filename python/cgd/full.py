@@ -187,6 +187,10 @@ class FullCGD(Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        # cuSOLVER/cuBLAS handles are made now, on this thread: made on a first step inside a CUDA-graph capture
+        # they would allocate and break it.
+        for device in {p.device for p in group["params"] if p.device.type == "cuda"}:
+            torch.ops.cgd.prepare(device)
 
     @staticmethod
     def _validate(group: dict[str, Any]) -> None:
@@ -312,7 +316,7 @@ class FullCGD(Optimizer):
             state["exp_avg_sq"] = m2
             state["precond"] = torch.zeros(nblocks, block, block, **f32)
             state["eigvals"] = torch.zeros(nblocks, block, **f32)
-            state["step"] = torch.zeros((), **f32)
+            state["step"] = torch.zeros((), dtype=torch.float64, device=device)
             state["outcome"] = torch.full((nblocks,), -1, dtype=torch.int32, device=device)
             state["counters"] = torch.zeros(3, **f32)
             state["calls"] = 0
@@ -366,7 +370,7 @@ class FullCGD(Optimizer):
         # (eps + m2_init)^power I: mu = m2_init * cols and the normalised nu = 1 / cols give mu nu = m2_init.
         state["left_eig"] = torch.full((rows,), init * cols, **f32)
         state["right_eig"] = torch.full((cols,), 1.0 / cols, **f32)
-        state["step"] = torch.zeros((), **f32)
+        state["step"] = torch.zeros((), dtype=torch.float64, device=p.device)
         state["outcome"] = torch.full((2,), -1, dtype=torch.int32, device=p.device)
         state["counters"] = torch.zeros(3, **f32)
         return state

@@ -17,8 +17,8 @@ from torch.optim import Optimizer
 
 from . import _ops  # noqa: F401  (loads the operator library)
 from ._distributed import local, mean_over_shards, sum_over_shards
-from .optimizer import (SUPPORTED_DTYPES, NonFiniteGradientError, _bad, _check_range, _number, group_param_label,
-                        load_float32_state, resolve_nonfinite)
+from .optimizer import (SUPPORTED_DTYPES, NonFiniteGradientError, _bad, _check_range, _number, check_lr,
+                        group_param_label, load_float32_state, lr_on_device, lr_operands, resolve_nonfinite)
 
 GAMMAS = ("identity", "rms")
 EMBEDDINGS = ("loss", "log")
@@ -48,7 +48,8 @@ class InducedMetric(Optimizer):
             optimizer, since they define the one metric (a group may not set them).
         nonfinite: "raise" (default: error naming the parameter, nothing changed) or "ignore".
         capturable: a step without host synchronisation, for CUDA-graph capture: needs ``nonfinite="ignore"``
-            (the default then) and the "loss" embedding.
+            (the default then) and the "loss" embedding; keeps each group's ``lr`` as a float32 tensor on the
+            parameters' device, read by the kernel, so an LR scheduler reaches a replayed graph (as cgd.CGD).
 
     The loss (needed with ``embedding="log"``) comes from the closure's return value or ``step(loss=...)``.
     Under FSDP2 the norm and the loss are averaged over the ranks by cgd; under DDP pass the loss averaged over
@@ -90,6 +91,8 @@ class InducedMetric(Optimizer):
         group = self.param_groups[-1]
         try:
             self._validate(group)
+            if self.capturable:
+                group["lr"] = lr_on_device(group["lr"], group["params"])
             device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else None
             for j, p in enumerate(group["params"]):
                 if p.dtype not in SUPPORTED_DTYPES:
@@ -104,8 +107,8 @@ class InducedMetric(Optimizer):
             raise
 
     @staticmethod
-    def _validate(group: dict[str, Any]) -> None:
-        _check_range("lr", group["lr"], 0.0)
+    def _validate(group: dict[str, Any], read_lr: bool = True) -> None:
+        check_lr(group["lr"], read_lr)
         _check_range("momentum", group["momentum"], 0.0, 1.0)
         _check_range("beta_rms", group["beta_rms"], 0.0, 1.0)
         _check_range("weight_decay", group["weight_decay"], 0.0)
@@ -138,7 +141,7 @@ class InducedMetric(Optimizer):
                 loss = closure()
         work = []  # (group, [(param, grad, state)]) batched by dtype below
         for group in self.param_groups:
-            self._validate(group)
+            self._validate(group, read_lr=False)
             items = []
             for j, p in enumerate(group["params"]):
                 if p.grad is None:
@@ -148,7 +151,10 @@ class InducedMetric(Optimizer):
                                        f"{'sparse' if p.grad.is_sparse else 'complex'} gradient, which "
                                        "InducedMetric does not support")
                 g = local(p.grad)
-                items.append((j, p, g if g.is_contiguous() else g.contiguous()))
+                # The kernels walk param, grad and state in one memory order: the parameter's (channels_last too).
+                if g.stride() != local(p).stride():
+                    g = torch.empty_like(local(p)).copy_(g)
+                items.append((j, p, g))
             if items:
                 work.append((group, items))
         if not work:
@@ -181,19 +187,20 @@ class InducedMetric(Optimizer):
                                     found_inf=skip)
         for group, chosen in batches:
             rms = group["gamma"] == "rms"
+            lr, lr_tensor = lr_operands(group["lr"], device)
             torch.ops.cgd.induced_step_(
                 [p for p, _, _ in chosen], [g for _, g, _ in chosen], [st["exp_avg"] for _, _, st in chosen],
                 [st["exp_avg_sq"] for _, _, st in chosen] if rms else [], [st["step"] for _, _, st in chosen],
-                metric["rate"], lr=_number("lr", group["lr"]), momentum=float(group["momentum"]),
+                metric["rate"], lr=lr, momentum=float(group["momentum"]),
                 beta_rms=float(group["beta_rms"]), eps=float(group["eps"]),
                 weight_decay=float(group["weight_decay"]), gamma=group["gamma"], maximize=bool(group["maximize"]),
-                grad_scale=scale, found_inf=skip)
+                grad_scale=scale, found_inf=skip, lr_tensor=lr_tensor)
         return loss
 
     def _state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, torch.Tensor]:
         state = self.state[p]
         if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["step"] = torch.zeros((), dtype=torch.float64, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
         if group["gamma"] == "rms" and "exp_avg_sq" not in state:
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
@@ -204,9 +211,9 @@ class InducedMetric(Optimizer):
         group (so state_dict() and torch.distributed.checkpoint save them like any state), plus scratch
         tensors for the sum and the rate."""
         anchor = self.state[self.param_groups[0]["params"][0]]
-        for key in ("metric_norm_ema", "metric_norm_step"):
+        for key, dtype in (("metric_norm_ema", torch.float32), ("metric_norm_step", torch.float64)):
             if key not in anchor:
-                anchor[key] = torch.zeros((), dtype=torch.float32, device=device)
+                anchor[key] = torch.zeros((), dtype=dtype, device=device)
         if not self._scratch:  # filled in place: torch.compile traces a dict update, not a new attribute
             self._scratch.update({k: torch.zeros((), dtype=torch.float32, device=device) for k in ("sum", "rate")})
         return {"norm_ema": anchor["metric_norm_ema"], "norm_step": anchor["metric_norm_step"], **self._scratch}

@@ -85,8 +85,13 @@ def betas_from_tau(tau: Any) -> tuple[float, float]:
     return tuple(tau_to_beta(_check_range(f"tau[{i}]", t, 0.0)) for i, t in enumerate(tau))
 
 
+# Step counters are float64 (exact to 2^53 steps); a checkpoint that saved them as float32 loads into float64.
+_COUNTER_KEYS = ("step", "metric_norm_step")
+
+
 def load_float32_state(optimizer: Optimizer, state_dict: dict[str, Any], int_keys: tuple[str, ...] = ()) -> None:
-    """Loads per-parameter state as saved, float32 (int32 for ``int_keys``) on each parameter's device.
+    """Loads per-parameter state as saved, float32 (int32 for ``int_keys``, float64 for step counters) on each
+    parameter's device.
 
     torch's own loader casts floating state to the parameter's dtype, which would turn a bf16 model's float32
     moments into bf16; optimizers whose state is all float32 load through this instead."""
@@ -99,7 +104,8 @@ def load_float32_state(optimizer: Optimizer, state_dict: dict[str, Any], int_key
         if p is None:
             raise ValueError(f"cgd: the state dict has state for parameter id {pid!r}, which no group lists")
         optimizer.state[p] = {
-            key: value.to(p.device, torch.int32 if key in int_keys else torch.float32, copy=True)
+            key: value.to(p.device, torch.int32 if key in int_keys else
+                          torch.float64 if key in _COUNTER_KEYS else torch.float32, copy=True)
             if isinstance(value, torch.Tensor) else value
             for key, value in values.items()
         }
@@ -125,9 +131,40 @@ def resolve_nonfinite(nonfinite: str | None, capturable: bool, policies: tuple[s
     return nonfinite
 
 
-def validate_step_size(group: dict[str, Any]) -> None:
+def check_lr(lr: Any, read_tensor: bool = True) -> None:
+    """lr must be >= 0. A tensor lr must hold one floating element; its value is checked only with
+    ``read_tensor`` (when it is set), since reading it on every step would synchronise with its device."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise _bad("lr", lr, "a tensor lr must hold one floating-point element")
+        if not read_tensor:
+            return
+    _check_range("lr", lr, 0.0)
+
+
+def lr_operands(lr: Any, device: torch.device) -> tuple[float, torch.Tensor | None]:
+    """The (lr, lr_tensor) arguments of a diag or induced op for parameters on `device`. A tensor lr on that
+    device goes to the kernel, which reads it there: no host read, and a captured CUDA graph follows a
+    scheduler's in-place change. A tensor lr elsewhere (a CPU tensor for CUDA parameters) is read on the host
+    once per step, as torch.optim does."""
+    if not isinstance(lr, torch.Tensor):
+        return float(lr), None
+    if lr.device == device:
+        return 0.0, lr.detach().reshape(()).to(torch.float32)
+    return _number("lr", lr), None
+
+
+def lr_on_device(lr: Any, params: list[torch.Tensor]) -> Any:
+    """capturable=True keeps lr as a one-element float32 tensor on the parameters' device, so the kernels read it
+    there and an LR scheduler's update (it fill_s a tensor lr in place) reaches a replayed CUDA graph."""
+    if isinstance(lr, torch.Tensor) or not params:
+        return lr
+    return torch.tensor(float(lr), dtype=torch.float32, device=params[0].device)
+
+
+def validate_step_size(group: dict[str, Any], read_lr: bool = True) -> None:
     """Checks lr, betas and power, which every CGD optimizer shares."""
-    _check_range("lr", group["lr"], 0.0)
+    check_lr(group["lr"], read_lr)
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise _bad("betas", betas, "must be a pair (beta1, beta2)")
@@ -136,9 +173,9 @@ def validate_step_size(group: dict[str, Any]) -> None:
     _check_range("power", group["power"], 0.0, 1.0, hi_open=False)
 
 
-def validate_group(group: dict[str, Any]) -> None:
+def validate_group(group: dict[str, Any], read_lr: bool = True) -> None:
     """Raises ValueError naming the first invalid hyperparameter of a parameter group."""
-    validate_step_size(group)
+    validate_step_size(group, read_lr)
     betas = group["betas"]
     _check_range("eps", group["eps"], 0.0)
     _check_range("weight_decay", group["weight_decay"], 0.0)
@@ -218,8 +255,14 @@ class CGD(Optimizer):
             read of the gradients and one device-to-host synchronisation per step. Default "raise", or "skip"
             with ``capturable=True``.
         capturable: promise a step with no host synchronisation, so it can be captured in a CUDA graph (the
-            step counters already live on the device): refuses ``nonfinite="raise"``; keep ``lr`` a Python
-            float (a CUDA tensor lr would be read on the host).
+            step counters already live on the device): refuses ``nonfinite="raise"``, and keeps each group's
+            ``lr`` as a one-element float32 tensor on the parameters' device that the kernel reads there, so an
+            LR scheduler changing it between replays of a captured step takes effect. :attr:`skipped_steps`
+            accumulates in one device tensor, across replays too. Run one step before capturing (it creates
+            the state), as with torch.optim.
+
+    ``lr`` may be a tensor in any mode: on the parameters' device the kernel reads it (no host
+    synchronisation); a CPU tensor lr for CUDA parameters is read on the host.
 
     Defaults: ``power=0.5``, ``betas=(0.9, 0.999)``, ``eps=1e-8`` (inside the power), bias correction on,
     ``m2_init=0``: Adam's timescales and start with the paper's placement of eps, so a learning rate tuned for
@@ -229,8 +272,8 @@ class CGD(Optimizer):
     3e-3; the paper's tuned values are 0.23 to 0.40). So 0.5 is the default and 0.4 with a ~3x larger learning
     rate is the first value to try when tuning (README, "Choosing power").
 
-    State per parameter (float32, whatever the parameter dtype): ``step`` (a one-element tensor on the
-    parameter's device), ``exp_avg`` (M1, when beta1 > 0 or the metric is centered), ``exp_avg_sq`` (M2, when
+    State per parameter (float32, whatever the parameter dtype): ``step`` (a one-element float64 tensor on the
+    parameter's device, exact up to 2^53 steps), ``exp_avg`` (M1, when beta1 > 0 or the metric is centered), ``exp_avg_sq`` (M2, when
     power > 0) or ``exp_avg_var`` (moment="belief"). The names are torch.optim's, so an Adam checkpoint loads
     directly (:meth:`load_state_dict`).
     """
@@ -298,6 +341,8 @@ class CGD(Optimizer):
         group = self.param_groups[-1]
         try:
             validate_group(group)
+            if self.capturable:
+                group["lr"] = lr_on_device(group["lr"], group["params"])
             for j, p in enumerate(group["params"]):
                 if p.dtype not in SUPPORTED_DTYPES:
                     kind = "complex" if p.is_complex() else str(p.dtype)
@@ -325,7 +370,7 @@ class CGD(Optimizer):
                 loss = closure()
         batches: list[_Batch] = []
         for gi, group in enumerate(self.param_groups):
-            validate_group(group)
+            validate_group(group, read_lr=False)
             batches.extend(self._gather(gi, group))
         if not batches:
             return loss
@@ -368,7 +413,7 @@ class CGD(Optimizer):
             state = self.state[p]
             first = "exp_avg" not in state
             if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["step"] = torch.zeros((), dtype=torch.float64, device=p.device)
             if need_m1 and "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
             if m2_key is not None and m2_key not in state:
@@ -422,7 +467,11 @@ class CGD(Optimizer):
                     "nonfinite='ignore' to apply them as torch.optim does"
                 )
             return None
-        self._skipped = total.clone() if self._skipped is None else self._skipped + total.to(self._skipped.device)
+        # One counter, allocated on the first (uncaptured) step and added to in place: a captured step's replays
+        # keep adding to it.
+        if self._skipped is None:
+            self._skipped = torch.zeros((), dtype=torch.float64, device=device)
+        self._skipped.add_(total)
         return total
 
     def _apply(self, batch: _Batch, grad_scale: torch.Tensor | None, skip: torch.Tensor | None) -> None:
@@ -433,13 +482,14 @@ class CGD(Optimizer):
         if grad_scale is not None and grad_scale.device != device:
             grad_scale = grad_scale.to(device, non_blocking=True)
         beta1, beta2 = group["betas"]
+        lr, lr_tensor = lr_operands(group["lr"], device)
         torch.ops.cgd.diag_step_(
             batch.params,
             batch.grads,
             batch.exp_avgs,
             batch.exp_avg_sqs,
             batch.steps,
-            lr=_number("lr", group["lr"]),
+            lr=lr,
             beta1=float(beta1),
             beta2=float(beta2),
             grad_weight=batch.grad_weight,
@@ -454,6 +504,7 @@ class CGD(Optimizer):
             maximize=bool(group["maximize"]),
             grad_scale=grad_scale,
             found_inf=skip,
+            lr_tensor=lr_tensor,
         )
 
     # ---- checkpoints ----
@@ -512,8 +563,8 @@ class CGD(Optimizer):
         return merged, translated
 
     def _place(self, key: str, value: Any, p: torch.Tensor) -> Any:
-        if key == "step":
-            return torch.as_tensor(value, dtype=torch.float32).detach().reshape(()).to(p.device, copy=True)
+        if key == "step":  # float64 (exact to 2^53); checkpoints with a float32 or Python step load too
+            return torch.as_tensor(value).detach().reshape(()).to(p.device, torch.float64, copy=True)
         if isinstance(value, torch.Tensor):
             if value.shape != p.shape:
                 raise ValueError(

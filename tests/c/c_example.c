@@ -11,7 +11,8 @@
 int main(void) {
     float param[2] = {1.0f, -2.0f};
     float grad[2] = {0.5f, -0.25f};
-    float exp_avg[2] = {0.0f, 0.0f}, exp_avg_sq[2] = {0.0f, 0.0f}, step = 0.0f;
+    float exp_avg[2] = {0.0f, 0.0f}, exp_avg_sq[2] = {0.0f, 0.0f};
+    double step = 0.0;
     cgd_diag_tensor t = {param, grad, exp_avg, exp_avg_sq, &step, 2};
     cgd_diag_hparams adam = {0};
     adam.lr = 0.1;
@@ -33,7 +34,7 @@ int main(void) {
     }
     /* With a constant gradient, bias-corrected Adam moves each coordinate by lr * sign(g) per step (up to eps). */
     printf("param after 3 steps: %.6f %.6f (step counter %.0f)\n", param[0], param[1], step);
-    if (fabsf(param[0] - 0.7f) > 1e-5f || fabsf(param[1] + 1.7f) > 1e-5f || step != 3.0f) {
+    if (fabsf(param[0] - 0.7f) > 1e-5f || fabsf(param[1] + 1.7f) > 1e-5f || step != 3.0) {
         fprintf(stderr, "unexpected result\n");
         return 1;
     }

@@ -63,7 +63,8 @@ const int64_t kNumel[2] = {5, 3}, kOffset[2] = {0, 8};
 struct Problem {
     std::vector<float> param[2], m1 = std::vector<float>(L, 0.0f), m2 = std::vector<float>(NB * B * B, 0.0f),
                                  precond = std::vector<float>(NB * B * B, 0.0f), eig = std::vector<float>(L, 0.0f);
-    float step = 0.0f, counters[3] = {0, 0, 0};
+    double step = 0.0;
+    float counters[3] = {0, 0, 0};
     int32_t outcome[NB] = {-1, -1, -1};
 };
 
@@ -140,7 +141,7 @@ cgd_status run(cgd_device device, const cgd_block_hparams &h, Problem &pr, const
                                   {pr.param[1].data(), g[1].data(), kNumel[1], kOffset[1]}};
         cgd_block_state st = {B, NB, pr.m1.data(), pr.m2.data(), pr.precond.data(), pr.eig.data(), &pr.step,
                               pr.outcome, pr.counters};
-        return cgd_block_step(&h, CGD_FLOAT32, ts, 2, &st, nullptr, skip, CGD_CPU, nullptr);
+        return cgd_block_step(&h, CGD_FLOAT32, ts, 2, &st, nullptr, skip, nullptr, 0, CGD_CPU, nullptr);
     }
 #ifdef CGD_WITH_CUDA
     std::vector<void *> allocs;
@@ -159,17 +160,21 @@ cgd_status run(cgd_device device, const cgd_block_hparams &h, Problem &pr, const
         ts[k] = {up(pr.param[k].data(), kNumel[k] * 4), up(g[k].data(), kNumel[k] * 4), kNumel[k], kOffset[k]};
     cgd_block_state st = {B, NB, (float *)up(pr.m1.data(), L * 4), (float *)up(pr.m2.data(), pr.m2.size() * 4),
                           (float *)up(pr.precond.data(), pr.precond.size() * 4), (float *)up(pr.eig.data(), L * 4),
-                          (float *)up(&pr.step, 4), (int32_t *)up(pr.outcome, sizeof pr.outcome),
+                          (double *)up(&pr.step, 8), (int32_t *)up(pr.outcome, sizeof pr.outcome),
                           (float *)up(pr.counters, sizeof pr.counters)};
     float *d_skip = skip ? (float *)up(skip, 4) : nullptr;
-    cgd_status status = cgd_block_step(&h, CGD_FLOAT32, ts, 2, &st, nullptr, d_skip, CGD_CUDA, nullptr);
+    size_t need = 0;
+    EXPECT_EQ(cgd_block_workspace_size(&h, &st, CGD_CUDA, &need), CGD_OK) << cgd_last_error();
+    Workspace ws(CGD_CUDA, need);
+    cgd_status status = cgd_block_step(&h, CGD_FLOAT32, ts, 2, &st, nullptr, d_skip, ws.data, ws.bytes, CGD_CUDA,
+                                       nullptr);
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     for (int k = 0; k < 2; ++k) down(pr.param[k].data(), ts[k].param, kNumel[k] * 4);
     down(pr.m1.data(), st.exp_avg, L * 4);
     down(pr.m2.data(), st.exp_avg_sq, pr.m2.size() * 4);
     down(pr.precond.data(), st.precond, pr.precond.size() * 4);
     down(pr.eig.data(), st.eigvals, L * 4);
-    down(&pr.step, st.step, 4);
+    down(&pr.step, st.step, 8);
     down(pr.outcome, st.outcome, sizeof pr.outcome);
     down(pr.counters, st.counters, sizeof pr.counters);
     for (void *p : allocs) cudaFree(p);
@@ -299,16 +304,16 @@ TEST(BlockStepErrors, ArgumentsAreNamedWithTheirValue) {
     cgd_block_tensor overlap[2] = {{pr.param[0].data(), g[0].data(), 5, 0}, {pr.param[1].data(), g[1].data(), 3, 4}};
     cgd_block_state st = {B, NB, pr.m1.data(), pr.m2.data(), pr.precond.data(), pr.eig.data(), &pr.step,
                           pr.outcome, pr.counters};
-    EXPECT_EQ(cgd_block_step(&h, CGD_FLOAT32, overlap, 2, &st, nullptr, nullptr, CGD_CPU, nullptr),
+    EXPECT_EQ(cgd_block_step(&h, CGD_FLOAT32, overlap, 2, &st, nullptr, nullptr, nullptr, 0, CGD_CPU, nullptr),
               CGD_ERR_INVALID_ARGUMENT);
     EXPECT_NE(std::string(cgd_last_error()).find("tensors[1] covers [4, 7), which overlaps"), std::string::npos);
     st.block = 0;
-    EXPECT_EQ(cgd_block_step(&h, CGD_FLOAT32, overlap, 2, &st, nullptr, nullptr, CGD_CPU, nullptr),
+    EXPECT_EQ(cgd_block_step(&h, CGD_FLOAT32, overlap, 2, &st, nullptr, nullptr, nullptr, 0, CGD_CPU, nullptr),
               CGD_ERR_INVALID_ARGUMENT);
     EXPECT_NE(std::string(cgd_last_error()).find("state.block = 0"), std::string::npos);
     st.block = B;
     st.precond = nullptr;
-    EXPECT_EQ(cgd_block_step(&h, CGD_FLOAT32, overlap, 2, &st, nullptr, nullptr, CGD_CPU, nullptr),
+    EXPECT_EQ(cgd_block_step(&h, CGD_FLOAT32, overlap, 2, &st, nullptr, nullptr, nullptr, 0, CGD_CPU, nullptr),
               CGD_ERR_INVALID_ARGUMENT);
     EXPECT_NE(std::string(cgd_last_error()).find("state.precond is NULL"), std::string::npos);
 }

@@ -105,7 +105,7 @@ void reference_step(const cgd_diag_hparams &h, cgd_dtype dt, RefTensor &r, const
 struct Tensor {
     std::vector<uint8_t> param, grad;
     std::vector<float> m1, m2;
-    float step = 0;
+    double step = 0;
     size_t n = 0;
 };
 
@@ -220,7 +220,8 @@ cgd_status run_step(cgd_device device, const cgd_diag_hparams &h, Problem &pr, c
         ts[i].grad = up(t.grad.data(), t.grad.size());
         ts[i].exp_avg = m1 ? (float *)up(t.m1.data(), t.n * 4) : nullptr;
         ts[i].exp_avg_sq = m2 ? (float *)up(t.m2.data(), t.n * 4) : nullptr;
-        ts[i].step = (float *)up(&t.step, 4);
+        ts[i].step = to_device<double>(&t.step, 8); /* its own allocation: a double must stay 8-byte aligned */
+        allocs.push_back(ts[i].step);
         ts[i].numel = (int64_t)t.n;
     }
     float *d_scale = grad_scale ? (float *)up(grad_scale, 4) : nullptr;
@@ -232,7 +233,7 @@ cgd_status run_step(cgd_device device, const cgd_diag_hparams &h, Problem &pr, c
         to_host(t.param.data(), ts[i].param, t.param.size());
         if (m1) to_host(t.m1.data(), ts[i].exp_avg, t.n * 4);
         if (m2) to_host(t.m2.data(), ts[i].exp_avg_sq, t.n * 4);
-        to_host(&t.step, ts[i].step, 4);
+        to_host(&t.step, ts[i].step, 8);
     }
     for (void *p : allocs) cudaFree(p);
     return st;
@@ -251,7 +252,7 @@ void expect_matches_reference(const Problem &pr, const cgd_diag_hparams &h, cons
     for (size_t ti = 0; ti < pr.tensors.size(); ++ti) {
         const Tensor &t = pr.tensors[ti];
         const RefTensor &r = pr.ref[ti];
-        ASSERT_EQ(t.step, (float)r.step) << what << " tensor " << ti;
+        ASSERT_EQ(t.step, r.step) << what << " tensor " << ti;
         for (size_t i = 0; i < t.n; ++i) {
             std::string where = what + " tensor " + std::to_string(ti) + " element " + std::to_string(i);
             expect_close(pr.dtype, decode(pr.dtype, t.param, i), r.p[i], where + " param");
@@ -474,7 +475,8 @@ cgd_status step_one(const cgd_diag_hparams &h, cgd_diag_tensor t, cgd_dtype dt =
 }
 
 TEST(DiagStepErrors, InvalidHyperparametersAreNamedWithTheirValue) {
-    float p[2] = {1, 2}, g[2] = {0.1f, 0.2f}, m1[2] = {}, m2[2] = {}, step = 0;
+    float p[2] = {1, 2}, g[2] = {0.1f, 0.2f}, m1[2] = {}, m2[2] = {};
+    double step = 0;
     cgd_diag_tensor t = {p, g, m1, m2, &step, 2};
     struct Bad {
         const char *field;
@@ -508,7 +510,8 @@ TEST(DiagStepErrors, InvalidHyperparametersAreNamedWithTheirValue) {
 }
 
 TEST(DiagStepErrors, MissingStateAndBadDescriptors) {
-    float p[2] = {1, 2}, g[2] = {0.1f, 0.2f}, m2[2] = {}, step = 0;
+    float p[2] = {1, 2}, g[2] = {0.1f, 0.2f}, m2[2] = {};
+    double step = 0;
     cgd_diag_hparams h = base();
     EXPECT_EQ(step_one(h, {p, g, nullptr, m2, &step, 2}), CGD_ERR_INVALID_ARGUMENT);
     EXPECT_NE(std::string(cgd_last_error()).find("tensors[0].exp_avg is NULL"), std::string::npos) << cgd_last_error();
@@ -530,7 +533,8 @@ TEST(DiagStepErrors, MissingStateAndBadDescriptors) {
 
 TEST(DiagStepErrors, CudaRequestInACpuBuildIsUnsupported) {
     if (cgd_has_cuda()) GTEST_SKIP() << "this build has CUDA kernels";
-    float p[1] = {1}, g[1] = {1}, m1[1] = {}, m2[1] = {}, step = 0;
+    float p[1] = {1}, g[1] = {1}, m1[1] = {}, m2[1] = {};
+    double step = 0;
     EXPECT_EQ(step_one(base(), {p, g, m1, m2, &step, 1}, CGD_FLOAT32, CGD_CUDA), CGD_ERR_UNSUPPORTED);
     EXPECT_NE(std::string(cgd_last_error()).find("no CUDA kernels"), std::string::npos);
 }

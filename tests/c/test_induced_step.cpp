@@ -22,7 +22,8 @@ const int64_t kNumel[2] = {37, 70000};
 
 struct State {
     std::vector<float> p[2], g[2], m1[2], m2[2];
-    float step[2] = {0, 0}, sum = 0, ema = 0, norm_step = 0, rate = 0;
+    double step[2] = {0, 0}, norm_step = 0;
+    float sum = 0, ema = 0, rate = 0;
 };
 
 State make_state() {
@@ -84,13 +85,17 @@ cgd_status run(cgd_device device, State &s, float skip_value = 0.0f) {
     for (int k = 0; k < 2; ++k) {
         size_t b = (size_t)kNumel[k] * 4;
         ts[k] = {put(s.p[k].data(), b), put(s.g[k].data(), b), (float *)put(s.m1[k].data(), b),
-                 (float *)put(s.m2[k].data(), b), (float *)put(&s.step[k], 4), kNumel[k]};
+                 (float *)put(s.m2[k].data(), b), (double *)put(&s.step[k], 8), kNumel[k]};
     }
     s.sum = 0.0f;
-    float *sum = (float *)put(&s.sum, 4), *ema = (float *)put(&s.ema, 4), *ns = (float *)put(&s.norm_step, 4);
+    float *sum = (float *)put(&s.sum, 4), *ema = (float *)put(&s.ema, 4);
+    double *ns = (double *)put(&s.norm_step, 8);
     float *rate = (float *)put(&s.rate, 4);
     const float *skip = skip_value != 0.0f ? (const float *)put(&skip_value, 4) : nullptr;
-    cgd_status st = cgd_induced_norm(&h, CGD_FLOAT32, ts, 2, sum, nullptr, skip, device, nullptr);
+    size_t need = 0;
+    EXPECT_EQ(cgd_induced_norm_workspace_size(ts, 2, device, &need), CGD_OK);
+    Workspace ws(device, need);
+    cgd_status st = cgd_induced_norm(&h, CGD_FLOAT32, ts, 2, sum, nullptr, skip, ws.data, ws.bytes, device, nullptr);
     if (st == CGD_OK) st = cgd_induced_rate(&kMetric, sum, nullptr, ema, ns, rate, skip, device, nullptr);
     if (st == CGD_OK) st = cgd_induced_step(&h, CGD_FLOAT32, ts, 2, rate, nullptr, skip, device, nullptr);
     for (int k = 0; k < 2; ++k) {
@@ -98,11 +103,11 @@ cgd_status run(cgd_device device, State &s, float skip_value = 0.0f) {
         get(s.p[k].data(), ts[k].param, b);
         get(s.m1[k].data(), ts[k].exp_avg, b);
         get(s.m2[k].data(), ts[k].exp_avg_sq, b);
-        get(&s.step[k], ts[k].step, 4);
+        get(&s.step[k], ts[k].step, 8);
     }
     get(&s.sum, sum, 4);
     get(&s.ema, ema, 4);
-    get(&s.norm_step, ns, 4);
+    get(&s.norm_step, ns, 8);
     get(&s.rate, rate, 4);
 #ifdef CGD_WITH_CUDA
     for (void *d : allocs) cudaFree(d);
@@ -181,8 +186,9 @@ TEST(InducedStepErrors, ArgumentsAreNamedWithTheirValue) {
     State s = make_state();
     cgd_induced_hparams h = rms_hparams();
     cgd_diag_tensor t = {s.p[0].data(), s.g[0].data(), s.m1[0].data(), nullptr, &s.step[0], kNumel[0]};
-    float sum = 0, ema = 0, ns = 0, rate = 0;
-    EXPECT_EQ(cgd_induced_norm(&h, CGD_FLOAT32, &t, 1, &sum, nullptr, nullptr, CGD_CPU, nullptr),
+    float sum = 0, ema = 0, rate = 0;
+    double ns = 0;
+    EXPECT_EQ(cgd_induced_norm(&h, CGD_FLOAT32, &t, 1, &sum, nullptr, nullptr, nullptr, 0, CGD_CPU, nullptr),
               CGD_ERR_INVALID_ARGUMENT);
     EXPECT_NE(std::string(cgd_last_error()).find("tensors[0].exp_avg_sq is NULL"), std::string::npos);
     h.momentum = 1.0;

@@ -22,7 +22,8 @@ struct Kron {
     int64_t rows, cols;
     int left_full, right_full;
     std::vector<float> param, m1, lsq, rsq, lbasis, rbasis, leig, reig;
-    float step = 0.0f, counters[3] = {0, 0, 0};
+    double step = 0.0;
+    float counters[3] = {0, 0, 0};
     int32_t outcome[2] = {CGD_BLOCK_NEVER, CGD_BLOCK_NEVER};
 };
 
@@ -90,18 +91,22 @@ cgd_status run_kron(cgd_device device, const cgd_block_hparams &h, Kron &k, std:
     t.right_basis = (float *)m.put(k.rbasis.data(), bytes(k.rbasis));
     t.left_eig = (float *)m.put(k.leig.data(), bytes(k.leig));
     t.right_eig = (float *)m.put(k.reig.data(), bytes(k.reig));
-    t.step = (float *)m.put(&k.step, sizeof k.step);
+    t.step = (double *)m.put(&k.step, sizeof k.step);
     t.outcome = (int32_t *)m.put(k.outcome, sizeof k.outcome);
     t.counters = (float *)m.put(k.counters, sizeof k.counters);
     const float *skip = skip_value != 0.0f ? (const float *)m.put(&skip_value, sizeof skip_value) : nullptr;
-    return cgd_kron_step(&h, CGD_FLOAT32, &t, 1, nullptr, skip, device, nullptr);
+    size_t need = 0;
+    cgd_kron_workspace_size(&h, &t, 1, device, &need); // on bad arguments the step below names them
+    Workspace ws(device, need);
+    return cgd_kron_step(&h, CGD_FLOAT32, &t, 1, nullptr, skip, ws.data, ws.bytes, device, nullptr);
 }
 
 // The same parameter stepped by cgd_block_step with `nblocks` blocks of `block`.
 struct Blocked {
     int64_t block, nblocks;
     std::vector<float> param, m1, m2, precond, eig;
-    float step = 0.0f, counters[3] = {0, 0, 0};
+    double step = 0.0;
+    float counters[3] = {0, 0, 0};
     std::vector<int32_t> outcome;
 };
 
@@ -123,10 +128,13 @@ cgd_status run_blocked(cgd_device device, const cgd_block_hparams &h, Blocked &b
                        (int64_t)b.param.size(), 0};
     cgd_block_state st{b.block, b.nblocks, (float *)m.put(b.m1.data(), bytes(b.m1)),
                        (float *)m.put(b.m2.data(), bytes(b.m2)), (float *)m.put(b.precond.data(), bytes(b.precond)),
-                       (float *)m.put(b.eig.data(), bytes(b.eig)), (float *)m.put(&b.step, sizeof b.step),
+                       (float *)m.put(b.eig.data(), bytes(b.eig)), (double *)m.put(&b.step, sizeof b.step),
                        (int32_t *)m.put(b.outcome.data(), bytes(b.outcome)),
                        (float *)m.put(b.counters, sizeof b.counters)};
-    return cgd_block_step(&h, CGD_FLOAT32, &t, 1, &st, nullptr, nullptr, device, nullptr);
+    size_t need = 0;
+    cgd_block_workspace_size(&h, &st, device, &need);
+    Workspace ws(device, need);
+    return cgd_block_step(&h, CGD_FLOAT32, &t, 1, &st, nullptr, nullptr, ws.data, ws.bytes, device, nullptr);
 }
 
 cgd_block_hparams hparams() {

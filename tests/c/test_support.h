@@ -27,4 +27,23 @@ inline bool cuda_device_present() {
             GTEST_SKIP() << "CUDA kernels are built but no CUDA device is present: CUDA path not run";          \
     } while (0)
 
+// The workspace of one call on `device`, of the size its *_workspace_size function reported (nothing on the
+// CPU, where that size is 0). cudaMalloc returns 256-byte aligned memory, as the C API requires.
+struct Workspace {
+    void *data = nullptr;
+    size_t bytes = 0;
+    Workspace(cgd_device device, size_t size) : bytes(size) {
+#ifdef CGD_WITH_CUDA
+        if (device == CGD_CUDA && size > 0) EXPECT_EQ(cudaMalloc(&data, size), cudaSuccess);
+#endif
+    }
+    ~Workspace() {
+#ifdef CGD_WITH_CUDA
+        if (data) cudaFree(data);
+#endif
+    }
+    Workspace(const Workspace &) = delete;
+    Workspace &operator=(const Workspace &) = delete;
+};
+
 #endif // CGD_TEST_SUPPORT_H

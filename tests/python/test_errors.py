@@ -173,7 +173,7 @@ def op_args(n=3, device="cpu"):
         grads=[torch.randn(5, device=device) for _ in range(n)],
         exp_avgs=[torch.zeros(5, device=device) for _ in range(n)],
         exp_avg_sqs=[torch.zeros(5, device=device) for _ in range(n)],
-        steps=[torch.zeros((), device=device) for _ in range(n)],
+        steps=[torch.zeros((), dtype=torch.float64, device=device) for _ in range(n)],
     )
 
 
@@ -209,7 +209,9 @@ def test_op_accepts_valid_input():
         (lambda a: a["params"].__setitem__(0, torch.randn(5, dtype=torch.float64)), TypeError,
          r"params\[0\] has dtype Double"),
         (lambda a: a["grads"].__setitem__(1, torch.randn(10)[::2]), ValueError, r"grads\[1\] .* has gaps"),
-        (lambda a: a["steps"].__setitem__(1, torch.zeros(2)), TypeError, r"steps\[1\] must be a one-element"),
+        (lambda a: a["steps"].__setitem__(1, torch.zeros(2, dtype=torch.float64)), TypeError,
+         r"steps\[1\] must be a one-element float64"),
+        (lambda a: a["steps"].__setitem__(1, torch.zeros(())), TypeError, r"steps\[1\] must be a one-element float64"),
         # The dispatcher refuses sparse tensors before the kernel runs (the optimizer names the parameter).
         (lambda a: a["grads"].__setitem__(0, torch.randn(5).to_sparse()), NotImplementedError, r"SparseCPU"),
     ],

@@ -19,7 +19,7 @@ def diag_args(device, dtype=torch.float32, sizes=(5, 0, 130)):
         [torch.randn(n, device=device, dtype=dtype) for n in sizes],
         [torch.zeros(n, device=device) for n in sizes],
         [torch.rand(n, device=device) for n in sizes],
-        [torch.zeros((), device=device) for _ in sizes],
+        [torch.zeros((), dtype=torch.float64, device=device) for _ in sizes],
     )
 
 

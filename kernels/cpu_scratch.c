@@ -1,0 +1,25 @@
+/*
+ * Heap scratch of the CPU kernels, through one pair of functions so the C tests can make an allocation fail
+ * (cgd_test_hooks in kernels.h) and check that a step that cannot get its scratch changes nothing.
+ */
+#include <stdlib.h>
+
+#include "kernels.h"
+
+cgd_test_hooks cgd_hooks = {-1, 0};
+
+static int allocation_allowed(void) {
+    int allowed = 1;
+#pragma omp critical(cgd_hooks)
+    {
+        if (cgd_hooks.host_allocs_before_failure == 0)
+            allowed = 0;
+        else if (cgd_hooks.host_allocs_before_failure > 0)
+            --cgd_hooks.host_allocs_before_failure;
+    }
+    return allowed;
+}
+
+void *cgd_host_alloc(size_t bytes) { return allocation_allowed() ? malloc(bytes ? bytes : 1) : NULL; }
+
+void *cgd_host_zalloc(size_t bytes) { return allocation_allowed() ? calloc(bytes ? bytes : 1, 1) : NULL; }
