@@ -223,22 +223,22 @@ static cgd_status check_block_layout(const char *fn, const cgd_block_hparams *hp
 
 /* The workspace a block step needs on `device`, for the two public entry points. */
 static cgd_status block_workspace(const char *fn, const cgd_block_hparams *hparams, const cgd_block_state *state,
-                                  cgd_device device, size_t *bytes) {
+                                  cgd_device device, void *stream, size_t *bytes) {
     *bytes = 0;
     if (device == CGD_CPU) return CGD_OK;
     char why[256];
-    int e = cgd_cuda_block_workspace(hparams, state, bytes, why, sizeof why);
+    int e = cgd_cuda_block_workspace(hparams, state, stream, bytes, why, sizeof why);
     return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : CGD_OK;
 }
 
 cgd_status cgd_block_workspace_size(const cgd_block_hparams *hparams, const cgd_block_state *state,
-                                    cgd_device device, size_t *bytes) {
+                                    cgd_device device, void *stream, size_t *bytes) {
     static const char fn[] = "cgd_block_workspace_size";
     cgd_status st;
     if (!bytes) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: bytes is NULL", fn);
     if ((st = check_block_layout(fn, hparams, state))) return st;
     if ((st = check_common(fn, CGD_FLOAT32, device, 0))) return st;
-    if ((st = block_workspace(fn, hparams, state, device, bytes))) return st;
+    if ((st = block_workspace(fn, hparams, state, device, stream, bytes))) return st;
     return ok();
 }
 
@@ -271,7 +271,7 @@ cgd_status cgd_block_step(const cgd_block_hparams *hparams, cgd_dtype dtype, con
         end = t->offset + t->numel;
     }
     size_t needed = 0;
-    if ((st = block_workspace(fn, hparams, state, device, &needed))) return st;
+    if ((st = block_workspace(fn, hparams, state, device, stream, &needed))) return st;
     if ((st = check_workspace(fn, workspace, workspace_bytes, needed))) return st;
     if (device == CGD_CPU) {
         int failed = cgd_cpu_block_step(hparams, dtype, tensors, count, state, grad_scale, skip);
@@ -315,21 +315,21 @@ static cgd_status check_kron_tensors(const char *fn, const cgd_block_hparams *hp
 }
 
 static cgd_status kron_workspace(const char *fn, const cgd_block_hparams *hparams, const cgd_kron_tensor *tensors,
-                                 int64_t count, cgd_device device, size_t *bytes) {
+                                 int64_t count, cgd_device device, void *stream, size_t *bytes) {
     *bytes = 0;
     if (device == CGD_CPU) return CGD_OK;
     char why[256];
-    int e = cgd_cuda_kron_workspace(hparams, tensors, count, bytes, why, sizeof why);
+    int e = cgd_cuda_kron_workspace(hparams, tensors, count, stream, bytes, why, sizeof why);
     return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : CGD_OK;
 }
 
 cgd_status cgd_kron_workspace_size(const cgd_block_hparams *hparams, const cgd_kron_tensor *tensors, int64_t count,
-                                   cgd_device device, size_t *bytes) {
+                                   cgd_device device, void *stream, size_t *bytes) {
     static const char fn[] = "cgd_kron_workspace_size";
     cgd_status st;
     if (!bytes) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: bytes is NULL", fn);
     if ((st = check_kron_tensors(fn, hparams, CGD_FLOAT32, tensors, count, device))) return st;
-    if ((st = kron_workspace(fn, hparams, tensors, count, device, bytes))) return st;
+    if ((st = kron_workspace(fn, hparams, tensors, count, device, stream, bytes))) return st;
     return ok();
 }
 
@@ -340,7 +340,7 @@ cgd_status cgd_kron_step(const cgd_block_hparams *hparams, cgd_dtype dtype, cons
     cgd_status st;
     size_t needed = 0;
     if ((st = check_kron_tensors(fn, hparams, dtype, tensors, count, device))) return st;
-    if ((st = kron_workspace(fn, hparams, tensors, count, device, &needed))) return st;
+    if ((st = kron_workspace(fn, hparams, tensors, count, device, stream, &needed))) return st;
     if ((st = check_workspace(fn, workspace, workspace_bytes, needed))) return st;
     if (device == CGD_CPU) {
         if (cgd_cpu_kron_step(hparams, dtype, tensors, count, grad_scale, skip))

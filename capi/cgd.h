@@ -206,10 +206,11 @@ typedef struct cgd_block_state {
 /*
  * Bytes of workspace a cgd_block_step with these hparams (refresh matters) and this state's block layout needs
  * on `device`: written to *bytes. 0 on the CPU, whose kernels take their scratch from the heap, all of it before
- * they change anything. On CUDA this queries cuSOLVER (creating the handles, as cgd_prepare does).
+ * they change anything. On CUDA this queries cuSOLVER, creating the handles as cgd_prepare does unless `stream`
+ * (the step's) is being captured into a CUDA graph, where that is refused with a message.
  */
 cgd_status cgd_block_workspace_size(const cgd_block_hparams *hparams, const cgd_block_state *state,
-                                    cgd_device device, size_t *bytes);
+                                    cgd_device device, void *stream, size_t *bytes);
 
 /*
  * One full/block CGD step over `count` tensors forming one blocked vector. The first step must refresh.
@@ -264,7 +265,7 @@ typedef struct cgd_kron_tensor {
 /* Bytes of workspace a cgd_kron_step of these tensors needs on `device` (as cgd_block_workspace_size; the
    tensors are stepped one after another, so it is the largest tensor's need, not the sum). */
 cgd_status cgd_kron_workspace_size(const cgd_block_hparams *hparams, const cgd_kron_tensor *tensors, int64_t count,
-                                   cgd_device device, size_t *bytes);
+                                   cgd_device device, void *stream, size_t *bytes);
 
 /*
  * One Kronecker-factored CGD step over `count` tensors, each with its own factors (hparams as for

@@ -289,11 +289,11 @@ done:
 
 }  // namespace
 
-extern "C" int cgd_cuda_block_workspace(const cgd_block_hparams *h, const cgd_block_state *st, size_t *bytes,
-                                        char *why, int why_size) {
+extern "C" int cgd_cuda_block_workspace(const cgd_block_hparams *h, const cgd_block_state *st, void *stream,
+                                        size_t *bytes, char *why, int why_size) {
     CgdFailure fail = {why, why_size, 0};
     BlockBuffers b;
-    CgdHandles *hd = cgd_solver_handles(nullptr, false, fail);
+    CgdHandles *hd = cgd_solver_handles((cudaStream_t)stream, true, fail);
     return hd ? block_layout(hd, h, st, nullptr, &b, bytes, fail) : fail.code;
 }
 

@@ -31,8 +31,8 @@ int cgd_cuda_nonfinite_check(cgd_dtype dtype, const void *const *data, const int
     return CGD_NO_CUDA;
 }
 
-int cgd_cuda_block_workspace(const cgd_block_hparams *h, const cgd_block_state *state, size_t *bytes, char *why,
-                             int why_size) {
+int cgd_cuda_block_workspace(const cgd_block_hparams *h, const cgd_block_state *state, void *stream, size_t *bytes,
+                             char *why, int why_size) {
     return absent(why, why_size);
 }
 
@@ -42,7 +42,7 @@ int cgd_cuda_block_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_b
     return absent(why, why_size);
 }
 
-int cgd_cuda_kron_workspace(const cgd_block_hparams *h, const cgd_kron_tensor *tensors, int64_t count,
+int cgd_cuda_kron_workspace(const cgd_block_hparams *h, const cgd_kron_tensor *tensors, int64_t count, void *stream,
                             size_t *bytes, char *why, int why_size) {
     return absent(why, why_size);
 }

@@ -57,9 +57,10 @@ inline int cgd_report(CgdFailure *f, const char *what, int code) {
         }                                                                                                       \
     } while (0)
 
-/* The current device's handles, created on first use (cgd_prepare or a workspace query). Creation allocates, so
-   it is refused while `stream` is being captured into a CUDA graph: the message says to prepare first. With
-   stream = nullptr nothing is bound. nullptr (and fail filled in) on failure. */
+/* The current device's handles, created on first use (cgd_prepare or a workspace query). With `bind` they are
+   bound to `stream`, and creating them is refused while that stream is being captured into a CUDA graph (it
+   allocates): the message says to prepare first. cgd_prepare passes bind = false. nullptr (and fail filled in)
+   on failure. */
 inline CgdHandles *cgd_solver_handles(cudaStream_t stream, bool bind, CgdFailure &fail) {
     static thread_local CgdHandles by_device[16];
     CgdHandles *hd = nullptr;

@@ -57,8 +57,8 @@ void *cgd_host_zalloc(size_t bytes);
 int cgd_cpu_block_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_block_tensor *tensors, int64_t count,
                        const cgd_block_state *state, const float *grad_scale, const float *skip);
 
-int cgd_cuda_block_workspace(const cgd_block_hparams *h, const cgd_block_state *state, size_t *bytes, char *why,
-                             int why_size);
+int cgd_cuda_block_workspace(const cgd_block_hparams *h, const cgd_block_state *state, void *stream, size_t *bytes,
+                             char *why, int why_size);
 int cgd_cuda_block_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_block_tensor *tensors, int64_t count,
                         const cgd_block_state *state, const float *grad_scale, const float *skip, void *workspace,
                         void *stream, char *why, int why_size);
@@ -67,7 +67,7 @@ int cgd_cuda_block_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_b
 int cgd_cpu_kron_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tensors, int64_t count,
                       const float *grad_scale, const float *skip);
 
-int cgd_cuda_kron_workspace(const cgd_block_hparams *h, const cgd_kron_tensor *tensors, int64_t count,
+int cgd_cuda_kron_workspace(const cgd_block_hparams *h, const cgd_kron_tensor *tensors, int64_t count, void *stream,
                             size_t *bytes, char *why, int why_size);
 int cgd_cuda_kron_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tensors, int64_t count,
                        const float *grad_scale, const float *skip, void *workspace, void *stream, char *why,

@@ -256,10 +256,10 @@ done:
 }  // namespace
 
 extern "C" int cgd_cuda_kron_workspace(const cgd_block_hparams *h, const cgd_kron_tensor *tensors, int64_t count,
-                                       size_t *bytes, char *why, int why_size) {
+                                       void *stream, size_t *bytes, char *why, int why_size) {
     CgdFailure fail = {why, why_size, 0};
     KronBuffers b;
-    CgdHandles *hd = cgd_solver_handles(nullptr, false, fail);
+    CgdHandles *hd = cgd_solver_handles((cudaStream_t)stream, true, fail);
     return hd ? kron_layout(hd, h, tensors, count, nullptr, &b, bytes, fail) : fail.code;
 }
 

@@ -290,7 +290,7 @@ void block_step(at::TensorList params, at::TensorList grads, at::IntArrayRef off
 #endif
     const Target target = target_for(device);
     size_t bytes = 0;
-    check_status(cgd_block_workspace_size(&h, &st, target.device, &bytes));
+    check_status(cgd_block_workspace_size(&h, &st, target.device, target.stream, &bytes));
     const Workspace workspace = workspace_for(device, bytes);
     check_status(cgd_block_step(&h, dtype, tensors.data(), static_cast<int64_t>(n), &st,
                                 optional_scalar(grad_scale, device, "grad_scale"),
@@ -359,7 +359,8 @@ void kron_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
 #endif
     const Target target = target_for(device);
     size_t bytes = 0;
-    check_status(cgd_kron_workspace_size(&h, tensors.data(), static_cast<int64_t>(n), target.device, &bytes));
+    check_status(cgd_kron_workspace_size(&h, tensors.data(), static_cast<int64_t>(n), target.device, target.stream,
+                                         &bytes));
     const Workspace workspace = workspace_for(device, bytes);
     check_status(cgd_kron_step(&h, dtype, tensors.data(), static_cast<int64_t>(n),
                                optional_scalar(grad_scale, device, "grad_scale"),

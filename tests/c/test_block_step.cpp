@@ -4,10 +4,12 @@
 
 #include <cmath>
 #include <random>
+#include <thread>
 #include <string>
 #include <vector>
 
 #include "cgd.h"
+#include "kernels.h" // cgd_hooks: fault injection and the solver-call probe
 #include "test_support.h"
 
 #ifdef CGD_WITH_CUDA
@@ -87,51 +89,64 @@ std::vector<float> gradient(int step, int t) {
     return g;
 }
 
-// The float64 reference of one step over the blocked vector (padding coordinates get gradient 0).
+// The float64 reference of one step over a blocked vector of nb blocks of `block` coordinates, tensor k at
+// offsets[k] (padding coordinates get gradient 0).
 struct Reference {
-    std::vector<double> q[2], m1 = std::vector<double>(L, 0.0);
-    std::vector<Matrix> m2, P = std::vector<Matrix>(NB);
+    int64_t block, nb;
+    std::vector<int64_t> numels, offsets;
+    std::vector<std::vector<double>> q;
+    std::vector<double> m1;
+    std::vector<Matrix> m2, P;
     int t = 0;
-    void step(const cgd_block_hparams &h, const std::vector<float> g[2]) {
+    Reference(int64_t block_, int64_t nb_, std::vector<int64_t> numels_, std::vector<int64_t> offsets_,
+              const std::vector<std::vector<float>> &start, double m2_init)
+        : block(block_), nb(nb_), numels(numels_), offsets(offsets_), m1(block_ * nb_, 0.0), P(nb_) {
+        for (const auto &x : start) q.emplace_back(x.begin(), x.end());
+        for (int64_t b = 0; b < nb; ++b) {
+            m2.emplace_back(block * block, 0.0);
+            for (int64_t i = 0; i < block; ++i) m2[b][i * block + i] = m2_init;
+        }
+    }
+    void step(const cgd_block_hparams &h, const std::vector<float> *g) {
         ++t;
+        const int64_t B = block, L = block * nb;
         std::vector<double> gv(L, 0.0);
-        for (int k = 0; k < 2; ++k)
-            for (int64_t i = 0; i < kNumel[k]; ++i) gv[kOffset[k] + i] = g[k][i];
+        for (size_t k = 0; k < numels.size(); ++k)
+            for (int64_t i = 0; i < numels[k]; ++i) gv[offsets[k] + i] = g[k][i];
         double bc1 = h.bias_correction ? 1 - std::pow(h.beta1, t) : 1, bc2 = h.bias_correction ? 1 - std::pow(h.beta2, t) : 1;
         std::vector<double> F(L), u(L);
-        for (int i = 0; i < L; ++i) {
+        for (int64_t i = 0; i < L; ++i) {
             m1[i] = h.beta1 * m1[i] + (1 - h.beta1) * gv[i];
             F[i] = m1[i] / bc1;
         }
-        for (int b = 0; b < NB; ++b) {
+        for (int64_t b = 0; b < nb; ++b) {
             Matrix &m = m2[b];
-            for (int i = 0; i < B; ++i)
-                for (int j = 0; j < B; ++j)
+            for (int64_t i = 0; i < B; ++i)
+                for (int64_t j = 0; j < B; ++j)
                     m[i * B + j] = h.beta2 * m[i * B + j] + (1 - h.beta2) * gv[b * B + i] * gv[b * B + j];
             if (h.refresh) {
                 Matrix c(B * B), v;
                 std::vector<double> w;
-                for (int i = 0; i < B; ++i)
-                    for (int j = 0; j < B; ++j)
+                for (int64_t i = 0; i < B; ++i)
+                    for (int64_t j = 0; j < B; ++j)
                         c[i * B + j] = m[i * B + j] / bc2 - (h.centered ? F[b * B + i] * F[b * B + j] : 0.0);
-                jacobi(c, B, w, v);
+                jacobi(c, (int)B, w, v);
                 P[b].assign(B * B, 0.0);
-                for (int i = 0; i < B; ++i)
-                    for (int j = 0; j < B; ++j)
-                        for (int k = 0; k < B; ++k)
+                for (int64_t i = 0; i < B; ++i)
+                    for (int64_t j = 0; j < B; ++j)
+                        for (int64_t k = 0; k < B; ++k)
                             P[b][i * B + j] += v[i * B + k] * std::pow(h.eps + std::max(w[k], 0.0), -h.power) * v[j * B + k];
             }
-            for (int i = 0; i < B; ++i) {
+            for (int64_t i = 0; i < B; ++i) {
                 u[b * B + i] = 0;
-                for (int j = 0; j < B; ++j) u[b * B + i] += P[b][i * B + j] * F[b * B + j];
+                for (int64_t j = 0; j < B; ++j) u[b * B + i] += P[b][i * B + j] * F[b * B + j];
             }
         }
-        for (int k = 0; k < 2; ++k)
-            for (int64_t i = 0; i < kNumel[k]; ++i)
-                q[k][i] = q[k][i] * (1 - h.lr * h.weight_decay) - h.lr * u[kOffset[k] + i];
+        for (size_t k = 0; k < numels.size(); ++k)
+            for (int64_t i = 0; i < numels[k]; ++i)
+                q[k][i] = q[k][i] * (1 - h.lr * h.weight_decay) - h.lr * u[offsets[k] + i];
     }
 };
-
 
 // One cgd_block_step of pr on `device` (CUDA: copied to the device and back).
 cgd_status run(cgd_device device, const cgd_block_hparams &h, Problem &pr, const std::vector<float> g[2],
@@ -164,7 +179,7 @@ cgd_status run(cgd_device device, const cgd_block_hparams &h, Problem &pr, const
                           (float *)up(pr.counters, sizeof pr.counters)};
     float *d_skip = skip ? (float *)up(skip, 4) : nullptr;
     size_t need = 0;
-    EXPECT_EQ(cgd_block_workspace_size(&h, &st, CGD_CUDA, &need), CGD_OK) << cgd_last_error();
+    EXPECT_EQ(cgd_block_workspace_size(&h, &st, CGD_CUDA, nullptr, &need), CGD_OK) << cgd_last_error();
     Workspace ws(CGD_CUDA, need);
     cgd_status status = cgd_block_step(&h, CGD_FLOAT32, ts, 2, &st, nullptr, d_skip, ws.data, ws.bytes, CGD_CUDA,
                                        nullptr);
@@ -221,12 +236,8 @@ TEST_P(BlockStep, MatchesFloat64Reference) {
         h.centered = c.centered;
         h.bias_correction = c.bias_correction;
         Problem pr = make_problem(c.m2_init);
-        Reference ref;
-        for (int k = 0; k < 2; ++k) ref.q[k].assign(pr.param[k].begin(), pr.param[k].end());
-        for (int b = 0; b < NB; ++b) {
-            ref.m2.emplace_back(B * B, 0.0);
-            for (int i = 0; i < B; ++i) ref.m2[b][i * B + i] = c.m2_init;
-        }
+        Reference ref(B, NB, {kNumel[0], kNumel[1]}, {kOffset[0], kOffset[1]}, {pr.param[0], pr.param[1]},
+                      c.m2_init);
         for (int s = 0; s < 12; ++s) {
             std::vector<float> g[2] = {gradient(s, 0), gradient(s, 1)};
             h.refresh = s % c.refresh_every == 0;
@@ -283,6 +294,100 @@ TEST_P(BlockStep, FailedFirstRefreshFallsBackToTheDiagonalThenKeepsThePrevious) 
     EXPECT_EQ(std::vector<float>(pr.precond.begin() + B * B, pr.precond.begin() + 2 * B * B), kept);
 }
 
+// Blocks above 32 go to a different solver on CUDA (XsyevBatched, one call per chunk of blocks).
+TEST_P(BlockStep, LargeBlocksMatchFloat64Reference) {
+    const int64_t block = 40, nb = 3;
+    std::mt19937 rng(21);
+    cgd_block_hparams h = paper_hparams();
+    Blocked b = make_blocked(block, nb, 1.0f, normal_vector(rng, block * nb));
+    Reference ref(block, nb, {block * nb}, {0}, {b.param}, 1.0);
+    for (int s = 0; s < 4; ++s) {
+        std::vector<float> g = normal_vector(rng, block * nb);
+        h.refresh = s != 2;
+        ASSERT_EQ(run_blocked(GetParam(), h, b, g), CGD_OK) << cgd_last_error();
+        ref.step(h, &g);
+        for (int64_t i = 0; i < block * nb; ++i)
+            ASSERT_NEAR(b.param[i], ref.q[0][i], 5e-4 * (1 + std::fabs(ref.q[0][i]))) << "step " << s << " i " << i;
+    }
+    for (int32_t o : b.outcome) EXPECT_EQ(o, CGD_BLOCK_FP32);
+}
+
+// The diagonal fallback of a failed first refresh writes every coordinate of the block, also those that other
+// warps of the CUDA block handle (a race on the outcome once left some of them zero, so they stopped learning);
+// a non-finite C never reaches the solver.
+TEST_P(BlockStep, FailedLargeBlockFallsBackOnEveryCoordinate) {
+    const int64_t block = 64, nb = 2;
+    std::mt19937 rng(22);
+    cgd_block_hparams h = paper_hparams();
+    Blocked b = make_blocked(block, nb, 1.0f, normal_vector(rng, block * nb));
+    b.m2[3 * block + 5] = b.m2[5 * block + 3] = INFINITY; // block 0's C cannot be decomposed
+    std::vector<float> g = normal_vector(rng, block * nb);
+    const long long solves = cgd_hooks.eigh_calls;
+    ASSERT_EQ(run_blocked(GetParam(), h, b, g), CGD_OK) << cgd_last_error();
+    if (GetParam() == CGD_CPU) EXPECT_EQ(cgd_hooks.eigh_calls - solves, 1) << "only the finite block is solved";
+    EXPECT_EQ(b.outcome[0], CGD_BLOCK_DIAGONAL);
+    EXPECT_EQ(b.outcome[1], CGD_BLOCK_FP32);
+    EXPECT_EQ(b.counters[2], 1.0f);
+    for (int64_t i = 0; i < block; ++i)
+        for (int64_t j = 0; j < block; ++j) {
+            const float pij = b.precond[i * block + j];
+            if (i != j) {
+                ASSERT_EQ(pij, 0.0f) << i << ", " << j;
+                continue;
+            }
+            // C_ii = M2_ii - F_i^2 with M2_ii = beta2 + (1 - beta2) g_i^2 and F_i = (1 - beta1) g_i (paper start).
+            const double f = (1 - h.beta1) * g[i], c = h.beta2 + (1 - h.beta2) * (double)g[i] * g[i] - f * f;
+            ASSERT_NEAR(pij, std::pow(h.eps + c, -h.power), 1e-4) << "coordinate " << i;
+        }
+    for (float p : b.param) ASSERT_TRUE(std::isfinite(p));
+}
+
+TEST_P(BlockStep, StepCounterCountsPast2To24) {
+    std::mt19937 rng(23);
+    Blocked b = make_blocked(4, 1, 1.0f, normal_vector(rng, 4));
+    b.step = 16777216.0; // 2^24: a float32 counter would stay here
+    ASSERT_EQ(run_blocked(GetParam(), paper_hparams(), b, normal_vector(rng, 4)), CGD_OK) << cgd_last_error();
+    EXPECT_EQ(b.step, 16777217.0);
+}
+
+// A step that cannot get its scratch changes nothing (the CPU kernels allocate it all before they start; CUDA
+// steps take the caller's workspace, and one too small is refused up front).
+TEST_P(BlockStep, NothingChangesWhenTheScratchIsMissing) {
+    std::mt19937 rng(24);
+    cgd_block_hparams h = paper_hparams();
+    Blocked b = make_blocked(8, 3, 1.0f, normal_vector(rng, 24));
+    ASSERT_EQ(run_blocked(GetParam(), h, b, normal_vector(rng, 24)), CGD_OK);
+    std::vector<float> g = normal_vector(rng, 24);
+    const Blocked before = b;
+    auto unchanged = [&](const char *what) {
+        EXPECT_EQ(b.param, before.param) << what;
+        EXPECT_EQ(b.m1, before.m1) << what;
+        EXPECT_EQ(b.m2, before.m2) << what;
+        EXPECT_EQ(b.precond, before.precond) << what;
+        EXPECT_EQ(b.eig, before.eig) << what;
+        EXPECT_EQ(b.outcome, before.outcome) << what;
+        EXPECT_EQ(b.step, before.step) << what;
+    };
+    if (GetParam() == CGD_CUDA) {
+        EXPECT_EQ(run_blocked(CGD_CUDA, h, b, g, 4), CGD_ERR_INVALID_ARGUMENT);
+        EXPECT_NE(std::string(cgd_last_error()).find("workspace of"), std::string::npos) << cgd_last_error();
+        unchanged("short workspace");
+        return;
+    }
+    // Let the first k allocations succeed, for every k until the step can run.
+    for (long long k = 0;; ++k) {
+        cgd_hooks.host_allocs_before_failure = k;
+        cgd_status st = run_blocked(CGD_CPU, h, b, g);
+        cgd_hooks.host_allocs_before_failure = -1;
+        if (st == CGD_OK) break;
+        ASSERT_EQ(st, CGD_ERR_UNSUPPORTED) << cgd_last_error();
+        EXPECT_NE(std::string(cgd_last_error()).find("nothing changed"), std::string::npos);
+        unchanged(("allocation " + std::to_string(k) + " failed").c_str());
+        ASSERT_LT(k, 100) << "the step never succeeded";
+    }
+    EXPECT_EQ(b.step, before.step + 1);
+}
+
 INSTANTIATE_TEST_SUITE_P(Devices, BlockStep, ::testing::Values(CGD_CPU, CGD_CUDA),
                          [](const ::testing::TestParamInfo<cgd_device> &info) {
                              return std::string(info.param == CGD_CPU ? "CPU" : "CUDA");
@@ -319,3 +424,60 @@ TEST(BlockStepErrors, ArgumentsAreNamedWithTheirValue) {
 }
 
 } // namespace
+
+#ifdef CGD_WITH_CUDA
+namespace {
+
+// The cuSOLVER/cuBLAS handles are per host thread. A thread whose first block step is being captured into a CUDA
+// graph is told to call cgd_prepare (creating them would allocate and break the capture); once prepared, a step
+// captures and replays.
+TEST(BlockStepCuda, CaptureNeedsPreparedHandles) {
+    CGD_SKIP_UNLESS_RUNNABLE(CGD_CUDA);
+    std::thread fresh([] {
+        const int64_t block = 4;
+        std::mt19937 rng(25);
+        Blocked b = make_blocked(block, 1, 1.0f, normal_vector(rng, block));
+        std::vector<float> g = normal_vector(rng, block);
+        Mirror m{CGD_CUDA};
+        cgd_block_tensor t{m.put(b.param.data(), bytes(b.param)), m.put(g.data(), bytes(g)), block, 0};
+        cgd_block_state st{block, 1, (float *)m.put(b.m1.data(), bytes(b.m1)), (float *)m.put(b.m2.data(), bytes(b.m2)),
+                           (float *)m.put(b.precond.data(), bytes(b.precond)), (float *)m.put(b.eig.data(), bytes(b.eig)),
+                           (double *)m.put(&b.step, sizeof b.step), (int32_t *)m.put(b.outcome.data(), bytes(b.outcome)),
+                           (float *)m.put(b.counters, sizeof b.counters)};
+        cgd_block_hparams h = paper_hparams();
+        cudaStream_t stream;
+        cudaGraph_t graph;
+        ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+        size_t need = 0;
+        ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+        EXPECT_EQ(cgd_block_workspace_size(&h, &st, CGD_CUDA, stream, &need), CGD_ERR_CUDA);
+        EXPECT_NE(std::string(cgd_last_error()).find("call cgd_prepare"), std::string::npos) << cgd_last_error();
+        ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+        cudaGraphDestroy(graph);
+
+        ASSERT_EQ(cgd_prepare(CGD_CUDA), CGD_OK) << cgd_last_error();
+        ASSERT_EQ(cgd_block_workspace_size(&h, &st, CGD_CUDA, stream, &need), CGD_OK) << cgd_last_error();
+        Workspace ws(CGD_CUDA, need);
+        ASSERT_EQ(cgd_block_step(&h, CGD_FLOAT32, &t, 1, &st, nullptr, nullptr, ws.data, ws.bytes, CGD_CUDA, stream),
+                  CGD_OK) << cgd_last_error(); // the first step refreshes, eagerly
+        h.refresh = 0;
+        ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+        EXPECT_EQ(cgd_block_step(&h, CGD_FLOAT32, &t, 1, &st, nullptr, nullptr, ws.data, ws.bytes, CGD_CUDA, stream),
+                  CGD_OK) << cgd_last_error();
+        ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+        cudaGraphExec_t exec;
+        ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+        for (int i = 0; i < 2; ++i) ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+        ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+        double step = 0;
+        ASSERT_EQ(cudaMemcpy(&step, st.step, sizeof step, cudaMemcpyDeviceToHost), cudaSuccess);
+        EXPECT_EQ(step, 3.0);
+        cudaGraphExecDestroy(exec);
+        cudaGraphDestroy(graph);
+        cudaStreamDestroy(stream);
+    });
+    fresh.join();
+}
+
+} // namespace
+#endif

@@ -462,6 +462,80 @@ TEST_P(DiagStep, NonfiniteCheckFlagsExactlyTheBadTensors) {
     }
 }
 
+// One float32 tensor of plain host arrays stepped once on `device`; lr_device, when given, is a host value
+// that travels to the device like the rest.
+struct Flat {
+    std::vector<float> p, m1, m2;
+    double step = 0;
+};
+
+cgd_status step_flat(cgd_device device, cgd_diag_hparams h, Flat &f, std::vector<float> g, float *lr_device = nullptr) {
+    Mirror m{device};
+    h.lr_device = lr_device ? (const float *)m.put(lr_device, sizeof *lr_device) : nullptr;
+    cgd_diag_tensor t = {m.put(f.p.data(), bytes(f.p)), m.put(g.data(), bytes(g)), (float *)m.put(f.m1.data(), bytes(f.m1)),
+                         (float *)m.put(f.m2.data(), bytes(f.m2)), (double *)m.put(&f.step, sizeof f.step),
+                         (int64_t)f.p.size()};
+    return cgd_diag_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, device, nullptr);
+}
+
+// Both back ends round every product and sum as diag_math.h writes them (no fused multiply-add): the first
+// centered, bias-corrected step is bit-for-bit this float32 sequence, whose variance c / bc2 - mean^2 is a
+// rounding residual of either sign that the clamp at 0 and eps then absorb. A contracted fma(-mean, mean, c / bc2)
+// keeps a different residual, up to ulp(g^2) / 2, which at eps = 1e-8 moves the step by a large factor.
+TEST_P(DiagStep, CenteredStepRoundsAsWritten) {
+    cgd_diag_hparams h = base();
+    h.moment = CGD_MOMENT_CENTERED;
+    h.eps_inside = 1;
+    std::mt19937 rng(31);
+    std::normal_distribution<float> normal;
+    std::uniform_real_distribution<float> decade(-3.0f, 3.0f);
+    const size_t n = 4096;
+    Flat f{normal_vector(rng, n), std::vector<float>(n, 0.0f), std::vector<float>(n, 0.0f)};
+    std::vector<float> g(n);
+    for (float &x : g) x = normal(rng) * std::pow(10.0f, decade(rng));
+    const Flat start = f;
+    ASSERT_EQ(step_flat(GetParam(), h, f, g), CGD_OK) << cgd_last_error();
+    const double bc1 = 1.0 - std::pow(h.beta1, 1.0), bc2 = 1.0 - std::pow(h.beta2, 1.0);
+    const float step_size = (float)((double)(float)h.lr / bc1), inv_bc1 = (float)(1.0 / bc1),
+                inv_bc2 = (float)(1.0 / bc2);
+    const float beta1 = (float)h.beta1, beta2 = (float)h.beta2, w1 = (float)h.grad_weight;
+    const float w2 = (float)(1.0 - h.beta2), eps = (float)h.eps;
+    size_t zero_variance = 0;
+    for (size_t i = 0; i < n; ++i) {
+        const float avg = beta1 * start.m1[i] + w1 * g[i];
+        const float c = beta2 * start.m2[i] + w2 * g[i] * g[i];
+        const float mean = avg * inv_bc1;
+        const float var = std::fmax(c * inv_bc2 - mean * mean, 0.0f);
+        zero_variance += var == 0.0f;
+        const float p = start.p[i] - step_size * (avg / std::sqrt(eps + var));
+        ASSERT_EQ(f.m1[i], avg) << i;
+        ASSERT_EQ(f.m2[i], c) << i;
+        ASSERT_EQ(f.p[i], p) << "element " << i << ", g = " << g[i];
+    }
+    EXPECT_GT(zero_variance, 0u);
+}
+
+// lr_device replaces lr: the kernel reads it where the tensors live, so a captured graph follows its changes.
+TEST_P(DiagStep, DeviceLrReplacesLr) {
+    std::mt19937 rng(32);
+    const size_t n = 300;
+    cgd_diag_hparams h = base();
+    h.weight_decay = 0.1;
+    h.decoupled_weight_decay = 1;
+    Flat a{normal_vector(rng, n), std::vector<float>(n, 0.0f), std::vector<float>(n, 0.0f)}, b = a;
+    for (float lr : {1e-3f, 5e-4f, 0.25f}) {
+        std::vector<float> g = normal_vector(rng, n);
+        h.lr = lr;
+        ASSERT_EQ(step_flat(GetParam(), h, a, g), CGD_OK) << cgd_last_error();
+        h.lr = 7.0; // ignored
+        float on_device = lr;
+        ASSERT_EQ(step_flat(GetParam(), h, b, g, &on_device), CGD_OK) << cgd_last_error();
+        ASSERT_EQ(a.p, b.p) << "lr " << lr;
+        ASSERT_EQ(a.m2, b.m2);
+    }
+    EXPECT_EQ(b.step, 3.0);
+}
+
 INSTANTIATE_TEST_SUITE_P(Devices, DiagStep, ::testing::Values(CGD_CPU, CGD_CUDA),
                          [](const ::testing::TestParamInfo<cgd_device> &i) {
                              return std::string(i.param == CGD_CPU ? "CPU" : "CUDA");

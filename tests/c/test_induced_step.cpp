@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cgd.h"
+#include "kernels.h" // cgd_hooks: fault injection
 #include "test_support.h"
 
 #ifdef CGD_WITH_CUDA
@@ -59,9 +60,10 @@ cgd_induced_hparams rms_hparams() {
 
 const cgd_induced_metric kMetric = {1e-4, 0.8, CGD_EMBED_LOSS};
 
-// One step of all three calls on `device` (CUDA: state copied there and back).
-cgd_status run(cgd_device device, State &s, float skip_value = 0.0f) {
-    const cgd_induced_hparams h = rms_hparams();
+// One step of all three calls on `device` (CUDA: state copied there and back); lr_device, when given, travels to
+// the device and replaces hparams.lr (which is then set to an ignored value).
+cgd_status run(cgd_device device, State &s, float skip_value = 0.0f, float *lr_device = nullptr) {
+    cgd_induced_hparams h = rms_hparams();
     std::vector<void *> allocs;
     auto put = [&](void *host, size_t bytes) -> void * {
         if (device == CGD_CPU) return host;
@@ -92,6 +94,10 @@ cgd_status run(cgd_device device, State &s, float skip_value = 0.0f) {
     double *ns = (double *)put(&s.norm_step, 8);
     float *rate = (float *)put(&s.rate, 4);
     const float *skip = skip_value != 0.0f ? (const float *)put(&skip_value, 4) : nullptr;
+    if (lr_device) {
+        h.lr = 5.0;
+        h.lr_device = (const float *)put(lr_device, 4);
+    }
     size_t need = 0;
     EXPECT_EQ(cgd_induced_norm_workspace_size(ts, 2, device, &need), CGD_OK);
     Workspace ws(device, need);
@@ -175,6 +181,43 @@ TEST_P(InducedStep, NormIsReproducibleAndSkipChangesNothing) {
     EXPECT_EQ(a.ema, before.ema);
     EXPECT_EQ(a.norm_step, before.norm_step);
     EXPECT_EQ(a.step[1], before.step[1]);
+}
+
+TEST_P(InducedStep, DeviceLrReplacesLr) {
+    State a = make_state(), b = make_state();
+    for (int t = 1; t <= 3; ++t) {
+        new_gradient(a, t);
+        new_gradient(b, t);
+        float lr = (float)rms_hparams().lr; // what the kernels compute with either way
+        ASSERT_EQ(run(GetParam(), a), CGD_OK) << cgd_last_error();
+        ASSERT_EQ(run(GetParam(), b, 0.0f, &lr), CGD_OK) << cgd_last_error();
+        ASSERT_EQ(a.p[0], b.p[0]);
+        ASSERT_EQ(a.p[1], b.p[1]);
+    }
+}
+
+// The CPU norm allocates its partial sums before any M2 advances: out of memory, nothing changed.
+TEST(InducedStepFaults, NormWithoutScratchChangesNothing) {
+    State s = make_state();
+    new_gradient(s, 1);
+    const cgd_induced_hparams h = rms_hparams();
+    cgd_diag_tensor ts[2];
+    for (int k = 0; k < 2; ++k)
+        ts[k] = {s.p[k].data(), s.g[k].data(), s.m1[k].data(), s.m2[k].data(), &s.step[k], kNumel[k]};
+    const State before = s;
+    for (long long k = 0;; ++k) { // the first k allocations succeed
+        cgd_hooks.host_allocs_before_failure = k;
+        cgd_status st = cgd_induced_norm(&h, CGD_FLOAT32, ts, 2, &s.sum, nullptr, nullptr, nullptr, 0, CGD_CPU, nullptr);
+        cgd_hooks.host_allocs_before_failure = -1;
+        if (st == CGD_OK) break;
+        EXPECT_EQ(st, CGD_ERR_UNSUPPORTED);
+        EXPECT_NE(std::string(cgd_last_error()).find("nothing changed"), std::string::npos) << cgd_last_error();
+        EXPECT_EQ(s.m2[0], before.m2[0]) << k;
+        EXPECT_EQ(s.m2[1], before.m2[1]) << k;
+        EXPECT_EQ(s.sum, before.sum) << k;
+        ASSERT_LT(k, 10);
+    }
+    EXPECT_NE(s.m2[1], before.m2[1]);
 }
 
 INSTANTIATE_TEST_SUITE_P(Devices, InducedStep, ::testing::Values(CGD_CPU, CGD_CUDA),

@@ -5,11 +5,13 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "cgd.h"
+#include "kernels.h" // cgd_hooks: fault injection and the solver-call probe
 #include "test_support.h"
 
 #ifdef CGD_WITH_CUDA
@@ -44,97 +46,44 @@ Kron make_kron(int64_t rows, int64_t cols, int left_full, int right_full, float 
     return k;
 }
 
-// Copies host vectors to the device and back around one call (a no-op on the CPU).
-struct Mirror {
-    cgd_device device;
-    std::vector<std::pair<void *, std::pair<void *, size_t>>> pairs; // device pointer, (host pointer, bytes)
-    void *put(void *host, size_t bytes) {
-        if (device == CGD_CPU || bytes == 0) return bytes ? host : nullptr;
-#ifdef CGD_WITH_CUDA
-        void *d = nullptr;
-        EXPECT_EQ(cudaMalloc(&d, bytes), cudaSuccess);
-        EXPECT_EQ(cudaMemcpy(d, host, bytes, cudaMemcpyHostToDevice), cudaSuccess);
-        pairs.push_back({d, {host, bytes}});
-        return d;
-#else
-        return host;
-#endif
+// One cgd_kron_step over all of `ks` on `device`, with a workspace `shortfall` bytes short of the queried one.
+cgd_status run_krons(cgd_device device, const cgd_block_hparams &h, const std::vector<Kron *> &ks,
+                     std::vector<std::vector<float>> grads, float skip_value = 0.0f, size_t shortfall = 0) {
+    Mirror m{device};
+    std::vector<cgd_kron_tensor> ts(ks.size());
+    for (size_t i = 0; i < ks.size(); ++i) {
+        Kron &k = *ks[i];
+        cgd_kron_tensor &t = ts[i];
+        t = cgd_kron_tensor{};
+        t.param = m.put(k.param.data(), bytes(k.param));
+        t.grad = m.put(grads[i].data(), bytes(grads[i]));
+        t.rows = k.rows;
+        t.cols = k.cols;
+        t.left_full = k.left_full;
+        t.right_full = k.right_full;
+        t.exp_avg = (float *)m.put(k.m1.data(), bytes(k.m1));
+        t.left_sq = (float *)m.put(k.lsq.data(), bytes(k.lsq));
+        t.right_sq = (float *)m.put(k.rsq.data(), bytes(k.rsq));
+        t.left_basis = (float *)m.put(k.lbasis.data(), bytes(k.lbasis));
+        t.right_basis = (float *)m.put(k.rbasis.data(), bytes(k.rbasis));
+        t.left_eig = (float *)m.put(k.leig.data(), bytes(k.leig));
+        t.right_eig = (float *)m.put(k.reig.data(), bytes(k.reig));
+        t.step = (double *)m.put(&k.step, sizeof k.step);
+        t.outcome = (int32_t *)m.put(k.outcome, sizeof k.outcome);
+        t.counters = (float *)m.put(k.counters, sizeof k.counters);
     }
-    ~Mirror() {
-#ifdef CGD_WITH_CUDA
-        if (device == CGD_CPU) return;
-        EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-        for (auto &p : pairs) {
-            EXPECT_EQ(cudaMemcpy(p.second.first, p.first, p.second.second, cudaMemcpyDeviceToHost), cudaSuccess);
-            cudaFree(p.first);
-        }
-#endif
-    }
-};
-
-template <typename T> size_t bytes(const std::vector<T> &v) { return v.size() * sizeof(T); }
+    const float *skip = skip_value != 0.0f ? (const float *)m.put(&skip_value, sizeof skip_value) : nullptr;
+    const int64_t n = (int64_t)ts.size();
+    size_t need = 0;
+    cgd_kron_workspace_size(&h, ts.data(), n, device, nullptr, &need); // on bad arguments the step names them
+    Workspace ws(device, need);
+    return cgd_kron_step(&h, CGD_FLOAT32, ts.data(), n, nullptr, skip, ws.data, ws.bytes - shortfall, device,
+                         nullptr);
+}
 
 cgd_status run_kron(cgd_device device, const cgd_block_hparams &h, Kron &k, std::vector<float> grad,
                     float skip_value = 0.0f) {
-    Mirror m{device};
-    cgd_kron_tensor t{};
-    t.param = m.put(k.param.data(), bytes(k.param));
-    t.grad = m.put(grad.data(), bytes(grad));
-    t.rows = k.rows;
-    t.cols = k.cols;
-    t.left_full = k.left_full;
-    t.right_full = k.right_full;
-    t.exp_avg = (float *)m.put(k.m1.data(), bytes(k.m1));
-    t.left_sq = (float *)m.put(k.lsq.data(), bytes(k.lsq));
-    t.right_sq = (float *)m.put(k.rsq.data(), bytes(k.rsq));
-    t.left_basis = (float *)m.put(k.lbasis.data(), bytes(k.lbasis));
-    t.right_basis = (float *)m.put(k.rbasis.data(), bytes(k.rbasis));
-    t.left_eig = (float *)m.put(k.leig.data(), bytes(k.leig));
-    t.right_eig = (float *)m.put(k.reig.data(), bytes(k.reig));
-    t.step = (double *)m.put(&k.step, sizeof k.step);
-    t.outcome = (int32_t *)m.put(k.outcome, sizeof k.outcome);
-    t.counters = (float *)m.put(k.counters, sizeof k.counters);
-    const float *skip = skip_value != 0.0f ? (const float *)m.put(&skip_value, sizeof skip_value) : nullptr;
-    size_t need = 0;
-    cgd_kron_workspace_size(&h, &t, 1, device, &need); // on bad arguments the step below names them
-    Workspace ws(device, need);
-    return cgd_kron_step(&h, CGD_FLOAT32, &t, 1, nullptr, skip, ws.data, ws.bytes, device, nullptr);
-}
-
-// The same parameter stepped by cgd_block_step with `nblocks` blocks of `block`.
-struct Blocked {
-    int64_t block, nblocks;
-    std::vector<float> param, m1, m2, precond, eig;
-    double step = 0.0;
-    float counters[3] = {0, 0, 0};
-    std::vector<int32_t> outcome;
-};
-
-Blocked make_blocked(int64_t block, int64_t nblocks, float m2_init, const std::vector<float> &start) {
-    Blocked b{block, nblocks, start};
-    b.m1.assign(block * nblocks, 0.0f);
-    b.m2.assign(block * block * nblocks, 0.0f);
-    for (int64_t n = 0; n < nblocks; ++n)
-        for (int64_t i = 0; i < block; ++i) b.m2[n * block * block + i * block + i] = m2_init;
-    b.precond.assign(b.m2.size(), 0.0f);
-    b.eig.assign(block * nblocks, 0.0f);
-    b.outcome.assign(nblocks, CGD_BLOCK_NEVER);
-    return b;
-}
-
-cgd_status run_blocked(cgd_device device, const cgd_block_hparams &h, Blocked &b, std::vector<float> grad) {
-    Mirror m{device};
-    cgd_block_tensor t{m.put(b.param.data(), bytes(b.param)), m.put(grad.data(), bytes(grad)),
-                       (int64_t)b.param.size(), 0};
-    cgd_block_state st{b.block, b.nblocks, (float *)m.put(b.m1.data(), bytes(b.m1)),
-                       (float *)m.put(b.m2.data(), bytes(b.m2)), (float *)m.put(b.precond.data(), bytes(b.precond)),
-                       (float *)m.put(b.eig.data(), bytes(b.eig)), (double *)m.put(&b.step, sizeof b.step),
-                       (int32_t *)m.put(b.outcome.data(), bytes(b.outcome)),
-                       (float *)m.put(b.counters, sizeof b.counters)};
-    size_t need = 0;
-    cgd_block_workspace_size(&h, &st, device, &need);
-    Workspace ws(device, need);
-    return cgd_block_step(&h, CGD_FLOAT32, &t, 1, &st, nullptr, nullptr, ws.data, ws.bytes, device, nullptr);
+    return run_krons(device, h, {&k}, {grad}, skip_value);
 }
 
 cgd_block_hparams hparams() {
@@ -147,13 +96,6 @@ cgd_block_hparams hparams() {
     h.centered = 1;
     h.refresh = 1;
     return h;
-}
-
-std::vector<float> normal_vector(std::mt19937 &rng, int64_t n) {
-    std::normal_distribution<float> normal;
-    std::vector<float> v(n);
-    for (float &x : v) x = normal(rng);
-    return v;
 }
 
 class KronStep : public ::testing::TestWithParam<cgd_device> {
@@ -219,7 +161,9 @@ TEST_P(KronStep, FailedFirstRefreshFallsBackToTheDiagonalThenKeepsThePrevious) {
     std::mt19937 rng(14);
     Kron k = make_kron(3, 4, 1, 1, 1.0f, normal_vector(rng, 12));
     k.lsq[0 * 3 + 1] = k.lsq[1 * 3 + 0] = NAN; // the left factor cannot be decomposed
+    const long long solves = cgd_hooks.eigh_calls;
     ASSERT_EQ(run_kron(GetParam(), hparams(), k, normal_vector(rng, 12)), CGD_OK) << cgd_last_error();
+    if (GetParam() == CGD_CPU) EXPECT_EQ(cgd_hooks.eigh_calls - solves, 1) << "NaN never reaches the solver";
     EXPECT_EQ(k.outcome[0], CGD_BLOCK_DIAGONAL);
     EXPECT_EQ(k.outcome[1], CGD_BLOCK_FP32);
     EXPECT_EQ(k.counters[2], 1.0f);
@@ -232,6 +176,44 @@ TEST_P(KronStep, FailedFirstRefreshFallsBackToTheDiagonalThenKeepsThePrevious) {
     EXPECT_EQ(k.counters[1], 1.0f);
     EXPECT_EQ(k.leig, kept);
     for (float p : k.param) EXPECT_TRUE(std::isfinite(p));
+}
+
+// Two tensors in one call: when any scratch is missing, neither steps (the CPU kernel once stepped the tensors
+// before the one whose allocation failed). On CUDA a too-small workspace is refused up front.
+TEST_P(KronStep, NothingChangesWhenTheScratchIsMissing) {
+    std::mt19937 rng(16);
+    Kron a = make_kron(3, 4, 1, 1, 1.0f, normal_vector(rng, 12)), b = make_kron(6, 2, 1, 0, 1.0f, normal_vector(rng, 12));
+    const std::vector<std::vector<float>> grads = {normal_vector(rng, 12), normal_vector(rng, 12)};
+    ASSERT_EQ(run_krons(GetParam(), hparams(), {&a, &b}, grads), CGD_OK) << cgd_last_error();
+    const Kron a0 = a, b0 = b;
+    auto unchanged = [&](const std::string &what) {
+        for (auto pair : {std::make_pair(&a, &a0), std::make_pair(&b, &b0)}) {
+            const Kron &now = *pair.first, &was = *pair.second;
+            EXPECT_EQ(now.param, was.param) << what;
+            EXPECT_EQ(now.m1, was.m1) << what;
+            EXPECT_EQ(now.lsq, was.lsq) << what;
+            EXPECT_EQ(now.rsq, was.rsq) << what;
+            EXPECT_EQ(now.lbasis, was.lbasis) << what;
+            EXPECT_EQ(now.leig, was.leig) << what;
+            EXPECT_EQ(now.step, was.step) << what;
+        }
+    };
+    if (GetParam() == CGD_CUDA) {
+        EXPECT_EQ(run_krons(CGD_CUDA, hparams(), {&a, &b}, grads, 0.0f, 4), CGD_ERR_INVALID_ARGUMENT);
+        unchanged("short workspace");
+        return;
+    }
+    for (long long k = 0;; ++k) {
+        cgd_hooks.host_allocs_before_failure = k;
+        cgd_status st = run_krons(CGD_CPU, hparams(), {&a, &b}, grads);
+        cgd_hooks.host_allocs_before_failure = -1;
+        if (st == CGD_OK) break;
+        ASSERT_EQ(st, CGD_ERR_UNSUPPORTED) << cgd_last_error();
+        unchanged("allocation " + std::to_string(k) + " failed");
+        ASSERT_LT(k, 100) << "the step never succeeded";
+    }
+    EXPECT_EQ(a.step, a0.step + 1);
+    EXPECT_EQ(b.step, b0.step + 1);
 }
 
 INSTANTIATE_TEST_SUITE_P(Devices, KronStep, ::testing::Values(CGD_CPU, CGD_CUDA),
@@ -261,3 +243,66 @@ TEST(KronStepErrors, ArgumentsAreNamedWithTheirValue) {
 }
 
 } // namespace
+
+#ifdef CGD_WITH_CUDA
+namespace {
+
+// A side past 2^31 elements: every GEMM and launch takes 64-bit sizes (an int once truncated them). Needs
+// ~86 GB of GPU memory; the sanitizer runs leave it out (its name holds "Huge").
+TEST(HugeTensorsCuda, KronSidePastInt32) {
+    CGD_SKIP_UNLESS_RUNNABLE(CGD_CUDA);
+    const int64_t rows = 1, cols = ((int64_t)1 << 31) + 64, n = rows * cols;
+    size_t free_bytes = 0, total = 0;
+    ASSERT_EQ(cudaMemGetInfo(&free_bytes, &total), cudaSuccess);
+    cgd_block_hparams h = hparams();
+    h.centered = 0;
+    h.bias_correction = 1;
+    h.eps = 1e-8;
+    h.lr = 0.01;
+    cgd_kron_tensor t{};
+    t.rows = rows;
+    t.cols = cols;
+    t.left_full = 1;
+    t.right_full = 0;
+    size_t need = 0;
+    ASSERT_EQ(cgd_kron_workspace_size(&h, &t, 1, CGD_CUDA, nullptr, &need), CGD_OK) << cgd_last_error();
+    const size_t state = (size_t)n * (2 + 2 + 4 + 4 + 4) + 64;
+    if (free_bytes < state + need + ((size_t)1 << 30)) GTEST_SKIP() << "needs " << (state + need) / 1e9 << " GB";
+    std::vector<void *> allocs;
+    auto alloc = [&](size_t bytes, int fill) {
+        void *d = nullptr;
+        EXPECT_EQ(cudaMalloc(&d, bytes), cudaSuccess);
+        EXPECT_EQ(cudaMemset(d, fill, bytes), cudaSuccess);
+        allocs.push_back(d);
+        return d;
+    };
+    t.param = alloc((size_t)n * 2, 0);
+    t.grad = alloc((size_t)n * 2, 0x3f); // bf16 0x3f3f = 0.74609375 everywhere
+    t.exp_avg = (float *)alloc((size_t)n * 4, 0);
+    t.left_sq = (float *)alloc(4, 0);
+    t.left_basis = (float *)alloc(4, 0);
+    t.left_eig = (float *)alloc(4, 0);
+    t.right_sq = (float *)alloc((size_t)cols * 4, 0);
+    t.right_eig = (float *)alloc((size_t)cols * 4, 0);
+    t.step = (double *)alloc(8, 0);
+    t.outcome = (int32_t *)alloc(8, 0xff); // CGD_BLOCK_NEVER
+    t.counters = (float *)alloc(12, 0);
+    Workspace ws(CGD_CUDA, need);
+    ASSERT_EQ(cgd_kron_step(&h, CGD_BFLOAT16, &t, 1, nullptr, nullptr, ws.data, ws.bytes, CGD_CUDA, nullptr), CGD_OK)
+        << cgd_last_error();
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    // One Adam-start step of a constant gradient g: mu = cols g^2, nu_j = 1 / cols, so D = g / sqrt(eps + g^2).
+    const double g = 0.74609375, expected = -h.lr * g / std::sqrt(h.eps + g * g);
+    for (int64_t i : {(int64_t)0, ((int64_t)1 << 31) - 1, ((int64_t)1 << 31) + 10, cols - 1}) {
+        uint16_t raw = 0;
+        ASSERT_EQ(cudaMemcpy(&raw, (const uint16_t *)t.param + i, 2, cudaMemcpyDeviceToHost), cudaSuccess);
+        uint32_t bits = (uint32_t)raw << 16;
+        float p;
+        std::memcpy(&p, &bits, 4);
+        EXPECT_NEAR(p, expected, 0.02 * std::fabs(expected)) << "element " << i;
+    }
+    for (void *d : allocs) cudaFree(d);
+}
+
+} // namespace
+#endif
