@@ -112,6 +112,28 @@ def test_channels_last_conv_weights(device):
     torch.testing.assert_close(conv.weight, twin.weight, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("gamma", ["identity", "rms"])
+def test_induced_metric_steps_channels_last_and_transposed_parameters(device, gamma):
+    """The induced metric keeps a gradient in its parameter's layout (it once made it row-major, which the op
+    then refused as a layout mismatch): a channels_last conv steps like its contiguous twin."""
+    conv = torch.nn.Conv2d(3, 8, 3).to(device=device, memory_format=torch.channels_last)
+    twin = copy.deepcopy(conv).to(memory_format=torch.contiguous_format)
+    assert conv.weight.stride() != twin.weight.stride()
+    extra = torch.nn.Parameter(torch.randn(5, 4, device=device).t())  # a transposed parameter
+    extra_twin = torch.nn.Parameter(extra.detach().contiguous())
+    opt = cgd.InducedMetric([*conv.parameters(), extra], lr=1e-2, gamma=gamma)
+    ref = cgd.InducedMetric([*twin.parameters(), extra_twin], lr=1e-2, gamma=gamma)
+    x = torch.randn(4, 3, 10, 10, device=device)
+    for _ in range(5):
+        for m, e, o, xx in ((conv, extra, opt, x.to(memory_format=torch.channels_last)), (twin, extra_twin, ref, x)):
+            o.zero_grad()
+            (m(xx).square().mean() + e.square().sum()).backward()
+            o.step()
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(conv.weight, twin.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(extra, extra_twin, rtol=1e-5, atol=1e-6)
+
+
 def test_gradient_with_another_layout_is_accepted():
     p = torch.nn.Parameter(torch.randn(4, 5))
     twin = torch.nn.Parameter(p.detach().clone())
@@ -211,12 +233,65 @@ def test_capturable_step_reads_nothing_on_the_host(make):
             opt.step()
 
 
+def _warm_cosine(opt):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / 3) * (0.5 + 0.5 * math.cos(t / 4)))
+
+
+@pytest.mark.parametrize("make", [
+    lambda p, **kw: cgd.Adam(p, lr=3e-3, **kw),
+    lambda p, **kw: cgd.CGD(p, lr=3e-3, power=0.4, weight_decay=0.1, **kw),
+    lambda p, **kw: cgd.InducedMetric(p, lr=3e-3, gamma="rms", weight_decay=0.1, **kw),
+], ids=["Adam", "CGD", "InducedMetric"])
+def test_capturable_lr_is_a_device_tensor_that_follows_the_scheduler(device, make):
+    """capturable=True keeps lr as a float32 tensor on the parameters' device, which the kernel reads: a
+    scheduler's in-place update reaches the step without a host read, and the run equals the eager one with a
+    Python-float lr (to float32 rounding: the scheduler multiplies a float32 tensor there, a double here)."""
+    model, twin = make_mlp(device=device), make_mlp(device=device)
+    opt, ref = make(model.parameters(), capturable=True), make(twin.parameters())
+    lr = opt.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and lr.dtype == torch.float32 and lr.device.type == device
+    sched, ref_sched = _warm_cosine(opt), _warm_cosine(ref)
+    for x, y in batches(12, device=device):
+        for m, o, s in ((model, opt, sched), (twin, ref, ref_sched)):
+            train_step(m, o, x, y)
+            s.step()
+        assert opt.param_groups[0]["lr"] is lr  # updated in place: a captured graph keeps reading it
+        assert math.isclose(lr.item(), ref.param_groups[0]["lr"], rel_tol=1e-6)
+    assert lr.item() < 0.5 * 3e-3  # the schedule did move it
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_skipped_steps_accumulate_in_one_device_tensor():
+    """The skip counter is allocated once and added to in place, so the replays of a captured step keep
+    counting (a new tensor per step would only record the capture's own)."""
+    model = make_mlp()
+    opt = cgd.CGD(model.parameters(), lr=1e-3, capturable=True)
+    counter = None
+    for i, (x, y) in enumerate(batches(5)):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if i % 2:
+            next(model.parameters()).grad[0, 0] = float("nan")
+        opt.step()
+        counter = opt._skipped if counter is None else counter
+        assert opt._skipped is counter
+    assert opt.skipped_steps == 2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a GPU")
-def test_cuda_graph_replay_equals_eager():
+@pytest.mark.parametrize("make", [
+    lambda p: cgd.Adam(p, lr=1e-3, capturable=True),
+    lambda p: cgd.CGD(p, lr=1e-3, power=0.4, moment="centered", weight_decay=0.05, capturable=True),
+    lambda p: cgd.InducedMetric(p, lr=1e-3, gamma="rms", capturable=True),
+], ids=["Adam", "CGD", "InducedMetric"])
+def test_cuda_graph_replay_equals_eager(make):
+    """One captured step replayed with a scheduler changing lr between replays equals the same optimizer run
+    eagerly (the kernel reads lr and the step counts on the device)."""
     model, twin = make_mlp(device="cuda"), make_mlp(device="cuda")
     twin.load_state_dict(model.state_dict())
-    opt = cgd.Adam(model.parameters(), lr=1e-3, capturable=True)
-    ref = cgd.Adam(twin.parameters(), lr=1e-3, capturable=True)
+    opt, ref = make(model.parameters()), make(twin.parameters())
+    sched, ref_sched = _warm_cosine(opt), _warm_cosine(ref)
     data = list(batches(8, device="cuda"))
     static = [torch.zeros_like(p) for p in model.parameters()]
     for p, g in zip(model.parameters(), static):
@@ -239,5 +314,7 @@ def test_cuda_graph_replay_equals_eager():
             g.copy_(p.grad)
         graph.replay()
         ref.step()
+        sched.step()
+        ref_sched.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -125,3 +125,36 @@ def test_amsgrad_state_is_refused_with_its_name():
         train_step(model, adam, x, y)
     with pytest.raises(ValueError, match="max_exp_avg_sq"):
         cgd.Adam(model.parameters()).load_state_dict(adam.state_dict())
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: cgd.CGD(p, lr=1e-3),
+    lambda p: cgd.FullCGD(p, lr=1e-3, metric="block", block_size=8),
+    lambda p: cgd.FullCGD(p, lr=1e-3, metric="kron"),
+    lambda p: cgd.InducedMetric(p, lr=1e-3, gamma="rms"),
+], ids=["CGD", "FullCGD block", "FullCGD kron", "InducedMetric"])
+def test_step_counters_are_float64_and_old_float32_checkpoints_load(make):
+    """Step counters are float64 (a float32 one stops at 2^24 = 16,777,216 steps), and a checkpoint that saved
+    them as float32 loads into float64 and keeps counting."""
+    model = make_mlp()
+    opt = make(model.parameters())
+    data = list(batches(3))
+    train_step(model, opt, *data[0])
+    sd = roundtrip(opt.state_dict())
+    counters = ("step", "metric_norm_step")
+    for state in sd["state"].values():
+        for key in counters:
+            if key in state:
+                assert state[key].dtype == torch.float64
+                state[key] = torch.tensor(2.0**24, dtype=torch.float32)  # an old checkpoint, far into a run
+    resumed = make(model.parameters())
+    resumed.load_state_dict(sd)
+    train_step(model, resumed, *data[1])
+    seen = 0
+    for state in resumed.state.values():
+        for key in counters:
+            if key in state:
+                assert state[key].dtype == torch.float64
+                assert state[key].item() == 2.0**24 + 1, key
+                seen += 1
+    assert seen >= 1
