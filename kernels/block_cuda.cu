@@ -264,14 +264,15 @@ int block_layout(CgdHandles *hd, const cgd_block_hparams *h, const cgd_block_sta
         b->info = carve.take<int>((size_t)chunk);
         b->ok = carve.take<int>((size_t)chunk);
         if (B <= JACOBI_MAX_BLOCK) {
+            /* A and lambda are null when only sizing: the size queries do not read them. */
             SOLVER_TRY(cusolverDnSsyevjBatched_bufferSize(hd->solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER,
-                                                          (int)B, nullptr, (int)B, nullptr, &b->lwork, hd->syevj,
+                                                          (int)B, b->A, (int)B, b->lambda, &b->lwork, hd->syevj,
                                                           (int)chunk));
             b->work = carve.take<float>((size_t)(b->lwork > 0 ? b->lwork : 1));
         } else {
             SOLVER_TRY(cusolverDnXsyevBatched_bufferSize(hd->solver, hd->params, CUSOLVER_EIG_MODE_VECTOR,
-                                                         CUBLAS_FILL_MODE_UPPER, B, CUDA_R_32F, nullptr, B,
-                                                         CUDA_R_32F, nullptr, CUDA_R_32F, &b->work_bytes,
+                                                         CUBLAS_FILL_MODE_UPPER, B, CUDA_R_32F, b->A, B,
+                                                         CUDA_R_32F, b->lambda, CUDA_R_32F, &b->work_bytes,
                                                          &host_bytes, chunk));
             b->work = reinterpret_cast<float *>(carve.take<char>(b->work_bytes > 0 ? b->work_bytes : 1));
             if (!cgd_reserve_host_work(hd, host_bytes)) {

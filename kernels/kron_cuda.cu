@@ -245,7 +245,7 @@ int kron_layout(CgdHandles *hd, const cgd_block_hparams *h, const cgd_kron_tenso
     if (h->refresh && full_side > 0) {
         /* syevd's workspace grows with n, so the largest factor's serves every smaller one. */
         SOLVER_TRY(cusolverDnSsyevd_bufferSize(hd->solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER,
-                                               (int)full_side, nullptr, (int)full_side, nullptr, &b->lwork));
+                                               (int)full_side, b->A, (int)full_side, b->Y, &b->lwork));
         b->work = carve.take<float>((size_t)(b->lwork > 0 ? b->lwork : 1));
     }
     *bytes = carve.used;

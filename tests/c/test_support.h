@@ -8,10 +8,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <string>
 #include <utility>
 #include <vector>
 
 #include "cgd.h"
+#include "kernels.h" // cgd_hooks
 
 #ifdef CGD_WITH_CUDA
 #include <cuda_runtime.h>
@@ -103,6 +105,25 @@ inline std::vector<float> normal_vector(std::mt19937 &rng, int64_t n) {
     std::vector<float> v(n);
     for (float &x : v) x = normal(rng);
     return v;
+}
+
+// Fault injection for the CPU kernels' scratch: runs `step` with only the first k host allocations allowed, for
+// k = 0, 1, ... until it succeeds, and after every failure has `unchanged(what)` check that nothing changed.
+// Returns the number of allocations the successful step made.
+template <typename Step, typename Check> long long fail_each_allocation(Step step, Check unchanged) {
+    for (long long k = 0;; ++k) {
+        cgd_hooks.host_allocs_before_failure = k;
+        const cgd_status st = step();
+        cgd_hooks.host_allocs_before_failure = -1;
+        if (st == CGD_OK) return k;
+        EXPECT_EQ(st, CGD_ERR_UNSUPPORTED) << cgd_last_error();
+        EXPECT_NE(std::string(cgd_last_error()).find("nothing changed"), std::string::npos) << cgd_last_error();
+        unchanged("allocation " + std::to_string(k) + " failed");
+        if (k >= 100) {
+            ADD_FAILURE() << "the step never succeeded";
+            return k;
+        }
+    }
 }
 
 // One float32 tensor stepped by cgd_block_step with `nblocks` blocks of `block`, its state on the host.
