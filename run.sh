@@ -9,6 +9,8 @@
 #   ./run.sh suite [args]     every comparison vs AdamW and Muon, CPU or GPU scale (benchmarks/suite.py)
 #   ./run.sh python [args]    the project's Python, with the cgd package importable
 #   ./run.sh fetch-deps       download and unpack the Debian build packages into .deps, for an offline machine
+#   ./run.sh gpu-check DEST   the one prepared GPU-host run: sm_90 build, every test with CUDA required, sanitizers,
+#                             benchmarks; DEST gets summary.md and gpu-check.tar.gz (benchmarks/gpu_check.sh)
 #
 # Environment:
 #   CGD_VENV       virtual environment (default: ~/.cache/torch-cgd/venv)
@@ -16,6 +18,7 @@
 #   CGD_BUILD_DIR  CMake build directory (default: ./build)
 #   CGD_CUDA       AUTO (default), ON (fail if the CUDA kernels cannot be built) or OFF
 #   CGD_DEPS       a folder made by fetch-deps: use the build packages from there instead of the system
+#   CGD_CMAKE_ARGS more CMake configure arguments, split on spaces (e.g. -DCMAKE_CUDA_ARCHITECTURES=90)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -108,11 +111,13 @@ build() {
     if ! command -v nvcc >/dev/null && [ -z "${CUDACXX:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
         export CUDACXX=/usr/local/cuda/bin/nvcc
     fi
+    local extra=()
+    read -r -a extra <<<"${CGD_CMAKE_ARGS:-}"
     mkdir -p "$BUILD"
     # Torch's CMake package warns about things that do not concern us (kineto, arch lists): keep the log, show
     # it only when configuring fails.
     if ! cmake -S "$ROOT" -B "$BUILD" -G Ninja -DPython3_EXECUTABLE="$PY" -DCGD_CUDA="${CGD_CUDA:-AUTO}" \
-            "${CMAKE_DEPS_ARGS[@]}" >"$BUILD/configure.log" 2>&1; then
+            "${CMAKE_DEPS_ARGS[@]}" "${extra[@]}" >"$BUILD/configure.log" 2>&1; then
         cat "$BUILD/configure.log" >&2
         die "CMake configuration failed (log: $BUILD/configure.log)"
     fi
@@ -143,5 +148,15 @@ case "$cmd" in
         run_python "$ROOT/benchmarks/suite.py" "${data[@]}" "$@" ;;
     python) build >/dev/null && run_python "$@" ;;
     fetch-deps) fetch_deps ;;
-    *) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; [ -z "$cmd" ] || exit 2 ;;
+    gpu-check)
+        [ $# -eq 1 ] || die "usage: ./run.sh gpu-check DEST"
+        use_carried_deps
+        [ -z "${DEPS:-}" ] || export CGD_DEPS=$DEPS  # absolute: the check's own build runs this script again
+        # An interpreter that cannot import torch is one more failure for the check's summary to report, not a
+        # reason to bring nothing back from the host.
+        PY=${CGD_PYTHON:-}
+        if [ -z "$PY" ] || "$PY" -c "import torch" 2>/dev/null; then ensure_python; fi
+        CGD_CHECK_PYTHON=$PY exec bash "$ROOT/benchmarks/gpu_check.sh" "$1"
+        ;;
+    *) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; [ -z "$cmd" ] || exit 2 ;;
 esac

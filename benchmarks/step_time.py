@@ -5,6 +5,7 @@ Parameter sets: GPT-2 small's parameter list (124M parameters in 148 tensors) an
 events on the GPU. Each diagonal step reads param, grad, M1, M2 and writes param, M1, M2: 28 bytes per fp32
 parameter (bf16/fp16 parameters: 22). GB/s is those bytes over the step time; "of copy" divides it by the
 bandwidth a device-to-device copy reaches in the same run (read + write of a 1 GiB buffer), the practical peak.
+The induced metric's GB/s counts the same bytes, though its norm pass reads the gradient and M2 once more.
 
     ./run.sh bench                               # GPU when there is one, else a small CPU run
     ./run.sh bench --sizes 1e6 1e8 1e9 --dtype bf16
@@ -55,6 +56,7 @@ def optimizers(device: torch.device) -> dict[str, Callable[[list], torch.optim.O
         "cgd.CGD": lambda p: cgd.CGD(p, lr=1e-4, weight_decay=0.01, nonfinite="ignore"),
         "cgd.CGD nonfinite=raise": lambda p: cgd.CGD(p, lr=1e-4, weight_decay=0.01),
         "cgd.CGD power=0.4": lambda p: cgd.CGD(p, lr=1e-4, power=0.4, weight_decay=0.01, nonfinite="ignore"),
+        "cgd.InducedMetric rms": lambda p: cgd.InducedMetric(p, lr=1e-4, gamma="rms", nonfinite="ignore"),
         "AdamW foreach": lambda p: torch.optim.AdamW(p, lr=1e-4, foreach=True),
     }
     if device.type == "cuda":
