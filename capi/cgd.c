@@ -15,8 +15,9 @@
 #define CGD_STR(x) CGD_STR2(x)
 #define CGD_VERSION_STRING CGD_STR(CGD_VERSION_MAJOR) "." CGD_STR(CGD_VERSION_MINOR) "." CGD_STR(CGD_VERSION_PATCH)
 
-/* Largest tensor accepted: 2^46 elements, far above any device memory, keeps every chunk index in int32. */
-#define CGD_MAX_NUMEL ((int64_t)1 << 46)
+/* Largest tensor accepted: 2^46 - 2^15 elements, far above any device memory, keeps every chunk count of the CUDA
+   multi-tensor launches (CGD_MT_CHUNK elements each) within int32. */
+#define CGD_MAX_NUMEL (((int64_t)1 << 46) - CGD_MT_CHUNK)
 
 /* Largest side of a matrix the eigensolvers see: n^2 must stay below 2^31 for cuSOLVER's int sizes. */
 #define CGD_MAX_MATRIX 46340
@@ -106,7 +107,7 @@ static cgd_status check_workspace(const char *fn, const void *workspace, size_t 
 
 static cgd_status check_numel(const char *fn, const char *label, int64_t i, int64_t numel) {
     if (numel < 0 || numel > CGD_MAX_NUMEL)
-        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: %s[%lld] = %lld elements is outside [0, 2^46]", fn, label,
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: %s[%lld] = %lld elements is outside [0, 2^46 - 2^15]", fn, label,
                     (long long)i, (long long)numel);
     return CGD_OK;
 }
@@ -216,7 +217,7 @@ static cgd_status check_block_layout(const char *fn, const cgd_block_hparams *hp
         return fail(CGD_ERR_INVALID_ARGUMENT, "%s: state.block = %lld is outside [1, %d]", fn,
                     (long long)state->block, CGD_MAX_MATRIX);
     if (state->nblocks < 1 || state->nblocks > CGD_MAX_NUMEL / state->block)
-        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: state.nblocks = %lld is outside [1, 2^46 / block]", fn,
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: state.nblocks = %lld is outside [1, (2^46 - 2^15) / block]", fn,
                     (long long)state->nblocks);
     return CGD_OK;
 }
@@ -284,9 +285,11 @@ cgd_status cgd_block_step(const cgd_block_hparams *hparams, cgd_dtype dtype, con
     return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : ok();
 }
 
-/* The sizes and pointers of a kron step's tensors (also what its workspace query reads). */
+/* The sizes and pointers of a kron step's tensors; the workspace query, which a caller makes before it allocates
+   anything, reads the sizes and flags only (check_pointers = 0). */
 static cgd_status check_kron_tensors(const char *fn, const cgd_block_hparams *hparams, cgd_dtype dtype,
-                                     const cgd_kron_tensor *tensors, int64_t count, cgd_device device) {
+                                     const cgd_kron_tensor *tensors, int64_t count, cgd_device device,
+                                     int check_pointers) {
     cgd_status st;
     if (!hparams) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams is NULL", fn);
     if ((st = check_block_hparams(fn, hparams))) return st;
@@ -297,12 +300,13 @@ static cgd_status check_kron_tensors(const char *fn, const cgd_block_hparams *hp
         const cgd_kron_tensor *t = &tensors[i];
         if (t->rows < 1 || t->cols < 1 || t->rows > CGD_MAX_NUMEL / t->cols)
             return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors[%lld] is %lld x %lld; both sides must be >= 1 and "
-                        "the product <= 2^46", fn, (long long)i, (long long)t->rows, (long long)t->cols);
+                        "the product <= 2^46 - 2^15", fn, (long long)i, (long long)t->rows, (long long)t->cols);
         if ((t->left_full && t->rows > CGD_MAX_MATRIX) || (t->right_full && t->cols > CGD_MAX_MATRIX))
             return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors[%lld] asks for a full %s factor of side %lld; the "
                         "largest is %d (keep that side diagonal)", fn, (long long)i, t->left_full &&
                         t->rows > CGD_MAX_MATRIX ? "left" : "right", (long long)(t->left_full &&
                         t->rows > CGD_MAX_MATRIX ? t->rows : t->cols), CGD_MAX_MATRIX);
+        if (!check_pointers) continue;
         const char *missing = !t->param ? "param" : !t->grad ? "grad" : !t->exp_avg ? "exp_avg"
                               : !t->left_sq ? "left_sq" : !t->right_sq ? "right_sq"
                               : (t->left_full && !t->left_basis) ? "left_basis"
@@ -328,7 +332,7 @@ cgd_status cgd_kron_workspace_size(const cgd_block_hparams *hparams, const cgd_k
     static const char fn[] = "cgd_kron_workspace_size";
     cgd_status st;
     if (!bytes) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: bytes is NULL", fn);
-    if ((st = check_kron_tensors(fn, hparams, CGD_FLOAT32, tensors, count, device))) return st;
+    if ((st = check_kron_tensors(fn, hparams, CGD_FLOAT32, tensors, count, device, 0))) return st;
     if ((st = kron_workspace(fn, hparams, tensors, count, device, stream, bytes))) return st;
     return ok();
 }
@@ -339,7 +343,7 @@ cgd_status cgd_kron_step(const cgd_block_hparams *hparams, cgd_dtype dtype, cons
     static const char fn[] = "cgd_kron_step";
     cgd_status st;
     size_t needed = 0;
-    if ((st = check_kron_tensors(fn, hparams, dtype, tensors, count, device))) return st;
+    if ((st = check_kron_tensors(fn, hparams, dtype, tensors, count, device, 1))) return st;
     if ((st = kron_workspace(fn, hparams, tensors, count, device, stream, &needed))) return st;
     if ((st = check_workspace(fn, workspace, workspace_bytes, needed))) return st;
     if (device == CGD_CPU) {

@@ -44,14 +44,18 @@ static void refresh_block(const cgd_block_hparams *h, const float *C, float *P, 
     int finite = 1;
     for (size_t e = 0; e < nn; ++e) finite &= isfinite(C[e]) != 0;
     int solved = finite ? cgd_eigh_solve(C, B, s) : -1;
+    if (solved >= 0 && h->power == 0.0) { /* SGD's metric: the identity exactly, not V V^T's rounding of it */
+        memset(P, 0, nn * sizeof(float));
+        for (int i = 0; i < B; ++i) P[(size_t)i * B + i] = 1.0f;
+    }
     if (solved == CGD_BLOCK_FP32) {
-        assemble_precond(P, acc, NULL, s->a, NULL, s->w, B, h->eps, h->power);
+        if (h->power != 0.0) assemble_precond(P, acc, NULL, s->a, NULL, s->w, B, h->eps, h->power);
         memcpy(eigvals, s->w, (size_t)B * sizeof(float));
         *outcome = CGD_BLOCK_FP32;
         return;
     }
     if (solved == CGD_BLOCK_FP64) {
-        assemble_precond(P, acc, s->da, NULL, s->dw, NULL, B, h->eps, h->power);
+        if (h->power != 0.0) assemble_precond(P, acc, s->da, NULL, s->dw, NULL, B, h->eps, h->power);
         for (int k = 0; k < B; ++k) eigvals[k] = (float)s->dw[k];
         *outcome = CGD_BLOCK_FP64;
         counters_local[0] += 1.0f;

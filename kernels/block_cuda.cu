@@ -12,8 +12,11 @@
  *   apply      u = P F (one thread per coordinate, coalesced thanks to P's symmetry), then the parameter update
  *              scattered back to the tensors
  * The float64 retry rung of the CPU ladder is left out here: choosing it would need the solver's status on the
- * host. Every buffer is carved from the caller's workspace (cgd_block_workspace_size): the step allocates
- * nothing, so it is graph-capturable and cannot fail half-way for want of memory.
+ * host. Every buffer is carved from the caller's workspace (cgd_block_workspace_size) and every size is checked
+ * by the queries before the first launch: the step allocates nothing, so it is graph-capturable (a step without
+ * refresh; the solvers' capture is not relied on) and cannot fail half-way for want of memory or a bad size. A
+ * CUDA runtime failure inside a launched kernel (a device fault) can still leave the moments advanced; such an
+ * error is sticky for the whole context anyway.
  */
 #include <math.h>
 
@@ -22,8 +25,11 @@
 #include "multi_tensor.cuh"
 
 #define BLOCK_THREADS CGD_SOLVER_THREADS
-/* Largest workspace of one refresh chunk (three B x B matrices per block): bounds memory whatever nblocks is. */
+/* Largest workspace of one refresh chunk (three B x B matrices per block and the solver's work): bounds memory
+   whatever nblocks is; and at most this many matrices per solver call (the batched solvers' work grows per matrix
+   and is counted in int for syevjBatched). */
 #define REFRESH_CHUNK_BYTES ((size_t)256 << 20)
+#define REFRESH_CHUNK_MATRICES 16384
 /* syevjBatched is limited to n <= 32; above, the 64-bit batched QR-based solver. */
 #define JACOBI_MAX_BLOCK 32
 
@@ -128,8 +134,10 @@ __global__ void commit_kernel(float *P, const float *Pn, const float *lambda, co
     if (ok[local]) {
         for (int64_t e = threadIdx.x; e < B * B; e += blockDim.x) {
             int64_t i = e / B, j = e % B;
-            /* power 0 is SGD's metric: the identity exactly, not V V^T's rounding of it. */
-            Pb[e] = power == 0.0f ? (i == j ? 1.0f : 0.0f) : Pn[local * B * B + e];
+            /* power 0 is SGD's metric: the identity exactly, not V V^T's rounding of it. The GEMM rounds (i, j)
+               and (j, i) differently; one triangle, mirrored, keeps P exactly symmetric, as apply_kernel and the
+               CPU kernel take it. */
+            Pb[e] = power == 0.0f ? (i == j ? 1.0f : 0.0f) : Pn[local * B * B + (i <= j ? e : j * B + i)];
         }
         for (int64_t k = threadIdx.x; k < B; k += blockDim.x) eigvals[b * B + k] = lambda[local * B + k];
         if (threadIdx.x == 0) outcome[b] = CGD_BLOCK_FP32;
@@ -256,6 +264,25 @@ int block_layout(CgdHandles *hd, const cgd_block_hparams *h, const cgd_block_sta
         const size_t matrix = (size_t)B * (size_t)B;
         int64_t chunk = (int64_t)(REFRESH_CHUNK_BYTES / (3 * matrix * sizeof(float)));
         chunk = chunk < 1 ? 1 : (chunk > nb ? nb : chunk);
+        chunk = chunk > REFRESH_CHUNK_MATRICES ? REFRESH_CHUNK_MATRICES : chunk;
+        /* Halve the chunk until the solver's work fits the budget too. */
+        for (;;) {
+            size_t work = 0;
+            if (B <= JACOBI_MAX_BLOCK) {
+                int lwork = 0;
+                SOLVER_TRY(cusolverDnSsyevjBatched_bufferSize(hd->solver, CUSOLVER_EIG_MODE_VECTOR,
+                                                              CUBLAS_FILL_MODE_UPPER, (int)B, nullptr, (int)B,
+                                                              nullptr, &lwork, hd->syevj, (int)chunk));
+                work = (size_t)(lwork > 0 ? lwork : 0) * sizeof(float);
+            } else {
+                size_t host = 0;
+                SOLVER_TRY(cusolverDnXsyevBatched_bufferSize(hd->solver, hd->params, CUSOLVER_EIG_MODE_VECTOR,
+                                                             CUBLAS_FILL_MODE_UPPER, B, CUDA_R_32F, nullptr, B,
+                                                             CUDA_R_32F, nullptr, CUDA_R_32F, &work, &host, chunk));
+            }
+            if (chunk == 1 || 3 * matrix * sizeof(float) * (size_t)chunk + work <= REFRESH_CHUNK_BYTES) break;
+            chunk = (chunk + 1) / 2;
+        }
         b->chunk = chunk;
         b->A = carve.take<float>((size_t)chunk * matrix);
         b->S = carve.take<float>((size_t)chunk * matrix);
@@ -264,7 +291,6 @@ int block_layout(CgdHandles *hd, const cgd_block_hparams *h, const cgd_block_sta
         b->info = carve.take<int>((size_t)chunk);
         b->ok = carve.take<int>((size_t)chunk);
         if (B <= JACOBI_MAX_BLOCK) {
-            /* A and lambda are null when only sizing: the size queries do not read them. */
             SOLVER_TRY(cusolverDnSsyevjBatched_bufferSize(hd->solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER,
                                                           (int)B, b->A, (int)B, b->lambda, &b->lwork, hd->syevj,
                                                           (int)chunk));

@@ -82,11 +82,21 @@ inline CgdHandles *cgd_solver_handles(cudaStream_t stream, bool bind, CgdFailure
             fail.code = 1;
             return nullptr;
         }
-        SOLVER_TRY(cusolverDnCreate(&hd->solver));
-        SOLVER_TRY(cublasCreate(&hd->blas));
-        SOLVER_TRY(cusolverDnCreateSyevjInfo(&hd->syevj));
-        SOLVER_TRY(cusolverDnCreateParams(&hd->params));
-        hd->device = device;
+        CgdHandles fresh;
+        int e = (int)cusolverDnCreate(&fresh.solver);
+        if (!e) e = (int)cublasCreate(&fresh.blas);
+        if (!e) e = (int)cusolverDnCreateSyevjInfo(&fresh.syevj);
+        if (!e) e = (int)cusolverDnCreateParams(&fresh.params);
+        if (e) { /* nothing half-made is kept: the next call starts over */
+            if (fresh.params) cusolverDnDestroyParams(fresh.params);
+            if (fresh.syevj) cusolverDnDestroySyevjInfo(fresh.syevj);
+            if (fresh.blas) cublasDestroy(fresh.blas);
+            if (fresh.solver) cusolverDnDestroy(fresh.solver);
+            cgd_report(&fail, "creating the cuSOLVER/cuBLAS handles", e);
+            return nullptr;
+        }
+        fresh.device = device;
+        *hd = fresh;
     }
     if (bind) {
         SOLVER_TRY(cusolverDnSetStream(hd->solver, stream));

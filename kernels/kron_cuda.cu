@@ -46,30 +46,31 @@ __global__ void prepare_kernel(const void *grad, float *g, float *m1, float *F, 
 
 /* Diagonal of X X^T (left: one CUDA block per row) or X^T X (right: one thread per column) of the row-major
    rows x cols X: out = scale_old * out + w * sum (an EMA of the state, skipped with the step), or with
-   scale_old = 0 just w * sum (a workspace, written even on a skipped step). */
+   scale_old = 0 just w * sum (a workspace, written even on a skipped step). The sums run in double, as the CPU
+   kernel's: a side may be 2^31 long, where a float sum stops growing. */
 __global__ void diag_gram_kernel(float *out, const float *X, int64_t rows, int64_t cols, int left, float scale_old,
                                  float w, int ema, const float *skip) {
     if (ema && cgd_skipped(skip)) return;
     if (left) {
-        __shared__ float partial[CGD_SOLVER_THREADS];
+        __shared__ double partial[CGD_SOLVER_THREADS];
         for (int64_t i = blockIdx.x; i < rows; i += gridDim.x) {
-            float sum = 0.0f;
-            for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) sum = fmaf(X[i * cols + j], X[i * cols + j], sum);
+            double sum = 0.0;
+            for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) sum += (double)X[i * cols + j] * X[i * cols + j];
             partial[threadIdx.x] = sum;
             __syncthreads();
             for (int s = blockDim.x / 2; s > 0; s >>= 1) {
                 if ((int)threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
                 __syncthreads();
             }
-            if (threadIdx.x == 0) out[i] = (ema ? scale_old * out[i] : 0.0f) + w * partial[0];
+            if (threadIdx.x == 0) out[i] = (ema ? scale_old * out[i] : 0.0f) + w * (float)partial[0];
             __syncthreads();
         }
         return;
     }
     for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < cols; j += (int64_t)gridDim.x * blockDim.x) {
-        float sum = 0.0f;
-        for (int64_t i = 0; i < rows; ++i) sum = fmaf(X[i * cols + j], X[i * cols + j], sum);
-        out[j] = (ema ? scale_old * out[j] : 0.0f) + w * sum;
+        double sum = 0.0;
+        for (int64_t i = 0; i < rows; ++i) sum += (double)X[i * cols + j] * X[i * cols + j];
+        out[j] = (ema ? scale_old * out[j] : 0.0f) + w * (float)sum;
     }
 }
 

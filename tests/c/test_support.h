@@ -61,7 +61,10 @@ struct Workspace {
     }
     ~Workspace() {
 #ifdef CGD_WITH_CUDA
-        if (data) cudaFree(data);
+        if (data) {
+            EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess); // the call's kernels may still be using it
+            cudaFree(data);
+        }
 #endif
     }
     Workspace(const Workspace &) = delete;
