@@ -113,6 +113,13 @@ const char *cgd_status_name(cgd_status status);
 const char *cgd_last_error(void);
 
 /*
+ * Threads the CPU kernels of the calling thread use, n >= 1 (others are ignored): OpenMP's, and OpenBLAS's when
+ * the library is linked against it. The torch operators set it to torch.get_num_threads() before every CPU call,
+ * so torch and torch-cgd never oversubscribe the cores.
+ */
+void cgd_set_cpu_threads(int n);
+
+/*
  * Creates what later calls on `device` need from the calling thread (on CUDA: the current device's cuSOLVER and
  * cuBLAS handles, which allocate). Call it once before capturing a block or kron step in a CUDA graph; a step
  * captured without it fails with a message saying so. A no-op on the CPU.

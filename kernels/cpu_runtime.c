@@ -1,10 +1,28 @@
 /*
- * Heap scratch of the CPU kernels, through one pair of functions so the C tests can make an allocation fail
- * (cgd_test_hooks in kernels.h) and check that a step that cannot get its scratch changes nothing.
+ * What the CPU kernels share at run time: their thread count, and their heap scratch, taken through one pair of
+ * functions so the C tests can make an allocation fail (cgd_test_hooks in kernels.h) and check that a step that
+ * cannot get its scratch changes nothing.
  */
 #include <stdlib.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "kernels.h"
+
+/* OpenBLAS's own pool does not follow OpenMP's setting; linked against another BLAS, the symbol is absent. */
+void openblas_set_num_threads(int n) __attribute__((weak));
+
+void cgd_set_cpu_threads(int n) {
+    static _Thread_local int current = 0;
+    if (n < 1 || n == current) return;
+    current = n;
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+#endif
+    if (openblas_set_num_threads) openblas_set_num_threads(n);
+}
 
 cgd_test_hooks cgd_hooks = {-1, 0};
 

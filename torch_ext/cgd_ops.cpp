@@ -1,161 +1,221 @@
-// Registers the C API (capi/cgd.h) as Torch operators in the `cgd` namespace, for CPU and CUDA tensors. This
-// file only checks tensors (dtype, device, layout, sizes), gathers their pointers, and passes the current CUDA
+// Registers the C API (capi/cgd.h) as Torch operators in the `cgd` namespace, for CPU and CUDA tensors, on
+// LibTorch's stable ABI (torch/csrc/stable): the library calls only torch's C shim, so one build loads in every
+// later torch release (CMakeLists.txt sets TORCH_TARGET_VERSION, the oldest it supports, and TORCH_STABLE_ONLY,
+// which makes any non-stable header a compile error). This file only checks tensors (dtype, device, layout,
+// sizes), gathers their pointers, allocates the step's workspace through torch and passes the current CUDA
 // stream; every formula lives in kernels/. Fake (meta) kernels for torch.compile are in python/cgd/_ops.py.
-#include <ATen/ATen.h>
-#include <torch/library.h>
+//
+// Errors reach Python as RuntimeError (the stable ABI carries the message, not C++ exception types); the
+// optimizer classes validate first and raise ValueError/TypeError themselves.
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/Exception.h>
 
+#include <algorithm>
+#include <optional>
+#include <sstream>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
-
-#ifdef CGD_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
 
 #include "cgd.h"
 
 namespace {
 
-cgd_dtype to_cgd_dtype(const at::Tensor &t, const char *what, size_t i) {
-    switch (t.scalar_type()) {
-    case at::kFloat: return CGD_FLOAT32;
-    case at::kHalf: return CGD_FLOAT16;
-    case at::kBFloat16: return CGD_BFLOAT16;
-    default:
-        TORCH_CHECK_TYPE(false, "cgd: ", what, "[", i, "] has dtype ", t.scalar_type(),
-                         "; parameters and gradients must be float32, float16 or bfloat16");
+using torch::headeronly::ScalarType;
+using torch::stable::Device;
+using torch::stable::Tensor;
+using TensorList = std::vector<Tensor>;
+using torch::headeronly::DeviceType;
+
+#define CGD_CHECK(cond, ...) STD_TORCH_CHECK(cond, __VA_ARGS__)
+
+std::string device_name(const Device &d) {
+    switch (d.type()) {
+    case DeviceType::CPU: return "cpu";
+    case DeviceType::CUDA: return "cuda:" + std::to_string(d.index());
+    case DeviceType::Meta: return "meta";
+    default: return "device type " + std::to_string(static_cast<int>(d.type()));
     }
 }
 
+template <typename Array> std::string list(const Array &values) {
+    std::ostringstream out;
+    out << "[";
+    for (size_t i = 0; i < values.size(); ++i) out << (i ? ", " : "") << values[i];
+    out << "]";
+    return out.str();
+}
+
+bool same(const Device &a, const Device &b) { return a.type() == b.type() && a.index() == b.index(); }
+
+template <typename A, typename B> bool same_values(const A &a, const B &b) {
+    return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
+}
+
+cgd_dtype to_cgd_dtype(const Tensor &t, const char *what, size_t i) {
+    switch (t.scalar_type()) {
+    case ScalarType::Float: return CGD_FLOAT32;
+    case ScalarType::Half: return CGD_FLOAT16;
+    case ScalarType::BFloat16: return CGD_BFLOAT16;
+    default:
+        CGD_CHECK(false, "cgd: ", what, "[", i, "] has dtype ", t.scalar_type(),
+                  "; parameters and gradients must be float32, float16 or bfloat16");
+    }
+    return CGD_FLOAT32;
+}
+
 // The kernels walk raw memory, so a tensor must cover its storage span exactly once (any dense layout, e.g.
-// channels_last, not only contiguous).
-void check_dense(const at::Tensor &t, const char *what, size_t i) {
-    TORCH_CHECK_TYPE(t.layout() == at::kStrided, "cgd: ", what, "[", i, "] is ", t.layout(),
-                     "; only dense (strided) tensors are supported");
-    TORCH_CHECK_VALUE(t.is_non_overlapping_and_dense(), "cgd: ", what, "[", i, "] with sizes ", t.sizes(),
-                      " and strides ", t.strides(), " has gaps or overlaps");
+// channels_last, not only contiguous): with the dimensions sorted by stride, each stride is the product of the
+// sizes below it.
+void check_dense(const Tensor &t, const char *what, size_t i) {
+    CGD_CHECK(t.layout() == torch::headeronly::Layout::Strided, "cgd: ", what, "[", i,
+              "] is not a dense (strided) tensor; sparse and other layouts are not supported");
+    if (t.numel() == 0) return;
+    std::vector<std::pair<int64_t, int64_t>> dims; // (stride, size) of every dimension longer than 1
+    for (int64_t d = 0; d < t.dim(); ++d)
+        if (t.size(d) != 1) dims.emplace_back(t.stride(d), t.size(d));
+    std::sort(dims.begin(), dims.end());
+    int64_t expected = 1;
+    for (const auto &[stride, size] : dims) {
+        CGD_CHECK(stride == expected, "cgd: ", what, "[", i, "] with sizes ", list(t.sizes()), " and strides ",
+                  list(t.strides()), " has gaps or overlaps");
+        expected *= size;
+    }
 }
 
 // `t` must match params[i] in device, sizes and memory layout, and have the given dtype.
-void check_like(const at::Tensor &t, const at::Tensor &param, at::ScalarType dtype, const char *what, size_t i) {
+void check_like(const Tensor &t, const Tensor &param, ScalarType dtype, const char *what, size_t i) {
     check_dense(t, what, i);
-    TORCH_CHECK_VALUE(t.device() == param.device(), "cgd: ", what, "[", i, "] is on ", t.device(), " but params[", i,
-                      "] is on ", param.device());
-    TORCH_CHECK_TYPE(t.scalar_type() == dtype, "cgd: ", what, "[", i, "] has dtype ", t.scalar_type(),
-                     ", expected ", dtype);
-    TORCH_CHECK_VALUE(t.sizes() == param.sizes(), "cgd: ", what, "[", i, "] has sizes ", t.sizes(), " but params[", i,
-                      "] has ", param.sizes());
-    TORCH_CHECK_VALUE(t.strides() == param.strides(), "cgd: ", what, "[", i, "] has strides ", t.strides(),
-                      " but params[", i, "] has ", param.strides(), "; they must share one memory layout");
+    CGD_CHECK(same(t.device(), param.device()), "cgd: ", what, "[", i, "] is on ", device_name(t.device()),
+              " but params[", i, "] is on ", device_name(param.device()));
+    CGD_CHECK(t.scalar_type() == dtype, "cgd: ", what, "[", i, "] has dtype ", t.scalar_type(), ", expected ", dtype);
+    CGD_CHECK(same_values(t.sizes(), param.sizes()), "cgd: ", what, "[", i, "] has sizes ", list(t.sizes()),
+              " but params[", i, "] has ", list(param.sizes()));
+    CGD_CHECK(same_values(t.strides(), param.strides()), "cgd: ", what, "[", i, "] has strides ", list(t.strides()),
+              " but params[", i, "] has ", list(param.strides()), "; they must share one memory layout");
 }
 
 // Step counters: one float64 each (exact up to 2^53 steps), on the parameter's device.
-void check_step(const at::Tensor &t, const at::Tensor &param, const char *what, size_t i) {
-    TORCH_CHECK_VALUE(t.device() == param.device(), "cgd: ", what, "[", i, "] is on ", t.device(), " but params[", i,
-                      "] is on ", param.device(), " (step counters live on the parameter's device)");
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kDouble && t.numel() == 1, "cgd: ", what, "[", i,
-                     "] must be a one-element float64 tensor, got ", t.scalar_type(), " with ", t.numel(), " elements");
+void check_step(const Tensor &t, const Tensor &param, const char *what, size_t i) {
+    CGD_CHECK(same(t.device(), param.device()), "cgd: ", what, "[", i, "] is on ", device_name(t.device()),
+              " but params[", i, "] is on ", device_name(param.device()),
+              " (step counters live on the parameter's device)");
+    CGD_CHECK(t.scalar_type() == ScalarType::Double && t.numel() == 1, "cgd: ", what, "[", i,
+              "] must be a one-element float64 tensor, got ", t.scalar_type(), " with ", t.numel(), " elements");
 }
 
-const float *optional_scalar(const std::optional<at::Tensor> &t, const at::Device &device, const char *what) {
+const float *optional_scalar(const std::optional<Tensor> &t, const Device &device, const char *what) {
     if (!t.has_value()) return nullptr;
-    TORCH_CHECK_VALUE(t->device() == device, "cgd: ", what, " is on ", t->device(), " but the parameters are on ",
-                      device);
-    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat && t->numel() == 1, "cgd: ", what,
-                     " must be a one-element float32 tensor, got ", t->scalar_type(), " with ", t->numel(),
-                     " elements");
-    return t->data_ptr<float>();
+    CGD_CHECK(same(t->device(), device), "cgd: ", what, " is on ", device_name(t->device()),
+              " but the parameters are on ", device_name(device));
+    CGD_CHECK(t->scalar_type() == ScalarType::Float && t->numel() == 1, "cgd: ", what,
+              " must be a one-element float32 tensor, got ", t->scalar_type(), " with ", t->numel(), " elements");
+    return t->const_data_ptr<float>();
 }
 
 void check_status(cgd_status status) {
-    TORCH_CHECK(status == CGD_OK, "cgd: ", cgd_status_name(status), ": ", cgd_last_error());
+    CGD_CHECK(status == CGD_OK, "cgd: ", cgd_status_name(status), ": ", cgd_last_error());
 }
 
 cgd_moment to_moment(const std::string &moment) {
     if (moment == "raw") return CGD_MOMENT_RAW;
     if (moment == "centered") return CGD_MOMENT_CENTERED;
     if (moment == "belief") return CGD_MOMENT_BELIEF;
-    TORCH_CHECK_VALUE(false, "cgd: moment = '", moment, "'; expected 'raw', 'centered' or 'belief'");
+    CGD_CHECK(false, "cgd: moment = '", moment, "'; expected 'raw', 'centered' or 'belief'");
+    return CGD_MOMENT_RAW;
+}
+
+// Where a call runs: the C API's device, the current CUDA stream of the tensors' device, and (for CUDA) a guard
+// that makes that device current for the call's duration.
+struct Target {
+    cgd_device device = CGD_CPU;
+    void *stream = nullptr;
+    std::optional<torch::stable::accelerator::DeviceGuard> guard;
+};
+
+void target_for(const Device &device, Target &target) {
+    if (device.is_cpu()) return;
+    CGD_CHECK(device.is_cuda(), "cgd: tensors on ", device_name(device), " are not supported (CPU and CUDA only)");
+    CGD_CHECK(cgd_has_cuda(), "cgd: got CUDA tensors, but this build of torch-cgd (", cgd_version(),
+              ") has CPU kernels only: it was built without a CUDA compiler matching torch's CUDA version (see "
+              "cgd.BUILD_INFO). Install the CUDA toolkit of torch's CUDA major version and reinstall with "
+              "`pip install --no-build-isolation .` (CGD_CUDA=ON makes the build fail instead of falling back)");
+#ifdef CGD_WITH_CUDA
+    target.device = CGD_CUDA;
+    target.guard.emplace(device.index());
+    TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device.index(), &target.stream));
+#endif
 }
 
 // A step's scratch space from torch's allocator (the caching allocator on CUDA, stream-ordered on the current
 // stream), so it shares torch's cached memory and a failed allocation raises before anything changed. The tensor
 // keeps the memory alive until the call returns; data is nullptr when nothing is needed.
 struct Workspace {
-    at::Tensor tensor;
+    std::optional<Tensor> tensor;
     void *data = nullptr;
     size_t bytes = 0;
 };
 
-Workspace workspace_for(const at::Device &device, size_t bytes) {
+Workspace workspace_for(const Device &device, size_t bytes) {
     Workspace w;
     if (bytes == 0) return w;
-    w.tensor = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(device));
-    w.data = w.tensor.data_ptr();
+    std::vector<int64_t> size = {static_cast<int64_t>(bytes)};
+    w.tensor = torch::stable::empty(size, ScalarType::Byte, std::nullopt, device);
+    w.data = w.tensor->mutable_data_ptr();
     w.bytes = bytes;
     return w;
 }
 
-// The device the C API runs on and the stream it enqueues to: the current stream of the tensors' device.
-struct Target {
-    cgd_device device = CGD_CPU;
-    void *stream = nullptr;
-};
-
-Target target_for(const at::Device &device) {
-    Target target;
-    if (device.is_cpu()) return target;
-#ifdef CGD_WITH_CUDA
-    if (device.is_cuda()) {
-        target.device = CGD_CUDA;
-        target.stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-        return target;
-    }
-#endif
-    TORCH_CHECK(false, "cgd: tensors on ", device, " are not supported by this build (", cgd_version(), ")");
+// The CPU kernels' OpenMP threads follow torch's thread count, so the two do not oversubscribe the cores.
+void follow_torch_threads(cgd_device device) {
+    if (device == CGD_CPU) cgd_set_cpu_threads(static_cast<int>(torch::stable::get_num_threads()));
 }
 
-void diag_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-               at::TensorList steps, double lr, double beta1, double beta2, double grad_weight, double power,
-               double eps, double weight_decay, const std::string &moment, bool eps_inside, bool bias_correction,
-               bool decoupled_weight_decay, bool nesterov, bool maximize, const std::optional<at::Tensor> &grad_scale,
-               const std::optional<at::Tensor> &found_inf, const std::optional<at::Tensor> &lr_tensor) {
+void diag_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
+               double lr, double beta1, double beta2, double grad_weight, double power, double eps, double weight_decay,
+               std::string moment, bool eps_inside, bool bias_correction, bool decoupled_weight_decay, bool nesterov,
+               bool maximize, std::optional<Tensor> grad_scale, std::optional<Tensor> found_inf,
+               std::optional<Tensor> lr_tensor) {
     const size_t n = params.size();
-    TORCH_CHECK_VALUE(grads.size() == n && steps.size() == n, "cgd::diag_step_: got ", n, " params, ", grads.size(),
-                      " grads and ", steps.size(), " steps; the lists must have equal lengths");
-    TORCH_CHECK_VALUE(exp_avgs.empty() || exp_avgs.size() == n, "cgd::diag_step_: got ", exp_avgs.size(),
-                      " exp_avgs for ", n, " params (pass one per param, or none when beta1 == 0)");
-    TORCH_CHECK_VALUE(exp_avg_sqs.empty() || exp_avg_sqs.size() == n, "cgd::diag_step_: got ", exp_avg_sqs.size(),
-                      " exp_avg_sqs for ", n, " params (pass one per param, or none when power == 0)");
+    CGD_CHECK(grads.size() == n && steps.size() == n, "cgd::diag_step_: got ", n, " params, ", grads.size(),
+              " grads and ", steps.size(), " steps; the lists must have equal lengths");
+    CGD_CHECK(exp_avgs.empty() || exp_avgs.size() == n, "cgd::diag_step_: got ", exp_avgs.size(), " exp_avgs for ", n,
+              " params (pass one per param, or none when beta1 == 0)");
+    CGD_CHECK(exp_avg_sqs.empty() || exp_avg_sqs.size() == n, "cgd::diag_step_: got ", exp_avg_sqs.size(),
+              " exp_avg_sqs for ", n, " params (pass one per param, or none when power == 0)");
     if (n == 0) return;
 
-    const at::Tensor &first = params[0];
+    const Tensor &first = params[0];
     const cgd_dtype dtype = to_cgd_dtype(first, "params", 0);
     std::vector<cgd_diag_tensor> tensors(n);
     for (size_t i = 0; i < n; ++i) {
-        const at::Tensor &p = params[i];
+        const Tensor &p = params[i];
         to_cgd_dtype(p, "params", i);
-        TORCH_CHECK_VALUE(p.device() == first.device() && p.scalar_type() == first.scalar_type(),
-                          "cgd::diag_step_: params[", i, "] is ", p.scalar_type(), " on ", p.device(),
-                          " but params[0] is ", first.scalar_type(), " on ", first.device(),
-                          "; one call steps tensors of one dtype on one device");
+        CGD_CHECK(same(p.device(), first.device()) && p.scalar_type() == first.scalar_type(), "cgd::diag_step_: params[",
+                  i, "] is ", p.scalar_type(), " on ", device_name(p.device()), " but params[0] is ", first.scalar_type(),
+                  " on ", device_name(first.device()), "; one call steps tensors of one dtype on one device");
         check_dense(p, "params", i);
         check_like(grads[i], p, p.scalar_type(), "grads", i);
         check_step(steps[i], p, "steps", i);
         cgd_diag_tensor &t = tensors[i];
-        t.param = p.data_ptr();
-        t.grad = grads[i].data_ptr();
-        t.step = steps[i].data_ptr<double>();
+        t.param = p.mutable_data_ptr();
+        t.grad = grads[i].const_data_ptr();
+        t.step = steps[i].mutable_data_ptr<double>();
         t.numel = p.numel();
         t.exp_avg = nullptr;
         t.exp_avg_sq = nullptr;
         if (!exp_avgs.empty()) {
-            check_like(exp_avgs[i], p, at::kFloat, "exp_avgs", i);
-            t.exp_avg = exp_avgs[i].data_ptr<float>();
+            check_like(exp_avgs[i], p, ScalarType::Float, "exp_avgs", i);
+            t.exp_avg = exp_avgs[i].mutable_data_ptr<float>();
         }
         if (!exp_avg_sqs.empty()) {
-            check_like(exp_avg_sqs[i], p, at::kFloat, "exp_avg_sqs", i);
-            t.exp_avg_sq = exp_avg_sqs[i].data_ptr<float>();
+            check_like(exp_avg_sqs[i], p, ScalarType::Float, "exp_avg_sqs", i);
+            t.exp_avg_sq = exp_avg_sqs[i].mutable_data_ptr<float>();
         }
     }
 
@@ -173,58 +233,56 @@ void diag_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
     h.decoupled_weight_decay = decoupled_weight_decay;
     h.nesterov = nesterov;
     h.maximize = maximize;
-    h.lr_device = optional_scalar(lr_tensor, first.device(), "lr_tensor");
-
-#ifdef CGD_WITH_CUDA
-    c10::cuda::OptionalCUDAGuard guard;
-    if (first.is_cuda()) guard.set_device(first.device());
-#endif
-    const Target target = target_for(first.device());
+    const Device device = first.device();
+    h.lr_device = optional_scalar(lr_tensor, device, "lr_tensor");
+    Target target;
+    target_for(device, target);
+    follow_torch_threads(target.device);
     check_status(cgd_diag_step(&h, dtype, tensors.data(), static_cast<int64_t>(n),
-                               optional_scalar(grad_scale, first.device(), "grad_scale"),
-                               optional_scalar(found_inf, first.device(), "found_inf"), target.device,
-                               target.stream));
+                               optional_scalar(grad_scale, device, "grad_scale"),
+                               optional_scalar(found_inf, device, "found_inf"), target.device, target.stream));
 }
 
-std::tuple<at::Tensor, at::Tensor> nonfinite_flags(at::TensorList tensors) {
-    TORCH_CHECK_VALUE(!tensors.empty(), "cgd::nonfinite_flags: needs at least one tensor");
-    const at::Tensor &first = tensors[0];
+std::tuple<Tensor, Tensor> nonfinite_flags(TensorList tensors) {
+    CGD_CHECK(!tensors.empty(), "cgd::nonfinite_flags: needs at least one tensor");
+    const Tensor &first = tensors[0];
     const cgd_dtype dtype = to_cgd_dtype(first, "tensors", 0);
     std::vector<const void *> data(tensors.size());
     std::vector<int64_t> numels(tensors.size());
     for (size_t i = 0; i < tensors.size(); ++i) {
         check_dense(tensors[i], "tensors", i);
-        TORCH_CHECK_VALUE(tensors[i].device() == first.device() && tensors[i].scalar_type() == first.scalar_type(),
-                          "cgd::nonfinite_flags: tensors[", i, "] is ", tensors[i].scalar_type(), " on ",
-                          tensors[i].device(), " but tensors[0] is ", first.scalar_type(), " on ", first.device());
-        data[i] = tensors[i].data_ptr();
+        CGD_CHECK(same(tensors[i].device(), first.device()) && tensors[i].scalar_type() == first.scalar_type(),
+                  "cgd::nonfinite_flags: tensors[", i, "] is ", tensors[i].scalar_type(), " on ",
+                  device_name(tensors[i].device()), " but tensors[0] is ", first.scalar_type(), " on ",
+                  device_name(first.device()));
+        data[i] = tensors[i].const_data_ptr();
         numels[i] = tensors[i].numel();
     }
-    at::Tensor flags = at::empty({static_cast<int64_t>(tensors.size())}, first.options().dtype(at::kInt));
-    at::Tensor found = at::empty({}, first.options().dtype(at::kFloat));
-#ifdef CGD_WITH_CUDA
-    c10::cuda::OptionalCUDAGuard guard;
-    if (first.is_cuda()) guard.set_device(first.device());
-#endif
-    const Target target = target_for(first.device());
+    const Device device = first.device();
+    std::vector<int64_t> count = {static_cast<int64_t>(tensors.size())}, scalar = {};
+    Tensor flags = torch::stable::empty(count, ScalarType::Int, std::nullopt, device);
+    Tensor found = torch::stable::empty(scalar, ScalarType::Float, std::nullopt, device);
+    Target target;
+    target_for(device, target);
+    follow_torch_threads(target.device);
     check_status(cgd_nonfinite_check(dtype, data.data(), numels.data(), static_cast<int64_t>(tensors.size()),
-                                     flags.data_ptr<int32_t>(), found.data_ptr<float>(), target.device,
+                                     flags.mutable_data_ptr<int32_t>(), found.mutable_data_ptr<float>(), target.device,
                                      target.stream));
     return {flags, found};
 }
 
-// State tensors of a block or kron step: float32 (outcome int32), contiguous, on the parameters' device, of the
-// size the layout needs.
+// State tensors of a block or kron step: of the given dtype, contiguous, on the parameters' device, of the size
+// the layout needs.
 template <typename T>
-T *state_ptr(const char *op, const at::Tensor &t, const at::Device &device, at::ScalarType dtype, int64_t numel,
-             const char *what, int64_t index = -1) {
+T *state_ptr(const char *op, const Tensor &t, const Device &device, ScalarType dtype, int64_t numel, const char *what,
+             int64_t index = -1) {
     const std::string name = index < 0 ? std::string(what) : std::string(what) + "[" + std::to_string(index) + "]";
-    TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " is on ", t.device(), " but the parameters are on ",
-                      device);
-    TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, " has dtype ", t.scalar_type(), ", expected ", dtype);
-    TORCH_CHECK_VALUE(t.is_contiguous() && t.numel() == numel, op, ": ", name, " must be contiguous with ", numel,
-                      " elements, got sizes ", t.sizes(), " and strides ", t.strides());
-    return t.data_ptr<T>();
+    CGD_CHECK(same(t.device(), device), op, ": ", name, " is on ", device_name(t.device()),
+              " but the parameters are on ", device_name(device));
+    CGD_CHECK(t.scalar_type() == dtype, op, ": ", name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+    CGD_CHECK(t.is_contiguous() && t.numel() == numel, op, ": ", name, " must be contiguous with ", numel,
+              " elements, got sizes ", list(t.sizes()), " and strides ", list(t.strides()));
+    return t.mutable_data_ptr<T>();
 }
 
 cgd_block_hparams matrix_hparams(double lr, double beta1, double beta2, double power, double eps, double weight_decay,
@@ -243,52 +301,50 @@ cgd_block_hparams matrix_hparams(double lr, double beta1, double beta2, double p
     return h;
 }
 
-void block_step(at::TensorList params, at::TensorList grads, at::IntArrayRef offsets, const at::Tensor &exp_avg,
-                const at::Tensor &exp_avg_sq, const at::Tensor &precond, const at::Tensor &eigvals,
-                const at::Tensor &step, const at::Tensor &outcome, const at::Tensor &counters, int64_t block,
+void block_step(TensorList params, TensorList grads, std::vector<int64_t> offsets, Tensor exp_avg, Tensor exp_avg_sq,
+                Tensor precond, Tensor eigvals, Tensor step, Tensor outcome, Tensor counters, int64_t block,
                 int64_t nblocks, double lr, double beta1, double beta2, double power, double eps, double weight_decay,
-                bool centered, bool bias_correction, bool maximize, bool refresh,
-                const std::optional<at::Tensor> &grad_scale, const std::optional<at::Tensor> &found_inf) {
+                bool centered, bool bias_correction, bool maximize, bool refresh, std::optional<Tensor> grad_scale,
+                std::optional<Tensor> found_inf) {
     static const char op[] = "cgd::block_step_";
     const size_t n = params.size();
-    TORCH_CHECK_VALUE(grads.size() == n && offsets.size() == n, "cgd::block_step_: got ", n, " params, ",
-                      grads.size(), " grads and ", offsets.size(), " offsets; the lists must have equal lengths");
-    TORCH_CHECK_VALUE(block >= 1 && nblocks >= 1, "cgd::block_step_: block = ", block, " and nblocks = ", nblocks,
-                      " must be positive");
-    const at::Device device = n ? params[0].device() : exp_avg.device();
+    CGD_CHECK(grads.size() == n && offsets.size() == n, "cgd::block_step_: got ", n, " params, ", grads.size(),
+              " grads and ", offsets.size(), " offsets; the lists must have equal lengths");
+    CGD_CHECK(block >= 1 && nblocks >= 1, "cgd::block_step_: block = ", block, " and nblocks = ", nblocks,
+              " must be positive");
+    const Device device = n ? params[0].device() : exp_avg.device();
     std::vector<cgd_block_tensor> tensors(n);
     cgd_dtype dtype = CGD_FLOAT32;
     for (size_t i = 0; i < n; ++i) {
-        const at::Tensor &p = params[i];
+        const Tensor &p = params[i];
         dtype = to_cgd_dtype(p, "params", i);
-        TORCH_CHECK_VALUE(p.device() == device && p.scalar_type() == params[0].scalar_type(), "cgd::block_step_: params[",
-                          i, "] is ", p.scalar_type(), " on ", p.device(), " but params[0] is ",
-                          params[0].scalar_type(), " on ", device, "; one call steps tensors of one dtype on one device");
+        CGD_CHECK(same(p.device(), device) && p.scalar_type() == params[0].scalar_type(), "cgd::block_step_: params[",
+                  i, "] is ", p.scalar_type(), " on ", device_name(p.device()), " but params[0] is ",
+                  params[0].scalar_type(), " on ", device_name(device),
+                  "; one call steps tensors of one dtype on one device");
         // Blocks follow the parameter's logical (row-major) order, so a block means the same on every layout.
-        TORCH_CHECK_VALUE(p.is_contiguous(), "cgd::block_step_: params[", i, "] with strides ", p.strides(),
-                          " is not contiguous; full/block metrics need contiguous parameters");
+        CGD_CHECK(p.is_contiguous(), "cgd::block_step_: params[", i, "] with strides ", list(p.strides()),
+                  " is not contiguous; full/block metrics need contiguous parameters");
         check_like(grads[i], p, p.scalar_type(), "grads", i);
-        tensors[i] = cgd_block_tensor{p.data_ptr(), grads[i].data_ptr(), p.numel(), offsets[i]};
+        tensors[i] = cgd_block_tensor{p.mutable_data_ptr(), grads[i].const_data_ptr(), p.numel(), offsets[i]};
     }
     const int64_t length = block * nblocks;
     cgd_block_state st{};
     st.block = block;
     st.nblocks = nblocks;
-    st.exp_avg = state_ptr<float>(op, exp_avg, device, at::kFloat, length, "exp_avg");
-    st.exp_avg_sq = state_ptr<float>(op, exp_avg_sq, device, at::kFloat, length * block, "exp_avg_sq");
-    st.precond = state_ptr<float>(op, precond, device, at::kFloat, length * block, "precond");
-    st.eigvals = state_ptr<float>(op, eigvals, device, at::kFloat, length, "eigvals");
-    st.step = state_ptr<double>(op, step, device, at::kDouble, 1, "step");
-    st.outcome = state_ptr<int32_t>(op, outcome, device, at::kInt, nblocks, "outcome");
-    st.counters = state_ptr<float>(op, counters, device, at::kFloat, 3, "counters");
+    st.exp_avg = state_ptr<float>(op, exp_avg, device, ScalarType::Float, length, "exp_avg");
+    st.exp_avg_sq = state_ptr<float>(op, exp_avg_sq, device, ScalarType::Float, length * block, "exp_avg_sq");
+    st.precond = state_ptr<float>(op, precond, device, ScalarType::Float, length * block, "precond");
+    st.eigvals = state_ptr<float>(op, eigvals, device, ScalarType::Float, length, "eigvals");
+    st.step = state_ptr<double>(op, step, device, ScalarType::Double, 1, "step");
+    st.outcome = state_ptr<int32_t>(op, outcome, device, ScalarType::Int, nblocks, "outcome");
+    st.counters = state_ptr<float>(op, counters, device, ScalarType::Float, 3, "counters");
 
     const cgd_block_hparams h = matrix_hparams(lr, beta1, beta2, power, eps, weight_decay, centered, bias_correction,
                                                maximize, refresh);
-#ifdef CGD_WITH_CUDA
-    c10::cuda::OptionalCUDAGuard guard;
-    if (device.is_cuda()) guard.set_device(device);
-#endif
-    const Target target = target_for(device);
+    Target target;
+    target_for(device, target);
+    follow_torch_threads(target.device);
     size_t bytes = 0;
     check_status(cgd_block_workspace_size(&h, &st, target.device, target.stream, &bytes));
     const Workspace workspace = workspace_for(device, bytes);
@@ -300,64 +356,62 @@ void block_step(at::TensorList params, at::TensorList grads, at::IntArrayRef off
 
 // One Kronecker-factored step: per tensor, exp_avg is its rows x cols matrix view (which fixes rows and cols);
 // an empty basis tensor marks that side as diagonal.
-void kron_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList left_sqs,
-               at::TensorList right_sqs, at::TensorList left_bases, at::TensorList right_bases,
-               at::TensorList left_eigs, at::TensorList right_eigs, at::TensorList steps, at::TensorList outcomes,
-               at::TensorList counters, double lr, double beta1, double beta2, double power, double eps,
-               double weight_decay, bool centered, bool bias_correction, bool maximize, bool refresh,
-               const std::optional<at::Tensor> &grad_scale, const std::optional<at::Tensor> &found_inf) {
+void kron_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorList left_sqs, TensorList right_sqs,
+               TensorList left_bases, TensorList right_bases, TensorList left_eigs, TensorList right_eigs,
+               TensorList steps, TensorList outcomes, TensorList counters, double lr, double beta1, double beta2,
+               double power, double eps, double weight_decay, bool centered, bool bias_correction, bool maximize,
+               bool refresh, std::optional<Tensor> grad_scale, std::optional<Tensor> found_inf) {
     static const char op[] = "cgd::kron_step_";
     const size_t n = params.size();
-    for (const at::TensorList &list : {grads, exp_avgs, left_sqs, right_sqs, left_bases, right_bases, left_eigs,
-                                       right_eigs, steps, outcomes, counters})
-        TORCH_CHECK_VALUE(list.size() == n, op, ": got ", n, " params but a state list of ", list.size(),
-                          "; every list needs one entry per parameter");
+    for (const TensorList *list_ : {&grads, &exp_avgs, &left_sqs, &right_sqs, &left_bases, &right_bases, &left_eigs,
+                                    &right_eigs, &steps, &outcomes, &counters})
+        CGD_CHECK(list_->size() == n, op, ": got ", n, " params but a state list of ", list_->size(),
+                  "; every list needs one entry per parameter");
     if (n == 0) return;
-    const at::Device device = params[0].device();
+    const Device device = params[0].device();
     const cgd_dtype dtype = to_cgd_dtype(params[0], "params", 0);
     std::vector<cgd_kron_tensor> tensors(n);
     for (size_t i = 0; i < n; ++i) {
-        const at::Tensor &p = params[i];
+        const Tensor &p = params[i];
         to_cgd_dtype(p, "params", i);
-        TORCH_CHECK_VALUE(p.device() == device && p.scalar_type() == params[0].scalar_type(), op, ": params[", i,
-                          "] is ", p.scalar_type(), " on ", p.device(), " but params[0] is ", params[0].scalar_type(),
-                          " on ", device, "; one call steps tensors of one dtype on one device");
-        TORCH_CHECK_VALUE(p.is_contiguous(), op, ": params[", i, "] with strides ", p.strides(),
-                          " is not contiguous; the Kronecker metric reads it as a row-major matrix");
+        CGD_CHECK(same(p.device(), device) && p.scalar_type() == params[0].scalar_type(), op, ": params[", i, "] is ",
+                  p.scalar_type(), " on ", device_name(p.device()), " but params[0] is ", params[0].scalar_type(),
+                  " on ", device_name(device), "; one call steps tensors of one dtype on one device");
+        CGD_CHECK(p.is_contiguous(), op, ": params[", i, "] with strides ", list(p.strides()),
+                  " is not contiguous; the Kronecker metric reads it as a row-major matrix");
         check_like(grads[i], p, p.scalar_type(), "grads", i);
-        TORCH_CHECK_VALUE(exp_avgs[i].dim() == 2 && exp_avgs[i].numel() == p.numel(), op, ": exp_avgs[", i,
-                          "] must be the rows x cols matrix of params[", i, "] (", p.numel(), " elements), got sizes ",
-                          exp_avgs[i].sizes());
+        CGD_CHECK(exp_avgs[i].dim() == 2 && exp_avgs[i].numel() == p.numel(), op, ": exp_avgs[", i,
+                  "] must be the rows x cols matrix of params[", i, "] (", p.numel(), " elements), got sizes ",
+                  list(exp_avgs[i].sizes()));
         const int64_t rows = exp_avgs[i].size(0), cols = exp_avgs[i].size(1);
         const bool lf = left_bases[i].numel() > 0, rf = right_bases[i].numel() > 0;
         const int64_t k = static_cast<int64_t>(i);
         cgd_kron_tensor &t = tensors[i];
-        t.param = p.data_ptr();
-        t.grad = grads[i].data_ptr();
+        t.param = p.mutable_data_ptr();
+        t.grad = grads[i].const_data_ptr();
         t.rows = rows;
         t.cols = cols;
         t.left_full = lf;
         t.right_full = rf;
-        t.exp_avg = state_ptr<float>(op, exp_avgs[i], device, at::kFloat, rows * cols, "exp_avgs", k);
-        t.left_sq = state_ptr<float>(op, left_sqs[i], device, at::kFloat, lf ? rows * rows : rows, "left_sqs", k);
-        t.right_sq = state_ptr<float>(op, right_sqs[i], device, at::kFloat, rf ? cols * cols : cols, "right_sqs", k);
-        t.left_basis = lf ? state_ptr<float>(op, left_bases[i], device, at::kFloat, rows * rows, "left_bases", k)
-                          : nullptr;
-        t.right_basis = rf ? state_ptr<float>(op, right_bases[i], device, at::kFloat, cols * cols, "right_bases", k)
-                           : nullptr;
-        t.left_eig = state_ptr<float>(op, left_eigs[i], device, at::kFloat, rows, "left_eigs", k);
-        t.right_eig = state_ptr<float>(op, right_eigs[i], device, at::kFloat, cols, "right_eigs", k);
-        t.step = state_ptr<double>(op, steps[i], device, at::kDouble, 1, "steps", k);
-        t.outcome = state_ptr<int32_t>(op, outcomes[i], device, at::kInt, 2, "outcomes", k);
-        t.counters = state_ptr<float>(op, counters[i], device, at::kFloat, 3, "counters", k);
+        t.exp_avg = state_ptr<float>(op, exp_avgs[i], device, ScalarType::Float, rows * cols, "exp_avgs", k);
+        t.left_sq = state_ptr<float>(op, left_sqs[i], device, ScalarType::Float, lf ? rows * rows : rows, "left_sqs", k);
+        t.right_sq =
+            state_ptr<float>(op, right_sqs[i], device, ScalarType::Float, rf ? cols * cols : cols, "right_sqs", k);
+        t.left_basis =
+            lf ? state_ptr<float>(op, left_bases[i], device, ScalarType::Float, rows * rows, "left_bases", k) : nullptr;
+        t.right_basis =
+            rf ? state_ptr<float>(op, right_bases[i], device, ScalarType::Float, cols * cols, "right_bases", k) : nullptr;
+        t.left_eig = state_ptr<float>(op, left_eigs[i], device, ScalarType::Float, rows, "left_eigs", k);
+        t.right_eig = state_ptr<float>(op, right_eigs[i], device, ScalarType::Float, cols, "right_eigs", k);
+        t.step = state_ptr<double>(op, steps[i], device, ScalarType::Double, 1, "steps", k);
+        t.outcome = state_ptr<int32_t>(op, outcomes[i], device, ScalarType::Int, 2, "outcomes", k);
+        t.counters = state_ptr<float>(op, counters[i], device, ScalarType::Float, 3, "counters", k);
     }
     const cgd_block_hparams h = matrix_hparams(lr, beta1, beta2, power, eps, weight_decay, centered, bias_correction,
                                                maximize, refresh);
-#ifdef CGD_WITH_CUDA
-    c10::cuda::OptionalCUDAGuard guard;
-    if (device.is_cuda()) guard.set_device(device);
-#endif
-    const Target target = target_for(device);
+    Target target;
+    target_for(device, target);
+    follow_torch_threads(target.device);
     size_t bytes = 0;
     check_status(cgd_kron_workspace_size(&h, tensors.data(), static_cast<int64_t>(n), target.device, target.stream,
                                          &bytes));
@@ -373,7 +427,8 @@ void kron_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
 cgd_induced_gamma to_gamma(const std::string &gamma) {
     if (gamma == "identity") return CGD_GAMMA_IDENTITY;
     if (gamma == "rms") return CGD_GAMMA_RMS;
-    TORCH_CHECK_VALUE(false, "cgd: gamma = '", gamma, "'; expected 'identity' or 'rms'");
+    CGD_CHECK(false, "cgd: gamma = '", gamma, "'; expected 'identity' or 'rms'");
+    return CGD_GAMMA_IDENTITY;
 }
 
 cgd_induced_hparams induced_hparams(double lr, double momentum, double beta_rms, double eps, double weight_decay,
@@ -390,61 +445,58 @@ cgd_induced_hparams induced_hparams(double lr, double momentum, double beta_rms,
     return h;
 }
 
-std::vector<cgd_diag_tensor> induced_tensors(const char *op, at::TensorList params, at::TensorList grads,
-                                             at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                                             at::TensorList steps, bool rms, cgd_dtype *dtype) {
+std::vector<cgd_diag_tensor> induced_tensors(const char *op, const TensorList &params, const TensorList &grads,
+                                             const TensorList &exp_avgs, const TensorList &exp_avg_sqs,
+                                             const TensorList &steps, bool rms, cgd_dtype *dtype) {
     const size_t n = grads.size();
-    TORCH_CHECK_VALUE((params.empty() || params.size() == n) && (exp_avgs.empty() || exp_avgs.size() == n) &&
-                          steps.size() == n && (!rms || exp_avg_sqs.size() == n),
-                      op, ": got ", n, " grads, ", params.size(), " params, ", exp_avgs.size(), " exp_avgs, ",
-                      exp_avg_sqs.size(), " exp_avg_sqs and ", steps.size(),
-                      " steps; every list needs one entry per gradient (exp_avg_sqs only with gamma='rms')");
+    CGD_CHECK((params.empty() || params.size() == n) && (exp_avgs.empty() || exp_avgs.size() == n) &&
+                  steps.size() == n && (!rms || exp_avg_sqs.size() == n),
+              op, ": got ", n, " grads, ", params.size(), " params, ", exp_avgs.size(), " exp_avgs, ",
+              exp_avg_sqs.size(), " exp_avg_sqs and ", steps.size(),
+              " steps; every list needs one entry per gradient (exp_avg_sqs only with gamma='rms')");
     std::vector<cgd_diag_tensor> tensors(n);
     for (size_t i = 0; i < n; ++i) {
-        const at::Tensor &g = grads[i];
+        const Tensor &g = grads[i];
         *dtype = to_cgd_dtype(g, "grads", i);
-        TORCH_CHECK_VALUE(g.device() == grads[0].device() && g.scalar_type() == grads[0].scalar_type(), op,
-                          ": grads[", i, "] is ", g.scalar_type(), " on ", g.device(), " but grads[0] is ",
-                          grads[0].scalar_type(), " on ", grads[0].device(),
-                          "; one call steps tensors of one dtype on one device");
+        CGD_CHECK(same(g.device(), grads[0].device()) && g.scalar_type() == grads[0].scalar_type(), op, ": grads[", i,
+                  "] is ", g.scalar_type(), " on ", device_name(g.device()), " but grads[0] is ",
+                  grads[0].scalar_type(), " on ", device_name(grads[0].device()),
+                  "; one call steps tensors of one dtype on one device");
         check_dense(g, "grads", i);
         check_step(steps[i], g, "steps", i);
         cgd_diag_tensor &t = tensors[i];
         t = cgd_diag_tensor{};
-        t.grad = g.data_ptr();
-        t.step = steps[i].data_ptr<double>();
+        t.grad = g.const_data_ptr();
+        t.step = steps[i].mutable_data_ptr<double>();
         t.numel = g.numel();
         if (!params.empty()) {
             check_like(params[i], g, g.scalar_type(), "params", i);
-            t.param = params[i].data_ptr();
+            t.param = params[i].mutable_data_ptr();
         }
         if (!exp_avgs.empty()) {
-            check_like(exp_avgs[i], g, at::kFloat, "exp_avgs", i);
-            t.exp_avg = exp_avgs[i].data_ptr<float>();
+            check_like(exp_avgs[i], g, ScalarType::Float, "exp_avgs", i);
+            t.exp_avg = exp_avgs[i].mutable_data_ptr<float>();
         }
         if (rms) {
-            check_like(exp_avg_sqs[i], g, at::kFloat, "exp_avg_sqs", i);
-            t.exp_avg_sq = exp_avg_sqs[i].data_ptr<float>();
+            check_like(exp_avg_sqs[i], g, ScalarType::Float, "exp_avg_sqs", i);
+            t.exp_avg_sq = exp_avg_sqs[i].mutable_data_ptr<float>();
         }
     }
     return tensors;
 }
 
-void induced_norm(at::TensorList grads, at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor &sum,
-                  const std::string &gamma, double beta_rms, double eps, const std::optional<at::Tensor> &grad_scale,
-                  const std::optional<at::Tensor> &found_inf) {
+void induced_norm(TensorList grads, TensorList exp_avg_sqs, TensorList steps, Tensor sum, std::string gamma,
+                  double beta_rms, double eps, std::optional<Tensor> grad_scale, std::optional<Tensor> found_inf) {
     static const char op[] = "cgd::induced_norm_";
     const cgd_induced_hparams h = induced_hparams(0.0, 0.0, beta_rms, eps, 0.0, gamma, false);
     cgd_dtype dtype = CGD_FLOAT32;
     std::vector<cgd_diag_tensor> tensors =
         induced_tensors(op, {}, grads, {}, exp_avg_sqs, steps, h.gamma == CGD_GAMMA_RMS, &dtype);
-    const at::Device device = grads.empty() ? sum.device() : grads[0].device();
-    float *total = state_ptr<float>(op, sum, device, at::kFloat, 1, "sum");
-#ifdef CGD_WITH_CUDA
-    c10::cuda::OptionalCUDAGuard guard;
-    if (device.is_cuda()) guard.set_device(device);
-#endif
-    const Target target = target_for(device);
+    const Device device = grads.empty() ? sum.device() : grads[0].device();
+    float *total = state_ptr<float>(op, sum, device, ScalarType::Float, 1, "sum");
+    Target target;
+    target_for(device, target);
+    follow_torch_threads(target.device);
     size_t bytes = 0;
     check_status(cgd_induced_norm_workspace_size(tensors.data(), static_cast<int64_t>(tensors.size()), target.device,
                                                  &bytes));
@@ -455,50 +507,42 @@ void induced_norm(at::TensorList grads, at::TensorList exp_avg_sqs, at::TensorLi
                                   target.device, target.stream));
 }
 
-void induced_rate(const at::Tensor &sum, const at::Tensor &norm_ema, const at::Tensor &norm_step,
-                  const at::Tensor &rate, double xi, double beta, const std::string &embedding,
-                  const std::optional<at::Tensor> &loss, const std::optional<at::Tensor> &found_inf) {
+void induced_rate(Tensor sum, Tensor norm_ema, Tensor norm_step, Tensor rate, double xi, double beta,
+                  std::string embedding, std::optional<Tensor> loss, std::optional<Tensor> found_inf) {
     static const char op[] = "cgd::induced_rate_";
-    const at::Device device = sum.device();
+    const Device device = sum.device();
     cgd_induced_metric m{};
     m.xi = xi;
     m.beta = beta;
-    TORCH_CHECK_VALUE(embedding == "loss" || embedding == "log", "cgd: embedding = '", embedding,
-                      "'; expected 'loss' or 'log'");
+    CGD_CHECK(embedding == "loss" || embedding == "log", "cgd: embedding = '", embedding, "'; expected 'loss' or 'log'");
     m.embedding = embedding == "log" ? CGD_EMBED_LOG_LOSS : CGD_EMBED_LOSS;
-    const float *total = state_ptr<float>(op, sum, device, at::kFloat, 1, "sum");
-    float *ema = state_ptr<float>(op, norm_ema, device, at::kFloat, 1, "norm_ema");
-    double *step = state_ptr<double>(op, norm_step, device, at::kDouble, 1, "norm_step");
-    float *r = state_ptr<float>(op, rate, device, at::kFloat, 1, "rate");
-#ifdef CGD_WITH_CUDA
-    c10::cuda::OptionalCUDAGuard guard;
-    if (device.is_cuda()) guard.set_device(device);
-#endif
-    const Target target = target_for(device);
+    const float *total = state_ptr<float>(op, sum, device, ScalarType::Float, 1, "sum");
+    float *ema = state_ptr<float>(op, norm_ema, device, ScalarType::Float, 1, "norm_ema");
+    double *step = state_ptr<double>(op, norm_step, device, ScalarType::Double, 1, "norm_step");
+    float *r = state_ptr<float>(op, rate, device, ScalarType::Float, 1, "rate");
+    Target target;
+    target_for(device, target);
     check_status(cgd_induced_rate(&m, total, optional_scalar(loss, device, "loss"), ema, step, r,
                                   optional_scalar(found_inf, device, "found_inf"), target.device, target.stream));
 }
 
-void induced_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                  at::TensorList steps, const at::Tensor &rate, double lr, double momentum, double beta_rms,
-                  double eps, double weight_decay, const std::string &gamma, bool maximize,
-                  const std::optional<at::Tensor> &grad_scale, const std::optional<at::Tensor> &found_inf,
-                  const std::optional<at::Tensor> &lr_tensor) {
+void induced_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
+                  Tensor rate, double lr, double momentum, double beta_rms, double eps, double weight_decay,
+                  std::string gamma, bool maximize, std::optional<Tensor> grad_scale, std::optional<Tensor> found_inf,
+                  std::optional<Tensor> lr_tensor) {
     static const char op[] = "cgd::induced_step_";
-    TORCH_CHECK_VALUE(params.size() == grads.size() && exp_avgs.size() == grads.size(), op, ": got ", params.size(),
-                      " params, ", grads.size(), " grads and ", exp_avgs.size(), " exp_avgs");
-    const at::Device device = grads.empty() ? rate.device() : grads[0].device();
+    CGD_CHECK(params.size() == grads.size() && exp_avgs.size() == grads.size(), op, ": got ", params.size(),
+              " params, ", grads.size(), " grads and ", exp_avgs.size(), " exp_avgs");
+    const Device device = grads.empty() ? rate.device() : grads[0].device();
     const cgd_induced_hparams h = induced_hparams(lr, momentum, beta_rms, eps, weight_decay, gamma, maximize,
                                                   optional_scalar(lr_tensor, device, "lr_tensor"));
     cgd_dtype dtype = CGD_FLOAT32;
     std::vector<cgd_diag_tensor> tensors =
         induced_tensors(op, params, grads, exp_avgs, exp_avg_sqs, steps, h.gamma == CGD_GAMMA_RMS, &dtype);
-    const float *r = state_ptr<float>(op, rate, device, at::kFloat, 1, "rate");
-#ifdef CGD_WITH_CUDA
-    c10::cuda::OptionalCUDAGuard guard;
-    if (device.is_cuda()) guard.set_device(device);
-#endif
-    const Target target = target_for(device);
+    const float *r = state_ptr<float>(op, rate, device, ScalarType::Float, 1, "rate");
+    Target target;
+    target_for(device, target);
+    follow_torch_threads(target.device);
     check_status(cgd_induced_step(&h, dtype, tensors.data(), static_cast<int64_t>(tensors.size()), r,
                                   optional_scalar(grad_scale, device, "grad_scale"),
                                   optional_scalar(found_inf, device, "found_inf"), target.device, target.stream));
@@ -506,19 +550,17 @@ void induced_step(at::TensorList params, at::TensorList grads, at::TensorList ex
 
 // Creates the handles later block and kron steps on `device` need, from this thread: done before a CUDA-graph
 // capture, where creating them would fail.
-void prepare(const at::Device &device) {
-#ifdef CGD_WITH_CUDA
-    c10::cuda::OptionalCUDAGuard guard;
-    if (device.is_cuda()) guard.set_device(device);
-#endif
-    check_status(cgd_prepare(target_for(device).device));
+void prepare(Device device) {
+    Target target;
+    target_for(device, target);
+    check_status(cgd_prepare(target.device));
 }
 
 std::string build_info() { return cgd_version(); }
 
 } // namespace
 
-TORCH_LIBRARY(cgd, m) {
+STABLE_TORCH_LIBRARY(cgd, m) {
     m.def("diag_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
           "Tensor(d!)[] steps, *, float lr, float beta1, float beta2, float grad_weight, float power, float eps, "
           "float weight_decay, str moment, bool eps_inside, bool bias_correction, bool decoupled_weight_decay, "
@@ -542,28 +584,27 @@ TORCH_LIBRARY(cgd, m) {
           "float weight_decay, str gamma, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, "
           "Tensor? lr_tensor=None) -> ()");
     m.def("nonfinite_flags(Tensor[] tensors) -> (Tensor flags, Tensor found)");
-    m.def("build_info() -> str", &build_info);
-    m.def("prepare(Device device) -> ()", &prepare);
+    m.def("build_info() -> str");
+    m.def("prepare(Device device) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(cgd, CPU, m) {
-    m.impl("diag_step_", &diag_step);
-    m.impl("block_step_", &block_step);
-    m.impl("kron_step_", &kron_step);
-    m.impl("induced_norm_", &induced_norm);
-    m.impl("induced_rate_", &induced_rate);
-    m.impl("induced_step_", &induced_step);
-    m.impl("nonfinite_flags", &nonfinite_flags);
-}
+// The same kernels serve both keys: a CUDA tensor given to a CPU-only build reaches target_for, which says how to
+// get the CUDA kernels, instead of the dispatcher's "could not run ... with arguments from the 'CUDA' backend".
+#define CGD_REGISTER_IMPLS(m)                                                                                   \
+    m.impl("diag_step_", TORCH_BOX(&diag_step));                                                                \
+    m.impl("block_step_", TORCH_BOX(&block_step));                                                              \
+    m.impl("kron_step_", TORCH_BOX(&kron_step));                                                                \
+    m.impl("induced_norm_", TORCH_BOX(&induced_norm));                                                          \
+    m.impl("induced_rate_", TORCH_BOX(&induced_rate));                                                          \
+    m.impl("induced_step_", TORCH_BOX(&induced_step));                                                          \
+    m.impl("nonfinite_flags", TORCH_BOX(&nonfinite_flags))
 
-#ifdef CGD_WITH_CUDA
-TORCH_LIBRARY_IMPL(cgd, CUDA, m) {
-    m.impl("diag_step_", &diag_step);
-    m.impl("block_step_", &block_step);
-    m.impl("kron_step_", &kron_step);
-    m.impl("induced_norm_", &induced_norm);
-    m.impl("induced_rate_", &induced_rate);
-    m.impl("induced_step_", &induced_step);
-    m.impl("nonfinite_flags", &nonfinite_flags);
+STABLE_TORCH_LIBRARY_IMPL(cgd, CPU, m) { CGD_REGISTER_IMPLS(m); }
+
+STABLE_TORCH_LIBRARY_IMPL(cgd, CUDA, m) { CGD_REGISTER_IMPLS(m); }
+
+// Ops without tensor arguments dispatch to no backend key.
+STABLE_TORCH_LIBRARY_IMPL(cgd, CompositeExplicitAutograd, m) {
+    m.impl("build_info", TORCH_BOX(&build_info));
+    m.impl("prepare", TORCH_BOX(&prepare));
 }
-#endif

@@ -1,8 +1,9 @@
 """Loads the compiled operator library and registers the fake (meta) kernels torch.compile traces with.
 
-The library is built by CMake into ``python/cgd/_lib`` together with ``build_info.txt``, which records the torch
-and CUDA versions it was compiled against; a mismatch is reported here, before the library is loaded, instead of
-as an undefined-symbol error from the dynamic loader.
+The library is built by CMake (``pip install``, or ``./run.sh build`` into ``python/cgd/_lib``) together with
+``build_info.txt``, which records the torch and CUDA versions it was compiled against. It is built on LibTorch's
+stable ABI, so it loads in the torch it was built with and every later release; an older torch is reported here,
+before the library is loaded, instead of as an undefined-symbol error from the dynamic loader.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import os
 import torch
 
 _LIB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lib")
-_REBUILD = "rebuild it with `./run.sh build` from the repository root (or cmake, see README)"
+_REBUILD = ("reinstall it against this torch with `pip install --no-build-isolation .` from a clone (or "
+            "`./run.sh build` there; README, Install)")
 
 
 def _read_build_info() -> dict[str, str]:
@@ -23,12 +25,22 @@ def _read_build_info() -> dict[str, str]:
         return dict(line.strip().split("=", 1) for line in f if "=" in line)
 
 
+def _release(version: str) -> tuple[int, int]:
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
 def _load() -> dict[str, str]:
     info = _read_build_info()
-    if info.get("torch") != torch.__version__:
+    oldest = info.get("torch_min", info.get("torch", "?"))
+    if info.get("abi") != "stable":
+        compatible = info.get("torch") == torch.__version__  # a library from before the stable ABI
+    else:
+        compatible = _release(torch.__version__) >= _release(oldest)
+    if not compatible:
         raise ImportError(
-            f"torch-cgd was built against torch {info.get('torch')} (CUDA {info.get('cuda') or 'none'}) but this "
-            f"Python has torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}): {_REBUILD}"
+            f"torch-cgd was built against torch {info.get('torch')} (CUDA {info.get('cuda') or 'none'}) and loads "
+            f"in torch >= {oldest}, but this Python has torch {torch.__version__}: {_REBUILD}"
         )
     torch.ops.load_library(os.path.join(_LIB_DIR, "libcgd_torch.so"))
     return info
