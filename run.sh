@@ -3,7 +3,8 @@
 # into a virtual environment outside the clone), builds with CMake, then runs the command:
 #
 #   ./run.sh compare [args]   short training comparison: CGD vs Adam vs AdamW (on the GPU when there is one)
-#   ./run.sh test             build, then every test: GoogleTest (C/CUDA layer) and pytest (Python layer)
+#   ./run.sh test             build, then every test: GoogleTest (C/CUDA layer), and pytest (Python layer) against
+#                             a wheel of this clone installed into a fresh virtual environment
 #   ./run.sh build            configure and build only
 #   ./run.sh bench [args]     optimizer step-time benchmark (benchmarks/step_time.py)
 #   ./run.sh suite [args]     every comparison vs AdamW and Muon, CPU or GPU scale (benchmarks/suite.py)
@@ -14,6 +15,7 @@
 #
 # Environment:
 #   CGD_VENV       virtual environment (default: ~/.cache/torch-cgd/venv)
+#   CGD_TEST_VENV  the fresh environment `test` installs the wheel into (default: test-venv beside CGD_VENV)
 #   CGD_PYTHON     use this interpreter as it is and install nothing (a machine without network, e.g. the GPU host)
 #   CGD_BUILD_DIR  CMake build directory (default: ./build)
 #   CGD_CUDA       AUTO (default), ON (fail if the CUDA kernels cannot be built) or OFF
@@ -28,8 +30,10 @@ VENV=${CGD_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/torch-cgd/venv}
 say() { printf '[run.sh] %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
-# Debian packages the build needs beyond a compiler: LAPACK for the CPU eigensolvers, GoogleTest for the C tests.
-DEPS_PACKAGES=(liblapack3 liblapack-dev libblas3 libblas-dev libgfortran5 libgtest-dev)
+# Debian packages the build needs beyond a compiler: an optimised LAPACK/BLAS for the CPU eigensolvers (OpenBLAS,
+# its OpenMP variant: it shares torch's libgomp and runs single-threaded inside the kernels' own parallel regions),
+# GoogleTest for the C tests.
+DEPS_PACKAGES=(libopenblas0-openmp libopenblas-openmp-dev libgfortran5 libgtest-dev)
 
 # On a machine without network (the GPU host) the packages travel unpacked: `./run.sh fetch-deps` here, then
 # carry .deps and run with CGD_DEPS=.deps. This puts them on the compiler's and the loader's paths.
@@ -45,17 +49,15 @@ fetch_deps() {
     rm -rf "$dir" && mkdir -p "$dir/debs" "$dir/root" "$dir/lib"
     (cd "$dir/debs" && apt-get download "${DEPS_PACKAGES[@]}")
     for deb in "$dir"/debs/*.deb; do dpkg -x "$deb" "$dir/root"; done
-    # dpkg -x skips the alternatives that give LAPACK and BLAS their plain names; copies, not links, so the
-    # folder survives being carried to another path.
+    # Copies, so the folder survives being carried to another path; CMake and the loader find them in lib/. The
+    # linker's name is a relative link beside the soname the loader asks for (libopenblas.so.0): one 37 MB copy.
     local arch=$dir/root/usr/lib/x86_64-linux-gnu
-    for lib in lapack/liblapack blas/libblas; do
-        cp -L "$arch/$lib.so.3" "$dir/lib/$(basename "$lib").so"
-        cp -L "$arch/$lib.so.3" "$dir/lib/$(basename "$lib").so.3"
-    done
+    cp -L "$arch/openblas-openmp/libopenblas.so" "$dir/lib/libopenblas.so.0"
+    ln -s libopenblas.so.0 "$dir/lib/libopenblas.so"
     cp -L "$arch/libgfortran.so.5" "$dir/lib/"
     # Keep it well under a device call's 64 MiB: the copies above replace the originals; no docs, no archives
     # but GoogleTest's.
-    rm -rf "$dir/debs" "$dir/root/usr/share" "$arch/lapack" "$arch/blas" "$arch"/libgfortran.so*
+    rm -rf "$dir/debs" "$dir/root/usr/share" "$arch/openblas-openmp" "$arch"/libgfortran.so*
     find "$dir/root" -name '*.a' ! -name 'libg*test*.a' -delete
     say "unpacked ${DEPS_PACKAGES[*]} into $dir: carry it and set CGD_DEPS=.deps"
 }
@@ -67,7 +69,7 @@ ensure_system_packages() {
     command -v g++ >/dev/null || missing+=(g++)
     if [ -z "${CGD_DEPS:-}" ]; then
         [ -f /usr/include/gtest/gtest.h ] || missing+=(libgtest-dev)
-        compgen -G "/usr/lib/*/liblapack.so" >/dev/null || [ -f /usr/lib/liblapack.so ] || missing+=(liblapack-dev)
+        compgen -G "/usr/lib/*/openblas-openmp/libopenblas.so" >/dev/null || missing+=(libopenblas-openmp-dev)
     fi
     [ ${#missing[@]} -eq 0 ] && return
     if [ -n "${CGD_PYTHON:-}" ]; then
@@ -125,8 +127,28 @@ build() {
     cmake --build "$BUILD" --parallel
 }
 
+# The package from the sources, with the operator library from the build folder (python/cgd/_ops.py).
 run_python() {
-    PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}" "$PY" "$@"
+    PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}" CGD_LIBRARY_DIR=$BUILD "$PY" "$@"
+}
+
+# The Python suite runs against the package as a user gets it: a wheel built from this clone with pip, installed
+# into a fresh virtual environment outside the clone. That environment sees the project environment's packages
+# (torch, pytest, ...) through a .pth file rather than a second multi-GB copy of torch.
+test_installed() {
+    local wheels=$BUILD/wheels tvenv=${CGD_TEST_VENV:-$(dirname "$VENV")/test-venv} site tsite
+    rm -rf "$wheels"
+    say "building the wheel (pip wheel --no-build-isolation)"
+    CMAKE_ARGS="-DCGD_CUDA=${CGD_CUDA:-AUTO} ${CMAKE_DEPS_ARGS[*]} ${CGD_CMAKE_ARGS:-}" \
+        "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$wheels" "$ROOT"
+    "$PY" -m venv --clear "$tvenv"
+    site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    tsite=$("$tvenv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    echo "$site" >"$tsite/torch_cgd_project_env.pth"
+    "$tvenv/bin/python" -m pip install -q --no-deps --no-index "$wheels"/torch_cgd-*.whl
+    (cd "$tvenv" && "$tvenv/bin/python" -c "import cgd, sys; assert cgd.__file__.startswith(sys.prefix), cgd.__file__; \
+print('[run.sh] testing cgd', cgd.__version__, 'installed at', cgd.__file__)")
+    (cd "$tvenv" && "$tvenv/bin/python" -m pytest "$ROOT/tests/python" -q -p no:cacheprovider "$@")
 }
 
 cmd=${1:-}
@@ -136,7 +158,7 @@ case "$cmd" in
     test)
         build
         ctest --test-dir "$BUILD" --output-on-failure
-        run_python -m pytest "$ROOT/tests/python" -q "$@"
+        test_installed "$@"
         ;;
     build) build ;;
     bench) build && run_python "$ROOT/benchmarks/step_time.py" "$@" ;;
@@ -158,5 +180,5 @@ case "$cmd" in
         if [ -z "$PY" ] || "$PY" -c "import torch" 2>/dev/null; then ensure_python; fi
         CGD_CHECK_PYTHON=$PY exec bash "$ROOT/benchmarks/gpu_check.sh" "$1"
         ;;
-    *) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; [ -z "$cmd" ] || exit 2 ;;
+    *) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; [ -z "$cmd" ] || exit 2 ;;
 esac

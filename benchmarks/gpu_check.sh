@@ -15,8 +15,7 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 [ $# -eq 1 ] || { echo "usage: ./run.sh gpu-check DEST" >&2; exit 2; }
 PY=${CGD_CHECK_PYTHON:-python3}
-# Its own build directory, so ./build keeps its configuration. The Torch library still lands in python/cgd/_lib,
-# as every build's does.
+# Its own build directory, so ./build keeps its configuration.
 BUILD=$ROOT/build-gpu-check
 HOST_BUDGET_S=420
 
@@ -123,6 +122,9 @@ part build env CGD_BUILD_DIR="$BUILD" CGD_CUDA=ON CGD_CMAKE_ARGS="-DCMAKE_CUDA_A
 cp "$BUILD/configure.log" "$WORK/configure.log" 2>/dev/null
 [ "${RESULT[build]}" != PASS ] || NOTE[build]="CGD_CUDA=ON, sm_90; $(tr '\n' ' ' <"$BUILD/build_info.txt")"
 
+# The package as built above, for pytest and the benchmarks.
+export PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH} CGD_LIBRARY_DIR=$BUILD
+
 part gtest env "${REQUIRE[@]}" "$BUILD/cgd_tests" --gtest_output="xml:$WORK/gtest.xml"
 part c_example "$BUILD/cgd_c_example"
 
@@ -141,7 +143,6 @@ else
     skip racecheck "dry run: no GPU"
 fi
 
-export PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
 if [ -z "$NO_GPU" ]; then
     # 1e9 parameters is where the bandwidth figure means something; GPT-2 small's 148 tensors come by default.
     part step_time "$PY" "$ROOT/benchmarks/step_time.py" --device cuda --sizes 1e7 1e8 1e9 --steps 20 \

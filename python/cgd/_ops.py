@@ -1,7 +1,8 @@
 """Loads the compiled operator library and registers the fake (meta) kernels torch.compile traces with.
 
-The library is built by CMake (``pip install``, or ``./run.sh build`` into ``python/cgd/_lib``) together with
-``build_info.txt``, which records the torch and CUDA versions it was compiled against. It is built on LibTorch's
+The library is built by CMake together with ``build_info.txt``, which records the torch and CUDA versions it was
+compiled against: ``pip install`` puts both in ``cgd/_lib``; a CMake build from a clone (``./run.sh build``) leaves
+them in its build folder, which the environment variable ``CGD_LIBRARY_DIR`` then names (``./run.sh`` sets it). It is built on LibTorch's
 stable ABI, so it loads in the torch it was built with and every later release; an older torch is reported here,
 before the library is loaded, instead of as an undefined-symbol error from the dynamic loader.
 """
@@ -9,12 +10,28 @@ before the library is loaded, instead of as an undefined-symbol error from the d
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
-_LIB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lib")
+
+def _lib_dir() -> str:
+    """CGD_LIBRARY_DIR when set, else cgd/_lib in the first of the package's directories that has one: beside these
+    sources (an installed wheel), or where an editable install put the compiled files (its package spans the
+    source folder and the installed one)."""
+    if os.environ.get("CGD_LIBRARY_DIR"):
+        return os.environ["CGD_LIBRARY_DIR"]
+    package = sys.modules[__package__]
+    for folder in getattr(package, "__path__", [os.path.dirname(os.path.abspath(__file__))]):
+        candidate = os.path.join(folder, "_lib")
+        if os.path.exists(os.path.join(candidate, "build_info.txt")):
+            return candidate
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lib")
+
+
+_LIB_DIR = _lib_dir()
 _REBUILD = ("reinstall it against this torch with `pip install --no-build-isolation .` from a clone (or "
-            "`./run.sh build` there; README, Install)")
+            "`./run.sh build` there and set CGD_LIBRARY_DIR to its build folder; README, Install)")
 
 
 def _read_build_info() -> dict[str, str]:

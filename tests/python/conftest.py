@@ -8,16 +8,20 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "python"))
+# The tests import cgd as installed (./run.sh test installs a wheel; by hand: pip install, or PYTHONPATH=python);
+# only the reference implementations beside the tests come from here.
 sys.path.insert(0, os.path.dirname(__file__))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def pytest_report_header(config):
+    import cgd
+
+    where = f"cgd {cgd.__version__} from {os.path.dirname(cgd.__file__)} ({cgd.BUILD_INFO.get('torch')} build)"
     if torch.cuda.is_available():
-        return f"CUDA device: {torch.cuda.get_device_name()}"
-    return "no CUDA device: CUDA tests are skipped (the CUDA kernels are still compiled and linked)"
+        return [where, f"CUDA device: {torch.cuda.get_device_name()}"]
+    return [where, "no CUDA device: CUDA tests are skipped (the CUDA kernels are still compiled and linked)"]
 
 
 @pytest.fixture(params=DEVICES)
