@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -90,10 +89,12 @@ def _train(make, rank: int | None, world: int, wrap: str = "ddp") -> list[torch.
     return _full(model)
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+def _worker(rank: int, world: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file store, not TCP: no port to pick (a free port can be taken again before rank 0 binds it) and no store
+    # server thread in rank 0 that its exit can tear down while rank 1 still talks to it (that aborted a run with
+    # "terminate called without an active exception" now and then on a loaded machine).
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -110,22 +111,18 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=os.path.join(os.path.dirname(out), mode))
         if rank == 0:
             torch.save(results, out)
+        dist.barrier()  # neither rank tears its process group down while the other still uses it
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory) -> dict[str, list[torch.Tensor]]:
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("this torch build has no gloo backend")
-    out = str(tmp_path_factory.mktemp("ddp") / "params.pt")
-    mp.start_processes(_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method="spawn")
+    folder = tmp_path_factory.mktemp("ddp")
+    out, store = str(folder / "params.pt"), str(folder / "store")
+    mp.start_processes(_worker, args=(2, store, out), nprocs=2, join=True, start_method="spawn")
     results = torch.load(out)
     results["dir"] = os.path.dirname(out)
     return results
