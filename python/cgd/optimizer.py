@@ -24,6 +24,8 @@ NONFINITE_POLICIES = ("raise", "skip", "ignore")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _DEFAULT_BETAS = (0.9, 0.999)
+# Keys torch.optim.Optimizer.__setstate__ puts into `defaults` itself.
+_TORCH_ADDED_DEFAULTS = ("differentiable",)
 
 # State keys follow torch.optim where the meaning is the same, so checkpoints interchange.
 _SECOND_MOMENT_KEY = {"raw": "exp_avg_sq", "centered": "exp_avg_sq", "belief": "exp_avg_var"}
@@ -332,9 +334,12 @@ class CGD(Optimizer):
         self.__dict__.setdefault("nonfinite", "raise")
         self.__dict__.setdefault("capturable", False)
         self.__dict__.setdefault("_skipped", None)
+        # A group saved before a hyperparameter existed gets its default; not the keys torch's own __setstate__
+        # adds to the defaults (`differentiable`), which would make state_dict() differ from the one saved.
         for group in self.param_groups:
             for key, value in self.defaults.items():
-                group.setdefault(key, value)
+                if key not in _TORCH_ADDED_DEFAULTS:
+                    group.setdefault(key, value)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

@@ -158,3 +158,28 @@ def test_step_counters_are_float64_and_old_float32_checkpoints_load(make):
                 assert state[key].item() == 2.0**24 + 1, key
                 seen += 1
     assert seen >= 1
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: cgd.Adam(p, lr=1e-3),
+    lambda p: cgd.SGD(p, lr=1e-2, momentum=0.9),
+    lambda p: cgd.CGD(p, lr=1e-3, power=0.4),
+], ids=["Adam", "SGD", "CGD"])
+@pytest.mark.parametrize("how", ["load_state_dict", "deepcopy", "pickle"])
+def test_state_dict_is_the_one_saved_after_loading_copying_or_pickling(make, how):
+    """Loading, deep-copying or unpickling an optimizer gives back exactly the param groups it had (torch's own
+    __setstate__ adds `differentiable` to the defaults; that key once leaked into every group)."""
+    import pickle
+
+    model = make_mlp()
+    opt = make(model.parameters())
+    train_step(model, opt, *next(iter(batches(1))))
+    saved = opt.state_dict()
+    if how == "load_state_dict":
+        other = make(model.parameters())
+        other.load_state_dict(roundtrip(saved))
+    elif how == "deepcopy":
+        other = copy.deepcopy(opt)
+    else:
+        other = pickle.loads(pickle.dumps(opt))
+    assert other.state_dict()["param_groups"] == saved["param_groups"]
