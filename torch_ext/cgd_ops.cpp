@@ -131,7 +131,7 @@ cgd_moment to_moment(const std::string &moment) {
 }
 
 // Where a call runs: the C API's device, the current CUDA stream of the tensors' device, and (for CUDA) a guard
-// that makes that device current for the call's duration.
+// that makes that device current for the call's duration; on the CPU, torch's thread count.
 struct Target {
     cgd_device device = CGD_CPU;
     void *stream = nullptr;
@@ -139,7 +139,11 @@ struct Target {
 };
 
 void target_for(const Device &device, Target &target) {
-    if (device.is_cpu()) return;
+    if (device.is_cpu()) {
+        // The CPU kernels' OpenMP threads follow torch's thread count, so the two do not oversubscribe the cores.
+        cgd_set_cpu_threads(static_cast<int>(torch::stable::get_num_threads()));
+        return;
+    }
     CGD_CHECK(device.is_cuda(), "cgd: tensors on ", device_name(device), " are not supported (CPU and CUDA only)");
     CGD_CHECK(cgd_has_cuda(), "cgd: got CUDA tensors, but this build of torch-cgd (", cgd_version(),
               ") has CPU kernels only: it was built without a CUDA compiler matching torch's CUDA version (see "
@@ -169,11 +173,6 @@ Workspace workspace_for(const Device &device, size_t bytes) {
     w.data = w.tensor->mutable_data_ptr();
     w.bytes = bytes;
     return w;
-}
-
-// The CPU kernels' OpenMP threads follow torch's thread count, so the two do not oversubscribe the cores.
-void follow_torch_threads(cgd_device device) {
-    if (device == CGD_CPU) cgd_set_cpu_threads(static_cast<int>(torch::stable::get_num_threads()));
 }
 
 void diag_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
@@ -237,7 +236,6 @@ void diag_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
     h.lr_device = optional_scalar(lr_tensor, device, "lr_tensor");
     Target target;
     target_for(device, target);
-    follow_torch_threads(target.device);
     check_status(cgd_diag_step(&h, dtype, tensors.data(), static_cast<int64_t>(n),
                                optional_scalar(grad_scale, device, "grad_scale"),
                                optional_scalar(found_inf, device, "found_inf"), target.device, target.stream));
@@ -264,7 +262,6 @@ std::tuple<Tensor, Tensor> nonfinite_flags(TensorList tensors) {
     Tensor found = torch::stable::empty(scalar, ScalarType::Float, std::nullopt, device);
     Target target;
     target_for(device, target);
-    follow_torch_threads(target.device);
     check_status(cgd_nonfinite_check(dtype, data.data(), numels.data(), static_cast<int64_t>(tensors.size()),
                                      flags.mutable_data_ptr<int32_t>(), found.mutable_data_ptr<float>(), target.device,
                                      target.stream));
@@ -344,7 +341,6 @@ void block_step(TensorList params, TensorList grads, std::vector<int64_t> offset
                                                maximize, refresh);
     Target target;
     target_for(device, target);
-    follow_torch_threads(target.device);
     size_t bytes = 0;
     check_status(cgd_block_workspace_size(&h, &st, target.device, target.stream, &bytes));
     const Workspace workspace = workspace_for(device, bytes);
@@ -411,7 +407,6 @@ void kron_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
                                                maximize, refresh);
     Target target;
     target_for(device, target);
-    follow_torch_threads(target.device);
     size_t bytes = 0;
     check_status(cgd_kron_workspace_size(&h, tensors.data(), static_cast<int64_t>(n), target.device, target.stream,
                                          &bytes));
@@ -496,7 +491,6 @@ void induced_norm(TensorList grads, TensorList exp_avg_sqs, TensorList steps, Te
     float *total = state_ptr<float>(op, sum, device, ScalarType::Float, 1, "sum");
     Target target;
     target_for(device, target);
-    follow_torch_threads(target.device);
     size_t bytes = 0;
     check_status(cgd_induced_norm_workspace_size(tensors.data(), static_cast<int64_t>(tensors.size()), target.device,
                                                  &bytes));
@@ -542,7 +536,6 @@ void induced_step(TensorList params, TensorList grads, TensorList exp_avgs, Tens
     const float *r = state_ptr<float>(op, rate, device, ScalarType::Float, 1, "rate");
     Target target;
     target_for(device, target);
-    follow_torch_threads(target.device);
     check_status(cgd_induced_step(&h, dtype, tensors.data(), static_cast<int64_t>(tensors.size()), r,
                                   optional_scalar(grad_scale, device, "grad_scale"),
                                   optional_scalar(found_inf, device, "found_inf"), target.device, target.stream));
