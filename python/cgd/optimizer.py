@@ -308,9 +308,6 @@ class CGD(Optimizer):
             if betas is not _DEFAULT_BETAS:
                 raise _bad("tau", tau, "pass either betas or tau, not both")
             betas = betas_from_tau(tau)
-        self.capturable = bool(capturable)
-        self.nonfinite = resolve_nonfinite(nonfinite, self.capturable, NONFINITE_POLICIES)
-        self._skipped: torch.Tensor | None = None
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -327,7 +324,21 @@ class CGD(Optimizer):
             dampening=dampening,
             maximize=maximize,
         )
-        super().__init__(params, defaults)
+        self._init_cgd(params, defaults, nonfinite, capturable)
+
+    def _init_cgd(self, params: Any, defaults: dict[str, Any], nonfinite: str | None, capturable: bool) -> None:
+        """Construction shared by CGD and the presets, whose defaults are torch's argument names: the non-finite
+        policy and capturable first (add_param_group reads them), then torch's Optimizer."""
+        self.capturable = bool(capturable)
+        self.nonfinite = resolve_nonfinite(nonfinite, self.capturable, NONFINITE_POLICIES)
+        self._skipped: torch.Tensor | None = None
+        Optimizer.__init__(self, params, defaults)
+
+    def _cgd_group(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The group with CGD's hyperparameters (the keys of CGD's constructor). The presets keep torch's
+        argument names in their groups and translate them here, per group and on every step, so per-group
+        arguments and schedulers that change them (OneCycleLR's momentum, say) act as in torch."""
+        return group
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -345,7 +356,7 @@ class CGD(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            validate_group(group)
+            validate_group(self._cgd_group(group))
             if self.capturable:
                 group["lr"] = lr_on_device(group["lr"], group["params"])
             for j, p in enumerate(group["params"]):
@@ -375,8 +386,9 @@ class CGD(Optimizer):
                 loss = closure()
         batches: list[_Batch] = []
         for gi, group in enumerate(self.param_groups):
-            validate_group(group, read_lr=False)
-            batches.extend(self._gather(gi, group))
+            hparams = self._cgd_group(group)
+            validate_group(hparams, read_lr=False)
+            batches.extend(self._gather(gi, hparams))
         if not batches:
             return loss
         skip = self._skip_flag(batches)
@@ -517,15 +529,17 @@ class CGD(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict of this class, or of torch.optim's Adam, AdamW, SGD or RMSprop.
 
-        State stays float32 on each parameter's device (torch's loader would cast it to the parameter dtype).
-        A foreign state dict contributes its state tensors only (``exp_avg``/``momentum_buffer`` become M1,
-        ``exp_avg_sq``/``square_avg`` become M2, ``step`` is kept); this optimizer's hyperparameters stay as
+        State stays float32 on each parameter's device (torch's loader would cast it to the parameter dtype);
+        torch's state names are translated (``momentum_buffer`` becomes M1 ``exp_avg``, ``square_avg`` M2
+        ``exp_avg_sq``; ``step`` is kept). Groups that hold every hyperparameter of this optimizer are loaded as
+        saved, as torch.optim does (a preset loading its torch namesake's checkpoint included); a foreign state
+        dict (e.g. torch's Adam into ``cgd.CGD``) contributes its state only, and the hyperparameters stay as
         constructed.
         """
         groups = state_dict["param_groups"]
-        saved_state = state_dict["state"]
-        if not all("power" in g and "moment" in g for g in groups):
-            groups, saved_state = self._import_foreign(groups, saved_state)
+        saved_state = self._translate_state(state_dict["state"])
+        if not all(set(self.defaults) - set(_TORCH_ADDED_DEFAULTS) <= set(g) for g in groups):
+            groups = self._keep_our_groups(groups)
         super().load_state_dict({"state": {}, "param_groups": groups})
         id_map = dict(
             zip(
@@ -539,7 +553,7 @@ class CGD(Optimizer):
                 raise ValueError(f"cgd: the state dict has state for parameter id {pid!r}, which no group lists")
             self.state[p] = {key: self._place(key, value, p) for key, value in values.items()}
 
-    def _import_foreign(self, groups: list[dict[str, Any]], saved_state: dict[Any, Any]):
+    def _keep_our_groups(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if len(groups) != len(self.param_groups):
             raise ValueError(
                 f"cgd: the state dict has {len(groups)} parameter groups, this optimizer {len(self.param_groups)}"
@@ -551,6 +565,10 @@ class CGD(Optimizer):
             if "param_names" in theirs:
                 group["param_names"] = theirs["param_names"]
             merged.append(group)
+        return merged
+
+    @staticmethod
+    def _translate_state(saved_state: dict[Any, Any]) -> dict[Any, Any]:
         translated = {}
         for pid, values in saved_state.items():
             out = {}
@@ -565,7 +583,7 @@ class CGD(Optimizer):
                     )
                 out[key] = value
             translated[pid] = out
-        return merged, translated
+        return translated
 
     def _place(self, key: str, value: Any, p: torch.Tensor) -> Any:
         if key == "step":  # float64 (exact to 2^53); checkpoints with a float32 or Python step load too

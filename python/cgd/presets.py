@@ -2,8 +2,11 @@
 
 Each preset takes the constructor arguments of its torch.optim namesake, so swapping ``torch.optim.Adam`` for
 ``cgd.Adam`` is a one-word change, and produces the same trajectory to float32 rounding (tested over hundreds
-of steps). Arguments whose behaviour is not a CGD special case raise a ValueError saying so, rather than being
-approximated. ``foreach`` and ``fused`` are accepted and ignored: every CGD step is one fused pass.
+of steps). SGD, RMSprop, Adam and AdamW keep torch's argument names in their parameter groups, so a group may set
+any of them (``{"params": ..., "momentum": 0.9}``) and a scheduler may change them, as with torch; each step
+reads them through ``_cgd_group``. Arguments whose behaviour is not a CGD special case raise a ValueError saying
+so, at construction and for a group that sets them, rather than being approximated. ``foreach`` and ``fused``
+are accepted and ignored: every CGD step is one fused pass.
 
 ============  =====================================================================================
 Preset        CGD settings
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .optimizer import CGD, _bad
+from .optimizer import CGD, _bad, _check_range
 
 _DEFAULT_BETAS = (0.9, 0.999)
 
@@ -44,11 +47,16 @@ class SGD(CGD):
                  differentiable: bool = False, fused=None, capturable: bool = False,
                  nonfinite: str | None = None) -> None:
         _reject_unsupported("SGD", foreach, fused, differentiable)
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise _bad("SGD(nesterov)", nesterov, "Nesterov momentum requires a momentum and zero dampening")
-        super().__init__(params, lr=lr, betas=(momentum, 0.0), power=0.0, eps=0.0, weight_decay=weight_decay,
-                         decoupled_weight_decay=False, bias_correction=False, nesterov=nesterov, heavy_ball=True,
-                         dampening=dampening, maximize=maximize, nonfinite=nonfinite, capturable=capturable)
+        self._init_cgd(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                    nesterov=nesterov, maximize=maximize), nonfinite, capturable)
+
+    def _cgd_group(self, group):
+        momentum = _check_range("momentum", group["momentum"], 0.0, 1.0)
+        dampening = _check_range("dampening", group["dampening"], 0.0, 1.0, hi_open=False)
+        if group["nesterov"] and (momentum <= 0 or dampening != 0):
+            raise _bad("SGD(nesterov)", group["nesterov"], "Nesterov momentum requires a momentum and zero dampening")
+        return {**group, "betas": (momentum, 0.0), "power": 0.0, "eps": 0.0, "decoupled_weight_decay": False,
+                "moment": "raw", "eps_inside": True, "bias_correction": False, "m2_init": 0.0, "heavy_ball": True}
 
 
 class RMSprop(CGD):
@@ -64,15 +72,20 @@ class RMSprop(CGD):
                  capturable: bool = False, foreach=None, maximize: bool = False, differentiable: bool = False,
                  *, nonfinite: str | None = None) -> None:
         _reject_unsupported("RMSprop", foreach, None, differentiable)
-        if momentum != 0:
-            raise _bad("RMSprop(momentum)", momentum, "torch's RMSprop momentum acts after the metric, which is "
-                       "not a CGD special case; use cgd.CGD(betas=(momentum, alpha), power=0.5)")
-        if centered:
-            raise _bad("RMSprop(centered)", centered, "torch centres with an average over alpha, not over "
-                       "tau1; use cgd.CGD(moment='centered') for the paper's variance metric")
-        super().__init__(params, lr=lr, betas=(0.0, alpha), power=0.5, eps=eps, weight_decay=weight_decay,
-                         decoupled_weight_decay=False, eps_inside=False, bias_correction=False, maximize=maximize,
-                         nonfinite=nonfinite, capturable=capturable)
+        self._init_cgd(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                                    centered=centered, maximize=maximize), nonfinite, capturable)
+
+    def _cgd_group(self, group):
+        if group["momentum"] != 0:
+            raise _bad("RMSprop(momentum)", group["momentum"], "torch's RMSprop momentum acts after the metric, "
+                       "which is not a CGD special case; use cgd.CGD(betas=(momentum, alpha), power=0.5)")
+        if group["centered"]:
+            raise _bad("RMSprop(centered)", group["centered"], "torch centres with an average over alpha, not "
+                       "over tau1; use cgd.CGD(moment='centered') for the paper's variance metric")
+        alpha = _check_range("alpha", group["alpha"], 0.0, 1.0)
+        return {**group, "betas": (0.0, alpha), "power": 0.5, "decoupled_weight_decay": False, "moment": "raw",
+                "eps_inside": False, "bias_correction": False, "m2_init": 0.0, "nesterov": False,
+                "heavy_ball": False, "dampening": 0.0}
 
 
 class Adam(CGD):
@@ -83,12 +96,16 @@ class Adam(CGD):
                  capturable: bool = False, differentiable: bool = False, fused=None,
                  decoupled_weight_decay: bool = False, nonfinite: str | None = None) -> None:
         _reject_unsupported(type(self).__name__, foreach, fused, differentiable)
-        if amsgrad:
-            raise _bad(f"{type(self).__name__}(amsgrad)", amsgrad,
+        self._init_cgd(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                                    maximize=maximize, decoupled_weight_decay=decoupled_weight_decay),
+                       nonfinite, capturable)
+
+    def _cgd_group(self, group):
+        if group["amsgrad"]:
+            raise _bad(f"{type(self).__name__}(amsgrad)", group["amsgrad"],
                        "AMSGrad's running maximum is not a CGD special case")
-        super().__init__(params, lr=lr, betas=betas, power=0.5, eps=eps, weight_decay=weight_decay,
-                         decoupled_weight_decay=decoupled_weight_decay, eps_inside=False, bias_correction=True,
-                         maximize=maximize, nonfinite=nonfinite, capturable=capturable)
+        return {**group, "power": 0.5, "moment": "raw", "eps_inside": False, "bias_correction": True,
+                "m2_init": 0.0, "nesterov": False, "heavy_ball": False, "dampening": 0.0}
 
 
 class AdamW(Adam):

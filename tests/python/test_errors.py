@@ -251,3 +251,24 @@ def test_cuda_tensors_without_cuda_device_or_build():
         pytest.skip("a CUDA device is present")
     with pytest.raises((RuntimeError, AssertionError)):
         call(op_args(device="cuda"))
+
+
+@pytest.mark.parametrize("make,group,match", [
+    (lambda p: cgd.SGD(p, lr=0.1), dict(nesterov=True), r"Nesterov momentum requires a momentum"),
+    (lambda p: cgd.SGD(p, lr=0.1), dict(momentum=-0.5), r"momentum = -0.5 is invalid"),
+    (lambda p: cgd.RMSprop(p), dict(centered=True), r"RMSprop\(centered\) = True is invalid"),
+    (lambda p: cgd.RMSprop(p), dict(momentum=0.5), r"RMSprop\(momentum\) = 0.5 is invalid"),
+    (lambda p: cgd.Adam(p), dict(amsgrad=True), r"Adam\(amsgrad\) = True is invalid"),
+], ids=["SGD nesterov", "SGD momentum", "RMSprop centered", "RMSprop momentum", "Adam amsgrad"])
+def test_preset_arguments_outside_cgd_are_refused_per_group(make, group, match):
+    """A group that asks for what the constructor refuses is refused too, naming the argument, and not added;
+    set on an existing group later, the next step refuses it."""
+    model = make_mlp()
+    opt = make(model[0].parameters())
+    with pytest.raises(ValueError, match=match):
+        opt.add_param_group({"params": model[2].parameters(), **group})
+    assert len(opt.param_groups) == 1
+    opt.param_groups[0].update(group)
+    x, y = next(batches(1))
+    with pytest.raises(ValueError, match=match):
+        train_step(model, opt, x, y)

@@ -89,3 +89,57 @@ def test_onecyclelr_drives_betas(device):
             s.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _three_groups(model, *settings):
+    """The model's three layers as three parameter groups, the i-th with settings[i] (a dict)."""
+    layers = [m for m in model if isinstance(m, torch.nn.Linear)]
+    return [{"params": list(layer.parameters()), **s} for layer, s in zip(layers, settings)]
+
+
+GROUP_CASES = [
+    ("SGD", cgd.SGD, torch.optim.SGD, dict(lr=0.02),
+     [dict(momentum=0.9, nesterov=True), dict(momentum=0.5, dampening=0.3, weight_decay=0.01), dict(lr=0.05)]),
+    ("RMSprop", cgd.RMSprop, torch.optim.RMSprop, dict(lr=1e-3),
+     [dict(alpha=0.5), dict(weight_decay=0.01, eps=1e-6), dict(maximize=True)]),
+    ("Adam", cgd.Adam, torch.optim.Adam, dict(lr=3e-3),
+     [dict(betas=(0.8, 0.99)), dict(weight_decay=0.05, eps=1e-6), dict(lr=1e-3, decoupled_weight_decay=True,
+                                                                      weight_decay=0.1)]),
+    ("AdamW", cgd.AdamW, torch.optim.AdamW, dict(lr=3e-3), [dict(weight_decay=0.3), dict(betas=(0.5, 0.9)), {}]),
+]
+
+
+@pytest.mark.parametrize("name,ours,theirs,kwargs,groups", GROUP_CASES, ids=[c[0] for c in GROUP_CASES])
+def test_per_group_arguments_act_as_in_torch(name, ours, theirs, kwargs, groups):
+    """Every torch argument a parameter group sets acts on that group exactly as in torch (a group's momentum,
+    dampening, nesterov, alpha or betas were once ignored), and so does one added later."""
+    model = make_mlp()
+    twin = copy.deepcopy(model)
+    opt, ref = ours(_three_groups(model, *groups[:2]), **kwargs), theirs(_three_groups(twin, *groups[:2]), **kwargs)
+    layers, twin_layers = [m for m in model if isinstance(m, torch.nn.Linear)], [m for m in twin if
+                                                                                 isinstance(m, torch.nn.Linear)]
+    opt.add_param_group({"params": list(layers[2].parameters()), **groups[2]})
+    ref.add_param_group({"params": list(twin_layers[2].parameters()), **groups[2]})
+    for x, y in batches(40):
+        for m, o in ((model, opt), (twin, ref)):
+            train_step(m, o, x, y)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ours,theirs,kwargs", [
+    (cgd.SGD, torch.optim.SGD, dict(lr=0.02, momentum=0.9)),
+    (cgd.Adam, torch.optim.Adam, dict(lr=3e-3)),
+], ids=["SGD momentum", "Adam betas"])
+def test_a_scheduler_that_cycles_momentum_acts_as_in_torch(ours, theirs, kwargs):
+    """OneCycleLR changes lr and each group's momentum (SGD) or betas[0] (Adam) every step."""
+    model = make_mlp()
+    twin = copy.deepcopy(model)
+    opt, ref = ours(model.parameters(), **kwargs), theirs(twin.parameters(), **kwargs)
+    scheds = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=30) for o in (opt, ref)]
+    for x, y in batches(30):
+        for m, o, s in zip((model, twin), (opt, ref), scheds):
+            train_step(m, o, x, y)
+            s.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
