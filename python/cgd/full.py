@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 from . import _ops  # noqa: F401  (loads the operator library)
 from ._distributed import full, is_dtensor, local, shard_like
 from .optimizer import (NonFiniteGradientError, _bad, _check_range, _number, betas_from_tau, group_param_label,
-                        load_float32_state, validate_step_size)
+                        Float32StateOptimizer, validate_step_size)
 
 METRICS = ("full", "block", "kron")
 OUTCOMES = {-1: "never", 0: "float32", 1: "float64 retry", 2: "kept previous", 3: "diagonal fallback"}
@@ -85,7 +85,7 @@ def _available_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-class FullCGD(Optimizer):
+class FullCGD(Float32StateOptimizer):
     r"""Covariant Gradient Descent with the full (or block-diagonal) covariance metric, paper eq 4.9.
 
     For the vector q of all parameters of a group (``metric="full"``), or for each block of ``block_size``
@@ -135,6 +135,8 @@ class FullCGD(Optimizer):
     4 N + 8 (rows^2 + cols^2) per tensor. See :func:`state_bytes`.
     """
 
+    _INT_KEYS = ("outcome",)
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -168,6 +170,7 @@ class FullCGD(Optimizer):
                         refresh_every=refresh_every, max_factor_dim=max_factor_dim, centered=centered,
                         bias_correction=bias_correction, m2_init=m2_init, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
+        self._install_state_hooks()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -466,10 +469,3 @@ class FullCGD(Optimizer):
             "effective_rank": float(_effective_rank(mu) * _effective_rank(nu)),
             "outcome": tuple(OUTCOMES[int(o)] for o in state["outcome"].tolist()),
         }
-
-    # ---- checkpoints ----
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads a FullCGD state dict. The state stays float32 (torch's loader would cast it to the parameter
-        dtype) and moves to each group's device."""
-        load_float32_state(self, state_dict, int_keys=("outcome",))

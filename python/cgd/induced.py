@@ -18,14 +18,14 @@ from torch.optim import Optimizer
 from . import _ops  # noqa: F401  (loads the operator library)
 from ._distributed import local, mean_over_shards, sum_over_shards
 from .optimizer import (SUPPORTED_DTYPES, NonFiniteGradientError, _bad, _check_range, _number, check_lr,
-                        group_param_label, load_float32_state, lr_on_device, lr_operands, resolve_nonfinite)
+                        Float32StateOptimizer, group_param_label, lr_on_device, lr_operands, resolve_nonfinite)
 
 GAMMAS = ("identity", "rms")
 EMBEDDINGS = ("loss", "log")
 _GLOBAL = ("xi", "beta", "embedding")
 
 
-class InducedMetric(Optimizer):
+class InducedMetric(Float32StateOptimizer):
     r"""Gradient descent with the induced (pull-back) metric ``g = gamma + xi grad grad^T``.
 
     Per step, over all parameters of all groups (one sum per optimizer)::
@@ -81,6 +81,7 @@ class InducedMetric(Optimizer):
                         weight_decay=weight_decay, maximize=maximize)
         self._scratch: dict[str, torch.Tensor] = {}
         super().__init__(params, defaults)
+        self._install_state_hooks()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for key in _GLOBAL:
@@ -227,10 +228,3 @@ class InducedMetric(Optimizer):
                for i in flags.nonzero().flatten().tolist()]
         raise NonFiniteGradientError(f"cgd: the gradient of {', '.join(bad) or 'a parameter shard on another rank'} "
                                      "contains NaN or Inf; no parameter or state was changed (nonfinite='raise')")
-
-    # ---- checkpoints ----
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads an InducedMetric state dict (the norm EMA included); state stays float32 on each parameter's
-        device."""
-        load_float32_state(self, state_dict)

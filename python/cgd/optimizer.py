@@ -89,28 +89,59 @@ def betas_from_tau(tau: Any) -> tuple[float, float]:
 
 # Step counters are float64 (exact to 2^53 steps); a checkpoint that saved them as float32 loads into float64.
 _COUNTER_KEYS = ("step", "metric_norm_step")
+# Attributes torch.optim.Optimizer keeps out of a pickled optimizer: its hooks, and ours that translate state.
+_UNPICKLED = ("_state_hooks", "_loading")
 
 
-def load_float32_state(optimizer: Optimizer, state_dict: dict[str, Any], int_keys: tuple[str, ...] = ()) -> None:
-    """Loads per-parameter state as saved, float32 (int32 for ``int_keys``, float64 for step counters) on each
-    parameter's device.
+def _translate_pre_hook(optimizer: Float32StateOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """First of the load_state_dict pre-hooks: translates a foreign state dict, and notes the saved state as it is
+    (torch's loader then casts floating state to each parameter's dtype, which _place_post_hook undoes)."""
+    state_dict = optimizer._translate_state_dict(state_dict)
+    optimizer._loading = (state_dict["state"], [g["params"] for g in state_dict["param_groups"]])
+    return state_dict
 
-    torch's own loader casts floating state to the parameter's dtype, which would turn a bf16 model's float32
-    moments into bf16; optimizers whose state is all float32 load through this instead."""
-    groups = state_dict["param_groups"]
-    Optimizer.load_state_dict(optimizer, {"state": {}, "param_groups": groups})
-    id_map = dict(zip(chain.from_iterable(g["params"] for g in groups),
-                      chain.from_iterable(g["params"] for g in optimizer.param_groups)))
-    for pid, values in state_dict["state"].items():
+
+def _place_post_hook(optimizer: Float32StateOptimizer) -> None:
+    """First of the load_state_dict post-hooks: puts the noted state back at full precision (float32, int32 or
+    float64 as the optimizer keeps it) on each parameter's device, before any hook of the user's sees it."""
+    saved, ids = optimizer.__dict__.pop("_loading")
+    id_map = dict(zip(chain.from_iterable(ids), chain.from_iterable(g["params"] for g in optimizer.param_groups)))
+    for pid, values in saved.items():
         p = id_map.get(pid)
         if p is None:
             raise ValueError(f"cgd: the state dict has state for parameter id {pid!r}, which no group lists")
-        optimizer.state[p] = {
-            key: value.to(p.device, torch.int32 if key in int_keys else
-                          torch.float64 if key in _COUNTER_KEYS else torch.float32, copy=True)
-            if isinstance(value, torch.Tensor) else value
-            for key, value in values.items()
-        }
+        optimizer.state[p] = {key: optimizer._place_state(key, value, p) for key, value in values.items()}
+
+
+class Float32StateOptimizer(Optimizer):
+    """What every optimizer of this package shares about checkpoints: state kept as float32 (int32 and float64
+    where noted) whatever the parameter dtype, loaded through torch's own load_state_dict with the translation
+    and placement as its first pre- and post-hook, so hooks, FSDP and DCP see what they see with torch.optim; and
+    the optimizer's own attributes kept by copy.deepcopy and pickling (torch keeps only defaults, state and
+    param_groups)."""
+
+    _INT_KEYS: tuple[str, ...] = ()
+
+    def _install_state_hooks(self) -> None:
+        if "_state_hooks" not in self.__dict__:
+            self._state_hooks = (self.register_load_state_dict_pre_hook(_translate_pre_hook),
+                                 self.register_load_state_dict_post_hook(_place_post_hook))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in _UNPICKLED and not k.endswith("_hooks")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._install_state_hooks()
+
+    def _translate_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return state_dict
+
+    def _place_state(self, key: str, value: Any, p: torch.Tensor) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        dtype = torch.int32 if key in self._INT_KEYS else torch.float64 if key in _COUNTER_KEYS else torch.float32
+        return value.detach().to(p.device, dtype, copy=True)
 
 
 def group_param_label(group: dict[str, Any], j: int) -> str:
@@ -218,7 +249,7 @@ class _Batch:
     sharded: list[torch.Tensor] = field(default_factory=list)  # the parameters as given (DTensor under FSDP2)
 
 
-class CGD(Optimizer):
+class CGD(Float32StateOptimizer):
     r"""Diagonal Covariant Gradient Descent (Guskov & Vanchurin, arXiv 2504.05279).
 
     Per parameter element, with the gradient g and t the element's step count::
@@ -333,6 +364,7 @@ class CGD(Optimizer):
         self.nonfinite = resolve_nonfinite(nonfinite, self.capturable, NONFINITE_POLICIES)
         self._skipped: torch.Tensor | None = None
         Optimizer.__init__(self, params, defaults)
+        self._install_state_hooks()
 
     def _cgd_group(self, group: dict[str, Any]) -> dict[str, Any]:
         """The group with CGD's hyperparameters (the keys of CGD's constructor). The presets keep torch's
@@ -342,6 +374,7 @@ class CGD(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        # Pickles made before these attributes travelled with the optimizer.
         self.__dict__.setdefault("nonfinite", "raise")
         self.__dict__.setdefault("capturable", False)
         self.__dict__.setdefault("_skipped", None)
@@ -526,32 +559,16 @@ class CGD(Optimizer):
 
     # ---- checkpoints ----
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads a state dict of this class, or of torch.optim's Adam, AdamW, SGD or RMSprop.
-
-        State stays float32 on each parameter's device (torch's loader would cast it to the parameter dtype);
-        torch's state names are translated (``momentum_buffer`` becomes M1 ``exp_avg``, ``square_avg`` M2
-        ``exp_avg_sq``; ``step`` is kept). Groups that hold every hyperparameter of this optimizer are loaded as
-        saved, as torch.optim does (a preset loading its torch namesake's checkpoint included); a foreign state
-        dict (e.g. torch's Adam into ``cgd.CGD``) contributes its state only, and the hyperparameters stay as
-        constructed.
-        """
+    def _translate_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A state dict of this class, or of torch.optim's Adam, AdamW, SGD or RMSprop. torch's state names are
+        translated (``momentum_buffer`` becomes M1 ``exp_avg``, ``square_avg`` M2 ``exp_avg_sq``; ``step`` is
+        kept). Groups that hold every hyperparameter of this optimizer are loaded as saved, as torch.optim does (a
+        preset loading its torch namesake's checkpoint included); a foreign state dict (e.g. torch's Adam into
+        ``cgd.CGD``) contributes its state only, and the hyperparameters stay as constructed."""
         groups = state_dict["param_groups"]
-        saved_state = self._translate_state(state_dict["state"])
         if not all(set(self.defaults) - set(_TORCH_ADDED_DEFAULTS) <= set(g) for g in groups):
             groups = self._keep_our_groups(groups)
-        super().load_state_dict({"state": {}, "param_groups": groups})
-        id_map = dict(
-            zip(
-                chain.from_iterable(g["params"] for g in groups),
-                chain.from_iterable(g["params"] for g in self.param_groups),
-            )
-        )
-        for pid, values in saved_state.items():
-            p = id_map.get(pid)
-            if p is None:
-                raise ValueError(f"cgd: the state dict has state for parameter id {pid!r}, which no group lists")
-            self.state[p] = {key: self._place(key, value, p) for key, value in values.items()}
+        return {**state_dict, "param_groups": groups, "state": self._translate_state(state_dict["state"])}
 
     def _keep_our_groups(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if len(groups) != len(self.param_groups):
@@ -585,7 +602,7 @@ class CGD(Optimizer):
             translated[pid] = out
         return translated
 
-    def _place(self, key: str, value: Any, p: torch.Tensor) -> Any:
+    def _place_state(self, key: str, value: Any, p: torch.Tensor) -> Any:
         if key == "step":  # float64 (exact to 2^53); checkpoints with a float32 or Python step load too
             return torch.as_tensor(value).detach().reshape(()).to(p.device, torch.float64, copy=True)
         if isinstance(value, torch.Tensor):

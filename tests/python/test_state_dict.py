@@ -183,3 +183,52 @@ def test_state_dict_is_the_one_saved_after_loading_copying_or_pickling(make, how
     else:
         other = pickle.loads(pickle.dumps(opt))
     assert other.state_dict()["param_groups"] == saved["param_groups"]
+
+
+OPTIMIZERS = {
+    "Adam": lambda p: cgd.Adam(p, lr=1e-3),
+    "CGD skip": lambda p: cgd.CGD(p, lr=1e-3, nonfinite="skip"),
+    "FullCGD kron": lambda p: cgd.FullCGD(p, lr=1e-3, metric="kron", nonfinite="ignore"),
+    "InducedMetric": lambda p: cgd.InducedMetric(p, lr=1e-3, gamma="rms", xi=0.05),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_load_state_dict_hooks_see_the_state(name):
+    """Loading goes through torch's own load_state_dict, so a user's pre-hook sees the saved state and a
+    post-hook the loaded one (state was once installed after the base class had run on an empty one)."""
+    model = make_mlp()
+    opt = OPTIMIZERS[name](model.parameters())
+    train_step(model, opt, *next(iter(batches(1))))
+    saved = roundtrip(opt.state_dict())
+    other = OPTIMIZERS[name](model.parameters())
+    seen = {}
+    other.register_load_state_dict_pre_hook(lambda o, sd: seen.update(pre=len(sd["state"])))
+    other.register_load_state_dict_post_hook(
+        lambda o: seen.update(post=sum(len(s) for s in o.state.values()), dtypes={
+            v.dtype for s in o.state.values() for v in s.values() if isinstance(v, torch.Tensor)}))
+    other.load_state_dict(saved)
+    assert seen["pre"] == len(saved["state"]) > 0
+    assert seen["post"] == sum(len(s) for s in opt.state.values())
+    assert seen["dtypes"] <= {torch.float32, torch.float64, torch.int32}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_keep_the_optimizers_own_settings_and_continue_identically(name, how):
+    """copy.deepcopy and pickling keep what torch's __getstate__ leaves out (the non-finite policy, FullCGD's
+    and InducedMetric's own settings), and the copy steps exactly as the original."""
+    import pickle
+
+    model = make_mlp()
+    opt = OPTIMIZERS[name](model.parameters())
+    data = list(batches(4))
+    train_step(model, opt, *data[0])
+    # Copied together, the copy's parameters are the copied model's.
+    twin, other = copy.deepcopy((model, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, opt)))
+    assert other.nonfinite == opt.nonfinite
+    for x, y in data[1:]:
+        train_step(model, opt, x, y)
+        train_step(twin, other, x, y)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
