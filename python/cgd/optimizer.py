@@ -363,6 +363,8 @@ class CGD(Float32StateOptimizer):
         self.capturable = bool(capturable)
         self.nonfinite = resolve_nonfinite(nonfinite, self.capturable, NONFINITE_POLICIES)
         self._skipped: torch.Tensor | None = None
+        # The hyperparameters first, as torch.optim checks them before it looks at params.
+        validate_group(self._cgd_group({**defaults, "params": []}))
         Optimizer.__init__(self, params, defaults)
         self._install_state_hooks()
 

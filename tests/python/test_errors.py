@@ -272,3 +272,17 @@ def test_preset_arguments_outside_cgd_are_refused_per_group(make, group, match):
     x, y = next(batches(1))
     with pytest.raises(ValueError, match=match):
         train_step(model, opt, x, y)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: cgd.SGD(None, lr=-0.5), r"lr = -0.5 is invalid"),
+    (lambda: cgd.SGD(None, lr=0.1, momentum=-0.5), r"momentum = -0.5 is invalid"),
+    (lambda: cgd.Adam(None, lr=1e-3, betas=(1.0, 0.999)), r"betas\[0\] = 1.0 is invalid"),
+    (lambda: cgd.RMSprop(None, lr=1e-2, alpha=-0.1), r"alpha = -0.1 is invalid"),
+    (lambda: cgd.CGD(None, power=2.0), r"power = 2.0 is invalid"),
+], ids=["SGD lr", "SGD momentum", "Adam betas", "RMSprop alpha", "CGD power"])
+def test_hyperparameters_are_checked_before_params(make, match):
+    """As torch.optim does: a bad hyperparameter is reported even when params is bad too (None here), naming
+    the argument as the user spelled it."""
+    with pytest.raises(ValueError, match=match):
+        make()
