@@ -22,6 +22,14 @@ from ._distributed import local, sum_over_shards
 MOMENTS = ("raw", "centered", "belief")
 NONFINITE_POLICIES = ("raise", "skip", "ignore")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Complex parameters are stepped as torch.optim does, on their real view (real and imaginary parts as two elements);
+# their state is complex too, so checkpoints interchange with torch's.
+COMPLEX_DTYPES = (torch.complex64,)
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """What the kernels see of a tensor: a complex one's real view (..., 2), else the tensor itself."""
+    return torch.view_as_real(t) if t.is_complex() else t
 
 _DEFAULT_BETAS = (0.9, 0.999)
 # Keys torch.optim.Optimizer.__setstate__ puts into `defaults` itself.
@@ -395,11 +403,11 @@ class CGD(Float32StateOptimizer):
             if self.capturable:
                 group["lr"] = lr_on_device(group["lr"], group["params"])
             for j, p in enumerate(group["params"]):
-                if p.dtype not in SUPPORTED_DTYPES:
+                if p.dtype not in SUPPORTED_DTYPES + COMPLEX_DTYPES:
                     kind = "complex" if p.is_complex() else str(p.dtype)
                     raise ValueError(
                         f"cgd: parameter {self._label(len(self.param_groups) - 1, j)} is {kind} "
-                        f"({p.dtype}); supported parameter dtypes are float32, float16 and bfloat16"
+                        f"({p.dtype}); supported parameter dtypes are float32, float16, bfloat16 and complex64"
                     )
         except ValueError:
             self.param_groups.pop()
@@ -464,31 +472,33 @@ class CGD(Float32StateOptimizer):
                 g = torch.empty_like(p).copy_(g)  # the kernels walk param, grad and state in one memory order
             state = self.state[p]
             first = "exp_avg" not in state
+            state_dtype = torch.complex64 if p.is_complex() else torch.float32
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float64, device=p.device)
             if need_m1 and "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype)
             if m2_key is not None and m2_key not in state:
-                state[m2_key] = torch.full_like(p, group["m2_init"], dtype=torch.float32)
+                state[m2_key] = torch.zeros_like(p, dtype=state_dtype)
+                _real(local(state[m2_key])).fill_(group["m2_init"])  # both parts of a complex element
             if group["heavy_ball"]:
                 # torch.optim.SGD starts its buffer with the raw gradient, then dampens.
                 grad_weight = 1.0 if first else 1.0 - group["dampening"]
             else:
                 grad_weight = 1.0 - beta1
-            key = (p.device, p.dtype, first if split_first else None)
+            key = (p.device, _real(local(p)).dtype, first if split_first else None)
             batch = batches.get(key)
             if batch is None:
                 batch = batches[key] = _Batch(group, grad_weight)
             # DTensor (FSDP2) parameters: the kernels step the local shard; the state is a DTensor like p.
-            batch.params.append(local(p))
-            batch.grads.append(local(g))
+            batch.params.append(_real(local(p)))
+            batch.grads.append(_real(local(g)))
             batch.steps.append(state["step"])
             batch.where.append((gi, j))
             batch.sharded.append(p)
             if need_m1:
-                batch.exp_avgs.append(local(state["exp_avg"]))
+                batch.exp_avgs.append(_real(local(state["exp_avg"])))
             if m2_key is not None:
-                batch.exp_avg_sqs.append(local(state[m2_key]))
+                batch.exp_avg_sqs.append(_real(local(state[m2_key])))
         return list(batches.values())
 
     def _skip_flag(self, batches: list[_Batch]) -> torch.Tensor | None:
@@ -612,5 +622,5 @@ class CGD(Float32StateOptimizer):
                 raise ValueError(
                     f"cgd: state {key!r} has shape {tuple(value.shape)} but its parameter has shape {tuple(p.shape)}"
                 )
-            return torch.empty_like(p, dtype=torch.float32).copy_(value)
+            return torch.empty_like(p, dtype=torch.complex64 if p.is_complex() else torch.float32).copy_(value)
         return value

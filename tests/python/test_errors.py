@@ -71,7 +71,7 @@ def test_preset_arguments_outside_cgd(make, match):
         make(make_mlp().parameters())
 
 
-@pytest.mark.parametrize("dtype", [torch.complex64, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.complex128, torch.float64])
 def test_unsupported_parameter_dtypes(dtype):
     p = torch.nn.Parameter(torch.zeros(3, dtype=dtype))
     kind = "complex" if dtype.is_complex else "torch.float64"
