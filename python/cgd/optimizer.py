@@ -255,6 +255,8 @@ class _Batch:
     steps: list[torch.Tensor] = field(default_factory=list)
     where: list[tuple[int, int]] = field(default_factory=list)  # (group index, param index) for messages
     sharded: list[torch.Tensor] = field(default_factory=list)  # the parameters as given (DTensor under FSDP2)
+    # Parameters that are strided views with gaps (p = w[:, ::2]): the kernels step a dense copy, written back.
+    write_back: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 class CGD(Float32StateOptimizer):
@@ -463,13 +465,10 @@ class CGD(Float32StateOptimizer):
                     f"cgd: parameter {self._label(gi, j)} has a sparse gradient, which CGD does not support; "
                     "use torch.optim.SparseAdam for sparse embeddings, or dense gradients"
                 )
-            if not _dense(local(p)):
-                raise ValueError(
-                    f"cgd: parameter {self._label(gi, j)} is a strided view with gaps or overlaps "
-                    f"(stride {local(p).stride()}); optimise the tensor it views instead"
-                )
-            if local(g).stride() != local(p).stride() or not _dense(local(g)):
-                g = torch.empty_like(p).copy_(g)  # the kernels walk param, grad and state in one memory order
+            view, g = local(p), local(g)  # DTensor (FSDP2) parameters: the kernels step the local shard
+            work = view if _dense(view) else view.contiguous()  # a view with gaps: one copy in, one back
+            if g.stride() != work.stride() or not _dense(g):
+                g = torch.empty_like(work).copy_(g)  # the kernels walk param, grad and state in one memory order
             state = self.state[p]
             first = "exp_avg" not in state
             state_dtype = torch.complex64 if p.is_complex() else torch.float32
@@ -485,13 +484,15 @@ class CGD(Float32StateOptimizer):
                 grad_weight = 1.0 if first else 1.0 - group["dampening"]
             else:
                 grad_weight = 1.0 - beta1
-            key = (p.device, _real(local(p)).dtype, first if split_first else None)
+            key = (p.device, _real(work).dtype, first if split_first else None)
             batch = batches.get(key)
             if batch is None:
                 batch = batches[key] = _Batch(group, grad_weight)
-            # DTensor (FSDP2) parameters: the kernels step the local shard; the state is a DTensor like p.
-            batch.params.append(_real(local(p)))
-            batch.grads.append(_real(local(g)))
+            # The state of a DTensor parameter is a DTensor like it; its local shard is what the kernels see.
+            batch.params.append(_real(work))
+            batch.grads.append(_real(g))
+            if work is not view:
+                batch.write_back.append((view, work))
             batch.steps.append(state["step"])
             batch.where.append((gi, j))
             batch.sharded.append(p)
@@ -568,6 +569,8 @@ class CGD(Float32StateOptimizer):
             found_inf=skip,
             lr_tensor=lr_tensor,
         )
+        for view, work in batch.write_back:
+            view.copy_(work)
 
     # ---- checkpoints ----
 

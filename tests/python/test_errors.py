@@ -87,13 +87,6 @@ def test_sparse_gradients_are_refused_naming_the_parameter():
         opt.step()
 
 
-def test_strided_view_parameter_is_refused():
-    base = torch.zeros(4, 6)
-    view = torch.nn.Parameter(base[:, ::2])  # a view with gaps
-    opt = cgd.CGD([view])
-    view.grad = torch.ones_like(view)
-    with pytest.raises(ValueError, match=r"strided view with gaps"):
-        opt.step()
 
 
 # ---- NaN / Inf gradients ----
