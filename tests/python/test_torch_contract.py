@@ -1,0 +1,69 @@
+"""The presets against PyTorch's own optimizer test inputs: every input torch's optimizer database
+(torch.testing._internal.common_optimizers.optim_db, from the installed torch, not copied) gives Adam, AdamW, SGD
+and RMSprop either steps our preset exactly as torch's class steps it, or is one of the refusals by design listed
+here, which raises a ValueError naming the argument."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import batches, make_mlp, train_step
+
+import cgd
+
+common_optimizers = pytest.importorskip("torch.testing._internal.common_optimizers")
+
+PRESETS = {"Adam": cgd.Adam, "AdamW": cgd.AdamW, "SGD": cgd.SGD, "RMSprop": cgd.RMSprop}
+
+# The refusals by design, in one place: (preset, argument, value that is refused, what the message says).
+REFUSED = [
+    ("Adam", "amsgrad", True, r"Adam\(amsgrad\) = True is invalid"),
+    ("AdamW", "amsgrad", True, r"AdamW\(amsgrad\) = True is invalid"),
+    ("RMSprop", "centered", True, r"RMSprop\(centered\) = True is invalid"),
+    ("RMSprop", "momentum", 0.1, r"RMSprop\(momentum\) = 0.1 is invalid"),
+    ("SGD", "differentiable", True, r"SGD\(differentiable\) = True is invalid"),
+    ("Adam", "differentiable", True, r"Adam\(differentiable\) = True is invalid"),
+]
+
+
+def _inputs():
+    cases = []
+    for info in common_optimizers.optim_db:
+        name = info.optim_cls.__name__
+        if name in PRESETS:
+            for given in info.optim_inputs_func(device="cpu", dtype=torch.float32):
+                cases.append(pytest.param(name, info.optim_cls, given.kwargs, id=f"{name}: {given.desc}"))
+    return cases
+
+
+def _refusal(name, kwargs):
+    """The message an input must raise, or None: any of its refused arguments may be the one named."""
+    matches = [match for preset, key, value, match in REFUSED
+               if preset == name and key in kwargs and kwargs[key] not in (False, 0) and kwargs[key] == value]
+    return "|".join(matches) or None
+
+
+@pytest.mark.parametrize("name,torch_cls,kwargs", _inputs())
+def test_torch_optimizer_inputs(name, torch_cls, kwargs):
+    match = _refusal(name, kwargs)
+    model = make_mlp()
+    if match:
+        with pytest.raises(ValueError, match=match):
+            PRESETS[name](model.parameters(), **kwargs)
+        return
+    twin = copy.deepcopy(model)
+    ours = PRESETS[name](model.parameters(), **copy.deepcopy(kwargs))
+    theirs = torch_cls(twin.parameters(), **copy.deepcopy(kwargs))
+    for x, y in batches(20):
+        train_step(model, ours, x, y)
+        train_step(twin, theirs, x, y)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,key,value,match", REFUSED, ids=[f"{r[0]}({r[1]})" for r in REFUSED])
+def test_refusals_by_design(name, key, value, match):
+    with pytest.raises(ValueError, match=match):
+        PRESETS[name](make_mlp().parameters(), **{key: value})
