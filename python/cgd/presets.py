@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from .optimizer import CGD, _bad, _check_range
 
 _DEFAULT_BETAS = (0.9, 0.999)
@@ -32,6 +34,20 @@ def _reject_unsupported(name: str, foreach: Any, fused: Any, differentiable: boo
     del foreach, fused  # one fused pass whatever they say
     if differentiable:
         raise _bad(f"{name}(differentiable)", differentiable, "differentiating through the step is not supported")
+
+
+def _check_tensor_hyperparameters(name: str, lr: Any, betas: Any, foreach: Any, capturable: bool) -> None:
+    """torch.optim.Adam's rules for tensor hyperparameters, kept so that code written for it meets the same errors
+    (the CGD kernels themselves take a tensor lr, read on the device, and tensor betas, read once per step)."""
+    loop = bool(foreach) and not capturable
+    if isinstance(lr, torch.Tensor) and loop:
+        raise _bad(f"{name}(lr)", lr, "lr as a Tensor is not supported for capturable=False and foreach=True")
+    if isinstance(betas, (tuple, list)) and len(betas) == 2:
+        if isinstance(betas[0], torch.Tensor) != isinstance(betas[1], torch.Tensor):
+            raise _bad(f"{name}(betas)", betas, "betas must be either both floats or both Tensors")
+        if isinstance(betas[0], torch.Tensor) and loop:
+            raise _bad(f"{name}(betas)", betas,
+                       "betas[0] as a Tensor is not supported for capturable=False and foreach=True")
 
 
 class SGD(CGD):
@@ -96,6 +112,7 @@ class Adam(CGD):
                  capturable: bool = False, differentiable: bool = False, fused=None,
                  decoupled_weight_decay: bool = False, nonfinite: str | None = None) -> None:
         _reject_unsupported(type(self).__name__, foreach, fused, differentiable)
+        _check_tensor_hyperparameters(type(self).__name__, lr, betas, foreach, capturable)
         self._init_cgd(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                                     maximize=maximize, decoupled_weight_decay=decoupled_weight_decay),
                        nonfinite, capturable)

@@ -1,11 +1,12 @@
 """The presets against PyTorch's own optimizer test inputs: every input torch's optimizer database
 (torch.testing._internal.common_optimizers.optim_db, from the installed torch, not copied) gives Adam, AdamW, SGD
 and RMSprop either steps our preset exactly as torch's class steps it, or is one of the refusals by design listed
-here, which raises a ValueError naming the argument."""
+here, which raises a ValueError naming the argument; and every error input of theirs raises torch's error type."""
 
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -67,3 +68,30 @@ def test_torch_optimizer_inputs(name, torch_cls, kwargs):
 def test_refusals_by_design(name, key, value, match):
     with pytest.raises(ValueError, match=match):
         PRESETS[name](make_mlp().parameters(), **{key: value})
+
+
+def _error_inputs():
+    cases = []
+    for info in common_optimizers.optim_db:
+        name = info.optim_cls.__name__
+        if name in PRESETS:
+            for error in info.optim_error_inputs_func(device="cpu", dtype=torch.float32):
+                cases.append(pytest.param(name, error, id=f"{name}: {error.optimizer_error_input.desc}"))
+    return cases
+
+
+@pytest.mark.parametrize("name,error", _error_inputs())
+def test_torch_error_inputs(name, error):
+    """Each of torch's error inputs raises (or warns) with torch's error type, checked before params as torch does;
+    the message is torch's own where the base class raises it, else ours, naming the argument torch names."""
+    given = error.optimizer_error_input
+    if issubclass(error.error_type, Warning):
+        with pytest.warns(error.error_type, match=error.error_regex):
+            PRESETS[name](given.params, **given.kwargs)
+        return
+    with pytest.raises(error.error_type) as raised:
+        opt = PRESETS[name](given.params, **given.kwargs)
+        if error.error_on == common_optimizers.OptimizerErrorEnum.STEP_ERROR:
+            opt.step()
+    message = str(raised.value)
+    assert re.search(error.error_regex, message) or any(key in message for key in given.kwargs), message
