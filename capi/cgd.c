@@ -276,7 +276,8 @@ cgd_status cgd_block_step(const cgd_block_hparams *hparams, cgd_dtype dtype, con
     if ((st = check_workspace(fn, workspace, workspace_bytes, needed))) return st;
     if (device == CGD_CPU) {
         int failed = cgd_cpu_block_step(hparams, dtype, tensors, count, state, grad_scale, skip);
-        if (failed) return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the scratch space; nothing changed", fn);
+        if (failed)
+            return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the scratch space; nothing changed", fn);
         return ok();
     }
     char why[256];

@@ -195,9 +195,10 @@ void diag_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
     for (size_t i = 0; i < n; ++i) {
         const Tensor &p = params[i];
         to_cgd_dtype(p, "params", i);
-        CGD_CHECK(same(p.device(), first.device()) && p.scalar_type() == first.scalar_type(), "cgd::diag_step_: params[",
-                  i, "] is ", p.scalar_type(), " on ", device_name(p.device()), " but params[0] is ", first.scalar_type(),
-                  " on ", device_name(first.device()), "; one call steps tensors of one dtype on one device");
+        CGD_CHECK(same(p.device(), first.device()) && p.scalar_type() == first.scalar_type(),
+                  "cgd::diag_step_: params[", i, "] is ", p.scalar_type(), " on ", device_name(p.device()),
+                  " but params[0] is ", first.scalar_type(), " on ", device_name(first.device()),
+                  "; one call steps tensors of one dtype on one device");
         check_dense(p, "params", i);
         check_like(grads[i], p, p.scalar_type(), "grads", i);
         check_step(steps[i], p, "steps", i);
@@ -390,13 +391,15 @@ void kron_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
         t.left_full = lf;
         t.right_full = rf;
         t.exp_avg = state_ptr<float>(op, exp_avgs[i], device, ScalarType::Float, rows * cols, "exp_avgs", k);
-        t.left_sq = state_ptr<float>(op, left_sqs[i], device, ScalarType::Float, lf ? rows * rows : rows, "left_sqs", k);
+        t.left_sq =
+            state_ptr<float>(op, left_sqs[i], device, ScalarType::Float, lf ? rows * rows : rows, "left_sqs", k);
         t.right_sq =
             state_ptr<float>(op, right_sqs[i], device, ScalarType::Float, rf ? cols * cols : cols, "right_sqs", k);
         t.left_basis =
             lf ? state_ptr<float>(op, left_bases[i], device, ScalarType::Float, rows * rows, "left_bases", k) : nullptr;
-        t.right_basis =
-            rf ? state_ptr<float>(op, right_bases[i], device, ScalarType::Float, cols * cols, "right_bases", k) : nullptr;
+        t.right_basis = rf ? state_ptr<float>(op, right_bases[i], device, ScalarType::Float, cols * cols,
+                                              "right_bases", k)
+                           : nullptr;
         t.left_eig = state_ptr<float>(op, left_eigs[i], device, ScalarType::Float, rows, "left_eigs", k);
         t.right_eig = state_ptr<float>(op, right_eigs[i], device, ScalarType::Float, cols, "right_eigs", k);
         t.step = state_ptr<double>(op, steps[i], device, ScalarType::Double, 1, "steps", k);
@@ -508,7 +511,8 @@ void induced_rate(Tensor sum, Tensor norm_ema, Tensor norm_step, Tensor rate, do
     cgd_induced_metric m{};
     m.xi = xi;
     m.beta = beta;
-    CGD_CHECK(embedding == "loss" || embedding == "log", "cgd: embedding = '", embedding, "'; expected 'loss' or 'log'");
+    CGD_CHECK(embedding == "loss" || embedding == "log", "cgd: embedding = '", embedding,
+              "'; expected 'loss' or 'log'");
     m.embedding = embedding == "log" ? CGD_EMBED_LOG_LOSS : CGD_EMBED_LOSS;
     const float *total = state_ptr<float>(op, sum, device, ScalarType::Float, 1, "sum");
     float *ema = state_ptr<float>(op, norm_ema, device, ScalarType::Float, 1, "norm_ema");
@@ -557,7 +561,8 @@ STABLE_TORCH_LIBRARY(cgd, m) {
     m.def("diag_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
           "Tensor(d!)[] steps, *, float lr, float beta1, float beta2, float grad_weight, float power, float eps, "
           "float weight_decay, str moment, bool eps_inside, bool bias_correction, bool decoupled_weight_decay, "
-          "bool nesterov, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? lr_tensor=None) -> ()");
+          "bool nesterov, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, "
+          "Tensor? lr_tensor=None) -> ()");
     m.def("block_step_(Tensor(a!)[] params, Tensor[] grads, int[] offsets, Tensor(b!) exp_avg, "
           "Tensor(c!) exp_avg_sq, Tensor(d!) precond, Tensor(e!) eigvals, Tensor(f!) step, Tensor(g!) outcome, "
           "Tensor(h!) counters, *, int block, int nblocks, float lr, float beta1, float beta2, float power, "

@@ -2,9 +2,9 @@
 
 The library is built by CMake together with ``build_info.txt``, which records the torch and CUDA versions it was
 compiled against: ``pip install`` puts both in ``cgd/_lib``; a CMake build from a clone (``./run.sh build``) leaves
-them in its build folder, which the environment variable ``CGD_LIBRARY_DIR`` then names (``./run.sh`` sets it). It is built on LibTorch's
-stable ABI, so it loads in the torch it was built with and every later release; an older torch is reported here,
-before the library is loaded, instead of as an undefined-symbol error from the dynamic loader.
+them in its build folder, which the environment variable ``CGD_LIBRARY_DIR`` then names (``./run.sh`` sets it).
+It is built on LibTorch's stable ABI, so it loads in the torch it was built with and every later release; an older
+torch is reported here, before the library is loaded, instead of as an undefined-symbol error from the loader.
 """
 
 from __future__ import annotations

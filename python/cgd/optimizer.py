@@ -315,8 +315,9 @@ class CGD(Float32StateOptimizer):
     3e-3; the paper's tuned values are 0.23 to 0.40). So 0.5 is the default and 0.4 with a ~3x larger learning
     rate is the first value to try when tuning (README, "Choosing power").
 
-    State per parameter (float32, whatever the parameter dtype): ``step`` (a one-element float64 tensor on the
-    parameter's device, exact up to 2^53 steps), ``exp_avg`` (M1, when beta1 > 0 or the metric is centered), ``exp_avg_sq`` (M2, when
+    State per parameter (float32 whatever the parameter dtype; complex64 for a complex64 parameter, stepped on
+    its real view as torch.optim does): ``step`` (a one-element float64 tensor on the parameter's device, exact up
+    to 2^53 steps), ``exp_avg`` (M1, when beta1 > 0 or the metric is centered), ``exp_avg_sq`` (M2, when
     power > 0) or ``exp_avg_var`` (moment="belief"). The names are torch.optim's, so an Adam checkpoint loads
     directly (:meth:`load_state_dict`).
     """
