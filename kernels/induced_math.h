@@ -87,7 +87,9 @@ CGD_IHD float cgd_induced_rate_of(const cgd_induced_metric *m, float sum, float 
     float v = (float)m->beta * *norm_ema + (float)(1.0 - m->beta) * ((float)m->xi * sum);
     *norm_ema = v;
     float v_hat = fabsf(v / (float)(1.0 - pow(m->beta, norm_step + 1.0)));
-    return m->embedding == CGD_EMBED_LOG_LOSS ? loss / (loss * loss + v_hat) : 1.0f / (1.0f + v_hat);
+    if (m->embedding != CGD_EMBED_LOG_LOSS) return 1.0f / (1.0f + v_hat);
+    /* log L needs L > 0: a rate of NaN (cgd.h) rather than the ascent step a negative loss would give. */
+    return loss > 0.0f ? loss / (loss * loss + v_hat) : NAN;
 }
 
 #endif /* CGD_INDUCED_MATH_H */

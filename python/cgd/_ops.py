@@ -93,7 +93,38 @@ def _kron_step_fake(params, grads, *state_lists, **hyperparameters) -> None:
     return None
 
 
+def _same_device(op: str, lists: dict) -> None:
+    """A real list that mixes in a meta tensor is routed to the fake kernel by the dispatcher: refuse it, as the
+    real kernel refuses mixed devices, rather than returning as if the op had run."""
+    tensors = [(name, i, t) for name, ts in lists.items() for i, t in enumerate(ts if isinstance(ts, (list, tuple))
+                                                                               else [ts]) if t is not None]
+    if tensors:
+        first = tensors[0]
+        for name, i, t in tensors[1:]:
+            if t.device != first[2].device:
+                raise ValueError(f"cgd::{op}: {name}[{i}] is on {t.device} but {first[0]}[{first[1]}] is on "
+                                 f"{first[2].device}")
+
+
 @torch.library.register_fake("cgd::nonfinite_flags")
 def _nonfinite_flags_fake(tensors):
+    _same_device("nonfinite_flags", {"tensors": tensors})
     first = tensors[0]
     return first.new_empty((len(tensors),), dtype=torch.int32), first.new_empty((), dtype=torch.float32)
+
+
+@torch.library.register_fake("cgd::induced_norm_")
+def _induced_norm_fake(grads, exp_avg_sqs, steps, sum, **hyperparameters) -> None:
+    _same_device("induced_norm_", {"grads": grads, "exp_avg_sqs": exp_avg_sqs, "steps": steps, "sum": sum})
+
+
+@torch.library.register_fake("cgd::induced_rate_")
+def _induced_rate_fake(sum, norm_ema, norm_step, rate, **hyperparameters) -> None:
+    _same_device("induced_rate_", {"sum": sum, "norm_ema": norm_ema, "norm_step": norm_step, "rate": rate,
+                                   "loss": hyperparameters.get("loss")})
+
+
+@torch.library.register_fake("cgd::induced_step_")
+def _induced_step_fake(params, grads, exp_avgs, exp_avg_sqs, steps, rate, **hyperparameters) -> None:
+    _same_device("induced_step_", {"params": params, "grads": grads, "exp_avgs": exp_avgs,
+                                   "exp_avg_sqs": exp_avg_sqs, "steps": steps, "rate": rate})

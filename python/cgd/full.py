@@ -17,8 +17,8 @@ from torch.optim import Optimizer
 
 from . import _ops  # noqa: F401  (loads the operator library)
 from ._distributed import full, is_dtensor, local, shard_like
-from .optimizer import (NonFiniteGradientError, _bad, _check_range, _number, betas_from_tau, group_param_label,
-                        Float32StateOptimizer, validate_step_size)
+from .optimizer import (Float32StateOptimizer, NonFiniteGradientError, _bad, _check_range, _number, betas_from_tau,
+                        check_grad_shape, group_param_label, validate_step_size)
 
 METRICS = ("full", "block", "kron")
 OUTCOMES = {-1: "never", 0: "float32", 1: "float64 retry", 2: "kept previous", 3: "diagonal fallback"}
@@ -261,6 +261,7 @@ class FullCGD(Float32StateOptimizer):
                 if not p.is_contiguous():
                     raise ValueError(f"cgd: parameter {self._label(group, j)} is not contiguous (stride "
                                      f"{p.stride()}); FullCGD needs contiguous parameters")
+                check_grad_shape(self._label(group, j), p, g)
                 g = full(g)  # FSDP2: the metric couples elements across shards, so every rank gathers them
                 grads.append(g if g.is_contiguous() and g.stride() == p.stride() else g.contiguous())
             # What the kernels update: the parameter itself, or for a DTensor a zero stand-in of its full shape

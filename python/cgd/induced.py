@@ -17,8 +17,8 @@ from torch.optim import Optimizer
 
 from . import _ops  # noqa: F401  (loads the operator library)
 from ._distributed import local, mean_over_shards, sum_over_shards
-from .optimizer import (SUPPORTED_DTYPES, NonFiniteGradientError, _bad, _check_range, _number, check_lr,
-                        Float32StateOptimizer, group_param_label, lr_on_device, lr_operands, resolve_nonfinite)
+from .optimizer import (SUPPORTED_DTYPES, Float32StateOptimizer, NonFiniteGradientError, _bad, _check_range, _number,
+                        check_grad_shape, check_lr, group_param_label, lr_on_device, lr_operands, resolve_nonfinite)
 
 GAMMAS = ("identity", "rms")
 EMBEDDINGS = ("loss", "log")
@@ -151,6 +151,7 @@ class InducedMetric(Float32StateOptimizer):
                     raise RuntimeError(f"cgd: parameter {self._label(group, j)} has a "
                                        f"{'sparse' if p.grad.is_sparse else 'complex'} gradient, which "
                                        "InducedMetric does not support")
+                check_grad_shape(self._label(group, j), p, p.grad)
                 g = local(p.grad)
                 # The kernels walk param, grad and state in one memory order: the parameter's (channels_last too).
                 if g.stride() != local(p).stride():

@@ -152,6 +152,13 @@ class Float32StateOptimizer(Optimizer):
         return value.detach().to(p.device, dtype, copy=True)
 
 
+def check_grad_shape(label: str, p: torch.Tensor, g: torch.Tensor) -> None:
+    """A gradient must have its parameter's shape: copying one into the parameter's layout would broadcast it."""
+    if tuple(g.shape) != tuple(p.shape):
+        raise ValueError(f"cgd: the gradient of parameter {label} has shape {tuple(g.shape)}, but the parameter has "
+                         f"shape {tuple(p.shape)}")
+
+
 def group_param_label(group: dict[str, Any], j: int) -> str:
     """How messages name parameter j of a group: its name when the group has names, else its index; with shape."""
     names = group.get("param_names")
@@ -466,6 +473,7 @@ class CGD(Float32StateOptimizer):
                     f"cgd: parameter {self._label(gi, j)} has a sparse gradient, which CGD does not support; "
                     "use torch.optim.SparseAdam for sparse embeddings, or dense gradients"
                 )
+            check_grad_shape(self._label(gi, j), p, g)
             view, g = local(p), local(g)  # DTensor (FSDP2) parameters: the kernels step the local shard
             work = view if _dense(view) else view.contiguous()  # a view with gaps: one copy in, one back
             if g.stride() != work.stride() or not _dense(g):

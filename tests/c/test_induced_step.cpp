@@ -238,6 +238,10 @@ TEST(InducedStepErrors, ArgumentsAreNamedWithTheirValue) {
     EXPECT_EQ(cgd_induced_rate(&m, &sum, nullptr, &ema, &ns, &rate, nullptr, CGD_CPU, nullptr),
               CGD_ERR_INVALID_ARGUMENT);
     EXPECT_NE(std::string(cgd_last_error()).find("loss is NULL"), std::string::npos);
+    // A non-positive loss has no logarithm: the rate is NaN (cgd.h), not the ascent step loss / (loss^2 + v) < 0.
+    const float negative_loss = -1.0f;
+    EXPECT_EQ(cgd_induced_rate(&m, &sum, &negative_loss, &ema, &ns, &rate, nullptr, CGD_CPU, nullptr), CGD_OK);
+    EXPECT_TRUE(std::isnan(rate)) << rate;
     m.xi = -2;
     EXPECT_EQ(cgd_induced_rate(&m, &sum, nullptr, &ema, &ns, &rate, nullptr, CGD_CPU, nullptr),
               CGD_ERR_INVALID_ARGUMENT);

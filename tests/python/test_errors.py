@@ -279,3 +279,30 @@ def test_hyperparameters_are_checked_before_params(make, match):
     the argument as the user spelled it."""
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: cgd.CGD(p),
+    lambda p: cgd.FullCGD(p, metric="block", block_size=4),
+    lambda p: cgd.InducedMetric(p),
+], ids=["CGD", "FullCGD", "InducedMetric"])
+def test_a_gradient_of_another_shape_is_refused_naming_the_parameter(make):
+    """A (3, 1) gradient for a (3, 4) parameter is an error, not broadcast into the parameter's layout."""
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    opt = make([p])
+    p.grad = torch.randn(3, 4)
+    p.grad.set_(torch.randn(3, 1))  # torch refuses to assign such a gradient, but a tensor can be resized under it
+    with pytest.raises(ValueError, match=r"gradient of parameter .*shape \(3, 1\), but the parameter has shape "
+                                         r"\(3, 4\)"):
+        opt.step()
+
+
+def test_raw_ops_refuse_a_meta_tensor_mixed_into_real_lists():
+    """The dispatcher sends a list that mixes in a meta tensor to the fake kernels: they refuse it, naming it,
+    instead of returning uninitialised flags or a step that never ran."""
+    with pytest.raises(ValueError, match=r"tensors\[1\] is on meta but tensors\[0\] is on cpu"):
+        torch.ops.cgd.nonfinite_flags([torch.tensor([float("nan")]), torch.zeros(2, device="meta")])
+    grads = [torch.randn(3), torch.randn(3, device="meta")]
+    steps = [torch.zeros((), dtype=torch.float64) for _ in grads]
+    with pytest.raises(ValueError, match=r"grads\[1\] is on meta but grads\[0\] is on cpu"):
+        torch.ops.cgd.induced_norm_(grads, [], steps, torch.zeros(()), gamma="identity", beta_rms=0.99, eps=1e-8)
