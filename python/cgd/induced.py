@@ -62,6 +62,7 @@ class InducedMetric(Float32StateOptimizer):
     """
 
     _step_supports_amp_scaling = True
+    _NON_NEGATIVE_KEYS = ("exp_avg_sq",)
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, momentum: float = 0.9, *, xi: float = 0.1,
                  beta: float = 0.8, embedding: str = "loss", gamma: str = "identity", beta_rms: float = 0.99,

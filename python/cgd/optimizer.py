@@ -101,10 +101,35 @@ _COUNTER_KEYS = ("step", "metric_norm_step")
 _UNPICKLED = ("_state_hooks", "_loading")
 
 
+# The elementwise second moments (EMAs of squares): like the step counts, never below 0. (FullCGD's exp_avg_sq is
+# a matrix, whose off-diagonal entries may be.)
+_ELEMENTWISE_SECOND_MOMENTS = ("exp_avg_sq", "exp_avg_var")
+
+
+def _check_loaded_state(state: dict[Any, Any], non_negative: tuple[str, ...]) -> None:
+    """Refuses impossible saved values before anything is replaced: a step count or second moment below 0, or any
+    NaN/Inf (a run that diverged saves them; loading one would step with garbage or freeze)."""
+    for pid, values in state.items():
+        for key, value in values.items():
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.numel() == 0:
+                continue
+            bad = None
+            if not bool(torch.isfinite(value).all()):
+                bad = "holds NaN or Inf"
+            elif key in non_negative and bool((value < 0).any()):
+                bad = "is negative" if value.numel() == 1 else "has negative entries"
+            if bad:
+                shown = f" = {value.item()!r}" if value.numel() == 1 else ""
+                raise ValueError(f"cgd: the state dict's state {key!r}{shown} of parameter id {pid!r} {bad}; nothing "
+                                 "was loaded")
+
+
 def _translate_pre_hook(optimizer: Float32StateOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
-    """First of the load_state_dict pre-hooks: translates a foreign state dict, and notes the saved state as it is
-    (torch's loader then casts floating state to each parameter's dtype, which _place_post_hook undoes)."""
+    """First of the load_state_dict pre-hooks: translates a foreign state dict, refuses impossible values, and
+    notes the saved state as it is (torch's loader then casts floating state to each parameter's dtype, which
+    _place_post_hook undoes). Everything that can refuse runs here, before torch replaces anything."""
     state_dict = optimizer._translate_state_dict(state_dict)
+    _check_loaded_state(state_dict["state"], _COUNTER_KEYS + optimizer._NON_NEGATIVE_KEYS)
     optimizer._loading = (state_dict["state"], [g["params"] for g in state_dict["param_groups"]])
     return state_dict
 
@@ -129,6 +154,7 @@ class Float32StateOptimizer(Optimizer):
     param_groups)."""
 
     _INT_KEYS: tuple[str, ...] = ()
+    _NON_NEGATIVE_KEYS: tuple[str, ...] = ()  # state that is never below 0, beyond the step counts
 
     def _install_state_hooks(self) -> None:
         if "_state_hooks" not in self.__dict__:
@@ -143,6 +169,14 @@ class Float32StateOptimizer(Optimizer):
         self._install_state_hooks()
 
     def _translate_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Only state dicts of this optimizer's own kind load: another optimizer's groups lack hyperparameters
+        this one steps with, and loading them would break the next step (KeyError) after replacing everything."""
+        wanted = set(self.defaults) - set(_TORCH_ADDED_DEFAULTS)
+        for gi, group in enumerate(state_dict["param_groups"]):
+            missing = sorted(wanted - set(group))
+            if missing:
+                raise ValueError(f"cgd: the state dict's param_groups[{gi}] lacks {', '.join(missing)}: it is not a "
+                                 f"{type(self).__name__} state dict; nothing was loaded")
         return state_dict
 
     def _place_state(self, key: str, value: Any, p: torch.Tensor) -> Any:
@@ -330,6 +364,7 @@ class CGD(Float32StateOptimizer):
     """
 
     _step_supports_amp_scaling = True  # GradScaler hands over grad_scale and found_inf instead of unscaling
+    _NON_NEGATIVE_KEYS = _ELEMENTWISE_SECOND_MOMENTS
 
     def __init__(
         self,

@@ -232,3 +232,61 @@ def test_copies_keep_the_optimizers_own_settings_and_continue_identically(name, 
         train_step(twin, other, x, y)
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
+
+
+def _snapshot(opt):
+    return copy.deepcopy(opt.state_dict())
+
+
+def _same(a, b):
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for pid in a["state"]:
+        for key, value in a["state"][pid].items():
+            other = b["state"][pid][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("key,value,match", [
+    ("step", -1.0, r"'step' = -1.0 .* is negative"),
+    ("step", float("nan"), r"'step' = nan .* holds NaN or Inf"),
+])
+def test_impossible_loaded_values_are_refused_and_change_nothing(name, key, value, match):
+    model = make_mlp()
+    opt = OPTIMIZERS[name](model.parameters())
+    train_step(model, opt, *next(iter(batches(1))))
+    bad = roundtrip(opt.state_dict())
+    first = next(iter(bad["state"]))
+    bad["state"][first][key] = torch.tensor(value, dtype=torch.float64)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(bad)
+    _same(before, _snapshot(opt))
+
+
+def test_a_negative_second_moment_is_refused():
+    model = make_mlp()
+    opt = cgd.Adam(model.parameters())
+    train_step(model, opt, *next(iter(batches(1))))
+    bad = roundtrip(opt.state_dict())
+    bad["state"][0]["exp_avg_sq"][0, 0] = -1.0
+    with pytest.raises(ValueError, match=r"'exp_avg_sq' of parameter id 0 has negative entries"):
+        opt.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("name", ["FullCGD kron", "InducedMetric"])
+@pytest.mark.parametrize("foreign", ["torch Adam", "cgd.CGD"])
+def test_another_optimizers_state_dict_is_refused_at_load_time(name, foreign):
+    """FullCGD and InducedMetric refuse a state dict of another optimizer when it is loaded, naming what it
+    lacks, and stay as they were (it was accepted, replaced the groups, and the next step failed with KeyError)."""
+    model = make_mlp()
+    other = (torch.optim.Adam if foreign == "torch Adam" else cgd.CGD)(model.parameters())
+    train_step(model, other, *next(iter(batches(1))))
+    opt = OPTIMIZERS[name](model.parameters())
+    train_step(model, opt, *next(iter(batches(1))))
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"param_groups\[0\] lacks .*: it is not a .* state dict; nothing was"):
+        opt.load_state_dict(other.state_dict())
+    _same(before, _snapshot(opt))
+    train_step(model, opt, *next(iter(batches(1))))
