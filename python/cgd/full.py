@@ -268,9 +268,11 @@ class FullCGD(Float32StateOptimizer):
             # that receives -lr * direction, later added to the local shard.
             targets = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) if is_dtensor(p) else p for p in params]
             work.append((group, grads, targets))
-        if self.nonfinite == "raise":
-            self._raise_on_nonfinite([(group, grads) for group, grads, _ in work])
         found_inf = getattr(self, "found_inf", None)
+        # Under GradScaler an overflowing step is routine: its found_inf skips the step on the device, as with
+        # torch.optim, and the scaler lowers the scale; the policy applies to steps it does not manage.
+        if self.nonfinite == "raise" and found_inf is None:
+            self._raise_on_nonfinite([(group, grads) for group, grads, _ in work])
         grad_scale = getattr(self, "grad_scale", None)
         for group, grads, targets in work:
             self._step_group(group, grads, targets, grad_scale, found_inf)

@@ -166,10 +166,11 @@ class InducedMetric(Float32StateOptimizer):
         loss_t = self._loss_tensor(loss, device)
         batches = [(group, [item for item in items if item[1].dtype == dtype])  # one kernel call per dtype
                    for group, items in work for dtype in sorted({p.dtype for _, p, _ in items}, key=str)]
-        if self.nonfinite == "raise":
+        found_inf = getattr(self, "found_inf", None)
+        # Under GradScaler an overflowing step is routine: its found_inf skips the step on the device (see FullCGD).
+        if self.nonfinite == "raise" and found_inf is None:
             self._raise_on_nonfinite(batches)
         metric = self._metric_state(device)
-        found_inf = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
         scale = None if grad_scale is None else grad_scale.to(device)
         skip = None if found_inf is None else found_inf.to(device)

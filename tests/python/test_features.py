@@ -318,3 +318,33 @@ def test_cuda_graph_replay_equals_eager(make):
         ref_sched.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: cgd.FullCGD(p, lr=1e-3, metric="kron"),
+    lambda p: cgd.FullCGD(p, lr=1e-3, metric="block", block_size=8),
+    lambda p: cgd.InducedMetric(p, lr=1e-3, gamma="rms"),
+], ids=["FullCGD kron", "FullCGD block", "InducedMetric"])
+def test_grad_scaler_overflow_is_skipped_not_raised(make):
+    """With the default nonfinite='raise', a GradScaler step whose gradients overflowed is skipped on the device
+    and the scaler lowers its scale, as with torch.optim (it raised NonFiniteGradientError and killed AMP runs)."""
+    model = make_mlp()
+    opt = make(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for i, (x, y) in enumerate(batches(4)):
+        opt.zero_grad()
+        scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+        if i == 2:
+            next(model.parameters()).grad.view(-1)[0] = math.inf
+            before = [p.detach().clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        if i == 2:
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+            assert scaler.get_scale() < 2.0**10
+    # Outside GradScaler the policy still holds.
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    next(model.parameters()).grad.view(-1)[0] = math.nan
+    with pytest.raises(cgd.NonFiniteGradientError):
+        opt.step()
