@@ -431,6 +431,8 @@ class FullCGD(Float32StateOptimizer):
         products of the factors' clamped spectra; the effective rank of a Kronecker product is the product of
         the factors' effective ranks) and ``outcome`` (left, right).
         """
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise _bad("top_k", top_k, "must be an integer >= 0")
         out = []
         for gi, group in enumerate(self.param_groups):
             eps = float(group["eps"])
@@ -468,7 +470,7 @@ class FullCGD(Float32StateOptimizer):
             "shape": tuple(state["exp_avg"].shape),
             "top": top,
             "min": smallest,
-            "condition": (eps + float(top[0])) / (eps + smallest),
+            "condition": (eps + float(mu[0] * nu[0])) / (eps + smallest),  # the largest product, whatever top_k
             "effective_rank": float(_effective_rank(mu) * _effective_rank(nu)),
             "outcome": tuple(OUTCOMES[int(o)] for o in state["outcome"].tolist()),
         }

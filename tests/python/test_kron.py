@@ -182,3 +182,20 @@ def test_opcheck_kron_step(device):
     hyper = dict(lr=0.01, beta1=0.9, beta2=0.99, power=0.5, eps=1e-8, weight_decay=0.0, centered=True,
                  bias_correction=False, maximize=False, refresh=True)
     torch.library.opcheck(torch.ops.cgd.kron_step_.default, args, hyper)
+
+
+@pytest.mark.parametrize("metric", ["kron", "block"])
+def test_metric_spectrum_takes_top_k_zero_and_names_a_bad_one(metric):
+    model = small_model()
+    opt = cgd.FullCGD(model.parameters(), metric=metric, block_size=4, lr=0.02)
+    for x, y in batches(2):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    full = opt.metric_spectrum()
+    none = opt.metric_spectrum(top_k=0)
+    first, first_none = (full[0]["tensors"][0], none[0]["tensors"][0]) if metric == "kron" else (full[0], none[0])
+    assert first_none["top"].numel() == 0
+    assert torch.equal(torch.as_tensor(first_none["condition"]), torch.as_tensor(first["condition"]))
+    with pytest.raises(ValueError, match=r"top_k = '3' is invalid"):
+        opt.metric_spectrum(top_k="3")
