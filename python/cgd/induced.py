@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch.optim import Optimizer
 
 from . import _ops  # noqa: F401  (loads the operator library)
 from ._distributed import local, mean_over_shards, sum_over_shards

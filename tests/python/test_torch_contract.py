@@ -29,14 +29,17 @@ REFUSED = [
 ]
 
 
-def _inputs():
-    cases = []
+def _db(inputs_of):
+    """(preset name, torch's OptimizerInfo, one of its inputs) for every input `inputs_of(info)` gives."""
     for info in common_optimizers.optim_db:
-        name = info.optim_cls.__name__
-        if name in PRESETS:
-            for given in info.optim_inputs_func(device="cpu", dtype=torch.float32):
-                cases.append(pytest.param(name, info.optim_cls, given.kwargs, id=f"{name}: {given.desc}"))
-    return cases
+        if info.optim_cls.__name__ in PRESETS:
+            for given in inputs_of(info)(device="cpu", dtype=torch.float32):
+                yield info.optim_cls.__name__, info, given
+
+
+def _inputs():
+    return [pytest.param(name, info.optim_cls, given.kwargs, id=f"{name}: {given.desc}")
+            for name, info, given in _db(lambda info: info.optim_inputs_func)]
 
 
 def _refusal(name, kwargs):
@@ -71,13 +74,8 @@ def test_refusals_by_design(name, key, value, match):
 
 
 def _error_inputs():
-    cases = []
-    for info in common_optimizers.optim_db:
-        name = info.optim_cls.__name__
-        if name in PRESETS:
-            for error in info.optim_error_inputs_func(device="cpu", dtype=torch.float32):
-                cases.append(pytest.param(name, error, id=f"{name}: {error.optimizer_error_input.desc}"))
-    return cases
+    return [pytest.param(name, error, id=f"{name}: {error.optimizer_error_input.desc}")
+            for name, _, error in _db(lambda info: info.optim_error_inputs_func)]
 
 
 @pytest.mark.parametrize("name,error", _error_inputs())
