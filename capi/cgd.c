@@ -71,7 +71,7 @@ static cgd_status cuda_outcome(const char *fn, int e) {
 }
 
 static cgd_status check_common(const char *fn, cgd_dtype dtype, cgd_device device, int64_t count) {
-    if (dtype != CGD_FLOAT32 && dtype != CGD_FLOAT16 && dtype != CGD_BFLOAT16)
+    if (dtype != CGD_FLOAT32 && dtype != CGD_FLOAT16 && dtype != CGD_BFLOAT16 && dtype != CGD_FLOAT64)
         return fail(CGD_ERR_INVALID_ARGUMENT, "%s: dtype = %d is not a cgd_dtype", fn, (int)dtype);
     if (device != CGD_CPU && device != CGD_CUDA)
         return fail(CGD_ERR_INVALID_ARGUMENT, "%s: device = %d is not a cgd_device", fn, (int)device);
@@ -147,7 +147,7 @@ cgd_status cgd_diag_step(const cgd_diag_hparams *hparams, cgd_dtype dtype, const
     if ((st = check_common(fn, dtype, device, count))) return st;
     if (count > 0 && !tensors) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors is NULL but count = %lld", fn,
                                            (long long)count);
-    cgd_diag_consts k = cgd_diag_make_consts(hparams);
+    const int has_m1 = cgd_diag_needs_m1(hparams), has_m2 = cgd_diag_needs_m2(hparams);
     for (int64_t i = 0; i < count; ++i) {
         const cgd_diag_tensor *t = &tensors[i];
         if ((st = check_numel(fn, "tensors.numel", i, t->numel))) return st;
@@ -156,20 +156,21 @@ cgd_status cgd_diag_step(const cgd_diag_hparams *hparams, cgd_dtype dtype, const
         if (!t->param || !t->grad)
             return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors[%lld].%s is NULL", fn, (long long)i,
                         t->param ? "grad" : "param");
-        if (k.has_m1 && !t->exp_avg)
+        if (has_m1 && !t->exp_avg)
             return fail(CGD_ERR_INVALID_ARGUMENT,
                         "%s: tensors[%lld].exp_avg is NULL but beta1 = %g and moment = %d need the first moment", fn,
                         (long long)i, hparams->beta1, (int)hparams->moment);
-        if (k.has_m2 && !t->exp_avg_sq)
+        if (has_m2 && !t->exp_avg_sq)
             return fail(CGD_ERR_INVALID_ARGUMENT,
                         "%s: tensors[%lld].exp_avg_sq is NULL but power = %g needs the second moment", fn,
                         (long long)i, hparams->power);
     }
     if (device == CGD_CPU) {
-        cgd_cpu_diag_step(&k, dtype, tensors, count, grad_scale, skip);
+        CGD_BY_REAL(dtype, cgd_cpu_diag_step)(hparams, dtype, tensors, count, grad_scale, skip);
         return ok();
     }
-    return cuda_outcome(fn, cgd_cuda_diag_step(&k, dtype, tensors, count, grad_scale, skip, stream));
+    return cuda_outcome(
+        fn, CGD_BY_REAL(dtype, cgd_cuda_diag_step)(hparams, dtype, tensors, count, grad_scale, skip, stream));
 }
 
 cgd_status cgd_nonfinite_check(cgd_dtype dtype, const void *const *data, const int64_t *numels, int64_t count,
@@ -223,23 +224,23 @@ static cgd_status check_block_layout(const char *fn, const cgd_block_hparams *hp
 }
 
 /* The workspace a block step needs on `device`, for the two public entry points. */
-static cgd_status block_workspace(const char *fn, const cgd_block_hparams *hparams, const cgd_block_state *state,
-                                  cgd_device device, void *stream, size_t *bytes) {
+static cgd_status block_workspace(const char *fn, const cgd_block_hparams *hparams, cgd_dtype dtype,
+                                  const cgd_block_state *state, cgd_device device, void *stream, size_t *bytes) {
     *bytes = 0;
     if (device == CGD_CPU) return CGD_OK;
     char why[256];
-    int e = cgd_cuda_block_workspace(hparams, state, stream, bytes, why, sizeof why);
+    int e = CGD_BY_REAL(dtype, cgd_cuda_block_workspace)(hparams, state, stream, bytes, why, sizeof why);
     return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : CGD_OK;
 }
 
-cgd_status cgd_block_workspace_size(const cgd_block_hparams *hparams, const cgd_block_state *state,
+cgd_status cgd_block_workspace_size(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_block_state *state,
                                     cgd_device device, void *stream, size_t *bytes) {
     static const char fn[] = "cgd_block_workspace_size";
     cgd_status st;
     if (!bytes) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: bytes is NULL", fn);
     if ((st = check_block_layout(fn, hparams, state))) return st;
-    if ((st = check_common(fn, CGD_FLOAT32, device, 0))) return st;
-    if ((st = block_workspace(fn, hparams, state, device, stream, bytes))) return st;
+    if ((st = check_common(fn, dtype, device, 0))) return st;
+    if ((st = block_workspace(fn, hparams, dtype, state, device, stream, bytes))) return st;
     return ok();
 }
 
@@ -272,17 +273,17 @@ cgd_status cgd_block_step(const cgd_block_hparams *hparams, cgd_dtype dtype, con
         end = t->offset + t->numel;
     }
     size_t needed = 0;
-    if ((st = block_workspace(fn, hparams, state, device, stream, &needed))) return st;
+    if ((st = block_workspace(fn, hparams, dtype, state, device, stream, &needed))) return st;
     if ((st = check_workspace(fn, workspace, workspace_bytes, needed))) return st;
     if (device == CGD_CPU) {
-        int failed = cgd_cpu_block_step(hparams, dtype, tensors, count, state, grad_scale, skip);
+        int failed = CGD_BY_REAL(dtype, cgd_cpu_block_step)(hparams, dtype, tensors, count, state, grad_scale, skip);
         if (failed)
             return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the scratch space; nothing changed", fn);
         return ok();
     }
     char why[256];
-    int e = cgd_cuda_block_step(hparams, dtype, tensors, count, state, grad_scale, skip, workspace, stream, why,
-                                sizeof why);
+    int e = CGD_BY_REAL(dtype, cgd_cuda_block_step)(hparams, dtype, tensors, count, state, grad_scale, skip, workspace,
+                                                    stream, why, sizeof why);
     return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : ok();
 }
 
@@ -319,22 +320,23 @@ static cgd_status check_kron_tensors(const char *fn, const cgd_block_hparams *hp
     return CGD_OK;
 }
 
-static cgd_status kron_workspace(const char *fn, const cgd_block_hparams *hparams, const cgd_kron_tensor *tensors,
-                                 int64_t count, cgd_device device, void *stream, size_t *bytes) {
+static cgd_status kron_workspace(const char *fn, const cgd_block_hparams *hparams, cgd_dtype dtype,
+                                 const cgd_kron_tensor *tensors, int64_t count, cgd_device device, void *stream,
+                                 size_t *bytes) {
     *bytes = 0;
     if (device == CGD_CPU) return CGD_OK;
     char why[256];
-    int e = cgd_cuda_kron_workspace(hparams, tensors, count, stream, bytes, why, sizeof why);
+    int e = CGD_BY_REAL(dtype, cgd_cuda_kron_workspace)(hparams, tensors, count, stream, bytes, why, sizeof why);
     return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : CGD_OK;
 }
 
-cgd_status cgd_kron_workspace_size(const cgd_block_hparams *hparams, const cgd_kron_tensor *tensors, int64_t count,
-                                   cgd_device device, void *stream, size_t *bytes) {
+cgd_status cgd_kron_workspace_size(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_kron_tensor *tensors,
+                                   int64_t count, cgd_device device, void *stream, size_t *bytes) {
     static const char fn[] = "cgd_kron_workspace_size";
     cgd_status st;
     if (!bytes) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: bytes is NULL", fn);
-    if ((st = check_kron_tensors(fn, hparams, CGD_FLOAT32, tensors, count, device, 0))) return st;
-    if ((st = kron_workspace(fn, hparams, tensors, count, device, stream, bytes))) return st;
+    if ((st = check_kron_tensors(fn, hparams, dtype, tensors, count, device, 0))) return st;
+    if ((st = kron_workspace(fn, hparams, dtype, tensors, count, device, stream, bytes))) return st;
     return ok();
 }
 
@@ -345,15 +347,16 @@ cgd_status cgd_kron_step(const cgd_block_hparams *hparams, cgd_dtype dtype, cons
     cgd_status st;
     size_t needed = 0;
     if ((st = check_kron_tensors(fn, hparams, dtype, tensors, count, device, 1))) return st;
-    if ((st = kron_workspace(fn, hparams, tensors, count, device, stream, &needed))) return st;
+    if ((st = kron_workspace(fn, hparams, dtype, tensors, count, device, stream, &needed))) return st;
     if ((st = check_workspace(fn, workspace, workspace_bytes, needed))) return st;
     if (device == CGD_CPU) {
-        if (cgd_cpu_kron_step(hparams, dtype, tensors, count, grad_scale, skip))
+        if (CGD_BY_REAL(dtype, cgd_cpu_kron_step)(hparams, dtype, tensors, count, grad_scale, skip))
             return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the scratch space; nothing changed", fn);
         return ok();
     }
     char why[256];
-    int e = cgd_cuda_kron_step(hparams, dtype, tensors, count, grad_scale, skip, workspace, stream, why, sizeof why);
+    int e = CGD_BY_REAL(dtype, cgd_cuda_kron_step)(hparams, dtype, tensors, count, grad_scale, skip, workspace, stream,
+                                                   why, sizeof why);
     return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : ok();
 }
 
@@ -406,7 +409,7 @@ cgd_status cgd_induced_norm_workspace_size(const cgd_diag_tensor *tensors, int64
 }
 
 cgd_status cgd_induced_norm(const cgd_induced_hparams *hparams, cgd_dtype dtype, const cgd_diag_tensor *tensors,
-                            int64_t count, float *sum, const float *grad_scale, const float *skip, void *workspace,
+                            int64_t count, double *sum, const float *grad_scale, const float *skip, void *workspace,
                             size_t workspace_bytes, cgd_device device, void *stream) {
     static const char fn[] = "cgd_induced_norm";
     cgd_status st;
@@ -415,16 +418,16 @@ cgd_status cgd_induced_norm(const cgd_induced_hparams *hparams, cgd_dtype dtype,
     if ((st = check_workspace(fn, workspace, workspace_bytes, induced_norm_workspace(tensors, count, device))))
         return st;
     if (device == CGD_CPU) {
-        if (cgd_cpu_induced_norm(hparams, dtype, tensors, count, sum, grad_scale, skip))
+        if (CGD_BY_REAL(dtype, cgd_cpu_induced_norm)(hparams, dtype, tensors, count, sum, grad_scale, skip))
             return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the partial sums; nothing changed", fn);
         return ok();
     }
-    return cuda_outcome(fn, cgd_cuda_induced_norm(hparams, dtype, tensors, count, sum, grad_scale, skip,
-                                                  (double *)workspace, stream));
+    return cuda_outcome(fn, CGD_BY_REAL(dtype, cgd_cuda_induced_norm)(hparams, dtype, tensors, count, sum, grad_scale,
+                                                                      skip, (double *)workspace, stream));
 }
 
-cgd_status cgd_induced_rate(const cgd_induced_metric *metric, const float *sum, const float *loss, float *norm_ema,
-                            double *norm_step, float *rate, const float *skip, cgd_device device, void *stream) {
+cgd_status cgd_induced_rate(const cgd_induced_metric *metric, const double *sum, const double *loss, double *norm_ema,
+                            double *norm_step, double *rate, const float *skip, cgd_device device, void *stream) {
     static const char fn[] = "cgd_induced_rate";
     cgd_status st;
     if (!metric) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: metric is NULL", fn);
@@ -447,15 +450,16 @@ cgd_status cgd_induced_rate(const cgd_induced_metric *metric, const float *sum, 
 }
 
 cgd_status cgd_induced_step(const cgd_induced_hparams *hparams, cgd_dtype dtype, const cgd_diag_tensor *tensors,
-                            int64_t count, const float *rate, const float *grad_scale, const float *skip,
+                            int64_t count, const double *rate, const float *grad_scale, const float *skip,
                             cgd_device device, void *stream) {
     static const char fn[] = "cgd_induced_step";
     cgd_status st;
     if ((st = check_induced(fn, hparams, dtype, tensors, count, device, 1))) return st;
     if (!rate) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: rate is NULL", fn);
     if (device == CGD_CPU) {
-        cgd_cpu_induced_step(hparams, dtype, tensors, count, rate, grad_scale, skip);
+        CGD_BY_REAL(dtype, cgd_cpu_induced_step)(hparams, dtype, tensors, count, rate, grad_scale, skip);
         return ok();
     }
-    return cuda_outcome(fn, cgd_cuda_induced_step(hparams, dtype, tensors, count, rate, grad_scale, skip, stream));
+    return cuda_outcome(
+        fn, CGD_BY_REAL(dtype, cgd_cuda_induced_step)(hparams, dtype, tensors, count, rate, grad_scale, skip, stream));
 }

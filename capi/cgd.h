@@ -16,9 +16,12 @@
  *   workspace from the caller, sized by its *_workspace_size function, so a framework's caching allocator
  *   provides it and a failed allocation happens before anything changed. cuSOLVER/cuBLAS handles are created
  *   by cgd_prepare (or the first workspace query) on the calling thread, never inside a CUDA-graph capture.
- * - Parameters and gradients are float32, float16 or bfloat16; optimizer state is float32, step counters
- *   float64 (exact up to 2^53 steps). All maths runs in float32, with no implicit fused multiply-add on either
- *   back end: both evaluate each expression as written (fmaf only where the source says so).
+ * - Parameters and gradients are float32, float16 or bfloat16 with float32 optimizer state and float32 maths,
+ *   or float64 with float64 state and float64 maths (as torch.optim keeps state in the parameter's precision).
+ *   A state pointer (void * below) points at float for the first kind and at double for float64. Step counters
+ *   are float64 (exact up to 2^53 steps), failure counters float32, and the induced metric's optimizer-wide
+ *   scalars float64. No implicit fused multiply-add on either back end: both evaluate each expression as
+ *   written (fma only where the source says so).
  * - Sizes are int64: tensors past 2^31 elements are fine.
  */
 #ifndef CGD_H
@@ -42,7 +45,7 @@ typedef enum cgd_status {
     CGD_ERR_CUDA = 3              /* the CUDA runtime reported an error; the message carries its text */
 } cgd_status;
 
-typedef enum cgd_dtype { CGD_FLOAT32 = 0, CGD_FLOAT16 = 1, CGD_BFLOAT16 = 2 } cgd_dtype;
+typedef enum cgd_dtype { CGD_FLOAT32 = 0, CGD_FLOAT16 = 1, CGD_BFLOAT16 = 2, CGD_FLOAT64 = 3 } cgd_dtype;
 
 typedef enum cgd_device { CGD_CPU = 0, CGD_CUDA = 1 } cgd_device;
 
@@ -58,7 +61,7 @@ typedef enum cgd_moment {
 } cgd_moment;
 
 /*
- * Hyperparameters of the diagonal step, per element (all maths in float32):
+ * Hyperparameters of the diagonal step, per element (maths in the state's precision):
  *   g  <- grad / grad_scale            (grad_scale optional, see cgd_diag_step)
  *   g  <- -g                           if maximize
  *   g  <- g + weight_decay * p         if weight_decay and !decoupled_weight_decay   (L2, torch Adam)
@@ -86,7 +89,7 @@ typedef struct cgd_diag_hparams {
     int32_t nesterov;
     int32_t maximize;
     /* NULL, or one float on the call's device that replaces lr (>= 0, not checked): read by the kernel, so a
-       captured CUDA graph follows a scheduler that changes it in place. lr is used as a float32 either way. */
+       captured CUDA graph follows a scheduler that changes it in place. lr is used in the state's precision. */
     const float *lr_device;
 } cgd_diag_hparams;
 
@@ -94,8 +97,8 @@ typedef struct cgd_diag_hparams {
 typedef struct cgd_diag_tensor {
     void *param;        /* numel elements of the call's dtype, updated in place */
     const void *grad;   /* numel elements of the call's dtype */
-    float *exp_avg;     /* M1, numel floats; may be NULL when beta1 == 0 and moment == CGD_MOMENT_RAW */
-    float *exp_avg_sq;  /* M2 (or S for CGD_MOMENT_BELIEF), numel floats; may be NULL when power == 0 */
+    void *exp_avg;      /* M1, numel state values; may be NULL when beta1 == 0 and moment == CGD_MOMENT_RAW */
+    void *exp_avg_sq;   /* M2 (or S for CGD_MOMENT_BELIEF), numel state values; may be NULL when power == 0 */
     double *step;       /* one double: steps taken so far; incremented by each step that is not skipped */
     int64_t numel;      /* >= 0; empty tensors are skipped, but their step still advances */
 } cgd_diag_tensor;
@@ -159,8 +162,9 @@ cgd_status cgd_nonfinite_check(cgd_dtype dtype, const void *const *data, const i
  * Between refreshes the cached P is applied to the new F (the paper's method refreshes every step).
  *
  * A refresh that fails (solver error or non-finite output) goes down a ladder and never corrupts the state:
- * float32 solver -> float64 solver (CPU only: on CUDA it would need a host synchronisation) -> keep the
- * block's previous P -> the diagonal metric diag((eps + max(C_ii, 0))^-a). Each rung is counted.
+ * the solver in the state's precision -> float64 solver (float32 state on the CPU only: on CUDA it would need a
+ * host synchronisation) -> keep the block's previous P -> the diagonal metric diag((eps + max(C_ii, 0))^-a).
+ * Each rung is counted.
  * --------------------------------------------------------------------------------------------------------- */
 
 typedef struct cgd_block_hparams {
@@ -188,22 +192,22 @@ typedef struct cgd_block_tensor {
 
 /* Block outcome codes, per block, of the last refresh. */
 enum {
-    CGD_BLOCK_NEVER = -1,      /* not refreshed yet: P is not valid */
-    CGD_BLOCK_FP32 = 0,        /* float32 eigensolver */
-    CGD_BLOCK_FP64 = 1,        /* float32 failed, float64 succeeded */
-    CGD_BLOCK_KEPT = 2,        /* both failed (or CUDA's float32 failed): the previous P was kept */
-    CGD_BLOCK_DIAGONAL = 3     /* failed with no previous P: P = diag((eps + max(C_ii, 0))^-a) */
+    CGD_BLOCK_NEVER = -1,  /* not refreshed yet: P is not valid */
+    CGD_BLOCK_FP32 = 0,    /* the eigensolver of the state's precision (float32, or float64 for float64) */
+    CGD_BLOCK_FP64 = 1,    /* float32 state: float32 failed, float64 succeeded */
+    CGD_BLOCK_KEPT = 2,    /* the solvers failed: the previous P was kept */
+    CGD_BLOCK_DIAGONAL = 3 /* failed with no previous P: P = diag((eps + max(C_ii, 0))^-a) */
 };
 
-/* The state of one block step, float32 arrays (outcome int32, step float64) on the call's device, owned by the
-   caller. */
+/* The state of one block step: arrays of state values (outcome int32, step float64, counters float32) on the
+   call's device, owned by the caller. */
 typedef struct cgd_block_state {
     int64_t block;       /* coordinates per block, >= 1 */
     int64_t nblocks;     /* >= 1 */
-    float *exp_avg;      /* M1: nblocks * block */
-    float *exp_avg_sq;   /* M2: nblocks * block * block, symmetric, both triangles kept */
-    float *precond;      /* P: nblocks * block * block */
-    float *eigvals;      /* nblocks * block: eigenvalues of C at the last refresh, ascending (diagonal of C
+    void *exp_avg;       /* M1: nblocks * block */
+    void *exp_avg_sq;    /* M2: nblocks * block * block, symmetric, both triangles kept */
+    void *precond;       /* P: nblocks * block * block */
+    void *eigvals;       /* nblocks * block: eigenvalues of C at the last refresh, ascending (diagonal of C
                             after a diagonal fallback, unchanged after a kept P) */
     double *step;        /* one double: steps taken */
     int32_t *outcome;    /* nblocks: CGD_BLOCK_* of the last refresh; initialise to CGD_BLOCK_NEVER */
@@ -211,12 +215,13 @@ typedef struct cgd_block_state {
 } cgd_block_state;
 
 /*
- * Bytes of workspace a cgd_block_step with these hparams (refresh matters) and this state's block layout needs
+ * Bytes of workspace a cgd_block_step with these hparams (refresh matters), this dtype (float64 needs double
+ * buffers) and this state's block layout needs
  * on `device`: written to *bytes. 0 on the CPU, whose kernels take their scratch from the heap, all of it before
  * they change anything. On CUDA this queries cuSOLVER, creating the handles as cgd_prepare does unless `stream`
  * (the step's) is being captured into a CUDA graph, where that is refused with a message.
  */
-cgd_status cgd_block_workspace_size(const cgd_block_hparams *hparams, const cgd_block_state *state,
+cgd_status cgd_block_workspace_size(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_block_state *state,
                                     cgd_device device, void *stream, size_t *bytes);
 
 /*
@@ -244,26 +249,27 @@ cgd_status cgd_block_step(const cgd_block_hparams *hparams, cgd_dtype dtype, con
  * R = V diag(nu) V^T (both clamped at 0), the CGD direction (eps I + C)^-a vec(F) is exactly
  *   D = U [ (U^T F V) ./ (eps + mu_i nu_j / sum(nu))^a ] V^T,        p <- p (1 - lr wd) - lr D.
  * A side larger than the caller's limit keeps only the diagonal of its factor (its basis is the identity):
- * O(rows) state instead of O(rows^2). A factor's refresh goes down the ladder of the block step (float32
- * solver, float64 on the CPU, keep the previous basis, the factor's diagonal), with the outcome per factor.
+ * O(rows) state instead of O(rows^2). A factor's refresh goes down the ladder of the block step (the state's
+ * precision, float64 on the CPU for float32 state, keep the previous basis, the factor's diagonal), with the
+ * outcome per factor.
  * --------------------------------------------------------------------------------------------------------- */
 
-/* One matrix of a Kronecker-factored step; every array is float32 (outcome int32, step float64) on the call's
-   device. */
+/* One matrix of a Kronecker-factored step; every array holds state values (outcome int32, step float64,
+   counters float32) on the call's device. */
 typedef struct cgd_kron_tensor {
     void *param;          /* rows * cols elements of the call's dtype, row-major */
     const void *grad;
     int64_t rows, cols;   /* >= 1 each */
     int32_t left_full;    /* 1: the left factor is a full rows x rows matrix; 0: its diagonal only */
     int32_t right_full;   /* the same for the right factor (cols) */
-    float *exp_avg;       /* M1: rows * cols */
-    float *left_sq;       /* Pl: rows * rows when left_full, else its diagonal (rows) */
-    float *right_sq;      /* Pr: cols * cols when right_full, else cols */
-    float *left_basis;    /* U^T: rows * rows, row k = eigenvector k (the column-major U LAPACK and cuSOLVER
+    void *exp_avg;        /* M1: rows * cols */
+    void *left_sq;        /* Pl: rows * rows when left_full, else its diagonal (rows) */
+    void *right_sq;       /* Pr: cols * cols when right_full, else cols */
+    void *left_basis;     /* U^T: rows * rows, row k = eigenvector k (the column-major U LAPACK and cuSOLVER
                              return); unused (may be NULL) when !left_full */
-    float *right_basis;   /* V^T: cols * cols, likewise */
-    float *left_eig;      /* rows: mu at the last refresh, ascending when left_full */
-    float *right_eig;     /* cols: nu / sum(max(nu, 0)) at the last refresh (0 when the sum is 0) */
+    void *right_basis;    /* V^T: cols * cols, likewise */
+    void *left_eig;       /* rows: mu at the last refresh, ascending when left_full */
+    void *right_eig;      /* cols: nu / sum(max(nu, 0)) at the last refresh (0 when the sum is 0) */
     double *step;         /* one double: steps taken */
     int32_t *outcome;     /* 2: CGD_BLOCK_* of the left and right factor's last refresh; start at CGD_BLOCK_NEVER */
     float *counters;      /* 3 floats, cumulative as in cgd_block_state */
@@ -271,8 +277,8 @@ typedef struct cgd_kron_tensor {
 
 /* Bytes of workspace a cgd_kron_step of these tensors needs on `device` (as cgd_block_workspace_size; the
    tensors are stepped one after another, so it is the largest tensor's need, not the sum). */
-cgd_status cgd_kron_workspace_size(const cgd_block_hparams *hparams, const cgd_kron_tensor *tensors, int64_t count,
-                                   cgd_device device, void *stream, size_t *bytes);
+cgd_status cgd_kron_workspace_size(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_kron_tensor *tensors,
+                                   int64_t count, cgd_device device, void *stream, size_t *bytes);
 
 /*
  * One Kronecker-factored CGD step over `count` tensors, each with its own factors (hparams as for
@@ -325,23 +331,23 @@ typedef struct cgd_induced_metric {
 /*
  * Tensors are cgd_diag_tensor: param (unused by cgd_induced_norm, may be NULL there), grad, exp_avg (M1),
  * exp_avg_sq (M2, CGD_GAMMA_RMS only), step (per tensor, advanced by cgd_induced_step), numel.
- * sum, rate: one float each on the device. grad_scale and skip as in cgd_diag_step. cgd_induced_norm's
+ * sum, rate: one double each on the device. grad_scale and skip as in cgd_diag_step. cgd_induced_norm's
  * workspace holds its per-chunk partial sums (the deterministic order): cgd_induced_norm_workspace_size bytes.
  */
 cgd_status cgd_induced_norm_workspace_size(const cgd_diag_tensor *tensors, int64_t count, cgd_device device,
                                            size_t *bytes);
 
 cgd_status cgd_induced_norm(const cgd_induced_hparams *hparams, cgd_dtype dtype, const cgd_diag_tensor *tensors,
-                            int64_t count, float *sum, const float *grad_scale, const float *skip, void *workspace,
+                            int64_t count, double *sum, const float *grad_scale, const float *skip, void *workspace,
                             size_t workspace_bytes, cgd_device device, void *stream);
 
-/* norm_ema (v, float) and norm_step (double): the optimizer's state; loss: one float, needed (> 0) with
+/* norm_ema (v) and norm_step, one double each: the optimizer's state; loss: one double, needed (> 0) with
    CGD_EMBED_LOG_LOSS, else NULL; a non-positive loss there makes rate NaN (the Python layer refuses it first). */
-cgd_status cgd_induced_rate(const cgd_induced_metric *metric, const float *sum, const float *loss, float *norm_ema,
-                            double *norm_step, float *rate, const float *skip, cgd_device device, void *stream);
+cgd_status cgd_induced_rate(const cgd_induced_metric *metric, const double *sum, const double *loss, double *norm_ema,
+                            double *norm_step, double *rate, const float *skip, cgd_device device, void *stream);
 
 cgd_status cgd_induced_step(const cgd_induced_hparams *hparams, cgd_dtype dtype, const cgd_diag_tensor *tensors,
-                            int64_t count, const float *rate, const float *grad_scale, const float *skip,
+                            int64_t count, const double *rate, const float *grad_scale, const float *skip,
                             cgd_device device, void *stream);
 
 #ifdef __cplusplus

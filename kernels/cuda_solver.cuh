@@ -13,7 +13,28 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "real.h"
+
 #define CGD_SOLVER_THREADS 256
+
+/* cuSOLVER and cuBLAS in the build's real type (real.h). */
+#if CGD_F64
+#define CGD_CUDA_REAL CUDA_R_64F
+#define cgd_syevjBatched_bufferSize cusolverDnDsyevjBatched_bufferSize
+#define cgd_syevjBatched cusolverDnDsyevjBatched
+#define cgd_syevd_bufferSize cusolverDnDsyevd_bufferSize
+#define cgd_syevd cusolverDnDsyevd
+#define cgd_gemm_64 cublasDgemm_64
+#define cgd_gemmStridedBatched cublasDgemmStridedBatched
+#else
+#define CGD_CUDA_REAL CUDA_R_32F
+#define cgd_syevjBatched_bufferSize cusolverDnSsyevjBatched_bufferSize
+#define cgd_syevjBatched cusolverDnSsyevjBatched
+#define cgd_syevd_bufferSize cusolverDnSsyevd_bufferSize
+#define cgd_syevd cusolverDnSsyevd
+#define cgd_gemm_64 cublasSgemm_64
+#define cgd_gemmStridedBatched cublasSgemmStridedBatched
+#endif
 
 struct CgdHandles {
     int device = -1;

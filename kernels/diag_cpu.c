@@ -1,12 +1,13 @@
 /*
- * CPU kernels: the diagonal CGD step and the non-finite scan. One pass over memory per tensor; large tensors
- * are split into chunks that OpenMP threads take in parallel. Elementwise, so results do not depend on the
- * thread count and a resumed run is bit-identical to an uninterrupted one.
+ * CPU kernels: the diagonal CGD step (one pass over memory per tensor; large tensors are split into chunks that
+ * OpenMP threads take in parallel) and, in the float32 build only, the non-finite scan. Elementwise, so results
+ * do not depend on the thread count and a resumed run is bit-identical to an uninterrupted one.
  */
 #include <stddef.h>
 
-#include "half_convert.h"
+#include "diag_math.h"
 #include "kernels.h"
+#include "real.h"
 
 /* Elements per parallel work item, and the size under which a tensor is not worth a parallel region. */
 #define CGD_CPU_CHUNK ((int64_t)1 << 15)
@@ -19,31 +20,37 @@
 
 /* Called with a constant dtype from each case of the switch below, so every copy is specialised. */
 static CGD_ALWAYS_INLINE void diag_range(cgd_dtype dtype, const cgd_diag_consts *k, const cgd_diag_step_consts *s,
-                                         const cgd_diag_tensor *t, float grad_scale, int64_t begin, int64_t end) {
-    float unused1 = 0.0f, unused2 = 0.0f;
+                                         const cgd_diag_tensor *t, cgd_real grad_scale, int64_t begin, int64_t end) {
+    cgd_real unused1 = 0, unused2 = 0;
+    cgd_real *exp_avg = (cgd_real *)t->exp_avg, *exp_avg_sq = (cgd_real *)t->exp_avg_sq;
     for (int64_t i = begin; i < end; ++i) {
-        float g = cgd_load_f32(dtype, t->grad, i) / grad_scale; /* exact when the scale is 1 */
-        float p = cgd_load_f32(dtype, t->param, i);
-        float *m1 = k->has_m1 ? &t->exp_avg[i] : &unused1;
-        float *m2 = k->has_m2 ? &t->exp_avg_sq[i] : &unused2;
+        cgd_real g = cgd_load_real(dtype, t->grad, i) / grad_scale; /* exact when the scale is 1 */
+        cgd_real p = cgd_load_real(dtype, t->param, i);
+        cgd_real *m1 = k->has_m1 ? &exp_avg[i] : &unused1;
+        cgd_real *m2 = k->has_m2 ? &exp_avg_sq[i] : &unused2;
         cgd_diag_update(k, s, &p, g, m1, m2);
-        cgd_store_f32(dtype, t->param, i, p);
+        cgd_store_real(dtype, t->param, i, p);
     }
 }
 
 static void diag_chunk(cgd_dtype dtype, const cgd_diag_consts *k, const cgd_diag_step_consts *s,
-                       const cgd_diag_tensor *t, float grad_scale, int64_t begin, int64_t end) {
+                       const cgd_diag_tensor *t, cgd_real grad_scale, int64_t begin, int64_t end) {
+#if CGD_F64
+    diag_range(CGD_FLOAT64, k, s, t, grad_scale, begin, end);
+#else
     switch (dtype) {
     case CGD_FLOAT16: diag_range(CGD_FLOAT16, k, s, t, grad_scale, begin, end); break;
     case CGD_BFLOAT16: diag_range(CGD_BFLOAT16, k, s, t, grad_scale, begin, end); break;
     default: diag_range(CGD_FLOAT32, k, s, t, grad_scale, begin, end); break;
     }
+#endif
 }
 
-void cgd_cpu_diag_step(const cgd_diag_consts *k, cgd_dtype dtype, const cgd_diag_tensor *tensors, int64_t count,
-                       const float *grad_scale, const float *skip) {
+void CGD_NAME(cgd_cpu_diag_step)(const cgd_diag_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors,
+                                 int64_t count, const float *grad_scale, const float *skip) {
     if (skip && *skip != 0.0f) return;
-    float scale = grad_scale ? *grad_scale : 1.0f;
+    const cgd_diag_consts kc = cgd_diag_make_consts(h), *k = &kc;
+    cgd_real scale = grad_scale ? *grad_scale : 1;
     for (int64_t ti = 0; ti < count; ++ti) {
         const cgd_diag_tensor *t = &tensors[ti];
         cgd_diag_step_consts s = cgd_diag_make_step_consts(k, *t->step, k->lr_device ? *k->lr_device : k->lr);
@@ -58,10 +65,16 @@ void cgd_cpu_diag_step(const cgd_diag_consts *k, cgd_dtype dtype, const cgd_diag
     }
 }
 
+#if !CGD_F64
 /* Exponent all ones means Inf or NaN; testing bits keeps the scan branch-free and vectorisable. */
 static int has_nonfinite(cgd_dtype dtype, const void *data, int64_t n) {
     int any = 0;
-    if (dtype == CGD_FLOAT32) {
+    if (dtype == CGD_FLOAT64) {
+        const uint64_t *u = (const uint64_t *)data;
+        const uint64_t mask = 0x7ff0000000000000ull;
+#pragma omp parallel for reduction(| : any) if (n > CGD_CPU_CHUNK)
+        for (int64_t i = 0; i < n; ++i) any |= (u[i] & mask) == mask;
+    } else if (dtype == CGD_FLOAT32) {
         const uint32_t *u = (const uint32_t *)data;
 #pragma omp parallel for reduction(| : any) if (n > CGD_CPU_CHUNK)
         for (int64_t i = 0; i < n; ++i) any |= (u[i] & 0x7f800000u) == 0x7f800000u;
@@ -83,3 +96,4 @@ void cgd_cpu_nonfinite_check(cgd_dtype dtype, const void *const *data, const int
     }
     *found = any ? 1.0f : 0.0f;
 }
+#endif

@@ -1,20 +1,25 @@
 /*
- * CUDA kernels: the diagonal CGD step and the non-finite scan, each over many tensors per launch (see
- * multi_tensor.cuh). The step is one pass over memory: read param, grad, M1, M2; write param, M1, M2. Loads and
- * stores are 4 elements wide when a tensor's arrays are aligned for it. Nothing here synchronizes the host; all
- * work goes to the caller's stream.
+ * CUDA kernels: the diagonal CGD step and (float32 build only) the non-finite scan, each over many tensors per
+ * launch (see multi_tensor.cuh). The step is one pass over memory: read param, grad, M1, M2; write param, M1,
+ * M2. Loads and stores are 4 elements wide when a tensor's arrays are aligned for it. Nothing here synchronizes
+ * the host; all work goes to the caller's stream.
  */
 #include <cuda_runtime.h>
 
+#include "diag_math.h"
 #include "kernels.h"
 #include "multi_tensor.cuh"
+
+/* Internal linkage for everything but the entry points: the float32 and float64 builds of this file define the
+   same names over different types. */
+namespace {
 
 typedef struct diag_args {
     cgd_mt_layout layout;
     void *param[CGD_MT_MAX_TENSORS];
     const void *grad[CGD_MT_MAX_TENSORS];
-    float *m1[CGD_MT_MAX_TENSORS];
-    float *m2[CGD_MT_MAX_TENSORS];
+    cgd_real *m1[CGD_MT_MAX_TENSORS];
+    cgd_real *m2[CGD_MT_MAX_TENSORS];
     double *step[CGD_MT_MAX_TENSORS];
     uint8_t vector_ok[CGD_MT_MAX_TENSORS];
 } diag_args;
@@ -24,16 +29,15 @@ typedef struct step_args {
     double *step[CGD_MT_MAX_TENSORS];
 } step_args;
 
-typedef struct scan_args {
-    cgd_mt_layout layout;
-    const void *data[CGD_MT_MAX_TENSORS];
-} scan_args;
-
 /* ---- vector element access (load1/store1 live in multi_tensor.cuh) ---- */
 
-/* Four consecutive elements; i is a multiple of 4 and the base is aligned (checked on the host). */
-template <int DT> __device__ __forceinline__ void load4(const void *base, int64_t i, float v[4]) {
-    if (DT == CGD_FLOAT32) {
+/* Four consecutive elements; i is a multiple of 4 and the base is aligned (16 bytes; 8 for 16-bit types). */
+template <int DT> __device__ __forceinline__ void load4(const void *base, int64_t i, cgd_real v[4]) {
+    if (DT == CGD_FLOAT64) {
+        const double2 *d = reinterpret_cast<const double2 *>(static_cast<const double *>(base) + i);
+        double2 x = d[0], y = d[1];
+        v[0] = (cgd_real)x.x, v[1] = (cgd_real)x.y, v[2] = (cgd_real)y.x, v[3] = (cgd_real)y.y;
+    } else if (DT == CGD_FLOAT32) {
         float4 x = *reinterpret_cast<const float4 *>(static_cast<const float *>(base) + i);
         v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
     } else {
@@ -44,9 +48,14 @@ template <int DT> __device__ __forceinline__ void load4(const void *base, int64_
     }
 }
 
-template <int DT> __device__ __forceinline__ void store4(void *base, int64_t i, const float v[4]) {
-    if (DT == CGD_FLOAT32) {
-        *reinterpret_cast<float4 *>(static_cast<float *>(base) + i) = make_float4(v[0], v[1], v[2], v[3]);
+template <int DT> __device__ __forceinline__ void store4(void *base, int64_t i, const cgd_real v[4]) {
+    if (DT == CGD_FLOAT64) {
+        double2 *d = reinterpret_cast<double2 *>(static_cast<double *>(base) + i);
+        d[0] = make_double2((double)v[0], (double)v[1]);
+        d[1] = make_double2((double)v[2], (double)v[3]);
+    } else if (DT == CGD_FLOAT32) {
+        *reinterpret_cast<float4 *>(static_cast<float *>(base) + i) =
+            make_float4((float)v[0], (float)v[1], (float)v[2], (float)v[3]);
     } else {
         uint2 raw;
         uint16_t *h = reinterpret_cast<uint16_t *>(&raw);
@@ -64,31 +73,32 @@ __global__ void __launch_bounds__(CGD_MT_THREADS)
     if (skip && *skip != 0.0f) return;
     const cgd_mt_work w = cgd_mt_locate(&args.layout, (int32_t)blockIdx.x);
     const int t = w.tensor;
-    const cgd_diag_step_consts s = cgd_diag_make_step_consts(&k, *args.step[t], k.lr_device ? *k.lr_device : k.lr);
-    const float scale = grad_scale ? *grad_scale : 1.0f;
+    const cgd_diag_step_consts s =
+        cgd_diag_make_step_consts(&k, *args.step[t], k.lr_device ? (cgd_real)*k.lr_device : k.lr);
+    const cgd_real scale = grad_scale ? (cgd_real)*grad_scale : CGD_R(1.0);
     void *param = args.param[t];
     const void *grad = args.grad[t];
-    float *m1 = args.m1[t];
-    float *m2 = args.m2[t];
+    cgd_real *m1 = args.m1[t];
+    cgd_real *m2 = args.m2[t];
 
     int64_t scalar_from = w.begin;
     if (args.vector_ok[t]) {
         scalar_from = w.begin + ((w.end - w.begin) & ~(int64_t)3);
         for (int64_t i = w.begin + 4 * (int64_t)threadIdx.x; i < scalar_from; i += 4 * (int64_t)blockDim.x) {
-            float p[4], g[4], a[4] = {0.0f, 0.0f, 0.0f, 0.0f}, b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            cgd_real p[4], g[4], a[4] = {0, 0, 0, 0}, b[4] = {0, 0, 0, 0};
             load4<DT>(param, i, p);
             load4<DT>(grad, i, g);
-            if (k.has_m1) load4<CGD_FLOAT32>(m1, i, a);
-            if (k.has_m2) load4<CGD_FLOAT32>(m2, i, b);
+            if (k.has_m1) load4<CGD_STATE_DTYPE>(m1, i, a);
+            if (k.has_m2) load4<CGD_STATE_DTYPE>(m2, i, b);
 #pragma unroll
             for (int j = 0; j < 4; ++j) cgd_diag_update(&k, &s, &p[j], g[j] / scale, &a[j], &b[j]);
             store4<DT>(param, i, p);
-            if (k.has_m1) store4<CGD_FLOAT32>(m1, i, a);
-            if (k.has_m2) store4<CGD_FLOAT32>(m2, i, b);
+            if (k.has_m1) store4<CGD_STATE_DTYPE>(m1, i, a);
+            if (k.has_m2) store4<CGD_STATE_DTYPE>(m2, i, b);
         }
     }
     for (int64_t i = scalar_from + threadIdx.x; i < w.end; i += blockDim.x) {
-        float p = load1<DT>(param, i), a = k.has_m1 ? m1[i] : 0.0f, b = k.has_m2 ? m2[i] : 0.0f;
+        cgd_real p = load1<DT>(param, i), a = k.has_m1 ? m1[i] : 0, b = k.has_m2 ? m2[i] : 0;
         cgd_diag_update(&k, &s, &p, load1<DT>(grad, i) / scale, &a, &b);
         store1<DT>(param, i, p);
         if (k.has_m1) m1[i] = a;
@@ -109,17 +119,9 @@ static int launch_diag(const diag_args *args, const step_args *steps, const cgd_
                        const float *grad_scale, const float *skip, cudaStream_t stream) {
     int32_t blocks = cgd_mt_chunks(&args->layout);
     if (blocks > 0) {
-        switch (dtype) {
-        case CGD_FLOAT16:
-            diag_step_kernel<CGD_FLOAT16><<<blocks, CGD_MT_THREADS, 0, stream>>>(*args, *k, grad_scale, skip);
-            break;
-        case CGD_BFLOAT16:
-            diag_step_kernel<CGD_BFLOAT16><<<blocks, CGD_MT_THREADS, 0, stream>>>(*args, *k, grad_scale, skip);
-            break;
-        default:
-            diag_step_kernel<CGD_FLOAT32><<<blocks, CGD_MT_THREADS, 0, stream>>>(*args, *k, grad_scale, skip);
-            break;
-        }
+#define CGD_LAUNCH(DT) diag_step_kernel<DT><<<blocks, CGD_MT_THREADS, 0, stream>>>(*args, *k, grad_scale, skip)
+        CGD_DISPATCH_DTYPE(dtype, CGD_LAUNCH);
+#undef CGD_LAUNCH
         cudaError_t e = cudaGetLastError();
         if (e != cudaSuccess) return (int)e;
     }
@@ -127,10 +129,13 @@ static int launch_diag(const diag_args *args, const step_args *steps, const cgd_
     return (int)cudaGetLastError();
 }
 
-extern "C" int cgd_cuda_diag_step(const cgd_diag_consts *k, cgd_dtype dtype, const cgd_diag_tensor *tensors,
-                                  int64_t count, const float *grad_scale, const float *skip, void *stream) {
+}  // namespace
+
+extern "C" int CGD_NAME(cgd_cuda_diag_step)(const cgd_diag_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors,
+                                            int64_t count, const float *grad_scale, const float *skip, void *stream) {
     cudaStream_t s = static_cast<cudaStream_t>(stream);
-    const int param_align = dtype == CGD_FLOAT32 ? 16 : 8;
+    const cgd_diag_consts kc = cgd_diag_make_consts(h), *k = &kc;
+    const int param_align = dtype == CGD_FLOAT16 || dtype == CGD_BFLOAT16 ? 8 : 16;
     /* Static: ~12 KB is too much for some callers' stacks, and the launch copies it by value anyway. */
     static thread_local diag_args args;
     static thread_local step_args steps;
@@ -148,8 +153,8 @@ extern "C" int cgd_cuda_diag_step(const cgd_diag_consts *k, cgd_dtype dtype, con
         int32_t j = args.layout.count - 1;
         args.param[j] = t->param;
         args.grad[j] = t->grad;
-        args.m1[j] = t->exp_avg;
-        args.m2[j] = t->exp_avg_sq;
+        args.m1[j] = static_cast<cgd_real *>(t->exp_avg);
+        args.m2[j] = static_cast<cgd_real *>(t->exp_avg_sq);
         args.step[j] = t->step;
         steps.step[j] = t->step;
         steps.count = j + 1;
@@ -161,10 +166,21 @@ extern "C" int cgd_cuda_diag_step(const cgd_diag_consts *k, cgd_dtype dtype, con
     return launch_diag(&args, &steps, k, dtype, grad_scale, skip, s);
 }
 
+#if !CGD_F64
 /* ---- the non-finite scan ---- */
 
+namespace {
+
+typedef struct scan_args {
+    cgd_mt_layout layout;
+    const void *data[CGD_MT_MAX_TENSORS];
+} scan_args;
+
+/* A 32-bit word of the array: one float32, two 16-bit values, or the high (exponent-carrying) word of a float64
+   (little-endian: the odd words; the even ones hold mantissa bits only and are never tested). */
 template <int DT> __device__ __forceinline__ bool word_nonfinite(uint32_t u) {
     if (DT == CGD_FLOAT32) return (u & 0x7f800000u) == 0x7f800000u;
+    if (DT == CGD_FLOAT64) return (u & 0x7ff00000u) == 0x7ff00000u;
     const uint32_t m = DT == CGD_FLOAT16 ? 0x7c00u : 0x7f80u;
     return (u & m) == m || ((u >> 16) & m) == m;
 }
@@ -173,7 +189,7 @@ template <int DT>
 __global__ void __launch_bounds__(CGD_MT_THREADS)
     nonfinite_kernel(const scan_args args, int32_t *flags, float *found) {
     const cgd_mt_work w = cgd_mt_locate(&args.layout, (int32_t)blockIdx.x);
-    const int elem_bytes = DT == CGD_FLOAT32 ? 4 : 2;
+    const int elem_bytes = DT == CGD_FLOAT64 ? 8 : (DT == CGD_FLOAT32 ? 4 : 2);
     const int per_vec = 16 / elem_bytes;
     const char *base = static_cast<const char *>(args.data[w.tensor]);
     bool bad = false;
@@ -182,13 +198,17 @@ __global__ void __launch_bounds__(CGD_MT_THREADS)
         scalar_from = w.begin + ((w.end - w.begin) / per_vec) * per_vec;
         for (int64_t i = w.begin + per_vec * (int64_t)threadIdx.x; i < scalar_from; i += per_vec * (int64_t)blockDim.x) {
             uint4 v = *reinterpret_cast<const uint4 *>(base + i * elem_bytes);
-            bad |= word_nonfinite<DT>(v.x) | word_nonfinite<DT>(v.y) | word_nonfinite<DT>(v.z) |
-                   word_nonfinite<DT>(v.w);
+            if (DT == CGD_FLOAT64)
+                bad |= word_nonfinite<DT>(v.y) | word_nonfinite<DT>(v.w);
+            else
+                bad |= word_nonfinite<DT>(v.x) | word_nonfinite<DT>(v.y) | word_nonfinite<DT>(v.z) |
+                       word_nonfinite<DT>(v.w);
         }
     }
     for (int64_t i = scalar_from + threadIdx.x; i < w.end; i += blockDim.x) {
-        uint32_t u = DT == CGD_FLOAT32 ? reinterpret_cast<const uint32_t *>(base)[i]
-                                       : (uint32_t)reinterpret_cast<const uint16_t *>(base)[i];
+        uint32_t u = DT == CGD_FLOAT64   ? reinterpret_cast<const uint32_t *>(base)[2 * i + 1]
+                     : DT == CGD_FLOAT32 ? reinterpret_cast<const uint32_t *>(base)[i]
+                                         : (uint32_t) reinterpret_cast<const uint16_t *>(base)[i];
         bad |= word_nonfinite<DT>(u);
     }
     /* Every block that sees a bad value stores the same 1s: the result is the same whatever the order. */
@@ -202,12 +222,15 @@ static int launch_scan(const scan_args *args, cgd_dtype dtype, int32_t *flags, f
     int32_t blocks = cgd_mt_chunks(&args->layout);
     if (blocks == 0) return 0;
     switch (dtype) {
+    case CGD_FLOAT64: nonfinite_kernel<CGD_FLOAT64><<<blocks, CGD_MT_THREADS, 0, stream>>>(*args, flags, found); break;
     case CGD_FLOAT16: nonfinite_kernel<CGD_FLOAT16><<<blocks, CGD_MT_THREADS, 0, stream>>>(*args, flags, found); break;
     case CGD_BFLOAT16: nonfinite_kernel<CGD_BFLOAT16><<<blocks, CGD_MT_THREADS, 0, stream>>>(*args, flags, found); break;
     default: nonfinite_kernel<CGD_FLOAT32><<<blocks, CGD_MT_THREADS, 0, stream>>>(*args, flags, found); break;
     }
     return (int)cudaGetLastError();
 }
+
+}  // namespace
 
 extern "C" int cgd_cuda_nonfinite_check(cgd_dtype dtype, const void *const *data, const int64_t *numels,
                                         int64_t count, int32_t *flags, float *found, void *stream) {
@@ -230,5 +253,4 @@ extern "C" int cgd_cuda_nonfinite_check(cgd_dtype dtype, const void *const *data
     }
     return launch_scan(&args, dtype, flags + first, found, s);
 }
-
-
+#endif

@@ -1,18 +1,28 @@
 /*
- * The CPU symmetric eigensolver shared by block and Kronecker-factored CGD: LAPACK ssyevd, then dsyevd when
- * float32 fails or returns a non-finite value (the first two rungs of the failure ladder in cgd.h). Internal.
+ * The CPU symmetric eigensolver shared by block and Kronecker-factored CGD, in the build's real type (real.h):
+ * LAPACK ssyevd, then dsyevd when float32 fails or returns a non-finite value (the first two rungs of the failure
+ * ladder in cgd.h); dsyevd alone for float64 state. Internal.
  */
 #ifndef CGD_EIGH_CPU_H
 #define CGD_EIGH_CPU_H
 
+#include <math.h>
+
+#include "real.h"
+
 /* Workspace of eigendecompositions up to n x n; one per thread, reused for every matrix of that size or smaller
-   (LAPACK's workspace needs grow with n). */
+   (LAPACK's workspace needs grow with n). da, dw, dwork: the float64 retry of the float32 build (NULL in the
+   float64 build, whose a, w, work are double already). */
 typedef struct cgd_eigh_scratch {
-    int n, lwork, liwork, dlwork, dliwork;
-    float *a, *w, *work;
+    int n, lwork, liwork, dlwork;
+    cgd_real *a, *w, *work;
     double *da, *dw, *dwork;
     int *iwork;
 } cgd_eigh_scratch;
+
+#define cgd_eigh_scratch_init CGD_NAME(cgd_eigh_scratch_init)
+#define cgd_eigh_scratch_free CGD_NAME(cgd_eigh_scratch_free)
+#define cgd_eigh_solve CGD_NAME(cgd_eigh_solve)
 
 /* 0 on success, 1 when out of memory (nothing left allocated). */
 int cgd_eigh_scratch_init(cgd_eigh_scratch *s, int n);
@@ -21,11 +31,14 @@ void cgd_eigh_scratch_free(cgd_eigh_scratch *s);
 /*
  * Eigendecomposes the symmetric n x n matrix C, n <= s->n (either triangle layout: it is symmetric). Returns
  * CGD_BLOCK_FP32 with eigenvalues (ascending) in s->w and eigenvectors in s->a (column-major: column k is
- * eigenvector k), CGD_BLOCK_FP64 with them in s->dw and s->da, or -1 when both solvers failed.
+ * eigenvector k) when the solver of the build's precision succeeded, CGD_BLOCK_FP64 with them in s->dw and s->da
+ * when the float32 build's retry in float64 did, or -1 when every solver failed.
  */
-int cgd_eigh_solve(const float *C, int n, cgd_eigh_scratch *s);
+int cgd_eigh_solve(const cgd_real *C, int n, cgd_eigh_scratch *s);
 
 /* (eps + max(lambda, 0))^-a: eigenvalues of a covariance are >= 0, and rounding may push the smallest below. */
-double cgd_inverse_power(double lambda, double eps, double power);
+static inline double cgd_inverse_power(double lambda, double eps, double power) {
+    return power == 0.0 ? 1.0 : pow(eps + (lambda > 0.0 ? lambda : 0.0), -power);
+}
 
 #endif /* CGD_EIGH_CPU_H */

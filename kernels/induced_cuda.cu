@@ -15,8 +15,8 @@ struct induced_args {
     cgd_mt_layout layout;
     void *param[CGD_MT_MAX_TENSORS];
     const void *grad[CGD_MT_MAX_TENSORS];
-    float *m1[CGD_MT_MAX_TENSORS];
-    float *m2[CGD_MT_MAX_TENSORS];
+    cgd_real *m1[CGD_MT_MAX_TENSORS];
+    cgd_real *m2[CGD_MT_MAX_TENSORS];
     double *step[CGD_MT_MAX_TENSORS];
 };
 
@@ -46,10 +46,10 @@ __global__ void __launch_bounds__(CGD_MT_THREADS)
     if (skipped(skip)) return;
     const cgd_mt_work w = cgd_mt_locate(&a.layout, (int32_t)blockIdx.x);
     const cgd_induced_step_consts s = cgd_induced_make_step_consts(&k, *a.step[w.tensor], k.lr);
-    const float scale = grad_scale ? *grad_scale : 1.0f;
-    float *m2 = a.m2[w.tensor];
+    const cgd_real scale = grad_scale ? (cgd_real)*grad_scale : CGD_R(1.0);
+    cgd_real *m2 = a.m2[w.tensor];
     double acc = 0.0;
-    float unused = 0.0f;
+    cgd_real unused = 0;
     for (int64_t i = w.begin + threadIdx.x; i < w.end; i += blockDim.x)
         acc += cgd_induced_norm_term(&k, &s, load1<DT>(a.grad[w.tensor], i) / scale, k.rms ? &m2[i] : &unused);
     double total = block_sum(acc);
@@ -57,34 +57,37 @@ __global__ void __launch_bounds__(CGD_MT_THREADS)
 }
 
 __global__ void __launch_bounds__(CGD_MT_THREADS)
-    add_partials_kernel(const double *partial, int64_t n, float *sum, const float *skip) {
+    add_partials_kernel(const double *partial, int64_t n, double *sum, const float *skip) {
     if (skipped(skip)) return;
     double acc = 0.0;
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
     double total = block_sum(acc);
-    if (threadIdx.x == 0) *sum += (float)total;
+    if (threadIdx.x == 0) *sum += total;
 }
 
-__global__ void rate_kernel(const cgd_induced_metric m, const float *sum, const float *loss, float *norm_ema,
-                            double *norm_step, float *rate, const float *skip) {
+#if !CGD_F64
+__global__ void rate_kernel(const cgd_induced_metric m, const double *sum, const double *loss, double *norm_ema,
+                            double *norm_step, double *rate, const float *skip) {
     if (skipped(skip)) return;
-    *rate = cgd_induced_rate_of(&m, *sum, loss ? *loss : 0.0f, norm_ema, *norm_step);
+    *rate = cgd_induced_rate_of(&m, *sum, loss ? *loss : 0.0, norm_ema, *norm_step);
     *norm_step += 1.0;
 }
+#endif
 
 template <int DT>
 __global__ void __launch_bounds__(CGD_MT_THREADS)
-    step_kernel(const induced_args a, const cgd_induced_consts k, const float *rate, const float *grad_scale,
+    step_kernel(const induced_args a, const cgd_induced_consts k, const double *rate, const float *grad_scale,
                 const float *skip) {
     if (skipped(skip)) return;
     const cgd_mt_work w = cgd_mt_locate(&a.layout, (int32_t)blockIdx.x);
     const int t = w.tensor;
-    const cgd_induced_step_consts s = cgd_induced_make_step_consts(&k, *a.step[t], k.lr_device ? *k.lr_device : k.lr);
-    const float scale = grad_scale ? *grad_scale : 1.0f, r = *rate;
+    const cgd_induced_step_consts s =
+        cgd_induced_make_step_consts(&k, *a.step[t], k.lr_device ? (cgd_real)*k.lr_device : k.lr);
+    const cgd_real scale = grad_scale ? (cgd_real)*grad_scale : CGD_R(1.0), r = (cgd_real)*rate;
     for (int64_t i = w.begin + threadIdx.x; i < w.end; i += blockDim.x) {
-        float p = load1<DT>(a.param[t], i);
-        float g = load1<DT>(a.grad[t], i) / scale;
-        store1<DT>(a.param[t], i, cgd_induced_update(&k, &s, p, g, &a.m1[t][i], k.rms ? a.m2[t][i] : 0.0f, r));
+        cgd_real p = load1<DT>(a.param[t], i);
+        cgd_real g = load1<DT>(a.grad[t], i) / scale;
+        store1<DT>(a.param[t], i, cgd_induced_update(&k, &s, p, g, &a.m1[t][i], k.rms ? a.m2[t][i] : 0, r));
     }
 }
 
@@ -111,8 +114,8 @@ int for_batches(const cgd_diag_tensor *tensors, int64_t count, Launch launch) {
         int32_t j = a.layout.count - 1;
         a.param[j] = tensors[i].param;
         a.grad[j] = tensors[i].grad;
-        a.m1[j] = tensors[i].exp_avg;
-        a.m2[j] = tensors[i].exp_avg_sq;
+        a.m1[j] = static_cast<cgd_real *>(tensors[i].exp_avg);
+        a.m2[j] = static_cast<cgd_real *>(tensors[i].exp_avg_sq);
         a.step[j] = tensors[i].step;
         steps.step[j] = tensors[i].step;
         steps.count = j + 1;
@@ -123,9 +126,10 @@ int for_batches(const cgd_diag_tensor *tensors, int64_t count, Launch launch) {
 }  // namespace
 
 /* partial: the caller's workspace, one double per chunk (cgd_induced_norm_chunks). */
-extern "C" int cgd_cuda_induced_norm(const cgd_induced_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors,
-                                     int64_t count, float *sum, const float *grad_scale, const float *skip,
-                                     double *partial, void *stream_ptr) {
+extern "C" int CGD_NAME(cgd_cuda_induced_norm)(const cgd_induced_hparams *h, cgd_dtype dtype,
+                                               const cgd_diag_tensor *tensors, int64_t count, double *sum,
+                                               const float *grad_scale, const float *skip, double *partial,
+                                               void *stream_ptr) {
     cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
     const cgd_induced_consts k = cgd_induced_make_consts(h);
     if (cgd_induced_norm_chunks(tensors, count) == 0) return 0;
@@ -133,12 +137,9 @@ extern "C" int cgd_cuda_induced_norm(const cgd_induced_hparams *h, cgd_dtype dty
     int err = for_batches(tensors, count, [&](const induced_args &a, const step_list &) {
         int32_t blocks = cgd_mt_chunks(&a.layout);
         if (blocks == 0) return 0;
-        if (dtype == CGD_FLOAT16)
-            norm_kernel<CGD_FLOAT16><<<blocks, CGD_MT_THREADS, 0, stream>>>(a, k, partial + written, grad_scale, skip);
-        else if (dtype == CGD_BFLOAT16)
-            norm_kernel<CGD_BFLOAT16><<<blocks, CGD_MT_THREADS, 0, stream>>>(a, k, partial + written, grad_scale, skip);
-        else
-            norm_kernel<CGD_FLOAT32><<<blocks, CGD_MT_THREADS, 0, stream>>>(a, k, partial + written, grad_scale, skip);
+#define CGD_LAUNCH(DT) norm_kernel<DT><<<blocks, CGD_MT_THREADS, 0, stream>>>(a, k, partial + written, grad_scale, skip)
+        CGD_DISPATCH_DTYPE(dtype, CGD_LAUNCH);
+#undef CGD_LAUNCH
         written += blocks;
         return (int)cudaGetLastError();
     });
@@ -149,27 +150,26 @@ extern "C" int cgd_cuda_induced_norm(const cgd_induced_hparams *h, cgd_dtype dty
     return err;
 }
 
-extern "C" int cgd_cuda_induced_rate(const cgd_induced_metric *m, const float *sum, const float *loss,
-                                     float *norm_ema, double *norm_step, float *rate, const float *skip,
+#if !CGD_F64
+extern "C" int cgd_cuda_induced_rate(const cgd_induced_metric *m, const double *sum, const double *loss,
+                                     double *norm_ema, double *norm_step, double *rate, const float *skip,
                                      void *stream_ptr) {
     rate_kernel<<<1, 1, 0, static_cast<cudaStream_t>(stream_ptr)>>>(*m, sum, loss, norm_ema, norm_step, rate, skip);
     return (int)cudaGetLastError();
 }
+#endif
 
-extern "C" int cgd_cuda_induced_step(const cgd_induced_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors,
-                                     int64_t count, const float *rate, const float *grad_scale, const float *skip,
-                                     void *stream_ptr) {
+extern "C" int CGD_NAME(cgd_cuda_induced_step)(const cgd_induced_hparams *h, cgd_dtype dtype,
+                                               const cgd_diag_tensor *tensors, int64_t count, const double *rate,
+                                               const float *grad_scale, const float *skip, void *stream_ptr) {
     cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
     const cgd_induced_consts k = cgd_induced_make_consts(h);
     return for_batches(tensors, count, [&](const induced_args &a, const step_list &steps) {
         int32_t blocks = cgd_mt_chunks(&a.layout);
         if (blocks > 0) {
-            if (dtype == CGD_FLOAT16)
-                step_kernel<CGD_FLOAT16><<<blocks, CGD_MT_THREADS, 0, stream>>>(a, k, rate, grad_scale, skip);
-            else if (dtype == CGD_BFLOAT16)
-                step_kernel<CGD_BFLOAT16><<<blocks, CGD_MT_THREADS, 0, stream>>>(a, k, rate, grad_scale, skip);
-            else
-                step_kernel<CGD_FLOAT32><<<blocks, CGD_MT_THREADS, 0, stream>>>(a, k, rate, grad_scale, skip);
+#define CGD_LAUNCH(DT) step_kernel<DT><<<blocks, CGD_MT_THREADS, 0, stream>>>(a, k, rate, grad_scale, skip)
+            CGD_DISPATCH_DTYPE(dtype, CGD_LAUNCH);
+#undef CGD_LAUNCH
         }
         increment_kernel<<<1, CGD_MT_MAX_TENSORS, 0, stream>>>(steps, skip);
         return (int)cudaGetLastError();

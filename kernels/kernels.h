@@ -8,7 +8,6 @@
 #include <stddef.h>
 
 #include "cgd.h"
-#include "diag_math.h"
 
 /* Elements per chunk of the CUDA multi-tensor launches (multi_tensor.cuh), and so per partial sum of the
    induced norm's deterministic reduction. */
@@ -18,18 +17,74 @@
 extern "C" {
 #endif
 
-void cgd_cpu_diag_step(const cgd_diag_consts *k, cgd_dtype dtype, const cgd_diag_tensor *tensors, int64_t count,
-                       const float *grad_scale, const float *skip);
+#ifdef __CUDACC__
+#define CGD_KERNELS_HD static inline __host__ __device__
+#else
+#define CGD_KERNELS_HD static inline
+#endif
 
+/* M1 must be stored when it is an average (beta1 > 0) or when the metric subtracts it; M2 when there is a metric. */
+CGD_KERNELS_HD int cgd_diag_needs_m1(const cgd_diag_hparams *h) {
+    return h->beta1 > 0.0 || (h->power != 0.0 && h->moment != CGD_MOMENT_RAW);
+}
+CGD_KERNELS_HD int cgd_diag_needs_m2(const cgd_diag_hparams *h) { return h->power != 0.0; }
+
+/*
+ * The kernels of one real type (real.h), declared for both: suffix _f32 (float32 state; float32, float16 and
+ * bfloat16 parameters) and _f64 (float64 parameters and state). The state pointers of the cgd.h structs point at
+ * that real type. CPU kernels that allocate scratch return nonzero when it cannot be had (then nothing changed:
+ * they allocate everything first). CUDA launchers return a cudaError_t as int (0 = success) so this header needs
+ * no CUDA include; the block and kron ones return nonzero on any CUDA, cuBLAS or cuSOLVER error and write its
+ * text to why, and carve their buffers from the caller's workspace (sized by the matching *_workspace) without
+ * allocating. The induced norm's CUDA workspace holds one double per chunk: cgd_induced_norm_chunks(...).
+ */
+#define CGD_DECLARE_KERNELS(S)                                                                                         \
+    void cgd_cpu_diag_step##S(const cgd_diag_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors,              \
+                              int64_t count, const float *grad_scale, const float *skip);                              \
+    int cgd_cuda_diag_step##S(const cgd_diag_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors,              \
+                              int64_t count, const float *grad_scale, const float *skip, void *stream);                \
+    int cgd_cpu_block_step##S(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_block_tensor *tensors,            \
+                              int64_t count, const cgd_block_state *state, const float *grad_scale,                    \
+                              const float *skip);                                                                      \
+    int cgd_cuda_block_workspace##S(const cgd_block_hparams *h, const cgd_block_state *state, void *stream,            \
+                                    size_t *bytes, char *why, int why_size);                                           \
+    int cgd_cuda_block_step##S(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_block_tensor *tensors,           \
+                               int64_t count, const cgd_block_state *state, const float *grad_scale,                   \
+                               const float *skip, void *workspace, void *stream, char *why, int why_size);             \
+    int cgd_cpu_kron_step##S(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tensors,              \
+                             int64_t count, const float *grad_scale, const float *skip);                               \
+    int cgd_cuda_kron_workspace##S(const cgd_block_hparams *h, const cgd_kron_tensor *tensors, int64_t count,          \
+                                   void *stream, size_t *bytes, char *why, int why_size);                              \
+    int cgd_cuda_kron_step##S(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tensors,             \
+                              int64_t count, const float *grad_scale, const float *skip, void *workspace,              \
+                              void *stream, char *why, int why_size);                                                  \
+    int cgd_cpu_induced_norm##S(const cgd_induced_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors,         \
+                                int64_t count, double *sum, const float *grad_scale, const float *skip);               \
+    void cgd_cpu_induced_step##S(const cgd_induced_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors,        \
+                                 int64_t count, const double *rate, const float *grad_scale, const float *skip);       \
+    int cgd_cuda_induced_norm##S(const cgd_induced_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors,        \
+                                 int64_t count, double *sum, const float *grad_scale, const float *skip,               \
+                                 double *partial, void *stream);                                                       \
+    int cgd_cuda_induced_step##S(const cgd_induced_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors,        \
+                                 int64_t count, const double *rate, const float *grad_scale, const float *skip,        \
+                                 void *stream);
+
+CGD_DECLARE_KERNELS(_f32)
+CGD_DECLARE_KERNELS(_f64)
+
+/* The kernel of the right real type for `dtype`: CGD_BY_REAL(dtype, cgd_cpu_diag_step)(args...). */
+#define CGD_BY_REAL(dtype, name) ((dtype) == CGD_FLOAT64 ? name##_f64 : name##_f32)
+
+/* Independent of the real type (built once, in the float32 build). */
 void cgd_cpu_nonfinite_check(cgd_dtype dtype, const void *const *data, const int64_t *numels, int64_t count,
                              int32_t *flags, float *found);
-
-/* CUDA launchers return a cudaError_t as int (0 = success) so this header needs no CUDA include. */
-int cgd_cuda_diag_step(const cgd_diag_consts *k, cgd_dtype dtype, const cgd_diag_tensor *tensors, int64_t count,
-                       const float *grad_scale, const float *skip, void *stream);
-
 int cgd_cuda_nonfinite_check(cgd_dtype dtype, const void *const *data, const int64_t *numels, int64_t count,
                              int32_t *flags, float *found, void *stream);
+int64_t cgd_induced_norm_chunks(const cgd_diag_tensor *tensors, int64_t count);
+void cgd_cpu_induced_rate(const cgd_induced_metric *m, const double *sum, const double *loss, double *norm_ema,
+                          double *norm_step, double *rate, const float *skip);
+int cgd_cuda_induced_rate(const cgd_induced_metric *m, const double *sum, const double *loss, double *norm_ema,
+                          double *norm_step, double *rate, const float *skip, void *stream);
 
 const char *cgd_cuda_error_string(int error);
 
@@ -49,48 +104,6 @@ extern cgd_test_hooks cgd_hooks;
 /* malloc / calloc for the CPU kernels' scratch, honouring cgd_hooks. */
 void *cgd_host_alloc(size_t bytes);
 void *cgd_host_zalloc(size_t bytes);
-
-/* Full/block CGD (block_cpu.c, block_cuda.cu). The CPU one returns nonzero when its scratch cannot be
-   allocated (then nothing changed: it allocates everything first). The CUDA ones return nonzero on any CUDA,
-   cuBLAS or cuSOLVER error and write its text to why; the step carves its buffers from the caller's workspace
-   of at least cgd_cuda_block_workspace's bytes and allocates nothing. */
-int cgd_cpu_block_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_block_tensor *tensors, int64_t count,
-                       const cgd_block_state *state, const float *grad_scale, const float *skip);
-
-int cgd_cuda_block_workspace(const cgd_block_hparams *h, const cgd_block_state *state, void *stream, size_t *bytes,
-                             char *why, int why_size);
-int cgd_cuda_block_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_block_tensor *tensors, int64_t count,
-                        const cgd_block_state *state, const float *grad_scale, const float *skip, void *workspace,
-                        void *stream, char *why, int why_size);
-
-/* Kronecker-factored CGD (kron_cpu.c, kron_cuda.cu), with the same conventions as the block step. */
-int cgd_cpu_kron_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tensors, int64_t count,
-                      const float *grad_scale, const float *skip);
-
-int cgd_cuda_kron_workspace(const cgd_block_hparams *h, const cgd_kron_tensor *tensors, int64_t count, void *stream,
-                            size_t *bytes, char *why, int why_size);
-int cgd_cuda_kron_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tensors, int64_t count,
-                       const float *grad_scale, const float *skip, void *workspace, void *stream, char *why,
-                       int why_size);
-
-/* Induced-metric optimizers (induced_cpu.c, induced_cuda.cu). The CPU norm returns nonzero when out of memory
-   (nothing changed then); the CUDA launchers return a cudaError_t as int. The CUDA norm's workspace holds one
-   double per chunk: cgd_induced_norm_chunks(...) of them. */
-int64_t cgd_induced_norm_chunks(const cgd_diag_tensor *tensors, int64_t count);
-int cgd_cpu_induced_norm(const cgd_induced_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors, int64_t count,
-                         float *sum, const float *grad_scale, const float *skip);
-void cgd_cpu_induced_rate(const cgd_induced_metric *m, const float *sum, const float *loss, float *norm_ema,
-                          double *norm_step, float *rate, const float *skip);
-void cgd_cpu_induced_step(const cgd_induced_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors,
-                          int64_t count, const float *rate, const float *grad_scale, const float *skip);
-
-int cgd_cuda_induced_norm(const cgd_induced_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors,
-                          int64_t count, float *sum, const float *grad_scale, const float *skip, double *partial,
-                          void *stream);
-int cgd_cuda_induced_rate(const cgd_induced_metric *m, const float *sum, const float *loss, float *norm_ema,
-                          double *norm_step, float *rate, const float *skip, void *stream);
-int cgd_cuda_induced_step(const cgd_induced_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors,
-                          int64_t count, const float *rate, const float *grad_scale, const float *skip, void *stream);
 
 #ifdef __cplusplus
 }

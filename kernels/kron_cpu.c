@@ -1,27 +1,28 @@
 /*
- * CPU kernel of Kronecker-factored CGD (cgd.h, cgd_kron_step). Tensors are independent, so OpenMP threads take
- * whole tensors and the result does not depend on the thread count. Matrix products are plain loops ordered so
- * the innermost loop runs along contiguous rows; the factors' Gram matrices accumulate in double. Every thread
- * allocates scratch for the largest tensor before any tensor steps, so running out of memory changes nothing.
+ * CPU kernel of Kronecker-factored CGD (cgd.h, cgd_kron_step), in the build's real type (real.h). Tensors are
+ * independent, so OpenMP threads take whole tensors and the result does not depend on the thread count. Matrix products
+ * are plain loops ordered so the innermost loop runs along contiguous rows; the factors' Gram matrices accumulate in
+ * double. Every thread allocates scratch for the largest tensor before any tensor steps, so running out of memory
+ * changes nothing.
  */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "eigh_cpu.h"
-#include "half_convert.h"
 #include "kernels.h"
+#include "real.h"
 
 /* out = X X^T (left, rows x rows) or X^T X (right, cols x cols) for the row-major rows x cols X; with
    full = 0 only the diagonal (rows or cols values). out is double: both sides are sums over up to `cols`
    (or `rows`) products, rounded once. */
-static void gram(const float *X, int64_t rows, int64_t cols, int left, int full, double *out) {
+static void gram(const cgd_real *X, int64_t rows, int64_t cols, int left, int full, double *out) {
     int64_t n = left ? rows : cols;
     memset(out, 0, (size_t)(full ? n * n : n) * sizeof(double));
     if (left) {
         for (int64_t i = 0; i < rows; ++i)
             for (int64_t k = i; k < (full ? rows : i + 1); ++k) {
-                const float *a = X + i * cols, *b = X + k * cols;
+                const cgd_real *a = X + i * cols, *b = X + k * cols;
                 double sum = 0.0;
                 for (int64_t j = 0; j < cols; ++j) sum += (double)a[j] * b[j];
                 out[full ? i * n + k : i] = sum;
@@ -30,7 +31,7 @@ static void gram(const float *X, int64_t rows, int64_t cols, int left, int full,
         return;
     }
     for (int64_t i = 0; i < rows; ++i) {
-        const float *x = X + i * cols;
+        const cgd_real *x = X + i * cols;
         for (int64_t j = 0; j < cols; ++j) {
             double xj = x[j];
             if (!full) {
@@ -49,33 +50,33 @@ static void gram(const float *X, int64_t rows, int64_t cols, int left, int full,
 typedef struct side {
     int left, full;
     int64_t n;
-    float *sq, *basis, *eig;
+    cgd_real *sq, *basis, *eig;
     int32_t *outcome;
 } side;
 
 /* Pf <- beta2 Pf + (1 - beta2) Gram(G) for one side. */
-static void update_factor(const side *sd, const float *g, int64_t rows, int64_t cols, float beta2, float w2,
+static void update_factor(const side *sd, const cgd_real *g, int64_t rows, int64_t cols, cgd_real beta2, cgd_real w2,
                           double *acc) {
     gram(g, rows, cols, sd->left, sd->full, acc);
     int64_t count = sd->full ? sd->n * sd->n : sd->n;
-    for (int64_t e = 0; e < count; ++e) sd->sq[e] = beta2 * sd->sq[e] + w2 * (float)acc[e];
+    for (int64_t e = 0; e < count; ++e) sd->sq[e] = beta2 * sd->sq[e] + w2 * (cgd_real)acc[e];
 }
 
 /* Eigendecomposes one side's factor (Pf / bc2, minus Gram(F) when centered) down the failure ladder. The right
    side's eigenvalues are then divided by their clamped sum, the tr(R) of C ~ (L (x) R) / tr(R). */
-static void refresh_factor(const side *sd, const float *F, int64_t rows, int64_t cols, const cgd_block_hparams *h,
-                           float inv_bc2, double *acc, float *C, cgd_eigh_scratch *s, float *counters) {
+static void refresh_factor(const side *sd, const cgd_real *F, int64_t rows, int64_t cols, const cgd_block_hparams *h,
+                           cgd_real inv_bc2, double *acc, cgd_real *C, cgd_eigh_scratch *s, float *counters) {
     const int64_t n = sd->n;
     if (h->centered) gram(F, rows, cols, sd->left, sd->full, acc);
     int finite = 1;
     if (sd->full) {
         for (int64_t e = 0; e < n * n; ++e) {
-            C[e] = sd->sq[e] * inv_bc2 - (h->centered ? (float)acc[e] : 0.0f);
+            C[e] = sd->sq[e] * inv_bc2 - (h->centered ? (cgd_real)acc[e] : 0);
             finite &= isfinite(C[e]) != 0;
         }
     } else {
         for (int64_t i = 0; i < n; ++i) {
-            C[i] = sd->sq[i] * inv_bc2 - (h->centered ? (float)acc[i] : 0.0f);
+            C[i] = sd->sq[i] * inv_bc2 - (h->centered ? (cgd_real)acc[i] : 0);
             finite &= isfinite(C[i]) != 0;
         }
     }
@@ -83,105 +84,105 @@ static void refresh_factor(const side *sd, const float *F, int64_t rows, int64_t
     if (sd->full && finite) {
         solved = cgd_eigh_solve(C, (int)n, s);
         if (solved == CGD_BLOCK_FP32) {
-            memcpy(sd->basis, s->a, (size_t)(n * n) * sizeof(float));
-            memcpy(sd->eig, s->w, (size_t)n * sizeof(float));
+            memcpy(sd->basis, s->a, (size_t)(n * n) * sizeof(cgd_real));
+            memcpy(sd->eig, s->w, (size_t)n * sizeof(cgd_real));
         } else if (solved == CGD_BLOCK_FP64) {
-            for (int64_t e = 0; e < n * n; ++e) sd->basis[e] = (float)s->da[e];
-            for (int64_t k = 0; k < n; ++k) sd->eig[k] = (float)s->dw[k];
-            counters[0] += 1.0f;
+            for (int64_t e = 0; e < n * n; ++e) sd->basis[e] = (cgd_real)s->da[e];
+            for (int64_t k = 0; k < n; ++k) sd->eig[k] = (cgd_real)s->dw[k];
+            counters[0] += 1;
         }
     } else if (!sd->full && finite) {
-        memcpy(sd->eig, C, (size_t)n * sizeof(float));
+        memcpy(sd->eig, C, (size_t)n * sizeof(cgd_real));
         solved = CGD_BLOCK_FP32; /* a diagonal factor is its own exact eigendecomposition */
     }
     if (solved < 0 && *sd->outcome != CGD_BLOCK_NEVER) {
         *sd->outcome = CGD_BLOCK_KEPT;
-        counters[1] += 1.0f;
+        counters[1] += 1;
         return;
     }
     if (solved < 0) {
         /* The factor's diagonal, with the identity as basis; a non-finite entry (the moments themselves are
            broken) counts as 0. */
         for (int64_t i = 0; i < n; ++i) {
-            float c = sd->full ? C[i * n + i] : C[i];
-            sd->eig[i] = isfinite(c) ? c : 0.0f;
+            cgd_real c = sd->full ? C[i * n + i] : C[i];
+            sd->eig[i] = isfinite(c) ? c : 0;
         }
         if (sd->full) {
-            memset(sd->basis, 0, (size_t)(n * n) * sizeof(float));
-            for (int64_t i = 0; i < n; ++i) sd->basis[i * n + i] = 1.0f;
+            memset(sd->basis, 0, (size_t)(n * n) * sizeof(cgd_real));
+            for (int64_t i = 0; i < n; ++i) sd->basis[i * n + i] = 1;
         }
         solved = CGD_BLOCK_DIAGONAL;
-        counters[2] += 1.0f;
+        counters[2] += 1;
     }
     *sd->outcome = solved;
     if (!sd->left) {
         double total = 0.0;
-        for (int64_t j = 0; j < n; ++j) total += sd->eig[j] > 0.0f ? sd->eig[j] : 0.0f;
-        for (int64_t j = 0; j < n; ++j) sd->eig[j] = total > 0.0 ? (float)(sd->eig[j] / total) : 0.0f;
+        for (int64_t j = 0; j < n; ++j) total += sd->eig[j] > 0 ? sd->eig[j] : 0;
+        for (int64_t j = 0; j < n; ++j) sd->eig[j] = total > 0.0 ? (cgd_real)(sd->eig[j] / total) : 0;
     }
 }
 
 /* out = U^T X (into_basis) or U X, for the rows x cols X and the left side's stored U^T (row k = eigenvector
    k); a diagonal side's basis is the identity. Row-axpy order keeps the innermost loop on contiguous rows. */
-static void left_rotate(const side *l, const float *X, int64_t rows, int64_t cols, int into_basis, float *out) {
+static void left_rotate(const side *l, const cgd_real *X, int64_t rows, int64_t cols, int into_basis, cgd_real *out) {
     if (!l->full) {
-        memcpy(out, X, (size_t)(rows * cols) * sizeof(float));
+        memcpy(out, X, (size_t)(rows * cols) * sizeof(cgd_real));
         return;
     }
-    memset(out, 0, (size_t)(rows * cols) * sizeof(float));
+    memset(out, 0, (size_t)(rows * cols) * sizeof(cgd_real));
     for (int64_t k = 0; k < rows; ++k)
         for (int64_t i = 0; i < rows; ++i) {
-            float u = l->basis[k * rows + i]; /* U[i][k] */
-            const float *x = X + (into_basis ? i : k) * cols;
-            float *o = out + (into_basis ? k : i) * cols;
+            cgd_real u = l->basis[k * rows + i]; /* U[i][k] */
+            const cgd_real *x = X + (into_basis ? i : k) * cols;
+            cgd_real *o = out + (into_basis ? k : i) * cols;
             for (int64_t j = 0; j < cols; ++j) o[j] += u * x[j];
         }
 }
 
 /* D = U [(U^T F V) ./ (eps + mu_i nu_j)^a] V^T, with U^T and V^T stored row by row (row k = eigenvector k). */
-static void precondition(const side *l, const side *r, const float *F, int64_t rows, int64_t cols,
-                         const cgd_block_hparams *h, float *D, float *Y) {
+static void precondition(const side *l, const side *r, const cgd_real *F, int64_t rows, int64_t cols,
+                         const cgd_block_hparams *h, cgd_real *D, cgd_real *Y) {
     if (h->power == 0.0) {
-        memcpy(D, F, (size_t)(rows * cols) * sizeof(float));
+        memcpy(D, F, (size_t)(rows * cols) * sizeof(cgd_real));
         return;
     }
     left_rotate(l, F, rows, cols, 1, Y); /* Y = U^T F */
     /* D = Y V, scaled elementwise in the eigenbasis */
     for (int64_t i = 0; i < rows; ++i) {
-        const float *y = Y + i * cols;
-        float *d = D + i * cols;
-        double mu = l->eig[i] > 0.0f ? l->eig[i] : 0.0;
+        const cgd_real *y = Y + i * cols;
+        cgd_real *d = D + i * cols;
+        double mu = l->eig[i] > 0 ? l->eig[i] : 0.0;
         for (int64_t m = 0; m < cols; ++m) {
             double sum;
             if (r->full) {
-                const float *v = r->basis + m * cols;
+                const cgd_real *v = r->basis + m * cols;
                 sum = 0.0;
                 for (int64_t j = 0; j < cols; ++j) sum += (double)y[j] * v[j];
             } else {
                 sum = y[m];
             }
-            double nu = r->eig[m] > 0.0f ? r->eig[m] : 0.0;
-            d[m] = (float)(sum * pow(h->eps + mu * nu, -h->power));
+            double nu = r->eig[m] > 0 ? r->eig[m] : 0.0;
+            d[m] = (cgd_real)(sum * pow(h->eps + mu * nu, -h->power));
         }
     }
     left_rotate(l, D, rows, cols, 0, Y); /* rotate back: Y = U D, then D = Y V^T */
     if (r->full) {
-        memset(D, 0, (size_t)(rows * cols) * sizeof(float));
+        memset(D, 0, (size_t)(rows * cols) * sizeof(cgd_real));
         for (int64_t i = 0; i < rows; ++i)
             for (int64_t m = 0; m < cols; ++m) {
-                float y = Y[i * cols + m];
-                const float *v = r->basis + m * cols;
-                float *d = D + i * cols;
+                cgd_real y = Y[i * cols + m];
+                const cgd_real *v = r->basis + m * cols;
+                cgd_real *d = D + i * cols;
                 for (int64_t j = 0; j < cols; ++j) d[j] += y * v[j];
             }
     } else {
-        memcpy(D, Y, (size_t)(rows * cols) * sizeof(float));
+        memcpy(D, Y, (size_t)(rows * cols) * sizeof(cgd_real));
     }
 }
 
 /* One thread's scratch, sized for the largest tensor of the call. */
 typedef struct scratch {
-    float *g, *F, *D, *Y, *C;
+    cgd_real *g, *F, *D, *Y, *C;
     double *acc;
     cgd_eigh_scratch eigh;
     int have_eigh;
@@ -212,11 +213,11 @@ static void scratch_free(scratch *w) {
 /* 0 on success; 1 when out of memory (nothing left allocated). */
 static int scratch_init(scratch *w, int64_t numel, int64_t factor_ws, int64_t full_side, int refresh) {
     memset(w, 0, sizeof *w);
-    w->g = cgd_host_alloc((size_t)numel * sizeof(float));
-    w->F = cgd_host_alloc((size_t)numel * sizeof(float));
-    w->D = cgd_host_alloc((size_t)numel * sizeof(float));
-    w->Y = cgd_host_alloc((size_t)numel * sizeof(float));
-    w->C = cgd_host_alloc((size_t)factor_ws * sizeof(float));
+    w->g = cgd_host_alloc((size_t)numel * sizeof(cgd_real));
+    w->F = cgd_host_alloc((size_t)numel * sizeof(cgd_real));
+    w->D = cgd_host_alloc((size_t)numel * sizeof(cgd_real));
+    w->Y = cgd_host_alloc((size_t)numel * sizeof(cgd_real));
+    w->C = cgd_host_alloc((size_t)factor_ws * sizeof(cgd_real));
     w->acc = cgd_host_alloc((size_t)factor_ws * sizeof(double));
     int ok = w->g && w->F && w->D && w->Y && w->C && w->acc;
     if (ok && refresh && full_side > 0) ok = w->have_eigh = cgd_eigh_scratch_init(&w->eigh, (int)full_side) == 0;
@@ -225,39 +226,52 @@ static int scratch_init(scratch *w, int64_t numel, int64_t factor_ws, int64_t fu
 }
 
 /* One tensor's whole step, in the thread's scratch. */
-static void kron_tensor_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tn, float scale,
+static void kron_tensor_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tn, cgd_real scale,
                              scratch *w, float *counters) {
     const int64_t rows = tn->rows, cols = tn->cols, numel = rows * cols;
     const double t = *tn->step + 1.0;
-    const float inv_bc1 = h->bias_correction ? (float)(1.0 / (1.0 - pow(h->beta1, t))) : 1.0f;
-    const float inv_bc2 = h->bias_correction ? (float)(1.0 / (1.0 - pow(h->beta2, t))) : 1.0f;
-    float *g = w->g, *F = w->F, *D = w->D, *Y = w->Y;
-    side l = {1, tn->left_full, rows, tn->left_sq, tn->left_basis, tn->left_eig, &tn->outcome[0]};
-    side r = {0, tn->right_full, cols, tn->right_sq, tn->right_basis, tn->right_eig, &tn->outcome[1]};
-    const float beta1 = (float)h->beta1, w1 = (float)(1.0 - h->beta1);
+    const cgd_real inv_bc1 = h->bias_correction ? (cgd_real)(1.0 / (1.0 - pow(h->beta1, t))) : 1;
+    const cgd_real inv_bc2 = h->bias_correction ? (cgd_real)(1.0 / (1.0 - pow(h->beta2, t))) : 1;
+    cgd_real *g = w->g, *F = w->F, *D = w->D, *Y = w->Y;
+    side l = {1,
+              tn->left_full,
+              rows,
+              (cgd_real *)tn->left_sq,
+              (cgd_real *)tn->left_basis,
+              (cgd_real *)tn->left_eig,
+              &tn->outcome[0]};
+    side r = {0,
+              tn->right_full,
+              cols,
+              (cgd_real *)tn->right_sq,
+              (cgd_real *)tn->right_basis,
+              (cgd_real *)tn->right_eig,
+              &tn->outcome[1]};
+    cgd_real *m1 = (cgd_real *)tn->exp_avg;
+    const cgd_real beta1 = (cgd_real)h->beta1, w1 = (cgd_real)(1.0 - h->beta1);
     for (int64_t e = 0; e < numel; ++e) {
-        float v = cgd_load_f32(dtype, tn->grad, e) / scale;
+        cgd_real v = cgd_load_real(dtype, tn->grad, e) / scale;
         g[e] = h->maximize ? -v : v;
-        tn->exp_avg[e] = beta1 * tn->exp_avg[e] + w1 * g[e];
-        F[e] = tn->exp_avg[e] * inv_bc1;
+        m1[e] = beta1 * m1[e] + w1 * g[e];
+        F[e] = m1[e] * inv_bc1;
     }
-    update_factor(&l, g, rows, cols, (float)h->beta2, (float)(1.0 - h->beta2), w->acc);
-    update_factor(&r, g, rows, cols, (float)h->beta2, (float)(1.0 - h->beta2), w->acc);
+    update_factor(&l, g, rows, cols, (cgd_real)h->beta2, (cgd_real)(1.0 - h->beta2), w->acc);
+    update_factor(&r, g, rows, cols, (cgd_real)h->beta2, (cgd_real)(1.0 - h->beta2), w->acc);
     if (h->refresh) {
         refresh_factor(&l, F, rows, cols, h, inv_bc2, w->acc, w->C, &w->eigh, counters);
         refresh_factor(&r, F, rows, cols, h, inv_bc2, w->acc, w->C, &w->eigh, counters);
     }
     precondition(&l, &r, F, rows, cols, h, D, Y);
-    const float lr = (float)h->lr, decay = (float)(1.0 - h->lr * h->weight_decay);
+    const cgd_real lr = (cgd_real)h->lr, decay = (cgd_real)(1.0 - h->lr * h->weight_decay);
     for (int64_t e = 0; e < numel; ++e)
-        cgd_store_f32(dtype, tn->param, e, cgd_load_f32(dtype, tn->param, e) * decay - lr * D[e]);
+        cgd_store_real(dtype, tn->param, e, cgd_load_real(dtype, tn->param, e) * decay - lr * D[e]);
     *tn->step += 1.0;
 }
 
-int cgd_cpu_kron_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tensors, int64_t count,
-                      const float *grad_scale, const float *skip) {
-    if (skip && *skip != 0.0f) return 0;
-    const float scale = grad_scale ? *grad_scale : 1.0f;
+int CGD_NAME(cgd_cpu_kron_step)(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tensors,
+                                int64_t count, const float *grad_scale, const float *skip) {
+    if (skip && *skip != 0) return 0;
+    const cgd_real scale = grad_scale ? (cgd_real)*grad_scale : 1;
     int64_t numel = 1, factor_ws = 1, full_side = 0;
     for (int64_t i = 0; i < count; ++i) {
         int64_t a, b, c;

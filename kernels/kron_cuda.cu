@@ -23,22 +23,26 @@
 
 namespace {
 
-__device__ float inv_bias(double beta, const double *step, int bias_correction) {
-    return bias_correction ? (float)(1.0 / (1.0 - pow(beta, *step + 1.0))) : 1.0f;
+/* The cgd.h structs hold state as void *: here it is the build's real type. */
+inline cgd_real *real_ptr(void *p) { return static_cast<cgd_real *>(p); }
+
+__device__ cgd_real inv_bias(double beta, const double *step, int bias_correction) {
+    return bias_correction ? (cgd_real)(1.0 / (1.0 - pow(beta, *step + 1.0))) : CGD_R(1.0);
 }
 
 /* F is written even on a skipped step (from the unchanged M1): the refresh and apply read it regardless. */
 template <int DT>
-__global__ void prepare_kernel(const void *grad, float *g, float *m1, float *F, int64_t numel, float beta1, float w1,
-                               double beta1_d, int bias_correction, int maximize, const double *step,
+__global__ void prepare_kernel(const void *grad, cgd_real *g, cgd_real *m1, cgd_real *F, int64_t numel, cgd_real beta1,
+                               cgd_real w1, double beta1_d, int bias_correction, int maximize, const double *step,
                                const float *grad_scale, const float *skip) {
     bool skip_step = cgd_skipped(skip);
-    float scale = grad_scale ? *grad_scale : 1.0f, inv_bc1 = inv_bias(beta1_d, step, bias_correction);
+    cgd_real scale = grad_scale ? (cgd_real)*grad_scale : CGD_R(1.0),
+             inv_bc1 = inv_bias(beta1_d, step, bias_correction);
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < numel; e += (int64_t)gridDim.x * blockDim.x) {
-        float v = load1<DT>(grad, e) / scale;
+        cgd_real v = load1<DT>(grad, e) / scale;
         v = maximize ? -v : v;
         g[e] = v;
-        float m = skip_step ? m1[e] : beta1 * m1[e] + w1 * v;
+        cgd_real m = skip_step ? m1[e] : beta1 * m1[e] + w1 * v;
         if (!skip_step) m1[e] = m;
         F[e] = m * inv_bc1;
     }
@@ -48,8 +52,8 @@ __global__ void prepare_kernel(const void *grad, float *g, float *m1, float *F, 
    rows x cols X: out = scale_old * out + w * sum (an EMA of the state, skipped with the step), or with
    scale_old = 0 just w * sum (a workspace, written even on a skipped step). The sums run in double, as the CPU
    kernel's: a side may be 2^31 long, where a float sum stops growing. */
-__global__ void diag_gram_kernel(float *out, const float *X, int64_t rows, int64_t cols, int left, float scale_old,
-                                 float w, int ema, const float *skip) {
+__global__ void diag_gram_kernel(cgd_real *out, const cgd_real *X, int64_t rows, int64_t cols, int left,
+                                 cgd_real scale_old, cgd_real w, int ema, const float *skip) {
     if (ema && cgd_skipped(skip)) return;
     if (left) {
         __shared__ double partial[CGD_SOLVER_THREADS];
@@ -62,7 +66,7 @@ __global__ void diag_gram_kernel(float *out, const float *X, int64_t rows, int64
                 if ((int)threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
                 __syncthreads();
             }
-            if (threadIdx.x == 0) out[i] = (ema ? scale_old * out[i] : 0.0f) + w * (float)partial[0];
+            if (threadIdx.x == 0) out[i] = (ema ? scale_old * out[i] : CGD_R(0.0)) + w * (cgd_real)partial[0];
             __syncthreads();
         }
         return;
@@ -70,11 +74,12 @@ __global__ void diag_gram_kernel(float *out, const float *X, int64_t rows, int64
     for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < cols; j += (int64_t)gridDim.x * blockDim.x) {
         double sum = 0.0;
         for (int64_t i = 0; i < rows; ++i) sum += (double)X[i * cols + j] * X[i * cols + j];
-        out[j] = (ema ? scale_old * out[j] : 0.0f) + w * (float)sum;
+        out[j] = (ema ? scale_old * out[j] : CGD_R(0.0)) + w * (cgd_real)sum;
     }
 }
 
-__global__ void ema_kernel(float *state, const float *fresh, int64_t n, float beta2, float w2, const float *skip) {
+__global__ void ema_kernel(cgd_real *state, const cgd_real *fresh, int64_t n, cgd_real beta2, cgd_real w2,
+                           const float *skip) {
     if (cgd_skipped(skip)) return;
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x)
         state[e] = beta2 * state[e] + w2 * fresh[e];
@@ -82,12 +87,12 @@ __global__ void ema_kernel(float *state, const float *fresh, int64_t n, float be
 
 /* A <- Pf / bc2 + A (A holds -Gram(F) when centered, is ignored otherwise); the diagonal is copied to cdiag
    for the fallback, since the solver overwrites A. A diagonal side has n values and no matrix. */
-__global__ void build_factor_kernel(float *A, float *cdiag, const float *sq, int64_t n, int full, int centered,
+__global__ void build_factor_kernel(cgd_real *A, cgd_real *cdiag, const cgd_real *sq, int64_t n, int full, int centered,
                                     double beta2_d, int bias_correction, const double *step) {
-    float inv_bc2 = inv_bias(beta2_d, step, bias_correction);
+    cgd_real inv_bc2 = inv_bias(beta2_d, step, bias_correction);
     int64_t total = full ? n * n : n;
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
-        float c = sq[e] * inv_bc2 + (centered ? A[e] : 0.0f);
+        cgd_real c = sq[e] * inv_bc2 + (centered ? A[e] : CGD_R(0.0));
         A[e] = c;
         if (!full) cdiag[e] = c;
         else if (e / n == e % n) cdiag[e / n] = c;
@@ -95,7 +100,7 @@ __global__ void build_factor_kernel(float *A, float *cdiag, const float *sq, int
 }
 
 /* bad |= the factor C about to be solved holds NaN or Inf (bad is cleared on the stream before). */
-__global__ void screen_kernel(int *bad, const float *A, int64_t total) {
+__global__ void screen_kernel(int *bad, const cgd_real *A, int64_t total) {
     int local = 0;
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x)
         local |= !isfinite(A[e]);
@@ -103,14 +108,15 @@ __global__ void screen_kernel(int *bad, const float *A, int64_t total) {
 }
 
 /* A failed screen hands the solver the identity instead, so it never sees NaN or Inf. */
-__global__ void replace_kernel(float *A, int64_t n, const int *bad) {
+__global__ void replace_kernel(cgd_real *A, int64_t n, const int *bad) {
     if (!*bad) return;
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n * n; e += (int64_t)gridDim.x * blockDim.x)
-        A[e] = e / n == e % n ? 1.0f : 0.0f;
+        A[e] = e / n == e % n ? CGD_R(1.0) : CGD_R(0.0);
 }
 
 /* bad |= the solve failed or left a non-finite value. */
-__global__ void check_kernel(int *bad, const int *info, const float *vecs, const float *values, int64_t n, int full) {
+__global__ void check_kernel(int *bad, const int *info, const cgd_real *vecs, const cgd_real *values, int64_t n,
+                             int full) {
     int64_t total = full ? n * n : 0;
     int local = 0;
     if (blockIdx.x == 0 && threadIdx.x == 0 && info) local |= *info != 0;
@@ -122,8 +128,8 @@ __global__ void check_kernel(int *bad, const int *info, const float *vecs, const
 
 /* Writes the new basis and eigenvalues, or keeps the old ones, or falls back to the factor's diagonal (with the
    identity basis). It only reads the outcome: settle_kernel, after it, writes the new one. */
-__global__ void commit_kernel(float *basis, float *eig, const int32_t *outcome, const float *vecs,
-                              const float *values, const float *cdiag, const int *bad, int64_t n, int full,
+__global__ void commit_kernel(cgd_real *basis, cgd_real *eig, const int32_t *outcome, const cgd_real *vecs,
+                              const cgd_real *values, const cgd_real *cdiag, const int *bad, int64_t n, int full,
                               const float *skip) {
     if (cgd_skipped(skip) || (*bad && *outcome != CGD_BLOCK_NEVER)) return;
     int64_t stride = (int64_t)gridDim.x * blockDim.x, start = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
@@ -132,8 +138,8 @@ __global__ void commit_kernel(float *basis, float *eig, const int32_t *outcome, 
         for (int64_t k = start; k < n; k += stride) eig[k] = values[k];
         return;
     }
-    for (int64_t e = start; full && e < n * n; e += stride) basis[e] = e / n == e % n ? 1.0f : 0.0f;
-    for (int64_t k = start; k < n; k += stride) eig[k] = isfinite(cdiag[k]) ? cdiag[k] : 0.0f;
+    for (int64_t e = start; full && e < n * n; e += stride) basis[e] = e / n == e % n ? CGD_R(1.0) : CGD_R(0.0);
+    for (int64_t k = start; k < n; k += stride) eig[k] = isfinite(cdiag[k]) ? cdiag[k] : CGD_R(0.0);
 }
 
 __global__ void settle_kernel(int32_t *outcome, float *counters, const int *bad, const float *skip) {
@@ -150,11 +156,11 @@ __global__ void settle_kernel(int32_t *outcome, float *counters, const int *bad,
 }
 
 /* Right side: nu <- nu / sum(max(nu, 0)) unless the previous values were kept (they are normalised already). */
-__global__ void normalise_kernel(float *eig, int64_t n, const int32_t *outcome, const float *skip) {
+__global__ void normalise_kernel(cgd_real *eig, int64_t n, const int32_t *outcome, const float *skip) {
     if (cgd_skipped(skip) || *outcome == CGD_BLOCK_KEPT) return;
     __shared__ double partial[CGD_SOLVER_THREADS];
     double sum = 0.0;
-    for (int64_t k = threadIdx.x; k < n; k += blockDim.x) sum += eig[k] > 0.0f ? eig[k] : 0.0f;
+    for (int64_t k = threadIdx.x; k < n; k += blockDim.x) sum += eig[k] > CGD_R(0.0) ? eig[k] : CGD_R(0.0);
     partial[threadIdx.x] = sum;
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {
@@ -162,20 +168,21 @@ __global__ void normalise_kernel(float *eig, int64_t n, const int32_t *outcome, 
         __syncthreads();
     }
     double total = partial[0];
-    for (int64_t k = threadIdx.x; k < n; k += blockDim.x) eig[k] = total > 0.0 ? (float)(eig[k] / total) : 0.0f;
+    for (int64_t k = threadIdx.x; k < n; k += blockDim.x)
+        eig[k] = total > 0.0 ? (cgd_real)(eig[k] / total) : CGD_R(0.0);
 }
 
-__global__ void scale_kernel(float *Z, const float *mu, const float *nu, int64_t rows, int64_t cols, float eps,
-                             float power) {
+__global__ void scale_kernel(cgd_real *Z, const cgd_real *mu, const cgd_real *nu, int64_t rows, int64_t cols,
+                             cgd_real eps, cgd_real power) {
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < rows * cols;
          e += (int64_t)gridDim.x * blockDim.x) {
-        float m = fmaxf(mu[e / cols], 0.0f), v = fmaxf(nu[e % cols], 0.0f);
-        Z[e] *= powf(eps + m * v, -power);
+        cgd_real m = cgd_rfmax(mu[e / cols], CGD_R(0.0)), v = cgd_rfmax(nu[e % cols], CGD_R(0.0));
+        Z[e] *= cgd_rpow(eps + m * v, -power);
     }
 }
 
 template <int DT>
-__global__ void update_kernel(void *param, const float *D, int64_t numel, float lr, float decay, double *step,
+__global__ void update_kernel(void *param, const cgd_real *D, int64_t numel, cgd_real lr, cgd_real decay, double *step,
                               const float *skip) {
     if (cgd_skipped(skip)) return;
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < numel; e += (int64_t)gridDim.x * blockDim.x)
@@ -184,37 +191,37 @@ __global__ void update_kernel(void *param, const float *D, int64_t numel, float 
 }
 
 template <int DT>
-void launch_prepare(const cgd_kron_tensor &t, float *g, float *F, const cgd_block_hparams *h, const float *grad_scale,
-                    const float *skip, cudaStream_t stream) {
+void launch_prepare(const cgd_kron_tensor &t, cgd_real *g, cgd_real *F, const cgd_block_hparams *h,
+                    const float *grad_scale, const float *skip, cudaStream_t stream) {
     int64_t numel = t.rows * t.cols;
     prepare_kernel<DT><<<cgd_grid_for(numel), CGD_SOLVER_THREADS, 0, stream>>>(
-        t.grad, g, t.exp_avg, F, numel, (float)h->beta1, (float)(1.0 - h->beta1), h->beta1, h->bias_correction,
-        h->maximize, t.step, grad_scale, skip);
+        t.grad, g, real_ptr(t.exp_avg), F, numel, (cgd_real)h->beta1, (cgd_real)(1.0 - h->beta1), h->beta1,
+        h->bias_correction, h->maximize, t.step, grad_scale, skip);
 }
 
 template <int DT>
-void launch_update(const cgd_kron_tensor &t, const float *D, const cgd_block_hparams *h, const float *skip,
+void launch_update(const cgd_kron_tensor &t, const cgd_real *D, const cgd_block_hparams *h, const float *skip,
                    cudaStream_t stream) {
     int64_t numel = t.rows * t.cols;
     update_kernel<DT><<<cgd_grid_for(numel), CGD_SOLVER_THREADS, 0, stream>>>(
-        t.param, D, numel, (float)h->lr, (float)(1.0 - h->lr * h->weight_decay), t.step, skip);
+        t.param, D, numel, (cgd_real)h->lr, (cgd_real)(1.0 - h->lr * h->weight_decay), t.step, skip);
 }
 
 /* Gram matrix of one side into out (full: n x n, symmetric so its layout is moot): left X X^T, right X^T X. */
-cublasStatus_t gram(cublasHandle_t blas, const float *X, int64_t rows, int64_t cols, int left, float alpha,
-                    float *out) {
-    const float zero = 0.0f;
+cublasStatus_t gram(cublasHandle_t blas, const cgd_real *X, int64_t rows, int64_t cols, int left, cgd_real alpha,
+                    cgd_real *out) {
+    const cgd_real zero = CGD_R(0.0);
     const int64_t m = rows, n = cols;
     /* Column-major, X is X^T (n x m, ld n): X X^T = (X^T)^T X^T, X^T X = X^T (X^T)^T. */
-    if (left) return cublasSgemm_64(blas, CUBLAS_OP_T, CUBLAS_OP_N, m, m, n, &alpha, X, n, X, n, &zero, out, m);
-    return cublasSgemm_64(blas, CUBLAS_OP_N, CUBLAS_OP_T, n, n, m, &alpha, X, n, X, n, &zero, out, n);
+    if (left) return cgd_gemm_64(blas, CUBLAS_OP_T, CUBLAS_OP_N, m, m, n, &alpha, X, n, X, n, &zero, out, m);
+    return cgd_gemm_64(blas, CUBLAS_OP_N, CUBLAS_OP_T, n, n, m, &alpha, X, n, X, n, &zero, out, n);
 }
 
 /* The workspace of one step, sized for the largest tensor (carved, or only sized with a null workspace). */
 struct KronBuffers {
-    float *g, *F, *Y, *Z; /* one tensor's elements: gradient, force, two scratch matrices */
-    float *A, *cdiag;     /* one factor (n^2, or n when diagonal) and its diagonal */
-    float *work;          /* syevd's work for the largest full factor */
+    cgd_real *g, *F, *Y, *Z; /* one tensor's elements: gradient, force, two scratch matrices */
+    cgd_real *A, *cdiag;     /* one factor (n^2, or n when diagonal) and its diagonal */
+    cgd_real *work;          /* syevd's work for the largest full factor */
     int *info, *bad;
     int lwork;
 };
@@ -235,19 +242,19 @@ int kron_layout(CgdHandles *hd, const cgd_block_hparams *h, const cgd_kron_tenso
     }
     CgdCarver carve(workspace);
     *b = KronBuffers{};
-    b->g = carve.take<float>((size_t)numel);
-    b->F = carve.take<float>((size_t)numel);
-    b->Y = carve.take<float>((size_t)numel);
-    b->Z = carve.take<float>((size_t)numel);
-    b->A = carve.take<float>((size_t)factor);
-    b->cdiag = carve.take<float>((size_t)side);
+    b->g = carve.take<cgd_real>((size_t)numel);
+    b->F = carve.take<cgd_real>((size_t)numel);
+    b->Y = carve.take<cgd_real>((size_t)numel);
+    b->Z = carve.take<cgd_real>((size_t)numel);
+    b->A = carve.take<cgd_real>((size_t)factor);
+    b->cdiag = carve.take<cgd_real>((size_t)side);
     b->info = carve.take<int>(1);
     b->bad = carve.take<int>(1);
     if (h->refresh && full_side > 0) {
         /* syevd's workspace grows with n, so the largest factor's serves every smaller one. */
-        SOLVER_TRY(cusolverDnSsyevd_bufferSize(hd->solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER,
-                                               (int)full_side, b->A, (int)full_side, b->Y, &b->lwork));
-        b->work = carve.take<float>((size_t)(b->lwork > 0 ? b->lwork : 1));
+        SOLVER_TRY(cgd_syevd_bufferSize(hd->solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, (int)full_side,
+                                        b->A, (int)full_side, b->Y, &b->lwork));
+        b->work = carve.take<cgd_real>((size_t)(b->lwork > 0 ? b->lwork : 1));
     }
     *bytes = carve.used;
 done:
@@ -256,20 +263,20 @@ done:
 
 }  // namespace
 
-extern "C" int cgd_cuda_kron_workspace(const cgd_block_hparams *h, const cgd_kron_tensor *tensors, int64_t count,
-                                       void *stream, size_t *bytes, char *why, int why_size) {
+extern "C" int CGD_NAME(cgd_cuda_kron_workspace)(const cgd_block_hparams *h, const cgd_kron_tensor *tensors,
+                                                 int64_t count, void *stream, size_t *bytes, char *why, int why_size) {
     CgdFailure fail = {why, why_size, 0};
     KronBuffers b;
     CgdHandles *hd = cgd_solver_handles((cudaStream_t)stream, true, fail);
     return hd ? kron_layout(hd, h, tensors, count, nullptr, &b, bytes, fail) : fail.code;
 }
 
-extern "C" int cgd_cuda_kron_step(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tensors,
-                                  int64_t count, const float *grad_scale, const float *skip, void *workspace,
-                                  void *stream_ptr, char *why, int why_size) {
+extern "C" int CGD_NAME(cgd_cuda_kron_step)(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tensors,
+                                            int64_t count, const float *grad_scale, const float *skip, void *workspace,
+                                            void *stream_ptr, char *why, int why_size) {
     CgdFailure fail = {why, why_size, 0};
     cudaStream_t stream = (cudaStream_t)stream_ptr;
-    const float one = 1.0f, zero = 0.0f;
+    const cgd_real one = CGD_R(1.0), zero = CGD_R(0.0);
     KronBuffers b;
     size_t bytes = 0;
     CgdHandles *hd = cgd_solver_handles(stream, true, fail);
@@ -278,23 +285,21 @@ extern "C" int cgd_cuda_kron_step(const cgd_block_hparams *h, cgd_dtype dtype, c
     for (int64_t ti = 0; ti < count; ++ti) {
         const cgd_kron_tensor &t = tensors[ti];
         const int64_t rows = t.rows, cols = t.cols, numel = rows * cols;
-        if (dtype == CGD_FLOAT16)
-            launch_prepare<CGD_FLOAT16>(t, b.g, b.F, h, grad_scale, skip, stream);
-        else if (dtype == CGD_BFLOAT16)
-            launch_prepare<CGD_BFLOAT16>(t, b.g, b.F, h, grad_scale, skip, stream);
-        else
-            launch_prepare<CGD_FLOAT32>(t, b.g, b.F, h, grad_scale, skip, stream);
+#define CGD_LAUNCH(DT) launch_prepare<DT>(t, b.g, b.F, h, grad_scale, skip, stream)
+        CGD_DISPATCH_DTYPE(dtype, CGD_LAUNCH);
+#undef CGD_LAUNCH
         CUDA_TRY(cudaGetLastError());
 
         for (int s = 0; s < 2; ++s) {
             const int left = s == 0, full = left ? t.left_full : t.right_full;
             const int64_t n = left ? rows : cols;
-            float *sq = left ? t.left_sq : t.right_sq, *basis = left ? t.left_basis : t.right_basis;
-            float *eig = left ? t.left_eig : t.right_eig;
+            cgd_real *sq = left ? real_ptr(t.left_sq) : real_ptr(t.right_sq),
+                     *basis = left ? real_ptr(t.left_basis) : real_ptr(t.right_basis);
+            cgd_real *eig = left ? real_ptr(t.left_eig) : real_ptr(t.right_eig);
             int32_t *outcome = t.outcome + s;
-            const float beta2 = (float)h->beta2, w2 = (float)(1.0 - h->beta2);
+            const cgd_real beta2 = (cgd_real)h->beta2, w2 = (cgd_real)(1.0 - h->beta2);
             if (full) {
-                SOLVER_TRY(gram(hd->blas, b.g, rows, cols, left, 1.0f, b.A));
+                SOLVER_TRY(gram(hd->blas, b.g, rows, cols, left, CGD_R(1.0), b.A));
                 ema_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(sq, b.A, n * n, beta2, w2, skip);
             } else {
                 int grid = left ? (int)(rows < 65535 ? rows : 65535) : cgd_grid_for(cols);
@@ -305,24 +310,24 @@ extern "C" int cgd_cuda_kron_step(const cgd_block_hparams *h, cgd_dtype dtype, c
             if (!h->refresh) continue;
             if (h->centered) {
                 if (full) {
-                    SOLVER_TRY(gram(hd->blas, b.F, rows, cols, left, -1.0f, b.A));
+                    SOLVER_TRY(gram(hd->blas, b.F, rows, cols, left, -CGD_R(1.0), b.A));
                 } else {
                     int grid = left ? (int)(rows < 65535 ? rows : 65535) : cgd_grid_for(cols);
-                    diag_gram_kernel<<<grid, CGD_SOLVER_THREADS, 0, stream>>>(b.A, b.F, rows, cols, left, 0.0f,
-                                                                              -1.0f, 0, nullptr);
+                    diag_gram_kernel<<<grid, CGD_SOLVER_THREADS, 0, stream>>>(b.A, b.F, rows, cols, left, CGD_R(0.0),
+                                                                              -CGD_R(1.0), 0, nullptr);
                 }
             }
             build_factor_kernel<<<cgd_grid_for(full ? n * n : n), CGD_SOLVER_THREADS, 0, stream>>>(
                 b.A, b.cdiag, sq, n, full, h->centered, h->beta2, h->bias_correction, t.step);
             CUDA_TRY(cudaMemsetAsync(b.bad, 0, sizeof(int), stream));
             /* The eigenvalues land in Y (numel >= n), free until the apply below. */
-            float *values = full ? b.Y : b.cdiag;
+            cgd_real *values = full ? b.Y : b.cdiag;
             if (full) {
                 screen_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(b.bad, b.A, n * n);
                 replace_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(b.A, n, b.bad);
                 CUDA_TRY(cudaGetLastError());
-                SOLVER_TRY(cusolverDnSsyevd(hd->solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, (int)n, b.A,
-                                            (int)n, values, b.work, b.lwork, b.info));
+                SOLVER_TRY(cgd_syevd(hd->solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, (int)n, b.A, (int)n,
+                                     values, b.work, b.lwork, b.info));
             }
             check_kernel<<<cgd_grid_for(full ? n * n + n : n), CGD_SOLVER_THREADS, 0, stream>>>(
                 b.bad, full ? b.info : nullptr, b.A, values, n, full);
@@ -334,45 +339,42 @@ extern "C" int cgd_cuda_kron_step(const cgd_block_hparams *h, cgd_dtype dtype, c
         }
 
         /* D = U [(U^T F V) ./ (eps + mu nu)^a] V^T, built in Z; Y is scratch. */
-        const float *D = b.F;
+        const cgd_real *D = b.F;
         if (h->power != 0.0) {
             const int64_t m = rows, n = cols;
-            const float *cur = b.F;
-            float *Y = b.Y, *Z = b.Z;
+            const cgd_real *cur = b.F;
+            cgd_real *Y = b.Y, *Z = b.Z;
             if (t.left_full) { /* Y^T = F^T U, i.e. Y = U^T F */
-                SOLVER_TRY(cublasSgemm_64(hd->blas, CUBLAS_OP_N, CUBLAS_OP_N, n, m, m, &one, cur, n, t.left_basis, m,
-                                          &zero, Y, n));
+                SOLVER_TRY(cgd_gemm_64(hd->blas, CUBLAS_OP_N, CUBLAS_OP_N, n, m, m, &one, cur, n,
+                                       real_ptr(t.left_basis), m, &zero, Y, n));
                 cur = Y;
             }
             if (t.right_full) { /* Z^T = V^T Y^T, i.e. Z = Y V */
-                SOLVER_TRY(cublasSgemm_64(hd->blas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, n, &one, t.right_basis, n, cur, n,
-                                          &zero, Z, n));
+                SOLVER_TRY(cgd_gemm_64(hd->blas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, n, &one, real_ptr(t.right_basis), n,
+                                       cur, n, &zero, Z, n));
             } else {
-                CUDA_TRY(cudaMemcpyAsync(Z, cur, (size_t)numel * sizeof(float), cudaMemcpyDeviceToDevice, stream));
+                CUDA_TRY(cudaMemcpyAsync(Z, cur, (size_t)numel * sizeof(cgd_real), cudaMemcpyDeviceToDevice, stream));
             }
-            scale_kernel<<<cgd_grid_for(numel), CGD_SOLVER_THREADS, 0, stream>>>(Z, t.left_eig, t.right_eig, rows,
-                                                                                 cols, (float)h->eps, (float)h->power);
+            scale_kernel<<<cgd_grid_for(numel), CGD_SOLVER_THREADS, 0, stream>>>(
+                Z, real_ptr(t.left_eig), real_ptr(t.right_eig), rows, cols, (cgd_real)h->eps, (cgd_real)h->power);
             CUDA_TRY(cudaGetLastError());
             cur = Z;
             if (t.left_full) { /* Y^T = Z^T U^T, i.e. Y = U Z */
-                SOLVER_TRY(cublasSgemm_64(hd->blas, CUBLAS_OP_N, CUBLAS_OP_T, n, m, m, &one, cur, n, t.left_basis, m,
-                                          &zero, Y, n));
+                SOLVER_TRY(cgd_gemm_64(hd->blas, CUBLAS_OP_N, CUBLAS_OP_T, n, m, m, &one, cur, n,
+                                       real_ptr(t.left_basis), m, &zero, Y, n));
                 cur = Y;
             }
             if (t.right_full) { /* D^T = V Y^T, i.e. D = Y V^T */
-                float *out = cur == Z ? Y : Z;
-                SOLVER_TRY(cublasSgemm_64(hd->blas, CUBLAS_OP_N, CUBLAS_OP_N, n, m, n, &one, t.right_basis, n, cur, n,
-                                          &zero, out, n));
+                cgd_real *out = cur == Z ? Y : Z;
+                SOLVER_TRY(cgd_gemm_64(hd->blas, CUBLAS_OP_N, CUBLAS_OP_N, n, m, n, &one, real_ptr(t.right_basis), n,
+                                       cur, n, &zero, out, n));
                 cur = out;
             }
             D = cur;
         }
-        if (dtype == CGD_FLOAT16)
-            launch_update<CGD_FLOAT16>(t, D, h, skip, stream);
-        else if (dtype == CGD_BFLOAT16)
-            launch_update<CGD_BFLOAT16>(t, D, h, skip, stream);
-        else
-            launch_update<CGD_FLOAT32>(t, D, h, skip, stream);
+#define CGD_LAUNCH(DT) launch_update<DT>(t, D, h, skip, stream)
+        CGD_DISPATCH_DTYPE(dtype, CGD_LAUNCH);
+#undef CGD_LAUNCH
         CUDA_TRY(cudaGetLastError());
     }
 done:

@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "kernels.h" /* CGD_MT_CHUNK */
+#include "real.h"
 
 #define CGD_MT_MAX_TENSORS 192
 #define CGD_MT_THREADS 256
@@ -67,21 +68,44 @@ static inline void cgd_mt_reset(cgd_mt_layout *layout) {
 
 static inline int32_t cgd_mt_chunks(const cgd_mt_layout *layout) { return layout->first_chunk[layout->count]; }
 
-/* ---- element access by dtype (DT is a cgd_dtype) ---- */
+/* ---- element access by dtype (DT is a cgd_dtype), in the build's real type (real.h) ---- */
 
-template <int DT> __device__ __forceinline__ float load1(const void *base, int64_t i) {
+template <int DT> static __device__ __forceinline__ cgd_real load1(const void *base, int64_t i) {
+    if (DT == CGD_FLOAT64) return (cgd_real) static_cast<const double *>(base)[i];
     if (DT == CGD_FLOAT16) return __half2float(static_cast<const __half *>(base)[i]);
     if (DT == CGD_BFLOAT16) return __bfloat162float(static_cast<const __nv_bfloat16 *>(base)[i]);
     return static_cast<const float *>(base)[i];
 }
 
-template <int DT> __device__ __forceinline__ void store1(void *base, int64_t i, float v) {
-    if (DT == CGD_FLOAT16)
-        static_cast<__half *>(base)[i] = __float2half_rn(v);
+template <int DT> static __device__ __forceinline__ void store1(void *base, int64_t i, cgd_real v) {
+    if (DT == CGD_FLOAT64)
+        static_cast<double *>(base)[i] = v;
+    else if (DT == CGD_FLOAT16)
+        static_cast<__half *>(base)[i] = __float2half_rn((float)v);
     else if (DT == CGD_BFLOAT16)
-        static_cast<__nv_bfloat16 *>(base)[i] = __float2bfloat16_rn(v);
+        static_cast<__nv_bfloat16 *>(base)[i] = __float2bfloat16_rn((float)v);
     else
-        static_cast<float *>(base)[i] = v;
+        static_cast<float *>(base)[i] = (float)v;
 }
+
+/* Expands CALL(DT) with DT the constant cgd_dtype that `dtype` names among those of this build (real.h), so
+   each kernel is instantiated once per parameter dtype the build serves. */
+#if CGD_F64
+#define CGD_DISPATCH_DTYPE(dtype, CALL)                                                                                \
+    do {                                                                                                               \
+        (void)(dtype);                                                                                                 \
+        CALL(CGD_FLOAT64);                                                                                             \
+    } while (0)
+#else
+#define CGD_DISPATCH_DTYPE(dtype, CALL)                                                                                \
+    do {                                                                                                               \
+        if ((dtype) == CGD_FLOAT16)                                                                                    \
+            CALL(CGD_FLOAT16);                                                                                         \
+        else if ((dtype) == CGD_BFLOAT16)                                                                              \
+            CALL(CGD_BFLOAT16);                                                                                        \
+        else                                                                                                           \
+            CALL(CGD_FLOAT32);                                                                                         \
+    } while (0)
+#endif
 
 #endif /* CGD_MULTI_TENSOR_CUH */

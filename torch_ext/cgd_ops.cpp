@@ -62,12 +62,16 @@ cgd_dtype to_cgd_dtype(const Tensor &t, const char *what, size_t i) {
     case ScalarType::Float: return CGD_FLOAT32;
     case ScalarType::Half: return CGD_FLOAT16;
     case ScalarType::BFloat16: return CGD_BFLOAT16;
+    case ScalarType::Double: return CGD_FLOAT64;
     default:
         CGD_CHECK(false, "cgd: ", what, "[", i, "] has dtype ", t.scalar_type(),
-                  "; parameters and gradients must be float32, float16 or bfloat16");
+                  "; parameters and gradients must be float32, float16, bfloat16 or float64");
     }
     return CGD_FLOAT32;
 }
+
+// Optimizer state is float32, or float64 for float64 parameters (cgd.h).
+ScalarType state_type(cgd_dtype dtype) { return dtype == CGD_FLOAT64 ? ScalarType::Double : ScalarType::Float; }
 
 // The kernels walk raw memory, so a tensor must cover its storage span exactly once (any dense layout, e.g.
 // channels_last, not only contiguous): with the dimensions sorted by stride, each stride is the product of the
@@ -210,12 +214,12 @@ void diag_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
         t.exp_avg = nullptr;
         t.exp_avg_sq = nullptr;
         if (!exp_avgs.empty()) {
-            check_like(exp_avgs[i], p, ScalarType::Float, "exp_avgs", i);
-            t.exp_avg = exp_avgs[i].mutable_data_ptr<float>();
+            check_like(exp_avgs[i], p, state_type(dtype), "exp_avgs", i);
+            t.exp_avg = exp_avgs[i].mutable_data_ptr();
         }
         if (!exp_avg_sqs.empty()) {
-            check_like(exp_avg_sqs[i], p, ScalarType::Float, "exp_avg_sqs", i);
-            t.exp_avg_sq = exp_avg_sqs[i].mutable_data_ptr<float>();
+            check_like(exp_avg_sqs[i], p, state_type(dtype), "exp_avg_sqs", i);
+            t.exp_avg_sq = exp_avg_sqs[i].mutable_data_ptr();
         }
     }
 
@@ -269,18 +273,34 @@ std::tuple<Tensor, Tensor> nonfinite_flags(TensorList tensors) {
     return {flags, found};
 }
 
-// State tensors of a block or kron step: of the given dtype, contiguous, on the parameters' device, of the size
-// the layout needs.
-template <typename T>
-T *state_ptr(const char *op, const Tensor &t, const Device &device, ScalarType dtype, int64_t numel, const char *what,
-             int64_t index = -1) {
+// State tensors of a block, kron or induced step: of the given dtype, contiguous, on the parameters' device, of
+// the size the layout needs.
+void *state_ptr(const char *op, const Tensor &t, const Device &device, ScalarType dtype, int64_t numel,
+                const char *what, int64_t index = -1) {
     const std::string name = index < 0 ? std::string(what) : std::string(what) + "[" + std::to_string(index) + "]";
     CGD_CHECK(same(t.device(), device), op, ": ", name, " is on ", device_name(t.device()),
               " but the parameters are on ", device_name(device));
     CGD_CHECK(t.scalar_type() == dtype, op, ": ", name, " has dtype ", t.scalar_type(), ", expected ", dtype);
     CGD_CHECK(t.is_contiguous() && t.numel() == numel, op, ": ", name, " must be contiguous with ", numel,
               " elements, got sizes ", list(t.sizes()), " and strides ", list(t.strides()));
-    return t.mutable_data_ptr<T>();
+    return t.mutable_data_ptr();
+}
+
+template <typename T>
+T *typed_state(const char *op, const Tensor &t, const Device &device, ScalarType dtype, int64_t numel,
+               const char *what, int64_t index = -1) {
+    return static_cast<T *>(state_ptr(op, t, device, dtype, numel, what, index));
+}
+
+// The loss of the log-loss embedding: one float64 on the parameters' device.
+const double *optional_loss(const std::optional<Tensor> &t, const Device &device) {
+    if (!t.has_value()) return nullptr;
+    CGD_CHECK(same(t->device(), device), "cgd: loss is on ", device_name(t->device()), " but the parameters are on ",
+              device_name(device));
+    CGD_CHECK(t->scalar_type() == ScalarType::Double && t->numel() == 1,
+              "cgd: loss must be a one-element float64 tensor, got ", t->scalar_type(), " with ", t->numel(),
+              " elements");
+    return t->const_data_ptr<double>();
 }
 
 cgd_block_hparams matrix_hparams(double lr, double beta1, double beta2, double power, double eps, double weight_decay,
@@ -330,20 +350,21 @@ void block_step(TensorList params, TensorList grads, std::vector<int64_t> offset
     cgd_block_state st{};
     st.block = block;
     st.nblocks = nblocks;
-    st.exp_avg = state_ptr<float>(op, exp_avg, device, ScalarType::Float, length, "exp_avg");
-    st.exp_avg_sq = state_ptr<float>(op, exp_avg_sq, device, ScalarType::Float, length * block, "exp_avg_sq");
-    st.precond = state_ptr<float>(op, precond, device, ScalarType::Float, length * block, "precond");
-    st.eigvals = state_ptr<float>(op, eigvals, device, ScalarType::Float, length, "eigvals");
-    st.step = state_ptr<double>(op, step, device, ScalarType::Double, 1, "step");
-    st.outcome = state_ptr<int32_t>(op, outcome, device, ScalarType::Int, nblocks, "outcome");
-    st.counters = state_ptr<float>(op, counters, device, ScalarType::Float, 3, "counters");
+    const ScalarType real = state_type(dtype);
+    st.exp_avg = state_ptr(op, exp_avg, device, real, length, "exp_avg");
+    st.exp_avg_sq = state_ptr(op, exp_avg_sq, device, real, length * block, "exp_avg_sq");
+    st.precond = state_ptr(op, precond, device, real, length * block, "precond");
+    st.eigvals = state_ptr(op, eigvals, device, real, length, "eigvals");
+    st.step = typed_state<double>(op, step, device, ScalarType::Double, 1, "step");
+    st.outcome = typed_state<int32_t>(op, outcome, device, ScalarType::Int, nblocks, "outcome");
+    st.counters = typed_state<float>(op, counters, device, ScalarType::Float, 3, "counters");
 
     const cgd_block_hparams h = matrix_hparams(lr, beta1, beta2, power, eps, weight_decay, centered, bias_correction,
                                                maximize, refresh);
     Target target;
     target_for(device, target);
     size_t bytes = 0;
-    check_status(cgd_block_workspace_size(&h, &st, target.device, target.stream, &bytes));
+    check_status(cgd_block_workspace_size(&h, dtype, &st, target.device, target.stream, &bytes));
     const Workspace workspace = workspace_for(device, bytes);
     check_status(cgd_block_step(&h, dtype, tensors.data(), static_cast<int64_t>(n), &st,
                                 optional_scalar(grad_scale, device, "grad_scale"),
@@ -390,29 +411,25 @@ void kron_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
         t.cols = cols;
         t.left_full = lf;
         t.right_full = rf;
-        t.exp_avg = state_ptr<float>(op, exp_avgs[i], device, ScalarType::Float, rows * cols, "exp_avgs", k);
-        t.left_sq =
-            state_ptr<float>(op, left_sqs[i], device, ScalarType::Float, lf ? rows * rows : rows, "left_sqs", k);
-        t.right_sq =
-            state_ptr<float>(op, right_sqs[i], device, ScalarType::Float, rf ? cols * cols : cols, "right_sqs", k);
-        t.left_basis =
-            lf ? state_ptr<float>(op, left_bases[i], device, ScalarType::Float, rows * rows, "left_bases", k) : nullptr;
-        t.right_basis = rf ? state_ptr<float>(op, right_bases[i], device, ScalarType::Float, cols * cols,
-                                              "right_bases", k)
-                           : nullptr;
-        t.left_eig = state_ptr<float>(op, left_eigs[i], device, ScalarType::Float, rows, "left_eigs", k);
-        t.right_eig = state_ptr<float>(op, right_eigs[i], device, ScalarType::Float, cols, "right_eigs", k);
-        t.step = state_ptr<double>(op, steps[i], device, ScalarType::Double, 1, "steps", k);
-        t.outcome = state_ptr<int32_t>(op, outcomes[i], device, ScalarType::Int, 2, "outcomes", k);
-        t.counters = state_ptr<float>(op, counters[i], device, ScalarType::Float, 3, "counters", k);
+        const ScalarType real = state_type(dtype);
+        t.exp_avg = state_ptr(op, exp_avgs[i], device, real, rows * cols, "exp_avgs", k);
+        t.left_sq = state_ptr(op, left_sqs[i], device, real, lf ? rows * rows : rows, "left_sqs", k);
+        t.right_sq = state_ptr(op, right_sqs[i], device, real, rf ? cols * cols : cols, "right_sqs", k);
+        t.left_basis = lf ? state_ptr(op, left_bases[i], device, real, rows * rows, "left_bases", k) : nullptr;
+        t.right_basis = rf ? state_ptr(op, right_bases[i], device, real, cols * cols, "right_bases", k) : nullptr;
+        t.left_eig = state_ptr(op, left_eigs[i], device, real, rows, "left_eigs", k);
+        t.right_eig = state_ptr(op, right_eigs[i], device, real, cols, "right_eigs", k);
+        t.step = typed_state<double>(op, steps[i], device, ScalarType::Double, 1, "steps", k);
+        t.outcome = typed_state<int32_t>(op, outcomes[i], device, ScalarType::Int, 2, "outcomes", k);
+        t.counters = typed_state<float>(op, counters[i], device, ScalarType::Float, 3, "counters", k);
     }
     const cgd_block_hparams h = matrix_hparams(lr, beta1, beta2, power, eps, weight_decay, centered, bias_correction,
                                                maximize, refresh);
     Target target;
     target_for(device, target);
     size_t bytes = 0;
-    check_status(cgd_kron_workspace_size(&h, tensors.data(), static_cast<int64_t>(n), target.device, target.stream,
-                                         &bytes));
+    check_status(cgd_kron_workspace_size(&h, dtype, tensors.data(), static_cast<int64_t>(n), target.device,
+                                         target.stream, &bytes));
     const Workspace workspace = workspace_for(device, bytes);
     check_status(cgd_kron_step(&h, dtype, tensors.data(), static_cast<int64_t>(n),
                                optional_scalar(grad_scale, device, "grad_scale"),
@@ -472,12 +489,12 @@ std::vector<cgd_diag_tensor> induced_tensors(const char *op, const TensorList &p
             t.param = params[i].mutable_data_ptr();
         }
         if (!exp_avgs.empty()) {
-            check_like(exp_avgs[i], g, ScalarType::Float, "exp_avgs", i);
-            t.exp_avg = exp_avgs[i].mutable_data_ptr<float>();
+            check_like(exp_avgs[i], g, state_type(*dtype), "exp_avgs", i);
+            t.exp_avg = exp_avgs[i].mutable_data_ptr();
         }
         if (rms) {
-            check_like(exp_avg_sqs[i], g, ScalarType::Float, "exp_avg_sqs", i);
-            t.exp_avg_sq = exp_avg_sqs[i].mutable_data_ptr<float>();
+            check_like(exp_avg_sqs[i], g, state_type(*dtype), "exp_avg_sqs", i);
+            t.exp_avg_sq = exp_avg_sqs[i].mutable_data_ptr();
         }
     }
     return tensors;
@@ -491,7 +508,7 @@ void induced_norm(TensorList grads, TensorList exp_avg_sqs, TensorList steps, Te
     std::vector<cgd_diag_tensor> tensors =
         induced_tensors(op, {}, grads, {}, exp_avg_sqs, steps, h.gamma == CGD_GAMMA_RMS, &dtype);
     const Device device = grads.empty() ? sum.device() : grads[0].device();
-    float *total = state_ptr<float>(op, sum, device, ScalarType::Float, 1, "sum");
+    double *total = typed_state<double>(op, sum, device, ScalarType::Double, 1, "sum");
     Target target;
     target_for(device, target);
     size_t bytes = 0;
@@ -514,13 +531,13 @@ void induced_rate(Tensor sum, Tensor norm_ema, Tensor norm_step, Tensor rate, do
     CGD_CHECK(embedding == "loss" || embedding == "log", "cgd: embedding = '", embedding,
               "'; expected 'loss' or 'log'");
     m.embedding = embedding == "log" ? CGD_EMBED_LOG_LOSS : CGD_EMBED_LOSS;
-    const float *total = state_ptr<float>(op, sum, device, ScalarType::Float, 1, "sum");
-    float *ema = state_ptr<float>(op, norm_ema, device, ScalarType::Float, 1, "norm_ema");
-    double *step = state_ptr<double>(op, norm_step, device, ScalarType::Double, 1, "norm_step");
-    float *r = state_ptr<float>(op, rate, device, ScalarType::Float, 1, "rate");
+    const double *total = typed_state<double>(op, sum, device, ScalarType::Double, 1, "sum");
+    double *ema = typed_state<double>(op, norm_ema, device, ScalarType::Double, 1, "norm_ema");
+    double *step = typed_state<double>(op, norm_step, device, ScalarType::Double, 1, "norm_step");
+    double *r = typed_state<double>(op, rate, device, ScalarType::Double, 1, "rate");
     Target target;
     target_for(device, target);
-    check_status(cgd_induced_rate(&m, total, optional_scalar(loss, device, "loss"), ema, step, r,
+    check_status(cgd_induced_rate(&m, total, optional_loss(loss, device), ema, step, r,
                                   optional_scalar(found_inf, device, "found_inf"), target.device, target.stream));
 }
 
@@ -537,7 +554,7 @@ void induced_step(TensorList params, TensorList grads, TensorList exp_avgs, Tens
     cgd_dtype dtype = CGD_FLOAT32;
     std::vector<cgd_diag_tensor> tensors =
         induced_tensors(op, params, grads, exp_avgs, exp_avg_sqs, steps, h.gamma == CGD_GAMMA_RMS, &dtype);
-    const float *r = state_ptr<float>(op, rate, device, ScalarType::Float, 1, "rate");
+    const double *r = typed_state<double>(op, rate, device, ScalarType::Double, 1, "rate");
     Target target;
     target_for(device, target);
     check_status(cgd_induced_step(&h, dtype, tensors.data(), static_cast<int64_t>(tensors.size()), r,

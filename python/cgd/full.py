@@ -16,11 +16,12 @@ import torch
 
 from . import _ops  # noqa: F401  (loads the operator library)
 from ._distributed import full, is_dtensor, local, shard_like
-from .optimizer import (Float32StateOptimizer, NonFiniteGradientError, _bad, _check_range, _number, betas_from_tau,
-                        check_grad_shape, group_param_label, validate_step_size)
+from .optimizer import (SUPPORTED_DTYPES, BaseOptimizer, NonFiniteGradientError, _bad, _check_range, _number,
+                        betas_from_tau, check_grad_shape, group_param_label, state_dtype, validate_step_size)
 
 METRICS = ("full", "block", "kron")
-OUTCOMES = {-1: "never", 0: "float32", 1: "float64 retry", 2: "kept previous", 3: "diagonal fallback"}
+# 0: solved in the state's precision (float32, or float64 for float64 parameters); 1: float32 failed, float64 did not.
+OUTCOMES = {-1: "never", 0: "solved", 1: "float64 retry", 2: "kept previous", 3: "diagonal fallback"}
 _PAPER_TAU = (17.1, 15.3)  # Table 2, full CGD
 _MAX_MATRIX = 46340  # capi/cgd.c: n^2 < 2^31
 
@@ -48,13 +49,16 @@ def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return rows, (numel // rows if rows else 0)
 
 
-def state_bytes(shapes: list, metric: str = "full", block_size: int = 64, max_factor_dim: int = 4096) -> int:
-    """Bytes of float32 state FullCGD keeps for tensors of these shapes (or element counts, for "full"/"block").
+def state_bytes(shapes: list, metric: str = "full", block_size: int = 64, max_factor_dim: int = 4096,
+                dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of state FullCGD keeps for tensors of these shapes (or element counts, for "full"/"block") of this
+    parameter dtype: state values are 8 bytes for float64 parameters, 4 bytes otherwise (the sizes below are for 4).
 
     full/block: M1 and the eigenvalues (4 bytes per coordinate each), M2 and the preconditioner P (4 * block bytes
     per coordinate each). kron, per rows x cols tensor: M1 (rows * cols), and per side of n <= max_factor_dim its
     EMA factor and eigenbasis (n^2 each) and eigenvalues (n); a larger side keeps 2 n values.
     """
+    value_bytes = 8 if dtype == torch.float64 else 4
     if metric == "kron":
         total = 0
         for shape in shapes:
@@ -64,11 +68,11 @@ def state_bytes(shapes: list, metric: str = "full", block_size: int = 64, max_fa
             total += rows * cols + 6
             for n in (rows, cols):
                 total += 2 * n * n + n if n <= max_factor_dim else 2 * n
-        return 4 * total
+        return value_bytes * total
     numels = [n if isinstance(n, int) else math.prod(n) for n in shapes]
     _, block, nblocks = _layout(numels, metric, block_size)
     length = block * nblocks
-    return 4 * (2 * length + 2 * length * block + nblocks + 4)
+    return value_bytes * (2 * length + 2 * length * block + nblocks + 4)
 
 
 def _effective_rank(clamped: torch.Tensor) -> torch.Tensor:
@@ -84,7 +88,7 @@ def _available_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-class FullCGD(Float32StateOptimizer):
+class FullCGD(BaseOptimizer):
     r"""Covariant Gradient Descent with the full (or block-diagonal) covariance metric, paper eq 4.9.
 
     For the vector q of all parameters of a group (``metric="full"``), or for each block of ``block_size``
@@ -107,7 +111,8 @@ class FullCGD(Float32StateOptimizer):
 
     Args:
         params: parameters or parameter groups. All parameters of a group must share device and dtype (float32,
-            float16 or bfloat16), be contiguous, and have gradients on the same steps.
+            float16 or bfloat16 with float32 state and maths, or float64 with float64 state and maths), be
+            contiguous, and have gradients on the same steps.
         lr: learning rate.
         betas / tau: EMA coefficients of M1 and M2, or the paper's timescales (beta = tau / (1 + tau)). Default:
             the paper's tuned full-CGD timescales tau = (17.1, 15.3) (Table 2).
@@ -135,6 +140,7 @@ class FullCGD(Float32StateOptimizer):
     """
 
     _INT_KEYS = ("outcome",)
+    _FLOAT32_KEYS = ("counters",)
 
     def __init__(
         self,
@@ -178,9 +184,10 @@ class FullCGD(Float32StateOptimizer):
             self._validate(group)
             params = group["params"]
             for j, p in enumerate(params):
-                if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                if p.dtype not in SUPPORTED_DTYPES:
                     raise ValueError(f"cgd: parameter {self._label(group, j)} is {p.dtype}; supported parameter "
-                                     "dtypes are float32, float16 and bfloat16")
+                                     "dtypes are float32, float16, bfloat16 and float64 (complex parameters: use "
+                                     "cgd.CGD, which steps their real view)")
                 if p.device != params[0].device or p.dtype != params[0].dtype:
                     raise ValueError(f"cgd: parameter {self._label(group, j)} is {p.dtype} on {p.device} but the "
                                      f"group's first is {params[0].dtype} on {params[0].device}; FullCGD couples "
@@ -215,7 +222,8 @@ class FullCGD(Float32StateOptimizer):
         params = group["params"]
         if not params:
             return
-        need = state_bytes([p.shape for p in params], group["metric"], group["block_size"], group["max_factor_dim"])
+        need = state_bytes([p.shape for p in params], group["metric"], group["block_size"], group["max_factor_dim"],
+                           params[0].dtype)
         limit = self.max_state_bytes if self.max_state_bytes is not None else _available_bytes(params[0].device)
         if need > limit:
             n = sum(p.numel() for p in params)
@@ -314,16 +322,16 @@ class FullCGD(Float32StateOptimizer):
         if "precond" not in state:
             self._check_memory(group)
             device, length = params[0].device, block * nblocks
-            f32 = dict(dtype=torch.float32, device=device)
-            state["exp_avg"] = torch.zeros(length, **f32)
-            m2 = torch.zeros(nblocks, block, block, **f32)
+            real = dict(dtype=state_dtype(params[0]), device=device)
+            state["exp_avg"] = torch.zeros(length, **real)
+            m2 = torch.zeros(nblocks, block, block, **real)
             m2.diagonal(dim1=1, dim2=2).fill_(group["m2_init"])  # the paper's M2(0) = I (eq 4.4), scaled
             state["exp_avg_sq"] = m2
-            state["precond"] = torch.zeros(nblocks, block, block, **f32)
-            state["eigvals"] = torch.zeros(nblocks, block, **f32)
+            state["precond"] = torch.zeros(nblocks, block, block, **real)
+            state["eigvals"] = torch.zeros(nblocks, block, **real)
             state["step"] = torch.zeros((), dtype=torch.float64, device=device)
             state["outcome"] = torch.full((nblocks,), -1, dtype=torch.int32, device=device)
-            state["counters"] = torch.zeros(3, **f32)
+            state["counters"] = torch.zeros(3, dtype=torch.float32, device=device)
             state["calls"] = 0
         elif state["exp_avg_sq"].shape != (nblocks, block, block):
             raise ValueError(f"cgd: the saved state has blocks {tuple(state['exp_avg_sq'].shape)} but this group's "
@@ -361,23 +369,23 @@ class FullCGD(Float32StateOptimizer):
                 raise ValueError(f"cgd: the saved state of {tuple(state['exp_avg'].shape)} does not match the "
                                  f"parameter's {rows} x {cols} matrix")
             return state
-        f32 = dict(dtype=torch.float32, device=p.device)
+        real = dict(dtype=state_dtype(p), device=p.device)
         init = float(group["m2_init"])
-        state["exp_avg"] = torch.zeros(rows, cols, **f32)
+        state["exp_avg"] = torch.zeros(rows, cols, **real)
         for side, n, other in (("left", rows, cols), ("right", cols, rows)):
             if n <= group["max_factor_dim"]:
-                state[f"{side}_sq"] = torch.eye(n, **f32).mul_(init * other)
-                state[f"{side}_basis"] = torch.eye(n, **f32)
+                state[f"{side}_sq"] = torch.eye(n, **real).mul_(init * other)
+                state[f"{side}_basis"] = torch.eye(n, **real)
             else:
-                state[f"{side}_sq"] = torch.full((n,), init * other, **f32)
-                state[f"{side}_basis"] = torch.zeros(0, **f32)
+                state[f"{side}_sq"] = torch.full((n,), init * other, **real)
+                state[f"{side}_basis"] = torch.zeros(0, **real)
         # Until its first refresh (which an AMP-skipped step can postpone) a tensor's metric is the initial one,
         # (eps + m2_init)^power I: mu = m2_init * cols and the normalised nu = 1 / cols give mu nu = m2_init.
-        state["left_eig"] = torch.full((rows,), init * cols, **f32)
-        state["right_eig"] = torch.full((cols,), 1.0 / cols, **f32)
+        state["left_eig"] = torch.full((rows,), init * cols, **real)
+        state["right_eig"] = torch.full((cols,), 1.0 / cols, **real)
         state["step"] = torch.zeros((), dtype=torch.float64, device=p.device)
         state["outcome"] = torch.full((2,), -1, dtype=torch.int32, device=p.device)
-        state["counters"] = torch.zeros(3, **f32)
+        state["counters"] = torch.zeros(3, dtype=torch.float32, device=p.device)
         return state
 
     def _step_kron(self, group, grads, targets, grad_scale, found_inf) -> None:

@@ -16,15 +16,16 @@ import torch
 
 from . import _ops  # noqa: F401  (loads the operator library)
 from ._distributed import local, mean_over_shards, sum_over_shards
-from .optimizer import (SUPPORTED_DTYPES, Float32StateOptimizer, NonFiniteGradientError, _bad, _check_range, _number,
-                        check_grad_shape, check_lr, group_param_label, lr_on_device, lr_operands, resolve_nonfinite)
+from .optimizer import (SUPPORTED_DTYPES, BaseOptimizer, NonFiniteGradientError, _bad, _check_range, _number,
+                        check_grad_shape, check_lr, group_param_label, lr_on_device, lr_operands, resolve_nonfinite,
+                        state_dtype)
 
 GAMMAS = ("identity", "rms")
 EMBEDDINGS = ("loss", "log")
 _GLOBAL = ("xi", "beta", "embedding")
 
 
-class InducedMetric(Float32StateOptimizer):
+class InducedMetric(BaseOptimizer):
     r"""Gradient descent with the induced (pull-back) metric ``g = gamma + xi grad grad^T``.
 
     Per step, over all parameters of all groups (one sum per optimizer)::
@@ -62,6 +63,7 @@ class InducedMetric(Float32StateOptimizer):
 
     _step_supports_amp_scaling = True
     _NON_NEGATIVE_KEYS = ("exp_avg_sq",)
+    _FLOAT64_KEYS = ("metric_norm_ema",)
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, momentum: float = 0.9, *, xi: float = 0.1,
                  beta: float = 0.8, embedding: str = "loss", gamma: str = "identity", beta_rms: float = 0.99,
@@ -98,7 +100,7 @@ class InducedMetric(Float32StateOptimizer):
             for j, p in enumerate(group["params"]):
                 if p.dtype not in SUPPORTED_DTYPES:
                     raise ValueError(f"cgd: parameter {self._label(group, j)} is {p.dtype}; supported parameter "
-                                     "dtypes are float32, float16 and bfloat16")
+                                     "dtypes are float32, float16, bfloat16 and float64")
                 if device is not None and p.device != device:
                     raise ValueError(f"cgd: parameter {self._label(group, j)} is on {p.device} but the first "
                                      f"parameter is on {device}; the induced metric sums one norm over all "
@@ -131,7 +133,7 @@ class InducedMetric(Float32StateOptimizer):
         if not value > 0.0 or value == float("inf"):
             raise _bad("loss", value, "embedding='log' needs a positive, finite loss (it steps on log(loss))")
         # Under FSDP2 each rank computed the loss of its own batch; the metric needs the global (mean) one.
-        return mean_over_shards(torch.tensor(value, dtype=torch.float32, device=device), self.param_groups[0]["params"])
+        return mean_over_shards(torch.tensor(value, dtype=torch.float64, device=device), self.param_groups[0]["params"])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
@@ -174,7 +176,7 @@ class InducedMetric(Float32StateOptimizer):
         scale = None if grad_scale is None else grad_scale.to(device)
         skip = None if found_inf is None else found_inf.to(device)
         sharded = [p for _, items in batches for _, p, _ in items]
-        # The kernels see local shards (FSDP2) and float32 state like them; the state itself stays like p.
+        # The kernels see local shards (FSDP2) and their state likewise; the state itself stays like p.
         batches = [(group, [(local(p), g, {k: local(v) for k, v in self._state(group, p).items()})
                             for _, p, g in items]) for group, items in batches]
         metric["sum"].zero_()
@@ -204,21 +206,23 @@ class InducedMetric(Float32StateOptimizer):
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float64, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
         if group["gamma"] == "rms" and "exp_avg_sq" not in state:
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
         return state
 
     def _metric_state(self, device: torch.device) -> dict[str, torch.Tensor]:
         """The optimizer-wide norm EMA v and its step count, kept in the state of the first parameter of the first
         group (so state_dict() and torch.distributed.checkpoint save them like any state), plus scratch
-        tensors for the sum and the rate."""
+        tensors for the sum and the rate: all float64, whatever the parameters (cgd.h)."""
         anchor = self.state[self.param_groups[0]["params"][0]]
-        for key, dtype in (("metric_norm_ema", torch.float32), ("metric_norm_step", torch.float64)):
+        for key in ("metric_norm_ema", "metric_norm_step"):
             if key not in anchor:
-                anchor[key] = torch.zeros((), dtype=dtype, device=device)
+                anchor[key] = torch.zeros((), dtype=torch.float64, device=device)
         if not self._scratch:  # filled in place: torch.compile traces a dict update, not a new attribute
-            self._scratch.update({k: torch.zeros((), dtype=torch.float32, device=device) for k in ("sum", "rate")})
+            # Shape (1,), not (): torch.compile (aot_eager, torch 2.11) drops the sum's zero_() when a 0-dim
+            # float64 CPU tensor is then mutated by the op, adding every step's norm to the last.
+            self._scratch.update({k: torch.zeros((1,), dtype=torch.float64, device=device) for k in ("sum", "rate")})
         return {"norm_ema": anchor["metric_norm_ema"], "norm_step": anchor["metric_norm_step"], **self._scratch}
 
     def _raise_on_nonfinite(self, work) -> None:

@@ -21,10 +21,18 @@ from ._distributed import local, sum_over_shards
 
 MOMENTS = ("raw", "centered", "belief")
 NONFINITE_POLICIES = ("raise", "skip", "ignore")
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Complex parameters are stepped as torch.optim does, on their real view (real and imaginary parts as two elements);
 # their state is complex too, so checkpoints interchange with torch's.
-COMPLEX_DTYPES = (torch.complex64,)
+COMPLEX_DTYPES = (torch.complex64, torch.complex128)
+
+
+def state_dtype(p: torch.Tensor) -> torch.dtype:
+    """The precision of a parameter's optimizer state: float64 (complex128) for a float64 (complex128) parameter,
+    as torch.optim keeps it; float32 (complex64) for every narrower parameter, whose maths runs in float32."""
+    if p.dtype in (torch.float64, torch.complex128):
+        return p.dtype
+    return torch.complex64 if p.is_complex() else torch.float32
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
@@ -124,7 +132,7 @@ def _check_loaded_state(state: dict[Any, Any], non_negative: tuple[str, ...]) ->
                                  "was loaded")
 
 
-def _translate_pre_hook(optimizer: Float32StateOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+def _translate_pre_hook(optimizer: BaseOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
     """First of the load_state_dict pre-hooks: translates a foreign state dict, refuses impossible values, and
     notes the saved state as it is (torch's loader then casts floating state to each parameter's dtype, which
     _place_post_hook undoes). Everything that can refuse runs here, before torch replaces anything."""
@@ -134,9 +142,9 @@ def _translate_pre_hook(optimizer: Float32StateOptimizer, state_dict: dict[str, 
     return state_dict
 
 
-def _place_post_hook(optimizer: Float32StateOptimizer) -> None:
-    """First of the load_state_dict post-hooks: puts the noted state back at full precision (float32, int32 or
-    float64 as the optimizer keeps it) on each parameter's device, before any hook of the user's sees it."""
+def _place_post_hook(optimizer: BaseOptimizer) -> None:
+    """First of the load_state_dict post-hooks: puts the noted state back at the precision the optimizer keeps it
+    in (BaseOptimizer._place_state) on each parameter's device, before any hook of the user's sees it."""
     saved, ids = optimizer.__dict__.pop("_loading")
     id_map = dict(zip(chain.from_iterable(ids), chain.from_iterable(g["params"] for g in optimizer.param_groups)))
     for pid, values in saved.items():
@@ -146,14 +154,17 @@ def _place_post_hook(optimizer: Float32StateOptimizer) -> None:
         optimizer.state[p] = {key: optimizer._place_state(key, value, p) for key, value in values.items()}
 
 
-class Float32StateOptimizer(Optimizer):
-    """What every optimizer of this package shares about checkpoints: state kept as float32 (int32 and float64
-    where noted) whatever the parameter dtype, loaded through torch's own load_state_dict with the translation
+class BaseOptimizer(Optimizer):
+    """What every optimizer of this package shares about checkpoints: state kept as float32 for float32, float16
+    and bfloat16 parameters and as float64 for float64 ones (int32, float64 or float32 where a class says so),
+    loaded through torch's own load_state_dict with the translation
     and placement as its first pre- and post-hook, so hooks, FSDP and DCP see what they see with torch.optim; and
     the optimizer's own attributes kept by copy.deepcopy and pickling (torch keeps only defaults, state and
     param_groups)."""
 
     _INT_KEYS: tuple[str, ...] = ()
+    _FLOAT64_KEYS: tuple[str, ...] = ()  # float64 whatever the parameter (beyond the step counts)
+    _FLOAT32_KEYS: tuple[str, ...] = ()  # float32 whatever the parameter (e.g. failure counts)
     _NON_NEGATIVE_KEYS: tuple[str, ...] = ()  # state that is never below 0, beyond the step counts
 
     def _install_state_hooks(self) -> None:
@@ -182,7 +193,14 @@ class Float32StateOptimizer(Optimizer):
     def _place_state(self, key: str, value: Any, p: torch.Tensor) -> Any:
         if not isinstance(value, torch.Tensor):
             return value
-        dtype = torch.int32 if key in self._INT_KEYS else torch.float64 if key in _COUNTER_KEYS else torch.float32
+        if key in self._INT_KEYS:
+            dtype = torch.int32
+        elif key in _COUNTER_KEYS + self._FLOAT64_KEYS:
+            dtype = torch.float64
+        elif key in self._FLOAT32_KEYS:
+            dtype = torch.float32
+        else:
+            dtype = state_dtype(p)
         return value.detach().to(p.device, dtype, copy=True)
 
 
@@ -300,7 +318,7 @@ class _Batch:
     write_back: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
-class CGD(Float32StateOptimizer):
+class CGD(BaseOptimizer):
     r"""Diagonal Covariant Gradient Descent (Guskov & Vanchurin, arXiv 2504.05279).
 
     Per parameter element, with the gradient g and t the element's step count::
@@ -356,8 +374,8 @@ class CGD(Float32StateOptimizer):
     3e-3; the paper's tuned values are 0.23 to 0.40). So 0.5 is the default and 0.4 with a ~3x larger learning
     rate is the first value to try when tuning (README, "Choosing power").
 
-    State per parameter (float32 whatever the parameter dtype; complex64 for a complex64 parameter, stepped on
-    its real view as torch.optim does): ``step`` (a one-element float64 tensor on the parameter's device, exact up
+    State per parameter (float32 for float32, float16 and bfloat16 parameters, float64 for float64 ones, as
+    torch.optim keeps it; complex for a complex parameter, stepped on its real view as torch.optim does): ``step`` (a one-element float64 tensor on the parameter's device, exact up
     to 2^53 steps), ``exp_avg`` (M1, when beta1 > 0 or the metric is centered), ``exp_avg_sq`` (M2, when
     power > 0) or ``exp_avg_var`` (moment="belief"). The names are torch.optim's, so an Adam checkpoint loads
     directly (:meth:`load_state_dict`).
@@ -452,7 +470,8 @@ class CGD(Float32StateOptimizer):
                     kind = "complex" if p.is_complex() else str(p.dtype)
                     raise ValueError(
                         f"cgd: parameter {self._label(len(self.param_groups) - 1, j)} is {kind} "
-                        f"({p.dtype}); supported parameter dtypes are float32, float16, bfloat16 and complex64"
+                        f"({p.dtype}); supported parameter dtypes are float32, float16, bfloat16, float64, "
+                        "complex64 and complex128"
                     )
         except ValueError:
             self.param_groups.pop()
@@ -515,13 +534,13 @@ class CGD(Float32StateOptimizer):
                 g = torch.empty_like(work).copy_(g)  # the kernels walk param, grad and state in one memory order
             state = self.state[p]
             first = "exp_avg" not in state
-            state_dtype = torch.complex64 if p.is_complex() else torch.float32
+            kept_as = state_dtype(p)
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float64, device=p.device)
             if need_m1 and "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype)
+                state["exp_avg"] = torch.zeros_like(p, dtype=kept_as)
             if m2_key is not None and m2_key not in state:
-                state[m2_key] = torch.zeros_like(p, dtype=state_dtype)
+                state[m2_key] = torch.zeros_like(p, dtype=kept_as)
                 _real(local(state[m2_key])).fill_(group["m2_init"])  # both parts of a complex element
             if group["heavy_ball"]:
                 # torch.optim.SGD starts its buffer with the raw gradient, then dampens.
@@ -669,5 +688,5 @@ class CGD(Float32StateOptimizer):
                 raise ValueError(
                     f"cgd: state {key!r} has shape {tuple(value.shape)} but its parameter has shape {tuple(p.shape)}"
                 )
-            return torch.empty_like(p, dtype=torch.complex64 if p.is_complex() else torch.float32).copy_(value)
+            return torch.empty_like(p, dtype=state_dtype(p)).copy_(value)
         return value

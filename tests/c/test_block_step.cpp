@@ -179,7 +179,7 @@ cgd_status run(cgd_device device, const cgd_block_hparams &h, Problem &pr, const
                           (float *)up(pr.counters, sizeof pr.counters)};
     float *d_skip = skip ? (float *)up(skip, 4) : nullptr;
     size_t need = 0;
-    EXPECT_EQ(cgd_block_workspace_size(&h, &st, CGD_CUDA, nullptr, &need), CGD_OK) << cgd_last_error();
+    EXPECT_EQ(cgd_block_workspace_size(&h, CGD_FLOAT32, &st, CGD_CUDA, nullptr, &need), CGD_OK) << cgd_last_error();
     Workspace ws(CGD_CUDA, need);
     cgd_status status = cgd_block_step(&h, CGD_FLOAT32, ts, 2, &st, nullptr, d_skip, ws.data, ws.bytes, CGD_CUDA,
                                        nullptr);
@@ -440,13 +440,13 @@ TEST(BlockStepCuda, CaptureNeedsPreparedHandles) {
         ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
         size_t need = 0;
         ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
-        EXPECT_EQ(cgd_block_workspace_size(&h, &st, CGD_CUDA, stream, &need), CGD_ERR_CUDA);
+        EXPECT_EQ(cgd_block_workspace_size(&h, CGD_FLOAT32, &st, CGD_CUDA, stream, &need), CGD_ERR_CUDA);
         EXPECT_NE(std::string(cgd_last_error()).find("call cgd_prepare"), std::string::npos) << cgd_last_error();
         ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
         cudaGraphDestroy(graph);
 
         ASSERT_EQ(cgd_prepare(CGD_CUDA), CGD_OK) << cgd_last_error();
-        ASSERT_EQ(cgd_block_workspace_size(&h, &st, CGD_CUDA, stream, &need), CGD_OK) << cgd_last_error();
+        ASSERT_EQ(cgd_block_workspace_size(&h, CGD_FLOAT32, &st, CGD_CUDA, stream, &need), CGD_OK) << cgd_last_error();
         Workspace ws(CGD_CUDA, need);
         ASSERT_EQ(cgd_block_step(&h, CGD_FLOAT32, &t, 1, &st, nullptr, nullptr, ws.data, ws.bytes, CGD_CUDA, stream),
                   CGD_OK) << cgd_last_error(); // the first step refreshes, eagerly

@@ -20,31 +20,35 @@ namespace {
 // Two tensors; the second is longer than one CUDA chunk so the norm crosses blocks.
 const int64_t kNumel[2] = {37, 70000};
 
-struct State {
-    std::vector<float> p[2], g[2], m1[2], m2[2];
+// Parameters, gradients and state of one real type (float: float32 parameters; double: float64 ones).
+template <typename T> struct StateT {
+    std::vector<T> p[2], g[2], m1[2], m2[2];
     double step[2] = {0, 0}, norm_step = 0;
-    float sum = 0, ema = 0, rate = 0;
+    double sum = 0, ema = 0, rate = 0;
 };
+using State = StateT<float>;
 
-State make_state() {
-    State s;
+template <typename T = float> StateT<T> make_state() {
+    StateT<T> s;
     std::mt19937 rng(3);
     std::normal_distribution<float> normal;
     for (int k = 0; k < 2; ++k) {
         for (int64_t i = 0; i < kNumel[k]; ++i) s.p[k].push_back(normal(rng));
-        s.g[k].assign(kNumel[k], 0.0f);
-        s.m1[k].assign(kNumel[k], 0.0f);
-        s.m2[k].assign(kNumel[k], 0.0f);
+        s.g[k].assign(kNumel[k], T(0));
+        s.m1[k].assign(kNumel[k], T(0));
+        s.m2[k].assign(kNumel[k], T(0));
     }
     return s;
 }
 
-void new_gradient(State &s, int step) {
+template <typename T> void new_gradient(StateT<T> &s, int step) {
     std::mt19937 rng(50 + step);
     std::normal_distribution<float> normal;
     for (int k = 0; k < 2; ++k)
-        for (float &x : s.g[k]) x = 0.1f * normal(rng);
+        for (T &x : s.g[k]) x = T(0.1) * normal(rng);
 }
+
+template <typename T> cgd_dtype dtype_of() { return sizeof(T) == 8 ? CGD_FLOAT64 : CGD_FLOAT32; }
 
 cgd_induced_hparams rms_hparams() {
     cgd_induced_hparams h{};
@@ -61,7 +65,8 @@ const cgd_induced_metric kMetric = {1e-4, 0.8, CGD_EMBED_LOSS};
 
 // One step of all three calls on `device` (CUDA: state copied there and back); lr_device, when given, travels to
 // the device and replaces hparams.lr (which is then set to an ignored value).
-cgd_status run(cgd_device device, State &s, float skip_value = 0.0f, float *lr_device = nullptr) {
+template <typename T>
+cgd_status run(cgd_device device, StateT<T> &s, float skip_value = 0.0f, float *lr_device = nullptr) {
     cgd_induced_hparams h = rms_hparams();
     std::vector<void *> allocs;
     auto put = [&](void *host, size_t bytes) -> void * {
@@ -84,14 +89,14 @@ cgd_status run(cgd_device device, State &s, float skip_value = 0.0f, float *lr_d
     };
     cgd_diag_tensor ts[2];
     for (int k = 0; k < 2; ++k) {
-        size_t b = (size_t)kNumel[k] * 4;
-        ts[k] = {put(s.p[k].data(), b), put(s.g[k].data(), b), (float *)put(s.m1[k].data(), b),
-                 (float *)put(s.m2[k].data(), b), (double *)put(&s.step[k], 8), kNumel[k]};
+        size_t b = (size_t)kNumel[k] * sizeof(T);
+        ts[k] = {put(s.p[k].data(), b), put(s.g[k].data(), b), put(s.m1[k].data(), b), put(s.m2[k].data(), b),
+                 (double *)put(&s.step[k], 8), kNumel[k]};
     }
-    s.sum = 0.0f;
-    float *sum = (float *)put(&s.sum, 4), *ema = (float *)put(&s.ema, 4);
+    s.sum = 0.0;
+    double *sum = (double *)put(&s.sum, 8), *ema = (double *)put(&s.ema, 8);
     double *ns = (double *)put(&s.norm_step, 8);
-    float *rate = (float *)put(&s.rate, 4);
+    double *rate = (double *)put(&s.rate, 8);
     const float *skip = skip_value != 0.0f ? (const float *)put(&skip_value, 4) : nullptr;
     if (lr_device) {
         h.lr = 5.0;
@@ -100,20 +105,21 @@ cgd_status run(cgd_device device, State &s, float skip_value = 0.0f, float *lr_d
     size_t need = 0;
     EXPECT_EQ(cgd_induced_norm_workspace_size(ts, 2, device, &need), CGD_OK);
     Workspace ws(device, need);
-    cgd_status st = cgd_induced_norm(&h, CGD_FLOAT32, ts, 2, sum, nullptr, skip, ws.data, ws.bytes, device, nullptr);
+    const cgd_dtype dtype = dtype_of<T>();
+    cgd_status st = cgd_induced_norm(&h, dtype, ts, 2, sum, nullptr, skip, ws.data, ws.bytes, device, nullptr);
     if (st == CGD_OK) st = cgd_induced_rate(&kMetric, sum, nullptr, ema, ns, rate, skip, device, nullptr);
-    if (st == CGD_OK) st = cgd_induced_step(&h, CGD_FLOAT32, ts, 2, rate, nullptr, skip, device, nullptr);
+    if (st == CGD_OK) st = cgd_induced_step(&h, dtype, ts, 2, rate, nullptr, skip, device, nullptr);
     for (int k = 0; k < 2; ++k) {
-        size_t b = (size_t)kNumel[k] * 4;
+        size_t b = (size_t)kNumel[k] * sizeof(T);
         get(s.p[k].data(), ts[k].param, b);
         get(s.m1[k].data(), ts[k].exp_avg, b);
         get(s.m2[k].data(), ts[k].exp_avg_sq, b);
         get(&s.step[k], ts[k].step, 8);
     }
-    get(&s.sum, sum, 4);
-    get(&s.ema, ema, 4);
+    get(&s.sum, sum, 8);
+    get(&s.ema, ema, 8);
     get(&s.norm_step, ns, 8);
-    get(&s.rate, rate, 4);
+    get(&s.rate, rate, 8);
 #ifdef CGD_WITH_CUDA
     for (void *d : allocs) cudaFree(d);
 #endif
@@ -125,8 +131,10 @@ class InducedStep : public ::testing::TestWithParam<cgd_device> {
     void SetUp() override { CGD_SKIP_UNLESS_RUNNABLE(GetParam()); }
 };
 
-TEST_P(InducedStep, MatchesFloat64Reference) {
-    State s = make_state();
+// Ten steps against the float64 reference: within float32 rounding for float32 parameters, within float64
+// rounding for float64 ones (tolerances relative to the sum, absolute for the rate and the parameters).
+template <typename T> void check_reference(cgd_device device, double sum_tol, double rate_tol, double p_tol) {
+    StateT<T> s = make_state<T>();
     const cgd_induced_hparams h = rms_hparams();
     std::vector<double> p[2], m1[2], m2[2];
     for (int k = 0; k < 2; ++k) {
@@ -137,7 +145,7 @@ TEST_P(InducedStep, MatchesFloat64Reference) {
     double v = 0.0;
     for (int t = 1; t <= 10; ++t) {
         new_gradient(s, t);
-        ASSERT_EQ(run(GetParam(), s), CGD_OK) << cgd_last_error();
+        ASSERT_EQ(run(device, s), CGD_OK) << cgd_last_error();
         double sum = 0.0;
         std::vector<double> gamma_inv[2];
         for (int k = 0; k < 2; ++k)
@@ -149,8 +157,8 @@ TEST_P(InducedStep, MatchesFloat64Reference) {
             }
         v = kMetric.beta * v + (1 - kMetric.beta) * kMetric.xi * sum;
         double r = 1 / (1 + std::fabs(v / (1 - std::pow(kMetric.beta, t))));
-        EXPECT_NEAR(s.sum, sum, 1e-4 * sum);
-        EXPECT_NEAR(s.rate, r, 1e-5);
+        EXPECT_NEAR(s.sum, sum, sum_tol * sum);
+        EXPECT_NEAR(s.rate, r, rate_tol);
         double worst = 0.0;
         for (int k = 0; k < 2; ++k)
             for (int64_t i = 0; i < kNumel[k]; ++i) {
@@ -159,10 +167,16 @@ TEST_P(InducedStep, MatchesFloat64Reference) {
                           h.lr * r * gamma_inv[k][i] * m1[k][i] / (1 - std::pow(h.momentum, t));
                 worst = std::max(worst, std::fabs(p[k][i] - s.p[k][i]));
             }
-        ASSERT_LT(worst, 2e-5) << "step " << t;
+        ASSERT_LT(worst, p_tol) << "step " << t;
     }
-    EXPECT_EQ(s.norm_step, 10.0f);
-    EXPECT_EQ(s.step[0], 10.0f);
+    EXPECT_EQ(s.norm_step, 10.0);
+    EXPECT_EQ(s.step[0], 10.0);
+}
+
+TEST_P(InducedStep, MatchesFloat64Reference) { check_reference<float>(GetParam(), 1e-4, 1e-5, 2e-5); }
+
+TEST_P(InducedStep, Float64ParametersMatchTheReferenceToFloat64Rounding) {
+    check_reference<double>(GetParam(), 1e-12, 1e-13, 1e-12);
 }
 
 TEST_P(InducedStep, NormIsReproducibleAndSkipChangesNothing) {
@@ -225,8 +239,7 @@ TEST(InducedStepErrors, ArgumentsAreNamedWithTheirValue) {
     State s = make_state();
     cgd_induced_hparams h = rms_hparams();
     cgd_diag_tensor t = {s.p[0].data(), s.g[0].data(), s.m1[0].data(), nullptr, &s.step[0], kNumel[0]};
-    float sum = 0, ema = 0, rate = 0;
-    double ns = 0;
+    double sum = 0, ema = 0, rate = 0, ns = 0;
     EXPECT_EQ(cgd_induced_norm(&h, CGD_FLOAT32, &t, 1, &sum, nullptr, nullptr, nullptr, 0, CGD_CPU, nullptr),
               CGD_ERR_INVALID_ARGUMENT);
     EXPECT_NE(std::string(cgd_last_error()).find("tensors[0].exp_avg_sq is NULL"), std::string::npos);
@@ -239,7 +252,7 @@ TEST(InducedStepErrors, ArgumentsAreNamedWithTheirValue) {
               CGD_ERR_INVALID_ARGUMENT);
     EXPECT_NE(std::string(cgd_last_error()).find("loss is NULL"), std::string::npos);
     // A non-positive loss has no logarithm: the rate is NaN (cgd.h), not the ascent step loss / (loss^2 + v) < 0.
-    const float negative_loss = -1.0f;
+    const double negative_loss = -1.0;
     EXPECT_EQ(cgd_induced_rate(&m, &sum, &negative_loss, &ema, &ns, &rate, nullptr, CGD_CPU, nullptr), CGD_OK);
     EXPECT_TRUE(std::isnan(rate)) << rate;
     m.xi = -2;

@@ -75,7 +75,7 @@ cgd_status run_krons(cgd_device device, const cgd_block_hparams &h, const std::v
     const float *skip = skip_value != 0.0f ? (const float *)m.put(&skip_value, sizeof skip_value) : nullptr;
     const int64_t n = (int64_t)ts.size();
     size_t need = 0;
-    cgd_kron_workspace_size(&h, ts.data(), n, device, nullptr, &need); // on bad arguments the step names them
+    cgd_kron_workspace_size(&h, CGD_FLOAT32, ts.data(), n, device, nullptr, &need); // on bad arguments the step names them
     Workspace ws(device, need);
     return cgd_kron_step(&h, CGD_FLOAT32, ts.data(), n, nullptr, skip, ws.data, ws.bytes - shortfall, device,
                          nullptr);
@@ -257,7 +257,7 @@ TEST(HugeTensorsCuda, KronSidePastInt32) {
     t.left_full = 1;
     t.right_full = 0;
     size_t need = 0;
-    ASSERT_EQ(cgd_kron_workspace_size(&h, &t, 1, CGD_CUDA, nullptr, &need), CGD_OK) << cgd_last_error();
+    ASSERT_EQ(cgd_kron_workspace_size(&h, CGD_FLOAT32, &t, 1, CGD_CUDA, nullptr, &need), CGD_OK) << cgd_last_error();
     const size_t state = (size_t)n * (2 + 2 + 4 + 4 + 4) + 64;
     if (free_bytes < state + need + ((size_t)1 << 30)) GTEST_SKIP() << "needs " << (state + need) / 1e9 << " GB";
     std::vector<void *> allocs;

@@ -163,7 +163,7 @@ inline cgd_status run_blocked(cgd_device device, const cgd_block_hparams &h, Blo
                        (int32_t *)m.put(b.outcome.data(), bytes(b.outcome)),
                        (float *)m.put(b.counters, sizeof b.counters)};
     size_t need = 0;
-    cgd_block_workspace_size(&h, &st, device, nullptr, &need); // on bad arguments the step below names them
+    cgd_block_workspace_size(&h, CGD_FLOAT32, &st, device, nullptr, &need); // on bad arguments the step below names them
     Workspace ws(device, need);
     return cgd_block_step(&h, CGD_FLOAT32, &t, 1, &st, nullptr, nullptr, ws.data, ws.bytes - shortfall, device,
                           nullptr);

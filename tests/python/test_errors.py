@@ -71,12 +71,20 @@ def test_preset_arguments_outside_cgd(make, match):
         make(make_mlp().parameters())
 
 
-@pytest.mark.parametrize("dtype", [torch.complex128, torch.float64])
-def test_unsupported_parameter_dtypes(dtype):
-    p = torch.nn.Parameter(torch.zeros(3, dtype=dtype))
-    kind = "complex" if dtype.is_complex else "torch.float64"
-    with pytest.raises(ValueError, match=rf"param_groups\[0\]\['params'\]\[0\] \(shape \(3,\)\) is {kind}"):
+def test_unsupported_parameter_dtypes():
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float8_e4m3fn), requires_grad=False)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] \(shape \(3,\)\) is "
+                                         r"torch.float8_e4m3fn .*float64, complex64 and complex128"):
         cgd.CGD([p])
+
+
+@pytest.mark.parametrize("make", [lambda p: cgd.FullCGD(p), lambda p: cgd.FullCGD(p, metric="kron"),
+                                  lambda p: cgd.InducedMetric(p)], ids=["full", "kron", "induced"])
+def test_matrix_and_induced_metrics_refuse_complex_parameters(make):
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match=r"params\[0\] \(shape \(3,\)\) is torch.complex64; supported parameter "
+                                         r"dtypes are float32, float16, bfloat16 and float64"):
+        make([p])
 
 
 def test_sparse_gradients_are_refused_naming_the_parameter():
@@ -201,8 +209,11 @@ def test_op_accepts_valid_input():
          r"grads\[0\] is on meta but params\[0\] is on cpu"),
         (lambda a: a["params"].__setitem__(1, torch.randn(5, dtype=torch.float16)), RuntimeError,
          r"params\[1\] is Half on cpu but params\[0\] is Float on cpu"),
-        (lambda a: a["params"].__setitem__(0, torch.randn(5, dtype=torch.float64)), RuntimeError,
-         r"params\[0\] has dtype Double"),
+        (lambda a: a["params"].__setitem__(0, torch.zeros(5, dtype=torch.int32)), RuntimeError,
+         r"params\[0\] has dtype Int; parameters and gradients must be float32, float16, bfloat16 or float64"),
+        # float64 parameters keep float64 state: float32 state beside them is refused, not misread.
+        (lambda a: a.update(params=[t.double() for t in a["params"]], grads=[t.double() for t in a["grads"]]),
+         RuntimeError, r"exp_avgs\[0\] has dtype Float, expected Double"),
         (lambda a: a["grads"].__setitem__(1, torch.randn(10)[::2]), RuntimeError, r"grads\[1\] .* has gaps"),
         (lambda a: a["steps"].__setitem__(1, torch.zeros(2, dtype=torch.float64)), RuntimeError,
          r"steps\[1\] must be a one-element float64"),

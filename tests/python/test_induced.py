@@ -106,8 +106,8 @@ def test_low_precision_parameters_keep_float32_state(device):
         opt.zero_grad()
         torch.nn.functional.mse_loss(model[2](model[1](model[0](x)).bfloat16()).float(), y).backward()
         opt.step()
-    counters = ("step", "metric_norm_step")  # float64, exact to 2^53 steps
-    assert all(v.dtype == (torch.float64 if k in counters else torch.float32)
+    scalars = ("step", "metric_norm_step", "metric_norm_ema")  # float64 whatever the parameters
+    assert all(v.dtype == (torch.float64 if k in scalars else torch.float32)
                for s in opt.state.values() for k, v in s.items())
     assert int(opt.state[next(model.parameters())]["metric_norm_step"]) == 3
 
@@ -157,8 +157,8 @@ def test_opcheck_induced_ops(device):
     m1 = [torch.zeros_like(g) for g in grads]
     m2 = [torch.zeros_like(g) for g in grads]
     steps = [torch.zeros((), dtype=torch.float64, device=device) for _ in grads]
-    # sum, norm EMA, its step count (float64) and the rate
-    scalars = [torch.zeros((), dtype=torch.float64 if i == 2 else torch.float32, device=device) for i in range(4)]
+    # sum, norm EMA, its step count and the rate: float64 (cgd.h)
+    scalars = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(4)]
     hyper = dict(gamma="rms", beta_rms=0.99, eps=1e-8)
     torch.library.opcheck(torch.ops.cgd.induced_norm_.default, (grads, m2, steps, scalars[0]), hyper)
     torch.library.opcheck(torch.ops.cgd.induced_rate_.default, tuple(scalars),
