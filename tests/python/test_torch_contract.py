@@ -49,10 +49,15 @@ def _refusal(name, kwargs):
     return "|".join(matches) or None
 
 
+# float32 parameters match torch to float32 rounding; float64 ones (float64 state and arithmetic) to float64's.
+TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-11, atol=1e-12)}
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=["float32", "float64"])
 @pytest.mark.parametrize("name,torch_cls,kwargs", _inputs())
-def test_torch_optimizer_inputs(name, torch_cls, kwargs):
+def test_torch_optimizer_inputs(name, torch_cls, kwargs, dtype):
     match = _refusal(name, kwargs)
-    model = make_mlp()
+    model = make_mlp(dtype=dtype)
     if match:
         with pytest.raises(ValueError, match=match):
             PRESETS[name](model.parameters(), **kwargs)
@@ -60,11 +65,11 @@ def test_torch_optimizer_inputs(name, torch_cls, kwargs):
     twin = copy.deepcopy(model)
     ours = PRESETS[name](model.parameters(), **copy.deepcopy(kwargs))
     theirs = torch_cls(twin.parameters(), **copy.deepcopy(kwargs))
-    for x, y in batches(20):
+    for x, y in batches(20, dtype=dtype):
         train_step(model, ours, x, y)
         train_step(twin, theirs, x, y)
     for a, b in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, **TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize("name,key,value,match", REFUSED, ids=[f"{r[0]}({r[1]})" for r in REFUSED])
