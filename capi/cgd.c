@@ -173,8 +173,9 @@ cgd_status cgd_diag_step(const cgd_diag_hparams *hparams, cgd_dtype dtype, const
         fn, CGD_BY_REAL(dtype, cgd_cuda_diag_step)(hparams, dtype, tensors, count, grad_scale, skip, stream));
 }
 
-cgd_status cgd_nonfinite_check(cgd_dtype dtype, const void *const *data, const int64_t *numels, int64_t count,
-                               int32_t *flags, float *found, cgd_device device, void *stream) {
+cgd_status cgd_nonfinite_check(cgd_dtype dtype, const void *const *data, const int64_t *numels,
+                               const double *limits, int64_t count, int32_t *flags, float *found, cgd_device device,
+                               void *stream) {
     static const char fn[] = "cgd_nonfinite_check";
     cgd_status st;
     if ((st = check_common(fn, dtype, device, count))) return st;
@@ -186,12 +187,15 @@ cgd_status cgd_nonfinite_check(cgd_dtype dtype, const void *const *data, const i
         if ((st = check_numel(fn, "numels", i, numels[i]))) return st;
         if (numels[i] > 0 && !data[i])
             return fail(CGD_ERR_INVALID_ARGUMENT, "%s: data[%lld] is NULL", fn, (long long)i);
+        if (limits && !(limits[i] > 0.0))
+            return fail(CGD_ERR_INVALID_ARGUMENT, "%s: limits[%lld] = %g must be positive (INFINITY for none)", fn,
+                        (long long)i, limits[i]);
     }
     if (device == CGD_CPU) {
-        cgd_cpu_nonfinite_check(dtype, data, numels, count, flags, found);
+        cgd_cpu_nonfinite_check(dtype, data, numels, limits, count, flags, found);
         return ok();
     }
-    return cuda_outcome(fn, cgd_cuda_nonfinite_check(dtype, data, numels, count, flags, found, stream));
+    return cuda_outcome(fn, cgd_cuda_nonfinite_check(dtype, data, numels, limits, count, flags, found, stream));
 }
 
 static cgd_status check_block_hparams(const char *fn, const cgd_block_hparams *h) {

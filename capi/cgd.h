@@ -141,12 +141,16 @@ cgd_status cgd_diag_step(const cgd_diag_hparams *hparams, cgd_dtype dtype, const
                          void *stream);
 
 /*
- * Scans `count` arrays for NaN or Inf. flags[i] (int32, on the device) becomes 1 when data[i] holds one and 0
- * otherwise; *found (one float on the device) becomes 1 when any does and 0 otherwise. Both are written by this
- * call; the caller need not clear them. Meant to feed `skip` of the next step without a host round trip.
+ * Scans `count` arrays for values a step cannot take: NaN, Inf, and (limits non-NULL) any value of magnitude
+ * >= limits[i] (> 0; INFINITY for none), to the rounding of the dtype: a gradient whose square would overflow
+ * the state's second moments is as unusable as an Inf. flags[i] (int32, on the device) becomes 1 when data[i]
+ * holds one and 0 otherwise; *found (one float on the device) becomes 1 when any does and 0 otherwise. Both are
+ * written by this call; the caller need not clear them. Meant to feed `skip` of the next step without a host
+ * round trip.
  */
-cgd_status cgd_nonfinite_check(cgd_dtype dtype, const void *const *data, const int64_t *numels, int64_t count,
-                               int32_t *flags, float *found, cgd_device device, void *stream);
+cgd_status cgd_nonfinite_check(cgd_dtype dtype, const void *const *data, const int64_t *numels,
+                               const double *limits, int64_t count, int32_t *flags, float *found, cgd_device device,
+                               void *stream);
 
 /* ---------------------------------------------------------------------------------------------------------
  * Full and block-diagonal CGD (paper eq 4.9): the metric is the whole matrix g = (eps I + C)^a with

@@ -23,8 +23,8 @@ const char *cgd_cuda_error_string(int error) {
 
 int cgd_cuda_prepare(char *why, int why_size) { return absent(why, why_size); }
 
-int cgd_cuda_nonfinite_check(cgd_dtype dtype, const void *const *data, const int64_t *numels, int64_t count,
-                             int32_t *flags, float *found, void *stream) {
+int cgd_cuda_nonfinite_check(cgd_dtype dtype, const void *const *data, const int64_t *numels, const double *limits,
+                             int64_t count, int32_t *flags, float *found, void *stream) {
     return CGD_NO_CUDA;
 }
 

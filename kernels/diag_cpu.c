@@ -66,32 +66,33 @@ void CGD_NAME(cgd_cpu_diag_step)(const cgd_diag_hparams *h, cgd_dtype dtype, con
 }
 
 #if !CGD_F64
-/* Exponent all ones means Inf or NaN; testing bits keeps the scan branch-free and vectorisable. */
-static int has_nonfinite(cgd_dtype dtype, const void *data, int64_t n) {
+/* Magnitude bits against the threshold (half_convert.h): one integer comparison per element covers NaN, Inf and
+   the limit, branch-free and vectorisable. */
+static int has_nonfinite(cgd_dtype dtype, const void *data, int64_t n, uint64_t t) {
     int any = 0;
     if (dtype == CGD_FLOAT64) {
         const uint64_t *u = (const uint64_t *)data;
-        const uint64_t mask = 0x7ff0000000000000ull;
 #pragma omp parallel for reduction(| : any) if (n > CGD_CPU_CHUNK)
-        for (int64_t i = 0; i < n; ++i) any |= (u[i] & mask) == mask;
+        for (int64_t i = 0; i < n; ++i) any |= (u[i] & 0x7fffffffffffffffull) >= t;
     } else if (dtype == CGD_FLOAT32) {
         const uint32_t *u = (const uint32_t *)data;
+        const uint32_t t32 = (uint32_t)t;
 #pragma omp parallel for reduction(| : any) if (n > CGD_CPU_CHUNK)
-        for (int64_t i = 0; i < n; ++i) any |= (u[i] & 0x7f800000u) == 0x7f800000u;
+        for (int64_t i = 0; i < n; ++i) any |= (u[i] & 0x7fffffffu) >= t32;
     } else {
         const uint16_t *h = (const uint16_t *)data;
-        uint16_t mask = dtype == CGD_FLOAT16 ? 0x7c00u : 0x7f80u;
+        const uint16_t t16 = (uint16_t)t;
 #pragma omp parallel for reduction(| : any) if (n > CGD_CPU_CHUNK)
-        for (int64_t i = 0; i < n; ++i) any |= (h[i] & mask) == mask;
+        for (int64_t i = 0; i < n; ++i) any |= (uint16_t)(h[i] & 0x7fffu) >= t16;
     }
     return any;
 }
 
-void cgd_cpu_nonfinite_check(cgd_dtype dtype, const void *const *data, const int64_t *numels, int64_t count,
-                             int32_t *flags, float *found) {
+void cgd_cpu_nonfinite_check(cgd_dtype dtype, const void *const *data, const int64_t *numels, const double *limits,
+                             int64_t count, int32_t *flags, float *found) {
     int any = 0;
     for (int64_t i = 0; i < count; ++i) {
-        flags[i] = has_nonfinite(dtype, data[i], numels[i]);
+        flags[i] = has_nonfinite(dtype, data[i], numels[i], cgd_threshold_bits(dtype, limits ? limits[i] : INFINITY));
         any |= flags[i];
     }
     *found = any ? 1.0f : 0.0f;

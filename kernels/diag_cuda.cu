@@ -174,15 +174,14 @@ namespace {
 typedef struct scan_args {
     cgd_mt_layout layout;
     const void *data[CGD_MT_MAX_TENSORS];
+    uint32_t threshold[CGD_MT_MAX_TENSORS]; /* cgd_threshold_bits; for float64 its high word */
 } scan_args;
 
-/* A 32-bit word of the array: one float32, two 16-bit values, or the high (exponent-carrying) word of a float64
-   (little-endian: the odd words; the even ones hold mantissa bits only and are never tested). */
-template <int DT> __device__ __forceinline__ bool word_nonfinite(uint32_t u) {
-    if (DT == CGD_FLOAT32) return (u & 0x7f800000u) == 0x7f800000u;
-    if (DT == CGD_FLOAT64) return (u & 0x7ff00000u) == 0x7ff00000u;
-    const uint32_t m = DT == CGD_FLOAT16 ? 0x7c00u : 0x7f80u;
-    return (u & m) == m || ((u >> 16) & m) == m;
+/* A 32-bit word of the array against the tensor's threshold: one float32, two 16-bit values, or the high word of
+   a float64 (little-endian: the odd words; the float64 threshold's low word is 0, so the high word decides). */
+template <int DT> __device__ __forceinline__ bool word_nonfinite(uint32_t u, uint32_t t) {
+    if (DT == CGD_FLOAT32 || DT == CGD_FLOAT64) return (u & 0x7fffffffu) >= t;
+    return (u & 0x7fffu) >= t || ((u >> 16) & 0x7fffu) >= t;
 }
 
 template <int DT>
@@ -192,6 +191,7 @@ __global__ void __launch_bounds__(CGD_MT_THREADS)
     const int elem_bytes = DT == CGD_FLOAT64 ? 8 : (DT == CGD_FLOAT32 ? 4 : 2);
     const int per_vec = 16 / elem_bytes;
     const char *base = static_cast<const char *>(args.data[w.tensor]);
+    const uint32_t t = args.threshold[w.tensor];
     bool bad = false;
     int64_t scalar_from = w.begin;
     if (((uintptr_t)base & 15u) == 0) {
@@ -199,17 +199,18 @@ __global__ void __launch_bounds__(CGD_MT_THREADS)
         for (int64_t i = w.begin + per_vec * (int64_t)threadIdx.x; i < scalar_from; i += per_vec * (int64_t)blockDim.x) {
             uint4 v = *reinterpret_cast<const uint4 *>(base + i * elem_bytes);
             if (DT == CGD_FLOAT64)
-                bad |= word_nonfinite<DT>(v.y) | word_nonfinite<DT>(v.w);
+                bad |= word_nonfinite<DT>(v.y, t) | word_nonfinite<DT>(v.w, t);
             else
-                bad |= word_nonfinite<DT>(v.x) | word_nonfinite<DT>(v.y) | word_nonfinite<DT>(v.z) |
-                       word_nonfinite<DT>(v.w);
+                bad |= word_nonfinite<DT>(v.x, t) | word_nonfinite<DT>(v.y, t) | word_nonfinite<DT>(v.z, t) |
+                       word_nonfinite<DT>(v.w, t);
         }
     }
     for (int64_t i = scalar_from + threadIdx.x; i < w.end; i += blockDim.x) {
         uint32_t u = DT == CGD_FLOAT64   ? reinterpret_cast<const uint32_t *>(base)[2 * i + 1]
                      : DT == CGD_FLOAT32 ? reinterpret_cast<const uint32_t *>(base)[i]
                                          : (uint32_t) reinterpret_cast<const uint16_t *>(base)[i];
-        bad |= word_nonfinite<DT>(u);
+        /* A lone 16-bit value sits in the low half; the high half is 0, below every threshold. */
+        bad |= word_nonfinite<DT>(u, t);
     }
     /* Every block that sees a bad value stores the same 1s: the result is the same whatever the order. */
     if (__syncthreads_or(bad) && threadIdx.x == 0) {
@@ -233,7 +234,8 @@ static int launch_scan(const scan_args *args, cgd_dtype dtype, int32_t *flags, f
 }  // namespace
 
 extern "C" int cgd_cuda_nonfinite_check(cgd_dtype dtype, const void *const *data, const int64_t *numels,
-                                        int64_t count, int32_t *flags, float *found, void *stream) {
+                                        const double *limits, int64_t count, int32_t *flags, float *found,
+                                        void *stream) {
     cudaStream_t s = static_cast<cudaStream_t>(stream);
     cudaError_t e = cudaMemsetAsync(found, 0, sizeof(float), s);
     if (e == cudaSuccess && count > 0) e = cudaMemsetAsync(flags, 0, (size_t)count * sizeof(int32_t), s);
@@ -249,7 +251,9 @@ extern "C" int cgd_cuda_nonfinite_check(cgd_dtype dtype, const void *const *data
             cgd_mt_reset(&args.layout);
             cgd_mt_add(&args.layout, numels[i]);
         }
+        const uint64_t t = cgd_threshold_bits(dtype, limits ? limits[i] : INFINITY);
         args.data[args.layout.count - 1] = data[i];
+        args.threshold[args.layout.count - 1] = (uint32_t)(dtype == CGD_FLOAT64 ? t >> 32 : t);
     }
     return launch_scan(&args, dtype, flags + first, found, s);
 }

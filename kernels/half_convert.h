@@ -87,4 +87,25 @@ static inline void cgd_store_f32(cgd_dtype dtype, void *base, int64_t i, float v
     }
 }
 
+/*
+ * The non-finite scans' threshold: the magnitude bits t (sign cleared) such that, for an element x of `dtype`,
+ * |x| >= limit (to the dtype's rounding) exactly when abs_bits(x) >= t; NaN and Inf have bits above every finite
+ * t. Non-negative IEEE values order as their bit patterns. float64's t has its low 32 bits clear (rounding the
+ * limit down by at most 2^-20 of itself), so comparing the high words alone decides it.
+ */
+static inline uint64_t cgd_threshold_bits(cgd_dtype dtype, double limit) {
+    if (dtype == CGD_FLOAT64) {
+        if (!(limit < 1.0 / 0.0)) return 0x7ff0000000000000ull;
+        uint64_t u;
+        memcpy(&u, &limit, sizeof u);
+        return u & 0x7fffffff00000000ull;
+    }
+    if (!(limit < 3.4028234663852886e38))
+        return dtype == CGD_FLOAT32 ? 0x7f800000u : (dtype == CGD_BFLOAT16 ? 0x7f80u : 0x7c00u);
+    uint32_t f = cgd_f32_bits((float)limit) & 0x7fffffffu;
+    if (dtype == CGD_FLOAT32) return f;
+    if (dtype == CGD_BFLOAT16) return f >> 16; /* truncated: a limit between two bfloat16 values rounds down */
+    return limit > 65504.0 ? 0x7c00u : (uint64_t)(cgd_f32_to_f16((float)limit) & 0x7fffu);
+}
+
 #endif /* CGD_HALF_CONVERT_H */

@@ -76,10 +76,10 @@ CGD_DECLARE_KERNELS(_f64)
 #define CGD_BY_REAL(dtype, name) ((dtype) == CGD_FLOAT64 ? name##_f64 : name##_f32)
 
 /* Independent of the real type (built once, in the float32 build). */
-void cgd_cpu_nonfinite_check(cgd_dtype dtype, const void *const *data, const int64_t *numels, int64_t count,
-                             int32_t *flags, float *found);
-int cgd_cuda_nonfinite_check(cgd_dtype dtype, const void *const *data, const int64_t *numels, int64_t count,
-                             int32_t *flags, float *found, void *stream);
+void cgd_cpu_nonfinite_check(cgd_dtype dtype, const void *const *data, const int64_t *numels, const double *limits,
+                             int64_t count, int32_t *flags, float *found);
+int cgd_cuda_nonfinite_check(cgd_dtype dtype, const void *const *data, const int64_t *numels, const double *limits,
+                             int64_t count, int32_t *flags, float *found, void *stream);
 int64_t cgd_induced_norm_chunks(const cgd_diag_tensor *tensors, int64_t count);
 void cgd_cpu_induced_rate(const cgd_induced_metric *m, const double *sum, const double *loss, double *norm_ema,
                           double *norm_step, double *rate, const float *skip);

@@ -246,8 +246,10 @@ void diag_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
                                optional_scalar(found_inf, device, "found_inf"), target.device, target.stream));
 }
 
-std::tuple<Tensor, Tensor> nonfinite_flags(TensorList tensors) {
+std::tuple<Tensor, Tensor> nonfinite_flags(TensorList tensors, std::vector<double> limits) {
     CGD_CHECK(!tensors.empty(), "cgd::nonfinite_flags: needs at least one tensor");
+    CGD_CHECK(limits.empty() || limits.size() == tensors.size(), "cgd::nonfinite_flags: got ", limits.size(),
+              " limits for ", tensors.size(), " tensors (pass one per tensor, or none)");
     const Tensor &first = tensors[0];
     const cgd_dtype dtype = to_cgd_dtype(first, "tensors", 0);
     std::vector<const void *> data(tensors.size());
@@ -267,7 +269,8 @@ std::tuple<Tensor, Tensor> nonfinite_flags(TensorList tensors) {
     Tensor found = torch::stable::empty(scalar, ScalarType::Float, std::nullopt, device);
     Target target;
     target_for(device, target);
-    check_status(cgd_nonfinite_check(dtype, data.data(), numels.data(), static_cast<int64_t>(tensors.size()),
+    check_status(cgd_nonfinite_check(dtype, data.data(), numels.data(), limits.empty() ? nullptr : limits.data(),
+                                     static_cast<int64_t>(tensors.size()),
                                      flags.mutable_data_ptr<int32_t>(), found.mutable_data_ptr<float>(), target.device,
                                      target.stream));
     return {flags, found};
@@ -598,7 +601,7 @@ STABLE_TORCH_LIBRARY(cgd, m) {
           "Tensor(c!)[] steps, Tensor rate, *, float lr, float momentum, float beta_rms, float eps, "
           "float weight_decay, str gamma, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, "
           "Tensor? lr_tensor=None) -> ()");
-    m.def("nonfinite_flags(Tensor[] tensors) -> (Tensor flags, Tensor found)");
+    m.def("nonfinite_flags(Tensor[] tensors, float[] limits=[]) -> (Tensor flags, Tensor found)");
     m.def("build_info() -> str");
     m.def("prepare(Device device) -> ()");
 }

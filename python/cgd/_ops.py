@@ -107,7 +107,7 @@ def _same_device(op: str, lists: dict) -> None:
 
 
 @torch.library.register_fake("cgd::nonfinite_flags")
-def _nonfinite_flags_fake(tensors):
+def _nonfinite_flags_fake(tensors, limits=()):
     _same_device("nonfinite_flags", {"tensors": tensors})
     first = tensors[0]
     return first.new_empty((len(tensors),), dtype=torch.int32), first.new_empty((), dtype=torch.float32)

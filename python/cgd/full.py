@@ -16,8 +16,9 @@ import torch
 
 from . import _ops  # noqa: F401  (loads the operator library)
 from ._distributed import full, is_dtensor, local, shard_like
-from .optimizer import (SUPPORTED_DTYPES, BaseOptimizer, NonFiniteGradientError, _bad, _check_range, _number,
-                        betas_from_tau, check_grad_shape, group_param_label, state_dtype, validate_step_size)
+from .optimizer import (SUPPORTED_DTYPES, UNUSABLE, BaseOptimizer, NonFiniteGradientError, _bad, _check_range,
+                        _number, betas_from_tau, check_grad_shape, check_writable, group_param_label, mark_updated,
+                        overflow_limit, state_dtype, validate_step_size)
 
 METRICS = ("full", "block", "kron")
 # 0: solved in the state's precision (float32, or float64 for float64 parameters); 1: float32 failed, float64 did not.
@@ -269,6 +270,7 @@ class FullCGD(BaseOptimizer):
                     raise ValueError(f"cgd: parameter {self._label(group, j)} is not contiguous (stride "
                                      f"{p.stride()}); FullCGD needs contiguous parameters")
                 check_grad_shape(self._label(group, j), p, g)
+                check_writable(self._label(group, j), p)
                 g = full(g)  # FSDP2: the metric couples elements across shards, so every rank gathers them
                 grads.append(g if g.is_contiguous() and g.stride() == p.stride() else g.contiguous())
             # What the kernels update: the parameter itself, or for a DTensor a zero stand-in of its full shape
@@ -284,6 +286,7 @@ class FullCGD(BaseOptimizer):
         for group, grads, targets in work:
             self._step_group(group, grads, targets, grad_scale, found_inf)
             self._add_to_shards(group, targets, found_inf)
+        mark_updated(p for group, grads, _ in work for p, g in zip(group["params"], grads) if g is not None)
         return loss
 
     @staticmethod
@@ -306,13 +309,20 @@ class FullCGD(BaseOptimizer):
         if not work:
             return
         present = [[j for j, g in enumerate(grads) if g is not None] for _, grads in work]
-        checks = [torch.ops.cgd.nonfinite_flags([grads[j] for j in js]) for (_, grads), js in zip(work, present)]
+        checks = [torch.ops.cgd.nonfinite_flags([grads[j] for j in js],
+                                                [self._overflow_limit(group, group["params"][j]) for j in js])
+                  for (group, grads), js in zip(work, present)]
         if sum(float(found.item()) for _, found in checks) == 0.0:
             return
         bad = [self._label(group, js[i]) for (group, _), js, (flags, _) in zip(work, present, checks)
                for i in flags.nonzero().flatten().tolist()]
-        raise NonFiniteGradientError(f"cgd: the gradient of {', '.join(bad)} contains NaN or Inf; no parameter or "
-                                     "state was changed (nonfinite='raise')")
+        raise NonFiniteGradientError(f"cgd: the gradient of {', '.join(bad)} {UNUSABLE}; no parameter or state was "
+                                     "changed (nonfinite='raise')")
+
+    @staticmethod
+    def _overflow_limit(group: dict[str, Any], p: torch.Tensor) -> float:
+        """A Kronecker factor's entry sums a side's worth of gradient squares; full/block entries are products."""
+        return overflow_limit(p, max(_matrix_shape(tuple(p.shape))) if group["metric"] == "kron" else 1)
 
     def _group_state(self, group: dict[str, Any]) -> tuple[dict[str, Any], tuple[list[int], int, int]]:
         """The group's block state, kept under its first parameter so state_dict() saves it, and its layout."""

@@ -16,9 +16,9 @@ import torch
 
 from . import _ops  # noqa: F401  (loads the operator library)
 from ._distributed import local, mean_over_shards, sum_over_shards
-from .optimizer import (SUPPORTED_DTYPES, BaseOptimizer, NonFiniteGradientError, _bad, _check_range, _number,
-                        check_grad_shape, check_lr, group_param_label, lr_on_device, lr_operands, resolve_nonfinite,
-                        state_dtype)
+from .optimizer import (SUPPORTED_DTYPES, UNUSABLE, BaseOptimizer, NonFiniteGradientError, _bad, _check_range, _number,
+                        check_grad_shape, check_lr, check_writable, group_param_label, lr_on_device, lr_operands,
+                        mark_updated, overflow_limit, resolve_nonfinite, state_dtype)
 
 GAMMAS = ("identity", "rms")
 EMBEDDINGS = ("loss", "log")
@@ -154,6 +154,7 @@ class InducedMetric(BaseOptimizer):
                                        f"{'sparse' if p.grad.is_sparse else 'complex'} gradient, which "
                                        "InducedMetric does not support")
                 check_grad_shape(self._label(group, j), p, p.grad)
+                check_writable(self._label(group, j), p)
                 g = local(p.grad)
                 # The kernels walk param, grad and state in one memory order: the parameter's (channels_last too).
                 if g.stride() != local(p).stride():
@@ -200,6 +201,7 @@ class InducedMetric(BaseOptimizer):
                 beta_rms=float(group["beta_rms"]), eps=float(group["eps"]),
                 weight_decay=float(group["weight_decay"]), gamma=group["gamma"], maximize=bool(group["maximize"]),
                 grad_scale=scale, found_inf=skip, lr_tensor=lr_tensor)
+        mark_updated(sharded)
         return loss
 
     def _state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -226,11 +228,12 @@ class InducedMetric(BaseOptimizer):
         return {"norm_ema": anchor["metric_norm_ema"], "norm_step": anchor["metric_norm_step"], **self._scratch}
 
     def _raise_on_nonfinite(self, work) -> None:
-        checks = [torch.ops.cgd.nonfinite_flags([g for _, _, g in items]) for _, items in work]
+        checks = [torch.ops.cgd.nonfinite_flags([g for _, _, g in items], [overflow_limit(p) for _, p, _ in items])
+                  for _, items in work]
         total = sum_over_shards(sum(found for _, found in checks), [p for _, items in work for _, p, _ in items])
         if float(total) == 0.0:
             return
         bad = [self._label(group, items[i][0]) for (group, items), (flags, _) in zip(work, checks)
                for i in flags.nonzero().flatten().tolist()]
         raise NonFiniteGradientError(f"cgd: the gradient of {', '.join(bad) or 'a parameter shard on another rank'} "
-                                     "contains NaN or Inf; no parameter or state was changed (nonfinite='raise')")
+                                     f"{UNUSABLE}; no parameter or state was changed (nonfinite='raise')")

@@ -204,6 +204,35 @@ class BaseOptimizer(Optimizer):
         return value.detach().to(p.device, dtype, copy=True)
 
 
+# What the non-finite check catches (cgd.h, cgd_nonfinite_check): a value whose square overflows the state's
+# second moments is as unusable as an Inf, so it is caught with them.
+UNUSABLE = "contains NaN, Inf, or a value too large for the optimizer state to square"
+
+
+def overflow_limit(p: torch.Tensor, summed: int = 1) -> float:
+    """The gradient magnitude from which a step's second moments would overflow p's state precision: half the
+    square root of its largest value (the centered and belief moments square a difference of two gradients),
+    over sqrt(summed) where `summed` squares add up in one entry (a Kronecker factor's Gram sums)."""
+    wide = state_dtype(p) in (torch.float64, torch.complex128)
+    return math.sqrt(torch.finfo(torch.float64 if wide else torch.float32).max / max(summed, 1)) / 2
+
+
+def check_writable(label: str, p: torch.Tensor) -> None:
+    """torch.optim's in-place updates refuse an inference tensor outside inference mode; so does every step here,
+    before anything changes (the kernels write through raw pointers, past the check torch's own ops make)."""
+    if p.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(f"cgd: parameter {label} is an inference tensor: Inplace update to inference tensor "
+                           "outside InferenceMode is not allowed (create the parameter outside torch.inference_mode, "
+                           "or clone it first)")
+
+
+def mark_updated(params: Iterable[torch.Tensor]) -> None:
+    """Bumps each stepped parameter's autograd version counter, as torch's in-place ops do (the kernels write
+    through raw pointers, which autograd cannot see): a backward through a graph saved before the step then
+    raises "modified by an inplace operation" instead of silently using the new values."""
+    torch.autograd.graph.increment_version(list(params))
+
+
 def check_grad_shape(label: str, p: torch.Tensor, g: torch.Tensor) -> None:
     """A gradient must have its parameter's shape: copying one into the parameter's layout would broadcast it."""
     if tuple(g.shape) != tuple(p.shape):
@@ -502,6 +531,7 @@ class CGD(BaseOptimizer):
         grad_scale = getattr(self, "grad_scale", None)
         for batch in batches:
             self._apply(batch, grad_scale, skip)
+        mark_updated(chain.from_iterable(b.sharded for b in batches))
         return loss
 
     def _label(self, gi: int, j: int) -> str:
@@ -528,6 +558,7 @@ class CGD(BaseOptimizer):
                     "use torch.optim.SparseAdam for sparse embeddings, or dense gradients"
                 )
             check_grad_shape(self._label(gi, j), p, g)
+            check_writable(self._label(gi, j), p)
             view, g = local(p), local(g)  # DTensor (FSDP2) parameters: the kernels step the local shard
             work = view if _dense(view) else view.contiguous()  # a view with gaps: one copy in, one back
             if g.stride() != work.stride() or not _dense(g):
@@ -572,7 +603,7 @@ class CGD(BaseOptimizer):
             return found_inf
         if self.nonfinite == "ignore":
             return None
-        checks = [torch.ops.cgd.nonfinite_flags(b.grads) for b in batches]
+        checks = [torch.ops.cgd.nonfinite_flags(b.grads, [overflow_limit(p) for p in b.sharded]) for b in batches]
         device = checks[0][1].device
         total = checks[0][1]
         for _, found in checks[1:]:
@@ -587,10 +618,9 @@ class CGD(BaseOptimizer):
                     for i in flags.nonzero().flatten().tolist()
                 ]
                 raise NonFiniteGradientError(
-                    f"cgd: the gradient of {', '.join(bad) or 'a parameter shard on another rank'} contains NaN or "
-                    "Inf; no parameter or state was "
-                    "changed (nonfinite='raise'). Pass nonfinite='skip' to skip such steps instead, or "
-                    "nonfinite='ignore' to apply them as torch.optim does"
+                    f"cgd: the gradient of {', '.join(bad) or 'a parameter shard on another rank'} {UNUSABLE}; no "
+                    "parameter or state was changed (nonfinite='raise'). Pass nonfinite='skip' to skip such steps "
+                    "instead, or nonfinite='ignore' to apply them as torch.optim does"
                 )
             return None
         # One counter, allocated on the first (uncaptured) step and added to in place: a captured step's replays

@@ -21,9 +21,14 @@ namespace {
 
 // ---------- storage of one dtype ----------
 
-size_t elem_size(cgd_dtype dt) { return dt == CGD_FLOAT32 ? 4 : 2; }
+size_t elem_size(cgd_dtype dt) { return dt == CGD_FLOAT64 ? 8 : (dt == CGD_FLOAT32 ? 4 : 2); }
 
 double decode(cgd_dtype dt, const std::vector<uint8_t> &bytes, size_t i) {
+    if (dt == CGD_FLOAT64) {
+        double d;
+        std::memcpy(&d, bytes.data() + 8 * i, 8);
+        return d;
+    }
     if (dt == CGD_FLOAT32) {
         float f;
         std::memcpy(&f, bytes.data() + 4 * i, 4);
@@ -35,6 +40,10 @@ double decode(cgd_dtype dt, const std::vector<uint8_t> &bytes, size_t i) {
 }
 
 void encode(cgd_dtype dt, std::vector<uint8_t> &bytes, size_t i, double v) {
+    if (dt == CGD_FLOAT64) {
+        std::memcpy(bytes.data() + 8 * i, &v, 8);
+        return;
+    }
     if (dt == CGD_FLOAT32) {
         float f = (float)v;
         std::memcpy(bytes.data() + 4 * i, &f, 4);
@@ -46,13 +55,13 @@ void encode(cgd_dtype dt, std::vector<uint8_t> &bytes, size_t i, double v) {
 
 // The value v takes once stored in dtype dt.
 double round_to(cgd_dtype dt, double v) {
-    std::vector<uint8_t> b(4);
+    std::vector<uint8_t> b(8);
     encode(dt, b, 0, v);
     return decode(dt, b, 0);
 }
 
 const char *dtype_name(cgd_dtype dt) {
-    return dt == CGD_FLOAT32 ? "f32" : (dt == CGD_FLOAT16 ? "f16" : "bf16");
+    return dt == CGD_FLOAT64 ? "f64" : dt == CGD_FLOAT32 ? "f32" : (dt == CGD_FLOAT16 ? "f16" : "bf16");
 }
 
 // ---------- the reference ----------
@@ -407,9 +416,29 @@ TEST_P(DiagStep, NonzeroSkipChangesNothing) {
     EXPECT_NE(pr.tensors[0].param, before.tensors[0].param);
 }
 
+// Runs the non-finite scan over `data` on `device`; limits may be empty (NaN and Inf only).
+cgd_status scan(cgd_device device, cgd_dtype dt, const std::vector<std::vector<uint8_t>> &data,
+                const std::vector<double> &limits, std::vector<int32_t> &flags, float &found) {
+    std::vector<int64_t> numels;
+    for (const auto &d : data) numels.push_back((int64_t)(d.size() / elem_size(dt)));
+    flags.assign(data.size(), 77);
+    found = 5.0f;
+    cgd_status st;
+    { // the Mirror copies flags and found back when it goes
+        Mirror m{device};
+        std::vector<const void *> ptrs;
+        for (const auto &d : data) ptrs.push_back(m.put(const_cast<uint8_t *>(d.data()), d.size()));
+        int32_t *f = (int32_t *)m.put(flags.data(), flags.size() * 4);
+        float *any = (float *)m.put(&found, 4);
+        st = cgd_nonfinite_check(dt, ptrs.data(), numels.data(), limits.empty() ? nullptr : limits.data(),
+                                 (int64_t)data.size(), f, any, device, nullptr);
+    }
+    return st;
+}
+
 // The non-finite scan: flags name exactly the tensors holding NaN or Inf, wherever the value sits.
 TEST_P(DiagStep, NonfiniteCheckFlagsExactlyTheBadTensors) {
-    for (cgd_dtype dt : {CGD_FLOAT32, CGD_FLOAT16, CGD_BFLOAT16}) {
+    for (cgd_dtype dt : {CGD_FLOAT32, CGD_FLOAT16, CGD_BFLOAT16, CGD_FLOAT64}) {
         const std::vector<size_t> sizes = {7, 70001, 4096, 1, 0, 33};
         std::vector<std::vector<uint8_t>> data;
         for (size_t n : sizes) {
@@ -419,47 +448,41 @@ TEST_P(DiagStep, NonfiniteCheckFlagsExactlyTheBadTensors) {
         encode(dt, data[1], 70000, NAN);     // last element, in the tail of the last chunk
         encode(dt, data[2], 1234, INFINITY); // inside the vector body
         encode(dt, data[5], 0, -INFINITY);
-        const std::vector<int32_t> want = {0, 1, 1, 0, 0, 1};
-        std::vector<int64_t> numels(sizes.begin(), sizes.end());
-        std::vector<int32_t> flags(sizes.size(), 77);
-        float found = 5.0f;
-        std::vector<const void *> ptrs;
-        if (GetParam() == CGD_CPU) {
-            for (auto &d : data) ptrs.push_back(d.data());
-            ASSERT_EQ(cgd_nonfinite_check(dt, ptrs.data(), numels.data(), (int64_t)sizes.size(), flags.data(), &found,
-                                          CGD_CPU, nullptr),
-                      CGD_OK);
-        } else {
-#ifdef CGD_WITH_CUDA
-            std::vector<void *> allocs;
-            for (auto &d : data) {
-                allocs.push_back(to_device<uint8_t>(d.data(), d.size()));
-                ptrs.push_back(allocs.back());
-            }
-            int32_t *d_flags = to_device<int32_t>(flags.data(), flags.size() * 4);
-            float *d_found = to_device<float>(&found, 4);
-            ASSERT_EQ(cgd_nonfinite_check(dt, ptrs.data(), numels.data(), (int64_t)sizes.size(), d_flags, d_found,
-                                          CGD_CUDA, nullptr),
-                      CGD_OK);
-            to_host(flags.data(), d_flags, flags.size() * 4);
-            to_host(&found, d_found, 4);
-            for (void *p : allocs) cudaFree(p);
-            cudaFree(d_flags);
-            cudaFree(d_found);
-#endif
-        }
-        EXPECT_EQ(flags, want) << dtype_name(dt);
+        std::vector<int32_t> flags;
+        float found = 0.0f;
+        ASSERT_EQ(scan(GetParam(), dt, data, {}, flags, found), CGD_OK) << cgd_last_error();
+        EXPECT_EQ(flags, std::vector<int32_t>({0, 1, 1, 0, 0, 1})) << dtype_name(dt);
         EXPECT_EQ(found, 1.0f) << dtype_name(dt);
 
         encode(dt, data[1], 70000, 1.0), encode(dt, data[2], 1234, 2.0), encode(dt, data[5], 0, 3.0);
-        if (GetParam() == CGD_CPU) {
-            ASSERT_EQ(cgd_nonfinite_check(dt, ptrs.data(), numels.data(), (int64_t)sizes.size(), flags.data(), &found,
-                                          CGD_CPU, nullptr),
-                      CGD_OK);
-            EXPECT_EQ(flags, std::vector<int32_t>(sizes.size(), 0));
-            EXPECT_EQ(found, 0.0f);
-        }
+        ASSERT_EQ(scan(GetParam(), dt, data, {}, flags, found), CGD_OK) << cgd_last_error();
+        EXPECT_EQ(flags, std::vector<int32_t>(sizes.size(), 0)) << dtype_name(dt);
+        EXPECT_EQ(found, 0.0f) << dtype_name(dt);
     }
+}
+
+// With limits, a finite value of magnitude >= its tensor's limit counts as non-finite too (its square would
+// overflow the state), with either sign and anywhere in the tensor; values below the limit do not.
+TEST_P(DiagStep, NonfiniteCheckFlagsValuesAtOrAboveTheLimit) {
+    for (cgd_dtype dt : {CGD_FLOAT32, CGD_FLOAT16, CGD_BFLOAT16, CGD_FLOAT64}) {
+        const double big = dt == CGD_FLOAT16 ? 1024.0 : (dt == CGD_FLOAT64 ? 0x1p600 : 0x1p70);
+        std::vector<std::vector<uint8_t>> data(4, std::vector<uint8_t>(70001 * elem_size(dt)));
+        for (auto &d : data)
+            for (size_t i = 0; i < 70001; ++i) encode(dt, d, i, 0.5 * (double)(i % 7) - 1.5);
+        encode(dt, data[0], 70000, -big); // magnitude big, limit big: flagged
+        encode(dt, data[1], 40000, big);  // limit 2 big: not flagged
+        encode(dt, data[2], 3, big * 0.75);
+        const std::vector<double> limits = {big, 2 * big, big / 2, INFINITY};
+        std::vector<int32_t> flags;
+        float found = 0.0f;
+        ASSERT_EQ(scan(GetParam(), dt, data, limits, flags, found), CGD_OK) << cgd_last_error();
+        EXPECT_EQ(flags, std::vector<int32_t>({1, 0, 1, 0})) << dtype_name(dt);
+        EXPECT_EQ(found, 1.0f) << dtype_name(dt);
+    }
+    std::vector<int32_t> flags;
+    float found = 0.0f;
+    EXPECT_EQ(scan(GetParam(), CGD_FLOAT32, {std::vector<uint8_t>(4)}, {0.0}, flags, found), CGD_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(cgd_last_error()).find("limits[0] = 0 must be positive"), std::string::npos);
 }
 
 // One float32 tensor of plain host arrays stepped once on `device`; lr_device, when given, is a host value
