@@ -124,14 +124,18 @@ static cgd_status check_range(const char *fn, const char *name, double v, double
 static cgd_status check_hparams(const cgd_diag_hparams *h) {
     cgd_status st;
     if ((st = check_range("cgd_diag_step", "lr", h->lr, 0.0, INFINITY, 1))) return st;
-    if ((st = check_range("cgd_diag_step", "beta1", h->beta1, 0.0, 1.0, 1))) return st;
-    if ((st = check_range("cgd_diag_step", "beta2", h->beta2, 0.0, 1.0, 1))) return st;
+    if ((st = check_range("cgd_diag_step", "beta1", h->beta1, 0.0, 1.0, h->bias_correction != 0))) return st;
+    if ((st = check_range("cgd_diag_step", "beta2", h->beta2, 0.0, 1.0, h->bias_correction != 0))) return st;
     if ((st = check_range("cgd_diag_step", "power", h->power, 0.0, 1.0, 0))) return st;
     if ((st = check_range("cgd_diag_step", "eps", h->eps, 0.0, INFINITY, 1))) return st;
     if ((st = check_range("cgd_diag_step", "weight_decay", h->weight_decay, 0.0, INFINITY, 1))) return st;
     if (!(h->grad_weight > 0.0 && h->grad_weight < INFINITY))
         return fail(CGD_ERR_INVALID_ARGUMENT, "cgd_diag_step: hparams.grad_weight = %g must be positive and finite",
                     h->grad_weight);
+    if (!(h->first_grad_weight >= 0.0 && h->first_grad_weight < INFINITY))
+        return fail(CGD_ERR_INVALID_ARGUMENT,
+                    "cgd_diag_step: hparams.first_grad_weight = %g must be 0 (none) or positive and finite",
+                    h->first_grad_weight);
     if (h->moment != CGD_MOMENT_RAW && h->moment != CGD_MOMENT_CENTERED && h->moment != CGD_MOMENT_BELIEF)
         return fail(CGD_ERR_INVALID_ARGUMENT, "cgd_diag_step: hparams.moment = %d is not a cgd_moment", (int)h->moment);
     return CGD_OK;

@@ -76,9 +76,13 @@ typedef enum cgd_moment {
  */
 typedef struct cgd_diag_hparams {
     double lr;           /* >= 0 */
-    double beta1;        /* [0, 1) */
-    double beta2;        /* [0, 1) */
+    double beta1;        /* [0, 1]; 1 (torch.optim.SGD's momentum=1) only without bias_correction */
+    double beta2;        /* [0, 1]; 1 (torch.optim.RMSprop's alpha=1) only without bias_correction */
     double grad_weight;  /* > 0 (usually 1 - beta1, or 1) */
+    /* 0, or the grad_weight of a tensor's first step (its step counter is 0; > 0): torch.optim.SGD starts its
+       dampened buffer as the raw gradient. Read from the device-side counter, so a skipped first step leaves
+       the next one first. */
+    double first_grad_weight;
     double power;        /* a in [0, 1] */
     double eps;          /* >= 0 */
     double weight_decay; /* >= 0 */

@@ -28,7 +28,7 @@ enum { CGD_METRIC_NONE = 0, CGD_METRIC_SQRT = 1, CGD_METRIC_POW = 2 };
 
 /* Per-call constants in the real type the kernels compute in (real.h). */
 typedef struct cgd_diag_consts {
-    cgd_real lr, beta1, beta2, one_minus_beta2, grad_weight, power, eps, weight_decay;
+    cgd_real lr, beta1, beta2, one_minus_beta2, grad_weight, first_grad_weight, power, eps, weight_decay;
     double beta1_d, beta2_d, weight_decay_d; /* bias corrections are formed in double, as torch does on the host */
     const float *lr_device; /* replaces lr when set (cgd_diag_hparams.lr_device) */
     int32_t metric, moment, eps_inside, bias_correction, decoupled_weight_decay, nesterov, maximize;
@@ -38,6 +38,7 @@ typedef struct cgd_diag_consts {
 /* Per-tensor constants that depend on the tensor's step count t and on lr (host or device). */
 typedef struct cgd_diag_step_consts {
     cgd_real step_size;    /* lr / (1 - beta1^t) */
+    cgd_real grad_weight;  /* the first step's (t = 1) or every later one's */
     cgd_real decay_factor; /* 1 - lr * weight_decay */
     cgd_real inv_bc1;      /* 1 / (1 - beta1^t), for the centered variance */
     cgd_real inv_bc2;      /* 1 / (1 - beta2^t) */
@@ -51,6 +52,7 @@ CGD_HD cgd_diag_consts cgd_diag_make_consts(const cgd_diag_hparams *h) {
     k.beta2 = (cgd_real)h->beta2;
     k.one_minus_beta2 = (cgd_real)(1.0 - h->beta2);
     k.grad_weight = (cgd_real)h->grad_weight;
+    k.first_grad_weight = (cgd_real)(h->first_grad_weight > 0.0 ? h->first_grad_weight : h->grad_weight);
     k.power = (cgd_real)h->power;
     k.eps = (cgd_real)h->eps;
     k.weight_decay = (cgd_real)h->weight_decay;
@@ -80,6 +82,7 @@ CGD_HD cgd_diag_step_consts cgd_diag_make_step_consts(const cgd_diag_consts *k, 
         bc2 = 1.0 - pow(k->beta2_d, t);
     }
     s.step_size = (cgd_real)((double)lr / bc1);
+    s.grad_weight = steps_taken == 0.0 ? k->first_grad_weight : k->grad_weight;
     s.decay_factor = (cgd_real)(1.0 - (double)lr * k->weight_decay_d);
     s.inv_bc1 = (cgd_real)(1.0 / bc1);
     s.inv_bc2 = (cgd_real)(1.0 / bc2);
@@ -109,10 +112,10 @@ CGD_HD void cgd_diag_update(const cgd_diag_consts *k, const cgd_diag_step_consts
 
     cgd_real avg = g; /* M1 when beta1 == 0 */
     if (k->has_m1) {
-        avg = k->beta1 * *m1 + k->grad_weight * g;
+        avg = k->beta1 * *m1 + s->grad_weight * g;
         *m1 = avg;
     }
-    cgd_real force = k->nesterov ? k->beta1 * avg + k->grad_weight * g : avg;
+    cgd_real force = k->nesterov ? k->beta1 * avg + s->grad_weight * g : avg;
 
     if (k->metric == CGD_METRIC_NONE) {
         *p = param - s->step_size * force;

@@ -180,9 +180,9 @@ Workspace workspace_for(const Device &device, size_t bytes) {
 }
 
 void diag_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
-               double lr, double beta1, double beta2, double grad_weight, double power, double eps, double weight_decay,
-               std::string moment, bool eps_inside, bool bias_correction, bool decoupled_weight_decay, bool nesterov,
-               bool maximize, std::optional<Tensor> grad_scale, std::optional<Tensor> found_inf,
+               double lr, double beta1, double beta2, double grad_weight, double first_grad_weight, double power,
+               double eps, double weight_decay, std::string moment, bool eps_inside, bool bias_correction,
+               bool decoupled_weight_decay, bool nesterov, bool maximize, std::optional<Tensor> grad_scale, std::optional<Tensor> found_inf,
                std::optional<Tensor> lr_tensor) {
     const size_t n = params.size();
     CGD_CHECK(grads.size() == n && steps.size() == n, "cgd::diag_step_: got ", n, " params, ", grads.size(),
@@ -228,6 +228,7 @@ void diag_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
     h.beta1 = beta1;
     h.beta2 = beta2;
     h.grad_weight = grad_weight;
+    h.first_grad_weight = first_grad_weight;
     h.power = power;
     h.eps = eps;
     h.weight_decay = weight_decay;
@@ -579,8 +580,8 @@ std::string build_info() { return cgd_version(); }
 
 STABLE_TORCH_LIBRARY(cgd, m) {
     m.def("diag_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-          "Tensor(d!)[] steps, *, float lr, float beta1, float beta2, float grad_weight, float power, float eps, "
-          "float weight_decay, str moment, bool eps_inside, bool bias_correction, bool decoupled_weight_decay, "
+          "Tensor(d!)[] steps, *, float lr, float beta1, float beta2, float grad_weight, float first_grad_weight=0.0, "
+          "float power, float eps, float weight_decay, str moment, bool eps_inside, bool bias_correction, bool decoupled_weight_decay, "
           "bool nesterov, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, "
           "Tensor? lr_tensor=None) -> ()");
     m.def("block_step_(Tensor(a!)[] params, Tensor[] grads, int[] offsets, Tensor(b!) exp_avg, "

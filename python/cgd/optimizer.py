@@ -297,8 +297,11 @@ def validate_step_size(group: dict[str, Any], read_lr: bool = True) -> None:
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise _bad("betas", betas, "must be a pair (beta1, beta2)")
-    _check_range("betas[0]", betas[0], 0.0, 1.0)
-    _check_range("betas[1]", betas[1], 0.0, 1.0)
+    # beta = 1 (an average that never forgets: torch's SGD momentum=1, RMSprop alpha=1) needs no bias correction,
+    # which would divide by 1 - 1^t = 0; for M1 it needs the heavy-ball sum, whose gradient weight is not 1 - beta.
+    closed = not group["bias_correction"]
+    _check_range("betas[0]", betas[0], 0.0, 1.0, hi_open=not (closed and group.get("heavy_ball", False)))
+    _check_range("betas[1]", betas[1], 0.0, 1.0, hi_open=not closed)
     _check_range("power", group["power"], 0.0, 1.0, hi_open=False)
 
 
@@ -335,7 +338,6 @@ class _Batch:
     """Tensors of one group that share device and dtype: one operator call."""
 
     group: dict[str, Any]
-    grad_weight: float
     params: list[torch.Tensor] = field(default_factory=list)
     grads: list[torch.Tensor] = field(default_factory=list)
     exp_avgs: list[torch.Tensor] = field(default_factory=list)
@@ -546,7 +548,6 @@ class CGD(BaseOptimizer):
         power = group["power"]
         need_m1 = beta1 > 0.0 or (power != 0.0 and group["moment"] != "raw")
         m2_key = _SECOND_MOMENT_KEY[group["moment"]] if power != 0.0 else None
-        split_first = group["heavy_ball"] and group["dampening"] != 0.0
         batches: dict[tuple[Any, ...], _Batch] = {}
         for j, p in enumerate(group["params"]):
             g = p.grad
@@ -564,7 +565,6 @@ class CGD(BaseOptimizer):
             if g.stride() != work.stride() or not _dense(g):
                 g = torch.empty_like(work).copy_(g)  # the kernels walk param, grad and state in one memory order
             state = self.state[p]
-            first = "exp_avg" not in state
             kept_as = state_dtype(p)
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float64, device=p.device)
@@ -573,15 +573,10 @@ class CGD(BaseOptimizer):
             if m2_key is not None and m2_key not in state:
                 state[m2_key] = torch.zeros_like(p, dtype=kept_as)
                 _real(local(state[m2_key])).fill_(group["m2_init"])  # both parts of a complex element
-            if group["heavy_ball"]:
-                # torch.optim.SGD starts its buffer with the raw gradient, then dampens.
-                grad_weight = 1.0 if first else 1.0 - group["dampening"]
-            else:
-                grad_weight = 1.0 - beta1
-            key = (p.device, _real(work).dtype, first if split_first else None)
+            key = (p.device, _real(work).dtype)
             batch = batches.get(key)
             if batch is None:
-                batch = batches[key] = _Batch(group, grad_weight)
+                batch = batches[key] = _Batch(group)
             # The state of a DTensor parameter is a DTensor like it; its local shard is what the kernels see.
             batch.params.append(_real(work))
             batch.grads.append(_real(g))
@@ -648,7 +643,11 @@ class CGD(BaseOptimizer):
             lr=lr,
             beta1=float(beta1),
             beta2=float(beta2),
-            grad_weight=batch.grad_weight,
+            # torch.optim.SGD starts its buffer with the raw gradient, then dampens: the kernel tells a tensor's
+            # first step by its step counter, on the device, so a skipped or refused first step leaves the next
+            # one first.
+            grad_weight=1.0 - float(group["dampening"]) if group["heavy_ball"] else 1.0 - float(beta1),
+            first_grad_weight=1.0 if group["heavy_ball"] else 0.0,
             power=float(group["power"]),
             eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]),

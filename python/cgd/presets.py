@@ -67,7 +67,7 @@ class SGD(CGD):
                                     nesterov=nesterov, maximize=maximize), nonfinite, capturable)
 
     def _cgd_group(self, group):
-        momentum = _check_range("momentum", group["momentum"], 0.0, 1.0)
+        momentum = _check_range("momentum", group["momentum"], 0.0, 1.0, hi_open=False)
         dampening = _check_range("dampening", group["dampening"], 0.0, 1.0, hi_open=False)
         if group["nesterov"] and (momentum <= 0 or dampening != 0):
             raise _bad("SGD(nesterov)", group["nesterov"], "Nesterov momentum requires a momentum and zero dampening")
@@ -98,7 +98,7 @@ class RMSprop(CGD):
         if group["centered"]:
             raise _bad("RMSprop(centered)", group["centered"], "torch centres with an average over alpha, not "
                        "over tau1; use cgd.CGD(moment='centered') for the paper's variance metric")
-        alpha = _check_range("alpha", group["alpha"], 0.0, 1.0)
+        alpha = _check_range("alpha", group["alpha"], 0.0, 1.0, hi_open=False)
         return {**group, "betas": (0.0, alpha), "power": 0.5, "decoupled_weight_decay": False, "moment": "raw",
                 "eps_inside": False, "bias_correction": False, "m2_init": 0.0, "nesterov": False,
                 "heavy_ball": False, "dampening": 0.0}
