@@ -4,6 +4,7 @@
  */
 #include "cgd.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -217,6 +218,16 @@ static cgd_status check_block_hparams(const char *fn, const cgd_block_hparams *h
     return CGD_OK;
 }
 
+/* On a direction without variance the metric's inverse is eps^-power: finite in the state's precision, or P holds
+   Inf and the step NaN. */
+static cgd_status check_eps_for_dtype(const char *fn, const cgd_block_hparams *h, cgd_dtype dtype) {
+    const double largest = dtype == CGD_FLOAT64 ? DBL_MAX : FLT_MAX;
+    if (h->power > 0.0 && !(pow(h->eps, -h->power) <= largest))
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams.eps = %g with power = %g: eps^-power = %g overflows the %s "
+                    "state", fn, h->eps, h->power, pow(h->eps, -h->power), dtype == CGD_FLOAT64 ? "float64" : "float32");
+    return CGD_OK;
+}
+
 static cgd_status check_block_layout(const char *fn, const cgd_block_hparams *hparams, const cgd_block_state *state) {
     cgd_status st;
     if (!hparams) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams is NULL", fn);
@@ -248,6 +259,7 @@ cgd_status cgd_block_workspace_size(const cgd_block_hparams *hparams, cgd_dtype 
     if (!bytes) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: bytes is NULL", fn);
     if ((st = check_block_layout(fn, hparams, state))) return st;
     if ((st = check_common(fn, dtype, device, 0))) return st;
+    if ((st = check_eps_for_dtype(fn, hparams, dtype))) return st;
     if ((st = block_workspace(fn, hparams, dtype, state, device, stream, bytes))) return st;
     return ok();
 }
@@ -259,6 +271,7 @@ cgd_status cgd_block_step(const cgd_block_hparams *hparams, cgd_dtype dtype, con
     cgd_status st;
     if ((st = check_block_layout(fn, hparams, state))) return st;
     if ((st = check_common(fn, dtype, device, count))) return st;
+    if ((st = check_eps_for_dtype(fn, hparams, dtype))) return st;
     if (count > 0 && !tensors)
         return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors is NULL but count = %lld", fn, (long long)count);
     if (!state->exp_avg || !state->exp_avg_sq || !state->precond || !state->eigvals || !state->step ||
@@ -304,6 +317,7 @@ static cgd_status check_kron_tensors(const char *fn, const cgd_block_hparams *hp
     if (!hparams) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams is NULL", fn);
     if ((st = check_block_hparams(fn, hparams))) return st;
     if ((st = check_common(fn, dtype, device, count))) return st;
+    if ((st = check_eps_for_dtype(fn, hparams, dtype))) return st;
     if (count > 0 && !tensors)
         return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors is NULL but count = %lld", fn, (long long)count);
     for (int64_t i = 0; i < count; ++i) {
@@ -379,9 +393,9 @@ static cgd_status check_induced(const char *fn, const cgd_induced_hparams *h, cg
     if ((st = check_range(fn, "weight_decay", h->weight_decay, 0.0, INFINITY, 1))) return st;
     if (h->gamma != CGD_GAMMA_IDENTITY && h->gamma != CGD_GAMMA_RMS)
         return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams.gamma = %d is not a cgd_induced_gamma", fn, (int)h->gamma);
-    if (h->gamma == CGD_GAMMA_RMS && h->eps == 0.0)
-        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams.eps = 0 with the RMS metric divides by zero where M2 "
-                    "is 0", fn);
+    if (h->gamma == CGD_GAMMA_RMS && (h->eps == 0.0 || (dtype != CGD_FLOAT64 && (float)h->eps == 0.0f)))
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams.eps = %g with the RMS metric divides by zero where M2 "
+                    "is 0 (in float32 state it rounds to 0 below 1.4e-45)", fn, h->eps);
     if ((st = check_common(fn, dtype, device, count))) return st;
     if (count > 0 && !tensors)
         return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors is NULL but count = %lld", fn, (long long)count);

@@ -205,8 +205,18 @@ class FullCGD(BaseOptimizer):
     @staticmethod
     def _validate(group: dict[str, Any]) -> None:
         validate_step_size(group)
-        if not _number("eps", group["eps"]) > 0.0:
+        eps = _number("eps", group["eps"])
+        if not eps > 0.0:
             raise _bad("eps", group["eps"], "must be > 0: a covariance is only semi-definite")
+        power = _check_range("power", group["power"], 0.0, 1.0, hi_open=False)
+        # On a direction the covariance does not reach, the metric's inverse is eps^-power: it must be finite in
+        # the state's precision, or the preconditioner holds Inf and the step NaN.
+        wide = group["params"] and all(state_dtype(p) == torch.float64 for p in group["params"])
+        largest = torch.finfo(torch.float64 if wide else torch.float32).max
+        if power > 0.0 and math.log(eps) * -power >= math.log(largest):
+            raise _bad("eps", group["eps"], f"with power = {power:g} the metric's inverse on a direction without "
+                       f"variance, eps^-power = {math.exp(-power * math.log(eps)):.3g}, overflows the "
+                       f"{'float64' if wide else 'float32'} state; raise eps")
         _check_range("weight_decay", group["weight_decay"], 0.0)
         _check_range("m2_init", group["m2_init"], 0.0)
         if group["metric"] not in METRICS:

@@ -18,7 +18,7 @@ from . import _ops  # noqa: F401  (loads the operator library)
 from ._distributed import local, mean_over_shards, sum_over_shards
 from .optimizer import (SUPPORTED_DTYPES, UNUSABLE, BaseOptimizer, NonFiniteGradientError, _bad, _check_range, _number,
                         check_grad_shape, check_lr, check_writable, group_param_label, lr_on_device, lr_operands,
-                        mark_updated, overflow_limit, resolve_nonfinite, state_dtype)
+                        mark_updated, overflow_limit, resolve_nonfinite, smallest_eps, state_dtype)
 
 GAMMAS = ("identity", "rms")
 EMBEDDINGS = ("loss", "log")
@@ -118,8 +118,10 @@ class InducedMetric(BaseOptimizer):
         if group["gamma"] not in GAMMAS:
             raise _bad("gamma", group["gamma"], f"must be one of {GAMMAS}")
         eps = _check_range("eps", group["eps"], 0.0)
-        if group["gamma"] == "rms" and eps == 0.0:
-            raise _bad("eps", group["eps"], "must be > 0 with gamma='rms' (it divides where M2 is 0)")
+        tiny = smallest_eps(group.get("params", ()))
+        if group["gamma"] == "rms" and eps < tiny:
+            raise _bad("eps", group["eps"], f"must be at least {tiny:.3g} with gamma='rms', the smallest value the "
+                       "state's precision holds (it divides where M2 is 0)")
 
     _label = staticmethod(group_param_label)
 

@@ -217,6 +217,14 @@ def overflow_limit(p: torch.Tensor, summed: int = 1) -> float:
     return math.sqrt(torch.finfo(torch.float64 if wide else torch.float32).max / max(summed, 1)) / 2
 
 
+def smallest_eps(params: Iterable[torch.Tensor]) -> float:
+    """The smallest positive eps the kernels of these parameters see as nonzero: float64's least subnormal when
+    every parameter keeps float64 state, else float32's (2^-149 = 1.4e-45; 1e-300 rounds to 0 there)."""
+    params = list(params)
+    wide = params and all(state_dtype(p) in (torch.float64, torch.complex128) for p in params)
+    return 5e-324 if wide else 2.0**-149
+
+
 def check_writable(label: str, p: torch.Tensor) -> None:
     """torch.optim's in-place updates refuse an inference tensor outside inference mode; so does every step here,
     before anything changes (the kernels write through raw pointers, past the check torch's own ops make)."""
@@ -291,25 +299,32 @@ def lr_on_device(lr: Any, params: list[torch.Tensor]) -> Any:
     return torch.tensor(float(lr), dtype=torch.float32, device=params[0].device)
 
 
-def validate_step_size(group: dict[str, Any], read_lr: bool = True) -> None:
+def validate_step_size(group: dict[str, Any], read_lr: bool = True, diagonal: bool = False) -> None:
     """Checks lr, betas and power, which every CGD optimizer shares."""
     check_lr(group["lr"], read_lr)
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise _bad("betas", betas, "must be a pair (beta1, beta2)")
-    # beta = 1 (an average that never forgets: torch's SGD momentum=1, RMSprop alpha=1) needs no bias correction,
-    # which would divide by 1 - 1^t = 0; for M1 it needs the heavy-ball sum, whose gradient weight is not 1 - beta.
-    closed = not group["bias_correction"]
+    # beta = 1 (an average that never forgets: torch's SGD momentum=1, RMSprop alpha=1) is for the diagonal step
+    # without bias correction, which would divide by 1 - 1^t = 0; for M1 it needs the heavy-ball sum, whose
+    # gradient weight is not 1 - beta.
+    closed = diagonal and not group["bias_correction"]
     _check_range("betas[0]", betas[0], 0.0, 1.0, hi_open=not (closed and group.get("heavy_ball", False)))
     _check_range("betas[1]", betas[1], 0.0, 1.0, hi_open=not closed)
     _check_range("power", group["power"], 0.0, 1.0, hi_open=False)
 
 
-def validate_group(group: dict[str, Any], read_lr: bool = True) -> None:
-    """Raises ValueError naming the first invalid hyperparameter of a parameter group."""
-    validate_step_size(group, read_lr)
+def validate_group(group: dict[str, Any], read_lr: bool = True, zero_eps: bool = False) -> None:
+    """Raises ValueError naming the first invalid hyperparameter of a parameter group. zero_eps: the group is a
+    torch.optim preset's, whose eps = 0 gives torch's own result (NaN where the second moment is 0)."""
+    validate_step_size(group, read_lr, diagonal=True)
     betas = group["betas"]
-    _check_range("eps", group["eps"], 0.0)
+    eps = _check_range("eps", group["eps"], 0.0)
+    tiny = smallest_eps(group.get("params", ()))
+    if not zero_eps and group["power"] != 0.0 and eps < tiny:
+        raise _bad("eps", group["eps"], f"must be at least {tiny:.3g}, the smallest value the state's precision "
+                   "holds: with eps = 0 (or a value that rounds to it) the metric (eps + C)^power is 0 at a "
+                   "coordinate whose gradient is exactly 0, and its step 0/0 is NaN")
     _check_range("weight_decay", group["weight_decay"], 0.0)
     _check_range("m2_init", group["m2_init"], 0.0)
     _check_range("dampening", group["dampening"], 0.0, 1.0, hi_open=False)
@@ -414,6 +429,7 @@ class CGD(BaseOptimizer):
 
     _step_supports_amp_scaling = True  # GradScaler hands over grad_scale and found_inf instead of unscaling
     _NON_NEGATIVE_KEYS = _ELEMENTWISE_SECOND_MOMENTS
+    _EPS_AS_TORCH = False  # the presets of torch's Adam, AdamW and RMSprop take eps = 0 as torch does
 
     def __init__(
         self,
@@ -466,7 +482,7 @@ class CGD(BaseOptimizer):
         self.nonfinite = resolve_nonfinite(nonfinite, self.capturable, NONFINITE_POLICIES)
         self._skipped: torch.Tensor | None = None
         # The hyperparameters first, as torch.optim checks them before it looks at params.
-        validate_group(self._cgd_group({**defaults, "params": []}))
+        validate_group(self._cgd_group({**defaults, "params": []}), zero_eps=self._EPS_AS_TORCH)
         Optimizer.__init__(self, params, defaults)
         self._install_state_hooks()
 
@@ -493,7 +509,7 @@ class CGD(BaseOptimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            validate_group(self._cgd_group(group))
+            validate_group(self._cgd_group(group), zero_eps=self._EPS_AS_TORCH)
             if self.capturable:
                 group["lr"] = lr_on_device(group["lr"], group["params"])
             for j, p in enumerate(group["params"]):
@@ -525,7 +541,7 @@ class CGD(BaseOptimizer):
         batches: list[_Batch] = []
         for gi, group in enumerate(self.param_groups):
             hparams = self._cgd_group(group)
-            validate_group(hparams, read_lr=False)
+            validate_group(hparams, read_lr=False, zero_eps=self._EPS_AS_TORCH)
             batches.extend(self._gather(gi, hparams))
         if not batches:
             return loss

@@ -83,6 +83,8 @@ class RMSprop(CGD):
     alpha), power=0.5, moment="centered")`` is the CGD counterpart (momentum before the metric).
     """
 
+    _EPS_AS_TORCH = True
+
     def __init__(self, params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False,
                  capturable: bool = False, foreach=None, maximize: bool = False, differentiable: bool = False,
@@ -106,6 +108,8 @@ class RMSprop(CGD):
 
 class Adam(CGD):
     """``torch.optim.Adam``: CGD with power 0.5, eps outside the root and bias correction (paper eq 4.7)."""
+
+    _EPS_AS_TORCH = True
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = _DEFAULT_BETAS, eps: float = 1e-8,
                  weight_decay: float = 0.0, amsgrad: bool = False, *, foreach=None, maximize: bool = False,

@@ -390,6 +390,13 @@ TEST(BlockStepErrors, ArgumentsAreNamedWithTheirValue) {
     h.eps = 0.0;
     EXPECT_EQ(run(CGD_CPU, h, pr, g), CGD_ERR_INVALID_ARGUMENT);
     EXPECT_NE(std::string(cgd_last_error()).find("hparams.eps = 0 with power = 0.4"), std::string::npos);
+    // eps = 1e-300 is positive but its metric inverse eps^-power overflows float32: P would hold Inf.
+    h.eps = 1e-300;
+    EXPECT_EQ(run(CGD_CPU, h, pr, g), CGD_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(cgd_last_error()).find("hparams.eps = 1e-300 with power = 0.4: eps^-power = 1e+120 "
+                                                 "overflows the float32 state"),
+              std::string::npos)
+        << cgd_last_error();
     h = paper_hparams();
     h.beta2 = 1.0;
     EXPECT_EQ(run(CGD_CPU, h, pr, g), CGD_ERR_INVALID_ARGUMENT);
