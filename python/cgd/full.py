@@ -112,8 +112,9 @@ class FullCGD(BaseOptimizer):
 
     Args:
         params: parameters or parameter groups. All parameters of a group must share device and dtype (float32,
-            float16 or bfloat16 with float32 state and maths, or float64 with float64 state and maths), be
-            contiguous, and have gradients on the same steps.
+            float16 or bfloat16 with float32 state and maths, or float64 with float64 state and maths) and have
+            gradients on the same steps. Any memory layout steps (one other than contiguous costs a copy in and
+            out per step): the metric reads a tensor in its logical, row-major order.
         lr: learning rate.
         betas / tau: EMA coefficients of M1 and M2, or the paper's timescales (beta = tau / (1 + tau)). Default:
             the paper's tuned full-CGD timescales tau = (17.1, 15.3) (Table 2).
@@ -276,16 +277,16 @@ class FullCGD(BaseOptimizer):
                 if g.is_sparse:
                     raise RuntimeError(f"cgd: parameter {self._label(group, j)} has a sparse gradient, which "
                                        "FullCGD does not support")
-                if not p.is_contiguous():
-                    raise ValueError(f"cgd: parameter {self._label(group, j)} is not contiguous (stride "
-                                     f"{p.stride()}); FullCGD needs contiguous parameters")
                 check_grad_shape(self._label(group, j), p, g)
                 check_writable(self._label(group, j), p)
                 g = full(g)  # FSDP2: the metric couples elements across shards, so every rank gathers them
-                grads.append(g if g.is_contiguous() and g.stride() == p.stride() else g.contiguous())
-            # What the kernels update: the parameter itself, or for a DTensor a zero stand-in of its full shape
-            # that receives -lr * direction, later added to the local shard.
-            targets = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) if is_dtensor(p) else p for p in params]
+                grads.append(g.contiguous())
+            # What the kernels update, in the logical (row-major) order the metric reads: the parameter itself; a
+            # dense copy of one in another layout (channels_last, a transpose), written back after the step; or
+            # for a DTensor a zero stand-in of its full shape that receives -lr * direction, later added to the
+            # local shard.
+            targets = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) if is_dtensor(p) else p.contiguous()
+                       for p in params]
             work.append((group, grads, targets))
         found_inf = getattr(self, "found_inf", None)
         # Under GradScaler an overflowing step is routine: its found_inf skips the step on the device, as with
@@ -296,6 +297,9 @@ class FullCGD(BaseOptimizer):
         for group, grads, targets in work:
             self._step_group(group, grads, targets, grad_scale, found_inf)
             self._add_to_shards(group, targets, found_inf)
+            for p, target in zip(group["params"], targets):
+                if target is not p and not is_dtensor(p) and p.grad is not None:
+                    p.copy_(target)
         mark_updated(p for group, grads, _ in work for p, g in zip(group["params"], grads) if g is not None)
         return loss
 
@@ -305,7 +309,7 @@ class FullCGD(BaseOptimizer):
         full direction from the same gathered gradients, so the shards stay one consistent tensor."""
         decay = 1.0 - _number("lr", group["lr"]) * float(group["weight_decay"])
         for p, target in zip(group["params"], targets):
-            if target is p or p.grad is None:
+            if not is_dtensor(p) or p.grad is None:
                 continue
             shard, mine = local(p), shard_like(target, p)
             stepped = shard * decay + mine

@@ -64,6 +64,7 @@ class InducedMetric(BaseOptimizer):
     _step_supports_amp_scaling = True
     _NON_NEGATIVE_KEYS = ("exp_avg_sq",)
     _FLOAT64_KEYS = ("metric_norm_ema",)
+    _STATE_LIKE_PARAM = True
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, momentum: float = 0.9, *, xi: float = 0.1,
                  beta: float = 0.8, embedding: str = "loss", gamma: str = "identity", beta_rms: float = 0.99,
@@ -96,7 +97,8 @@ class InducedMetric(BaseOptimizer):
             self._validate(group)
             if self.capturable:
                 group["lr"] = lr_on_device(group["lr"], group["params"])
-            device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else None
+            first = self._first_param()
+            device = None if first is None else first.device
             for j, p in enumerate(group["params"]):
                 if p.dtype not in SUPPORTED_DTYPES:
                     raise ValueError(f"cgd: parameter {self._label(group, j)} is {p.dtype}; supported parameter "
@@ -215,11 +217,15 @@ class InducedMetric(BaseOptimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
         return state
 
+    def _first_param(self) -> torch.Tensor | None:
+        """The first parameter of the first group that has one: where the optimizer-wide state lives."""
+        return next((p for group in self.param_groups for p in group["params"]), None)
+
     def _metric_state(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """The optimizer-wide norm EMA v and its step count, kept in the state of the first parameter of the first
-        group (so state_dict() and torch.distributed.checkpoint save them like any state), plus scratch
-        tensors for the sum and the rate: all float64, whatever the parameters (cgd.h)."""
-        anchor = self.state[self.param_groups[0]["params"][0]]
+        """The optimizer-wide norm EMA v and its step count, kept in the state of the first parameter (so
+        state_dict() and torch.distributed.checkpoint save them like any state), plus scratch tensors for the sum
+        and the rate: all float64, whatever the parameters (cgd.h)."""
+        anchor = self.state[self._first_param()]
         for key in ("metric_norm_ema", "metric_norm_step"):
             if key not in anchor:
                 anchor[key] = torch.zeros((), dtype=torch.float64, device=device)

@@ -165,6 +165,7 @@ class BaseOptimizer(Optimizer):
     _INT_KEYS: tuple[str, ...] = ()
     _FLOAT64_KEYS: tuple[str, ...] = ()  # float64 whatever the parameter (beyond the step counts)
     _FLOAT32_KEYS: tuple[str, ...] = ()  # float32 whatever the parameter (e.g. failure counts)
+    _STATE_LIKE_PARAM = False  # state of the parameter's shape takes its memory layout (else: contiguous)
     _NON_NEGATIVE_KEYS: tuple[str, ...] = ()  # state that is never below 0, beyond the step counts
 
     def _install_state_hooks(self) -> None:
@@ -201,7 +202,9 @@ class BaseOptimizer(Optimizer):
             dtype = torch.float32
         else:
             dtype = state_dtype(p)
-        return value.detach().to(p.device, dtype, copy=True)
+        if self._STATE_LIKE_PARAM and value.shape == p.shape:  # walked in the parameter's memory order
+            return torch.empty_like(p, dtype=dtype).copy_(value)
+        return value.detach().to(p.device, dtype, copy=True).contiguous()
 
 
 # What the non-finite check catches (cgd.h, cgd_nonfinite_check): a value whose square overflows the state's
