@@ -15,8 +15,10 @@
 #include <torch/headeronly/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -32,7 +34,17 @@ using torch::stable::Tensor;
 using TensorList = std::vector<Tensor>;
 using torch::headeronly::DeviceType;
 
-#define CGD_CHECK(cond, ...) STD_TORCH_CHECK(cond, __VA_ARGS__)
+// Like STD_TORCH_CHECK, but the message is ours alone: it names the argument and its value, and the C++ function,
+// file and line STD_TORCH_CHECK puts first mean nothing to a Python user.
+template <typename... Args> [[noreturn]] void cgd_fail(const Args &...args) {
+    std::ostringstream message;
+    ((message << args), ...);
+    throw std::runtime_error(message.str());
+}
+#define CGD_CHECK(cond, ...)                                                                                    \
+    do {                                                                                                        \
+        if (!(cond)) cgd_fail(__VA_ARGS__);                                                                     \
+    } while (0)
 
 std::string device_name(const Device &d) {
     switch (d.type()) {
@@ -92,22 +104,24 @@ void check_dense(const Tensor &t, const char *what, size_t i) {
     }
 }
 
-// `t` must match params[i] in device, sizes and memory layout, and have the given dtype.
-void check_like(const Tensor &t, const Tensor &param, ScalarType dtype, const char *what, size_t i) {
+// `t` must match `ref` (the list `ref_what`'s entry i: params[i] unless said) in device, sizes and memory layout,
+// and have the given dtype.
+void check_like(const Tensor &t, const Tensor &ref, ScalarType dtype, const char *what, size_t i,
+                const char *ref_what = "params") {
     check_dense(t, what, i);
-    CGD_CHECK(same(t.device(), param.device()), "cgd: ", what, "[", i, "] is on ", device_name(t.device()),
-              " but params[", i, "] is on ", device_name(param.device()));
+    CGD_CHECK(same(t.device(), ref.device()), "cgd: ", what, "[", i, "] is on ", device_name(t.device()), " but ",
+              ref_what, "[", i, "] is on ", device_name(ref.device()));
     CGD_CHECK(t.scalar_type() == dtype, "cgd: ", what, "[", i, "] has dtype ", t.scalar_type(), ", expected ", dtype);
-    CGD_CHECK(same_values(t.sizes(), param.sizes()), "cgd: ", what, "[", i, "] has sizes ", list(t.sizes()),
-              " but params[", i, "] has ", list(param.sizes()));
-    CGD_CHECK(same_values(t.strides(), param.strides()), "cgd: ", what, "[", i, "] has strides ", list(t.strides()),
-              " but params[", i, "] has ", list(param.strides()), "; they must share one memory layout");
+    CGD_CHECK(same_values(t.sizes(), ref.sizes()), "cgd: ", what, "[", i, "] has sizes ", list(t.sizes()), " but ",
+              ref_what, "[", i, "] has ", list(ref.sizes()));
+    CGD_CHECK(same_values(t.strides(), ref.strides()), "cgd: ", what, "[", i, "] has strides ", list(t.strides()),
+              " but ", ref_what, "[", i, "] has ", list(ref.strides()), "; they must share one memory layout");
 }
 
 // Step counters: one float64 each (exact up to 2^53 steps), on the parameter's device.
-void check_step(const Tensor &t, const Tensor &param, const char *what, size_t i) {
-    CGD_CHECK(same(t.device(), param.device()), "cgd: ", what, "[", i, "] is on ", device_name(t.device()),
-              " but params[", i, "] is on ", device_name(param.device()),
+void check_step(const Tensor &t, const Tensor &param, const char *what, size_t i, const char *ref_what = "params") {
+    CGD_CHECK(same(t.device(), param.device()), "cgd: ", what, "[", i, "] is on ", device_name(t.device()), " but ",
+              ref_what, "[", i, "] is on ", device_name(param.device()),
               " (step counters live on the parameter's device)");
     CGD_CHECK(t.scalar_type() == ScalarType::Double && t.numel() == 1, "cgd: ", what, "[", i,
               "] must be a one-element float64 tensor, got ", t.scalar_type(), " with ", t.numel(), " elements");
@@ -120,6 +134,16 @@ const float *optional_scalar(const std::optional<Tensor> &t, const Device &devic
     CGD_CHECK(t->scalar_type() == ScalarType::Float && t->numel() == 1, "cgd: ", what,
               " must be a one-element float32 tensor, got ", t->scalar_type(), " with ", t->numel(), " elements");
     return t->const_data_ptr<float>();
+}
+
+// grad_scale divides every gradient: on the CPU its value is checked here (free); on a GPU reading it would
+// synchronise, so there it is trusted (GradScaler's scale is always positive and finite).
+const float *grad_scale_ptr(const std::optional<Tensor> &t, const Device &device) {
+    const float *scale = optional_scalar(t, device, "grad_scale");
+    if (scale && t->device().type() == DeviceType::CPU)
+        CGD_CHECK(*scale > 0.0f && *scale < INFINITY, "cgd: grad_scale = ", *scale,
+                  " must be positive and finite (the gradients are divided by it)");
+    return scale;
 }
 
 void check_status(cgd_status status) {
@@ -243,12 +267,18 @@ void diag_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
     Target target;
     target_for(device, target);
     check_status(cgd_diag_step(&h, dtype, tensors.data(), static_cast<int64_t>(n),
-                               optional_scalar(grad_scale, device, "grad_scale"),
+                               grad_scale_ptr(grad_scale, device),
                                optional_scalar(found_inf, device, "found_inf"), target.device, target.stream));
 }
 
 std::tuple<Tensor, Tensor> nonfinite_flags(TensorList tensors, std::vector<double> limits) {
-    CGD_CHECK(!tensors.empty(), "cgd::nonfinite_flags: needs at least one tensor");
+    if (tensors.empty()) { // nothing to scan: no flags, nothing found (on the CPU, having no device to go by)
+        const Device cpu(DeviceType::CPU);
+        Tensor flags = torch::stable::empty(std::vector<int64_t>{0}, ScalarType::Int, std::nullopt, cpu);
+        Tensor found = torch::stable::empty(std::vector<int64_t>{}, ScalarType::Float, std::nullopt, cpu);
+        *found.mutable_data_ptr<float>() = 0.0f;
+        return {flags, found};
+    }
     CGD_CHECK(limits.empty() || limits.size() == tensors.size(), "cgd::nonfinite_flags: got ", limits.size(),
               " limits for ", tensors.size(), " tensors (pass one per tensor, or none)");
     const Tensor &first = tensors[0];
@@ -371,7 +401,7 @@ void block_step(TensorList params, TensorList grads, std::vector<int64_t> offset
     check_status(cgd_block_workspace_size(&h, dtype, &st, target.device, target.stream, &bytes));
     const Workspace workspace = workspace_for(device, bytes);
     check_status(cgd_block_step(&h, dtype, tensors.data(), static_cast<int64_t>(n), &st,
-                                optional_scalar(grad_scale, device, "grad_scale"),
+                                grad_scale_ptr(grad_scale, device),
                                 optional_scalar(found_inf, device, "found_inf"), workspace.data, workspace.bytes,
                                 target.device, target.stream));
 }
@@ -436,7 +466,7 @@ void kron_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
                                          target.stream, &bytes));
     const Workspace workspace = workspace_for(device, bytes);
     check_status(cgd_kron_step(&h, dtype, tensors.data(), static_cast<int64_t>(n),
-                               optional_scalar(grad_scale, device, "grad_scale"),
+                               grad_scale_ptr(grad_scale, device),
                                optional_scalar(found_inf, device, "found_inf"), workspace.data, workspace.bytes,
                                target.device, target.stream));
 }
@@ -482,22 +512,22 @@ std::vector<cgd_diag_tensor> induced_tensors(const char *op, const TensorList &p
                   grads[0].scalar_type(), " on ", device_name(grads[0].device()),
                   "; one call steps tensors of one dtype on one device");
         check_dense(g, "grads", i);
-        check_step(steps[i], g, "steps", i);
+        check_step(steps[i], g, "steps", i, "grads");
         cgd_diag_tensor &t = tensors[i];
         t = cgd_diag_tensor{};
         t.grad = g.const_data_ptr();
         t.step = steps[i].mutable_data_ptr<double>();
         t.numel = g.numel();
         if (!params.empty()) {
-            check_like(params[i], g, g.scalar_type(), "params", i);
+            check_like(params[i], g, g.scalar_type(), "params", i, "grads");
             t.param = params[i].mutable_data_ptr();
         }
         if (!exp_avgs.empty()) {
-            check_like(exp_avgs[i], g, state_type(*dtype), "exp_avgs", i);
+            check_like(exp_avgs[i], g, state_type(*dtype), "exp_avgs", i, "grads");
             t.exp_avg = exp_avgs[i].mutable_data_ptr();
         }
         if (rms) {
-            check_like(exp_avg_sqs[i], g, state_type(*dtype), "exp_avg_sqs", i);
+            check_like(exp_avg_sqs[i], g, state_type(*dtype), "exp_avg_sqs", i, "grads");
             t.exp_avg_sq = exp_avg_sqs[i].mutable_data_ptr();
         }
     }
@@ -520,7 +550,7 @@ void induced_norm(TensorList grads, TensorList exp_avg_sqs, TensorList steps, Te
                                                  &bytes));
     const Workspace workspace = workspace_for(device, bytes);
     check_status(cgd_induced_norm(&h, dtype, tensors.data(), static_cast<int64_t>(tensors.size()), total,
-                                  optional_scalar(grad_scale, device, "grad_scale"),
+                                  grad_scale_ptr(grad_scale, device),
                                   optional_scalar(found_inf, device, "found_inf"), workspace.data, workspace.bytes,
                                   target.device, target.stream));
 }
@@ -562,7 +592,7 @@ void induced_step(TensorList params, TensorList grads, TensorList exp_avgs, Tens
     Target target;
     target_for(device, target);
     check_status(cgd_induced_step(&h, dtype, tensors.data(), static_cast<int64_t>(tensors.size()), r,
-                                  optional_scalar(grad_scale, device, "grad_scale"),
+                                  grad_scale_ptr(grad_scale, device),
                                   optional_scalar(found_inf, device, "found_inf"), target.device, target.stream));
 }
 
@@ -607,23 +637,18 @@ STABLE_TORCH_LIBRARY(cgd, m) {
     m.def("prepare(Device device) -> ()");
 }
 
-// The same kernels serve both keys: a CUDA tensor given to a CPU-only build reaches target_for, which says how to
-// get the CUDA kernels, instead of the dispatcher's "could not run ... with arguments from the 'CUDA' backend".
-#define CGD_REGISTER_IMPLS(m)                                                                                   \
-    m.impl("diag_step_", TORCH_BOX(&diag_step));                                                                \
-    m.impl("block_step_", TORCH_BOX(&block_step));                                                              \
-    m.impl("kron_step_", TORCH_BOX(&kron_step));                                                                \
-    m.impl("induced_norm_", TORCH_BOX(&induced_norm));                                                          \
-    m.impl("induced_rate_", TORCH_BOX(&induced_rate));                                                          \
-    m.impl("induced_step_", TORCH_BOX(&induced_step));                                                          \
-    m.impl("nonfinite_flags", TORCH_BOX(&nonfinite_flags))
-
-STABLE_TORCH_LIBRARY_IMPL(cgd, CPU, m) { CGD_REGISTER_IMPLS(m); }
-
-STABLE_TORCH_LIBRARY_IMPL(cgd, CUDA, m) { CGD_REGISTER_IMPLS(m); }
-
-// Ops without tensor arguments dispatch to no backend key.
+// One registration for every backend key, and for calls with no tensor at all (empty lists: a no-op): the
+// implementations check devices and layouts themselves, so a CUDA tensor in a CPU-only build, a sparse tensor or
+// another backend's gets a message naming the argument instead of the dispatcher's "could not run ... with
+// arguments from the ... backend". Meta tensors go to the fake kernels (python/cgd/_ops.py).
 STABLE_TORCH_LIBRARY_IMPL(cgd, CompositeExplicitAutograd, m) {
+    m.impl("diag_step_", TORCH_BOX(&diag_step));
+    m.impl("block_step_", TORCH_BOX(&block_step));
+    m.impl("kron_step_", TORCH_BOX(&kron_step));
+    m.impl("induced_norm_", TORCH_BOX(&induced_norm));
+    m.impl("induced_rate_", TORCH_BOX(&induced_rate));
+    m.impl("induced_step_", TORCH_BOX(&induced_step));
+    m.impl("nonfinite_flags", TORCH_BOX(&nonfinite_flags));
     m.impl("build_info", TORCH_BOX(&build_info));
     m.impl("prepare", TORCH_BOX(&prepare));
 }

@@ -218,8 +218,8 @@ def test_op_accepts_valid_input():
         (lambda a: a["steps"].__setitem__(1, torch.zeros(2, dtype=torch.float64)), RuntimeError,
          r"steps\[1\] must be a one-element float64"),
         (lambda a: a["steps"].__setitem__(1, torch.zeros(())), RuntimeError, r"steps\[1\] must be a one-element float64"),
-        # The dispatcher refuses sparse tensors before the kernel runs (the optimizer names the parameter).
-        (lambda a: a["grads"].__setitem__(0, torch.randn(5).to_sparse()), NotImplementedError, r"SparseCPU"),
+        (lambda a: a["grads"].__setitem__(0, torch.randn(5).to_sparse()), RuntimeError,
+         r"^cgd: grads\[0\] is not a dense \(strided\) tensor"),
     ],
 )
 def test_op_rejects_bad_tensors(mutate, exc, match):
