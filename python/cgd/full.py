@@ -18,7 +18,7 @@ from . import _ops  # noqa: F401  (loads the operator library)
 from ._distributed import full, is_dtensor, local, shard_like
 from .optimizer import (SUPPORTED_DTYPES, UNUSABLE, BaseOptimizer, NonFiniteGradientError, _bad, _check_range,
                         _number, betas_from_tau, check_grad_shape, check_writable, group_param_label, mark_updated,
-                        overflow_limit, state_dtype, validate_step_size)
+                        overflow_limit, pair, state_dtype, validate_step_size)
 
 METRICS = ("full", "block", "kron")
 # 0: solved in the state's precision (float32, or float64 for float64 parameters); 1: float32 failed, float64 did not.
@@ -173,7 +173,11 @@ class FullCGD(BaseOptimizer):
             raise _bad("nonfinite", nonfinite, "must be 'raise' or 'ignore'")
         self.nonfinite = nonfinite
         self.max_state_bytes = max_state_bytes
-        defaults = dict(lr=lr, betas=tuple(betas), power=power, eps=eps, metric=metric, block_size=block_size,
+        if max_state_bytes is not None and (isinstance(max_state_bytes, bool) or not isinstance(max_state_bytes, int)
+                                            or max_state_bytes < 0):
+            raise _bad("max_state_bytes", max_state_bytes, "must be None (the device's free memory) or an integer "
+                       "number of bytes >= 0")
+        defaults = dict(lr=lr, betas=pair("betas", betas), power=power, eps=eps, metric=metric, block_size=block_size,
                         refresh_every=refresh_every, max_factor_dim=max_factor_dim, centered=centered,
                         bias_correction=bias_correction, m2_init=m2_init, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
@@ -229,6 +233,14 @@ class FullCGD(BaseOptimizer):
         if group["max_factor_dim"] > _MAX_MATRIX:
             raise _bad("max_factor_dim", group["max_factor_dim"], f"must be <= {_MAX_MATRIX} (the eigensolvers' "
                        "int32 sizes)")
+        # Refused here, before the first step allocates two matrices of that side (17 GB at the cap).
+        if group["metric"] == "block" and group["block_size"] > _MAX_MATRIX:
+            raise _bad("block_size", group["block_size"], f"must be <= {_MAX_MATRIX} (the eigensolvers' int32 "
+                       "sizes)")
+        total = sum(p.numel() for p in group.get("params", ()))
+        if group["metric"] == "full" and total > _MAX_MATRIX:
+            raise _bad("metric", "full", f"over {total:,} parameters needs one {total:,}-sided matrix, but the "
+                       f"eigensolvers take at most {_MAX_MATRIX} (int32 sizes): use metric='block' or 'kron'")
 
     def _check_memory(self, group: dict[str, Any]) -> None:
         params = group["params"]
@@ -320,7 +332,7 @@ class FullCGD(BaseOptimizer):
     _step_supports_amp_scaling = True
 
     def _raise_on_nonfinite(self, work) -> None:
-        if not work:
+        if not work or work[0][0]["params"][0].device.type == "meta":  # meta tensors hold no values to check
             return
         present = [[j for j, g in enumerate(grads) if g is not None] for _, grads in work]
         checks = [torch.ops.cgd.nonfinite_flags([grads[j] for j in js],
@@ -337,6 +349,17 @@ class FullCGD(BaseOptimizer):
     def _overflow_limit(group: dict[str, Any], p: torch.Tensor) -> float:
         """A Kronecker factor's entry sums a side's worth of gradient squares; full/block entries are products."""
         return overflow_limit(p, max(_matrix_shape(tuple(p.shape))) if group["metric"] == "kron" else 1)
+
+    _BLOCK_KEYS = ("exp_avg", "exp_avg_sq", "precond", "eigvals", "step", "outcome", "counters", "calls")
+    _KRON_KEYS = ("exp_avg", "left_sq", "right_sq", "left_basis", "right_basis", "left_eig", "right_eig", "step",
+                  "outcome", "counters")
+
+    def _required_state(self, group: dict[str, Any], j: int, saved: dict[str, Any]) -> tuple[str, ...]:
+        # full/block: the group's state lives under its first parameter; kron: each tensor's own, and the group's
+        # refresh count ("calls") under the first parameter, which may hold nothing else.
+        if group["metric"] != "kron":
+            return self._BLOCK_KEYS if j == 0 else ()
+        return self._KRON_KEYS + (("calls",) if j == 0 else ()) if set(saved) - {"calls"} else ("calls",)
 
     def _group_state(self, group: dict[str, Any]) -> tuple[dict[str, Any], tuple[list[int], int, int]]:
         """The group's block state, kept under its first parameter so state_dict() saves it, and its layout."""

@@ -217,6 +217,13 @@ class InducedMetric(BaseOptimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
         return state
 
+    def _required_state(self, group: dict[str, Any], j: int, saved: dict[str, Any]) -> tuple[str, ...]:
+        own = ("step", "exp_avg") + (("exp_avg_sq",) if group["gamma"] == "rms" else ())
+        # The optimizer-wide norm lives beside the first parameter's own state (it may have no own state yet).
+        norm = ("metric_norm_ema", "metric_norm_step")
+        wide = norm if any(k in saved for k in norm) else ()
+        return (own if set(saved) - set(norm) else ()) + wide
+
     def _first_param(self) -> torch.Tensor | None:
         """The first parameter of the first group that has one: where the optimizer-wide state lives."""
         return next((p for group in self.param_groups for p in group["params"]), None)
@@ -236,6 +243,8 @@ class InducedMetric(BaseOptimizer):
         return {"norm_ema": anchor["metric_norm_ema"], "norm_step": anchor["metric_norm_step"], **self._scratch}
 
     def _raise_on_nonfinite(self, work) -> None:
+        if work[0][1][0][1].device.type == "meta":  # meta tensors hold no values to check
+            return
         checks = [torch.ops.cgd.nonfinite_flags([g for _, _, g in items], [overflow_limit(p) for _, p, _ in items])
                   for _, items in work]
         total = sum_over_shards(sum(found for _, found in checks), [p for _, items in work for _, p, _ in items])

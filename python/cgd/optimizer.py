@@ -55,13 +55,23 @@ class NonFiniteGradientError(RuntimeError):
 
 
 def tau_to_beta(tau: float) -> float:
-    """The paper's averaging timescale tau (eq 3.5) as an EMA coefficient: beta = tau / (1 + tau)."""
-    return tau / (1.0 + tau)
+    """The paper's averaging timescale tau >= 0 (eq 3.5) as an EMA coefficient: beta = tau / (1 + tau)
+    (tau = inf: beta = 1, an average that never forgets)."""
+    tau = _check_range("tau", tau, 0.0, math.inf, hi_open=False)
+    return 1.0 if tau == math.inf else tau / (1.0 + tau)
 
 
 def beta_to_tau(beta: float) -> float:
-    """The inverse of :func:`tau_to_beta`: tau = beta / (1 - beta)."""
-    return beta / (1.0 - beta)
+    """The inverse of :func:`tau_to_beta`: tau = beta / (1 - beta) for beta in [0, 1] (beta = 1: tau = inf)."""
+    beta = _check_range("beta", beta, 0.0, 1.0, hi_open=False)
+    return math.inf if beta == 1.0 else beta / (1.0 - beta)
+
+
+def pair(name: str, value: Any) -> tuple[Any, Any]:
+    """A two-element hyperparameter (betas, tau) as a tuple, or a ValueError naming it."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise _bad(name, value, "must be a pair of two numbers")
+    return tuple(value)
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -189,7 +199,29 @@ class BaseOptimizer(Optimizer):
             if missing:
                 raise ValueError(f"cgd: the state dict's param_groups[{gi}] lacks {', '.join(missing)}: it is not a "
                                  f"{type(self).__name__} state dict; nothing was loaded")
+        for gi, group in enumerate(state_dict["param_groups"]):
+            for j, pid in enumerate(group["params"]):
+                saved = state_dict["state"].get(pid)
+                if not saved:  # no state yet: the first step creates it
+                    continue
+                lacking = [k for k in self._required_state(group, j, saved) if k not in saved]
+                if lacking:
+                    raise ValueError(f"cgd: the state dict's state of parameter id {pid!r} lacks "
+                                     f"{', '.join(map(repr, lacking))} (it has {', '.join(map(repr, saved))}); "
+                                     "nothing was loaded")
+                for key, value in saved.items():
+                    wrong = not isinstance(value, int) or value < 0 if key == "calls" else (
+                        key in self._required_state(group, j, saved) and not isinstance(value, torch.Tensor))
+                    if wrong:
+                        raise ValueError(f"cgd: the state dict's state {key!r} of parameter id {pid!r} is "
+                                         f"{type(value).__name__} {value!r}, not "
+                                         f"{'a count' if key == 'calls' else 'a tensor'}; nothing was loaded")
         return state_dict
+
+    def _required_state(self, group: dict[str, Any], j: int, saved: dict[str, Any]) -> tuple[str, ...]:
+        """The state keys parameter j of a saved group must have, given that it has `saved` (not empty): the step
+        cannot recreate a part of it without silently restarting the rest."""
+        return ()
 
     def _place_state(self, key: str, value: Any, p: torch.Tensor) -> Any:
         if not isinstance(value, torch.Tensor):
@@ -462,7 +494,7 @@ class CGD(BaseOptimizer):
             betas = betas_from_tau(tau)
         defaults = dict(
             lr=lr,
-            betas=tuple(betas),
+            betas=pair("betas", betas),
             power=power,
             eps=eps,
             weight_decay=weight_decay,
@@ -615,7 +647,7 @@ class CGD(BaseOptimizer):
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None:  # GradScaler already checked every gradient
             return found_inf
-        if self.nonfinite == "ignore":
+        if self.nonfinite == "ignore" or batches[0].params[0].device.type == "meta":  # meta: no values to check
             return None
         checks = [torch.ops.cgd.nonfinite_flags(b.grads, [overflow_limit(p) for p in b.sharded]) for b in batches]
         device = checks[0][1].device

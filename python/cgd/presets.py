@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .optimizer import CGD, _bad, _check_range
+from .optimizer import CGD, _bad, _check_range, pair
 
 _DEFAULT_BETAS = (0.9, 0.999)
 
@@ -117,8 +117,8 @@ class Adam(CGD):
                  decoupled_weight_decay: bool = False, nonfinite: str | None = None) -> None:
         _reject_unsupported(type(self).__name__, foreach, fused, differentiable)
         _check_tensor_hyperparameters(type(self).__name__, lr, betas, foreach, capturable)
-        self._init_cgd(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                                    maximize=maximize, decoupled_weight_decay=decoupled_weight_decay),
+        self._init_cgd(params, dict(lr=lr, betas=pair("betas", betas), eps=eps, weight_decay=weight_decay,
+                                    amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay),
                        nonfinite, capturable)
 
     def _cgd_group(self, group):

@@ -204,9 +204,13 @@ def test_errors_name_the_problem():
         cgd.FullCGD(model.parameters(), metric="block", block_size=0)
     with pytest.raises(ValueError, match="needs .* GiB"):
         cgd.FullCGD(model.parameters(), max_state_bytes=1000)
-    big = torch.nn.Parameter(torch.zeros(100_000))
-    with pytest.raises(ValueError, match="metric='full' over 100,000 parameters needs 74.51 GiB"):
+    big = torch.nn.Parameter(torch.zeros(30_000))
+    with pytest.raises(ValueError, match="metric='full' over 30,000 parameters needs 6.71 GiB"):
         cgd.FullCGD([big], max_state_bytes=2**30)
+    # Past the eigensolvers' side, refused before any allocation whatever memory is allowed.
+    with pytest.raises(ValueError, match="over 46,341 parameters needs one 46,341-sided matrix, but the eigensolvers "
+                                         "take at most 46340"):
+        cgd.FullCGD([torch.nn.Parameter(torch.zeros(46_341))], max_state_bytes=2**50)
     opt = cgd.FullCGD(model.parameters())
     model[0].weight.grad = torch.full_like(model[0].weight, float("nan"))
     for p in list(model.parameters())[1:]:
