@@ -347,8 +347,12 @@ class FullCGD(BaseOptimizer):
 
     @staticmethod
     def _overflow_limit(group: dict[str, Any], p: torch.Tensor) -> float:
-        """A Kronecker factor's entry sums a side's worth of gradient squares; full/block entries are products."""
-        return overflow_limit(p, max(_matrix_shape(tuple(p.shape))) if group["metric"] == "kron" else 1)
+        """A Kronecker factor's entry sums a side's worth of gradient squares; an eigenvalue of a block's
+        covariance sums the block's (all coordinates of the group for the full metric)."""
+        if group["metric"] == "kron":
+            return overflow_limit(p, max(_matrix_shape(tuple(p.shape))))
+        side = group["block_size"] if group["metric"] == "block" else sum(q.numel() for q in group["params"])
+        return overflow_limit(p, side)
 
     _BLOCK_KEYS = ("exp_avg", "exp_avg_sq", "precond", "eigvals", "step", "outcome", "counters", "calls")
     _KRON_KEYS = ("exp_avg", "left_sq", "right_sq", "left_basis", "right_basis", "left_eig", "right_eig", "step",

@@ -517,7 +517,8 @@ class CGD(BaseOptimizer):
         self.nonfinite = resolve_nonfinite(nonfinite, self.capturable, NONFINITE_POLICIES)
         self._skipped: torch.Tensor | None = None
         # The hyperparameters first, as torch.optim checks them before it looks at params.
-        validate_group(self._cgd_group({**defaults, "params": []}), zero_eps=self._EPS_AS_TORCH)
+        # eps's lower bound depends on the parameters' precision: checked per group, once they are known.
+        validate_group(self._cgd_group({**defaults, "params": []}), zero_eps=True)
         Optimizer.__init__(self, params, defaults)
         self._install_state_hooks()
 
