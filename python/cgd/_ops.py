@@ -74,7 +74,17 @@ def _diag_step_fake(params, grads, exp_avgs, exp_avg_sqs, steps, **hyperparamete
         for i, (t, p) in enumerate(zip(tensors, params)):
             if t.device != p.device:
                 raise ValueError(f"cgd: {name}[{i}] is on {t.device} but params[{i}] is on {p.device}")
+    _scalars_beside(params, hyperparameters)
     return None
+
+
+def _scalars_beside(params, hyperparameters) -> None:
+    """A meta grad_scale, found_inf or lr_tensor beside real parameters routes the call here too: refuse it."""
+    if params:
+        for key in ("grad_scale", "found_inf", "lr_tensor"):
+            t = hyperparameters.get(key)
+            if t is not None and t.device != params[0].device:
+                raise ValueError(f"cgd: {key} is on {t.device} but the parameters are on {params[0].device}")
 
 
 @torch.library.register_fake("cgd::block_step_")
@@ -82,6 +92,11 @@ def _block_step_fake(params, grads, offsets, exp_avg, *state, **hyperparameters)
     for i, (g, p) in enumerate(zip(grads, params)):
         if g.device != p.device:
             raise ValueError(f"cgd: grads[{i}] is on {g.device} but params[{i}] is on {p.device}")
+    for name, t in zip(("exp_avg", "exp_avg_sq", "precond", "eigvals", "step", "outcome", "counters"),
+                       (exp_avg,) + state):
+        if params and t.device != params[0].device:
+            raise ValueError(f"cgd: {name} is on {t.device} but the parameters are on {params[0].device}")
+    _scalars_beside(params, hyperparameters)
     return None
 
 
@@ -90,6 +105,12 @@ def _kron_step_fake(params, grads, *state_lists, **hyperparameters) -> None:
     for i, (g, p) in enumerate(zip(grads, params)):
         if g.device != p.device:
             raise ValueError(f"cgd: grads[{i}] is on {g.device} but params[{i}] is on {p.device}")
+    for tensors in state_lists:
+        for i, (t, p) in enumerate(zip(tensors, params)):
+            if t.device != p.device:
+                raise ValueError(f"cgd: a state tensor of params[{i}] is on {t.device} but the parameter is on "
+                                 f"{p.device}")
+    _scalars_beside(params, hyperparameters)
     return None
 
 

@@ -374,3 +374,12 @@ def test_meta_parameters_step_as_with_torch(name):
     w = torch.nn.Parameter(torch.empty(4, 3, device="meta"))
     w.grad = torch.empty(4, 3, device="meta")
     OPTIMIZERS[name]([w]).step()
+
+
+@pytest.mark.parametrize("key", ["grad_scale", "found_inf", "lr_tensor"])
+def test_a_meta_scalar_beside_real_tensors_is_refused_not_skipped(key):
+    p, g = torch.randn(5), torch.randn(5)
+    m1, m2, step = torch.zeros(5), torch.zeros(5), torch.zeros((), dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf"{key} is on meta but the parameters are on cpu"):
+        torch.ops.cgd.diag_step_([p], [g], [m1], [m2], [step], **{key: torch.ones((), device="meta")}, **DIAG)
+    assert step.item() == 0.0
