@@ -1,6 +1,6 @@
 """Bad, unusual and hostile inputs against every optimizer class (parametrised over all of them) and the raw ops:
 each gets a clear error before anything changes, or behaves exactly as torch.optim does. One test per class of
-fault; the classes are those the README's "Faults and odd inputs" section lists."""
+fault; the classes are those the README's "NaN, Inf and faults: what is guaranteed" section lists."""
 
 from __future__ import annotations
 
