@@ -44,6 +44,17 @@ def stepped(name, steps=2, **kw):
     return model, opt
 
 
+def train_alike_as_torch(model, opt, twin, ref, data):
+    """Both optimizers step the same batches; the parameters must end where torch's do."""
+    for x, y in data:
+        for m, o in ((model, opt), (twin, ref)):
+            o.zero_grad()
+            loss_of(m, x, y).backward()
+            o.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def snapshot(model, opt):
     return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
 
@@ -186,13 +197,7 @@ def test_a_refused_or_skipped_first_sgd_step_leaves_the_next_one_first(policy):
             opt.step()
     else:
         opt.step()
-    for x, y in batches(5, seed=3):
-        for m, o in ((model, opt), (twin, ref)):
-            o.zero_grad()
-            loss_of(m, x, y).backward()
-            o.step()
-    for a, b in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    train_alike_as_torch(model, opt, twin, ref, batches(5, seed=3))
 
 
 # ---- 5. loaded state is checked before anything is replaced ----
@@ -301,13 +306,7 @@ def test_averages_that_never_forget_act_as_in_torch(ours, theirs, kwargs):
     model = make_mlp()
     twin = copy.deepcopy(model)
     opt, ref = ours(model.parameters(), **kwargs), theirs(twin.parameters(), **kwargs)
-    for x, y in batches(10):
-        for m, o in ((model, opt), (twin, ref)):
-            o.zero_grad()
-            loss_of(m, x, y).backward()
-            o.step()
-    for a, b in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    train_alike_as_torch(model, opt, twin, ref, batches(10))
 
 
 @pytest.mark.parametrize("name", ["FullCGD", "FullCGD block", "FullCGD kron", "InducedMetric rms", "CGD"])
