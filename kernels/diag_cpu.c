@@ -18,30 +18,68 @@
 #define CGD_ALWAYS_INLINE inline
 #endif
 
-/* Called with a constant dtype from each case of the switch below, so every copy is specialised. */
-static CGD_ALWAYS_INLINE void diag_range(cgd_dtype dtype, const cgd_diag_consts *k, const cgd_diag_step_consts *s,
-                                         const cgd_diag_tensor *t, cgd_real grad_scale, int64_t begin, int64_t end) {
-    cgd_real unused1 = 0, unused2 = 0;
-    cgd_real *exp_avg = (cgd_real *)t->exp_avg, *exp_avg_sq = (cgd_real *)t->exp_avg_sq;
+/*
+ * One element range of one tensor. Called with constant dtype, metric and has_m1 from diag_chunk's switch (and
+ * always inlined), so each copy is one straight loop: the remaining options are loop-invariant selects, the
+ * constants are locals (no float store can alias them) and the arrays restrict, and the compiler vectorises it.
+ */
+static CGD_ALWAYS_INLINE void diag_range(cgd_dtype dtype, int metric, int has_m1, const cgd_diag_consts *kp,
+                                         const cgd_diag_step_consts *sp, const cgd_diag_tensor *t, cgd_real scale,
+                                         int64_t begin, int64_t end) {
+    cgd_diag_consts k = *kp;
+    k.metric = metric;
+    k.has_m1 = has_m1;
+    k.has_m2 = metric != CGD_METRIC_NONE;
+    const cgd_diag_step_consts s = *sp;
+    const int has_m2 = metric != CGD_METRIC_NONE;
+    void *restrict param = t->param;
+    const void *restrict grad = t->grad;
+    cgd_real *restrict m1 = (cgd_real *)t->exp_avg;
+    cgd_real *restrict m2 = (cgd_real *)t->exp_avg_sq;
     for (int64_t i = begin; i < end; ++i) {
-        cgd_real g = cgd_load_real(dtype, t->grad, i) / grad_scale; /* exact when the scale is 1 */
-        cgd_real p = cgd_load_real(dtype, t->param, i);
-        cgd_real *m1 = k->has_m1 ? &exp_avg[i] : &unused1;
-        cgd_real *m2 = k->has_m2 ? &exp_avg_sq[i] : &unused2;
-        cgd_diag_update(k, s, &p, g, m1, m2);
-        cgd_store_real(dtype, t->param, i, p);
+        cgd_real g = cgd_load_real(dtype, grad, i) / scale; /* exact when the scale is 1 */
+        cgd_real p = cgd_load_real(dtype, param, i);
+        cgd_real a = has_m1 ? m1[i] : 0, b = has_m2 ? m2[i] : 0;
+        cgd_diag_update(&k, &s, &p, g, &a, &b);
+        cgd_store_real(dtype, param, i, p);
+        if (has_m1) m1[i] = a;
+        if (has_m2) m2[i] = b;
     }
 }
 
+#define CGD_RANGE(DT, METRIC, M1) diag_range(DT, METRIC, M1, k, s, t, grad_scale, begin, end)
+#define CGD_BY_MOMENTS(DT, METRIC)                                                                             \
+    do {                                                                                                       \
+        if (k->has_m1)                                                                                         \
+            CGD_RANGE(DT, METRIC, 1);                                                                          \
+        else                                                                                                   \
+            CGD_RANGE(DT, METRIC, 0);                                                                          \
+    } while (0)
+#define CGD_BY_METRIC(DT)                                                                                      \
+    do {                                                                                                       \
+        switch (k->metric) {                                                                                   \
+        case CGD_METRIC_NONE: CGD_BY_MOMENTS(DT, CGD_METRIC_NONE); break;                                     \
+        case CGD_METRIC_SQRT: CGD_BY_MOMENTS(DT, CGD_METRIC_SQRT); break;                                     \
+        case CGD_METRIC_ONE: CGD_BY_MOMENTS(DT, CGD_METRIC_ONE); break;                                       \
+        default: CGD_BY_MOMENTS(DT, CGD_METRIC_POW); break;                                                   \
+        }                                                                                                      \
+    } while (0)
+
+/* Compiled for the baseline ISA and for AVX2 (picked at load time by the CPU): the same operations in the same
+   order either way (no contraction), so the results are bit-identical whichever runs. */
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
 static void diag_chunk(cgd_dtype dtype, const cgd_diag_consts *k, const cgd_diag_step_consts *s,
                        const cgd_diag_tensor *t, cgd_real grad_scale, int64_t begin, int64_t end) {
 #if CGD_F64
-    diag_range(CGD_FLOAT64, k, s, t, grad_scale, begin, end);
+    (void)dtype;
+    CGD_BY_METRIC(CGD_FLOAT64);
 #else
     switch (dtype) {
-    case CGD_FLOAT16: diag_range(CGD_FLOAT16, k, s, t, grad_scale, begin, end); break;
-    case CGD_BFLOAT16: diag_range(CGD_BFLOAT16, k, s, t, grad_scale, begin, end); break;
-    default: diag_range(CGD_FLOAT32, k, s, t, grad_scale, begin, end); break;
+    case CGD_FLOAT16: CGD_BY_METRIC(CGD_FLOAT16); break;
+    case CGD_BFLOAT16: CGD_BY_METRIC(CGD_BFLOAT16); break;
+    default: CGD_BY_METRIC(CGD_FLOAT32); break;
     }
 #endif
 }

@@ -67,10 +67,13 @@ template <int DT> __device__ __forceinline__ void store4(void *base, int64_t i, 
 
 /* ---- the step ---- */
 
-template <int DT>
+/* METRIC is k.metric made a compile-time constant: with it left to run time, the four unrolled updates of a
+   vector each carry every metric's path, and NVVM spends minutes threading the combinations. */
+template <int DT, int METRIC>
 __global__ void __launch_bounds__(CGD_MT_THREADS)
-    diag_step_kernel(const diag_args args, const cgd_diag_consts k, const float *grad_scale, const float *skip) {
+    diag_step_kernel(const diag_args args, cgd_diag_consts k, const float *grad_scale, const float *skip) {
     if (skip && *skip != 0.0f) return;
+    k.metric = METRIC;
     const cgd_mt_work w = cgd_mt_locate(&args.layout, (int32_t)blockIdx.x);
     const int t = w.tensor;
     const cgd_diag_step_consts s =
@@ -119,9 +122,19 @@ static int launch_diag(const diag_args *args, const step_args *steps, const cgd_
                        const float *grad_scale, const float *skip, cudaStream_t stream) {
     int32_t blocks = cgd_mt_chunks(&args->layout);
     if (blocks > 0) {
-#define CGD_LAUNCH(DT) diag_step_kernel<DT><<<blocks, CGD_MT_THREADS, 0, stream>>>(*args, *k, grad_scale, skip)
+#define CGD_LAUNCH_METRIC(DT, M) diag_step_kernel<DT, M><<<blocks, CGD_MT_THREADS, 0, stream>>>(*args, *k, grad_scale, skip)
+#define CGD_LAUNCH(DT)                                                                                         \
+    do {                                                                                                       \
+        switch (k->metric) {                                                                                   \
+        case CGD_METRIC_NONE: CGD_LAUNCH_METRIC(DT, CGD_METRIC_NONE); break;                                  \
+        case CGD_METRIC_SQRT: CGD_LAUNCH_METRIC(DT, CGD_METRIC_SQRT); break;                                  \
+        case CGD_METRIC_ONE: CGD_LAUNCH_METRIC(DT, CGD_METRIC_ONE); break;                                    \
+        default: CGD_LAUNCH_METRIC(DT, CGD_METRIC_POW); break;                                                \
+        }                                                                                                      \
+    } while (0)
         CGD_DISPATCH_DTYPE(dtype, CGD_LAUNCH);
 #undef CGD_LAUNCH
+#undef CGD_LAUNCH_METRIC
         cudaError_t e = cudaGetLastError();
         if (e != cudaSuccess) return (int)e;
     }
