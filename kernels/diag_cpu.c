@@ -55,15 +55,7 @@ static CGD_ALWAYS_INLINE void diag_range(cgd_dtype dtype, int metric, int has_m1
         else                                                                                                   \
             CGD_RANGE(DT, METRIC, 0);                                                                          \
     } while (0)
-#define CGD_BY_METRIC(DT)                                                                                      \
-    do {                                                                                                       \
-        switch (k->metric) {                                                                                   \
-        case CGD_METRIC_NONE: CGD_BY_MOMENTS(DT, CGD_METRIC_NONE); break;                                     \
-        case CGD_METRIC_SQRT: CGD_BY_MOMENTS(DT, CGD_METRIC_SQRT); break;                                     \
-        case CGD_METRIC_ONE: CGD_BY_MOMENTS(DT, CGD_METRIC_ONE); break;                                       \
-        default: CGD_BY_MOMENTS(DT, CGD_METRIC_POW); break;                                                   \
-        }                                                                                                      \
-    } while (0)
+#define CGD_BY_METRIC(DT) CGD_DISPATCH_METRIC(k->metric, CGD_BY_MOMENTS, DT)
 
 /* Compiled for the baseline ISA and for AVX2 (picked at load time by the CPU): the same operations in the same
    order either way (no contraction), so the results are bit-identical whichever runs. */

@@ -122,16 +122,9 @@ static int launch_diag(const diag_args *args, const step_args *steps, const cgd_
                        const float *grad_scale, const float *skip, cudaStream_t stream) {
     int32_t blocks = cgd_mt_chunks(&args->layout);
     if (blocks > 0) {
-#define CGD_LAUNCH_METRIC(DT, M) diag_step_kernel<DT, M><<<blocks, CGD_MT_THREADS, 0, stream>>>(*args, *k, grad_scale, skip)
-#define CGD_LAUNCH(DT)                                                                                         \
-    do {                                                                                                       \
-        switch (k->metric) {                                                                                   \
-        case CGD_METRIC_NONE: CGD_LAUNCH_METRIC(DT, CGD_METRIC_NONE); break;                                  \
-        case CGD_METRIC_SQRT: CGD_LAUNCH_METRIC(DT, CGD_METRIC_SQRT); break;                                  \
-        case CGD_METRIC_ONE: CGD_LAUNCH_METRIC(DT, CGD_METRIC_ONE); break;                                    \
-        default: CGD_LAUNCH_METRIC(DT, CGD_METRIC_POW); break;                                                \
-        }                                                                                                      \
-    } while (0)
+#define CGD_LAUNCH_METRIC(DT, M)                                                                               \
+    diag_step_kernel<DT, M><<<blocks, CGD_MT_THREADS, 0, stream>>>(*args, *k, grad_scale, skip)
+#define CGD_LAUNCH(DT) CGD_DISPATCH_METRIC(k->metric, CGD_LAUNCH_METRIC, DT)
         CGD_DISPATCH_DTYPE(dtype, CGD_LAUNCH);
 #undef CGD_LAUNCH
 #undef CGD_LAUNCH_METRIC

@@ -31,6 +31,18 @@
 /* How G = (...)^power is evaluated: the common powers get exact fast paths. */
 enum { CGD_METRIC_NONE = 0, CGD_METRIC_SQRT = 1, CGD_METRIC_POW = 2, CGD_METRIC_ONE = 3 };
 
+/* Expands CALL(X, M) with M the constant CGD_METRIC_* that `metric` holds: the kernels keep one copy per metric,
+   so no element tests it (and the compilers see one straight path to vectorise or unroll). */
+#define CGD_DISPATCH_METRIC(metric, CALL, X)                                                                   \
+    do {                                                                                                       \
+        switch (metric) {                                                                                      \
+        case CGD_METRIC_NONE: CALL(X, CGD_METRIC_NONE); break;                                                \
+        case CGD_METRIC_SQRT: CALL(X, CGD_METRIC_SQRT); break;                                                \
+        case CGD_METRIC_ONE: CALL(X, CGD_METRIC_ONE); break;                                                  \
+        default: CALL(X, CGD_METRIC_POW); break;                                                              \
+        }                                                                                                      \
+    } while (0)
+
 #if CGD_F64
 typedef uint64_t cgd_real_bits;
 #else
@@ -81,7 +93,8 @@ CGD_HD double cgd_double_from_bits(uint64_t u) {
  * powf is a call per element). The double result carries a relative error below 1e-10 (series truncation
  * below 3e-11, the rounding of y = a log2 x, |y| <= 150, below 1e-13), far inside the half-ulp (3e-8) that
  * rounding to float then adds, so the returned float is the correctly rounded x^a except when x^a lies within
- * 1e-10 of the midpoint between two floats: at most 1 ulp off (tested against float64 pow). x = 0 gives 0, +Inf gives +Inf, NaN or x < 0 gives NaN, as powf does.
+ * 1e-10 of the midpoint between two floats: at most 1 ulp off (tested against float64 pow). x = 0 gives 0, +Inf
+ * gives +Inf, NaN or x < 0 gives NaN, as powf does.
  */
 CGD_HD float cgd_powf_poly(float xf, float af) {
     /* Every choice below is integer masking, not a conditional: a conditional lets the compiler thread the
