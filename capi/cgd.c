@@ -224,7 +224,8 @@ static cgd_status check_eps_for_dtype(const char *fn, const cgd_block_hparams *h
     const double largest = dtype == CGD_FLOAT64 ? DBL_MAX : FLT_MAX;
     if (h->power > 0.0 && !(pow(h->eps, -h->power) <= largest))
         return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams.eps = %g with power = %g: eps^-power = %g overflows the %s "
-                    "state", fn, h->eps, h->power, pow(h->eps, -h->power), dtype == CGD_FLOAT64 ? "float64" : "float32");
+                    "state", fn, h->eps, h->power, pow(h->eps, -h->power),
+                    dtype == CGD_FLOAT64 ? "float64" : "float32");
     return CGD_OK;
 }
 

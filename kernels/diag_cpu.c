@@ -31,7 +31,6 @@ static CGD_ALWAYS_INLINE void diag_range(cgd_dtype dtype, int metric, int has_m1
     k.has_m1 = has_m1;
     k.has_m2 = metric != CGD_METRIC_NONE;
     const cgd_diag_step_consts s = *sp;
-    const int has_m2 = metric != CGD_METRIC_NONE;
     void *restrict param = t->param;
     const void *restrict grad = t->grad;
     cgd_real *restrict m1 = (cgd_real *)t->exp_avg;
@@ -39,11 +38,11 @@ static CGD_ALWAYS_INLINE void diag_range(cgd_dtype dtype, int metric, int has_m1
     for (int64_t i = begin; i < end; ++i) {
         cgd_real g = cgd_load_real(dtype, grad, i) / scale; /* exact when the scale is 1 */
         cgd_real p = cgd_load_real(dtype, param, i);
-        cgd_real a = has_m1 ? m1[i] : 0, b = has_m2 ? m2[i] : 0;
+        cgd_real a = has_m1 ? m1[i] : 0, b = k.has_m2 ? m2[i] : 0;
         cgd_diag_update(&k, &s, &p, g, &a, &b);
         cgd_store_real(dtype, param, i, p);
         if (has_m1) m1[i] = a;
-        if (has_m2) m2[i] = b;
+        if (k.has_m2) m2[i] = b;
     }
 }
 

@@ -233,20 +233,10 @@ static void kron_tensor_step(const cgd_block_hparams *h, cgd_dtype dtype, const 
     const cgd_real inv_bc1 = h->bias_correction ? (cgd_real)(1.0 / (1.0 - pow(h->beta1, t))) : 1;
     const cgd_real inv_bc2 = h->bias_correction ? (cgd_real)(1.0 / (1.0 - pow(h->beta2, t))) : 1;
     cgd_real *g = w->g, *F = w->F, *D = w->D, *Y = w->Y;
-    side l = {1,
-              tn->left_full,
-              rows,
-              (cgd_real *)tn->left_sq,
-              (cgd_real *)tn->left_basis,
-              (cgd_real *)tn->left_eig,
-              &tn->outcome[0]};
-    side r = {0,
-              tn->right_full,
-              cols,
-              (cgd_real *)tn->right_sq,
-              (cgd_real *)tn->right_basis,
-              (cgd_real *)tn->right_eig,
-              &tn->outcome[1]};
+    side l = {1, tn->left_full, rows, (cgd_real *)tn->left_sq, (cgd_real *)tn->left_basis,
+              (cgd_real *)tn->left_eig, &tn->outcome[0]};
+    side r = {0, tn->right_full, cols, (cgd_real *)tn->right_sq, (cgd_real *)tn->right_basis,
+              (cgd_real *)tn->right_eig, &tn->outcome[1]};
     cgd_real *m1 = (cgd_real *)tn->exp_avg;
     const cgd_real beta1 = (cgd_real)h->beta1, w1 = (cgd_real)(1.0 - h->beta1);
     for (int64_t e = 0; e < numel; ++e) {

@@ -18,7 +18,7 @@ from . import _ops  # noqa: F401  (loads the operator library)
 from ._distributed import full, is_dtensor, local, shard_like
 from .optimizer import (SUPPORTED_DTYPES, UNUSABLE, BaseOptimizer, NonFiniteGradientError, _bad, _check_range,
                         _number, betas_from_tau, check_grad_shape, check_writable, group_param_label, mark_updated,
-                        overflow_limit, pair, state_dtype, validate_step_size)
+                        overflow_limit, pair, state_dtype, state_precision, validate_step_size)
 
 METRICS = ("full", "block", "kron")
 # 0: solved in the state's precision (float32, or float64 for float64 parameters); 1: float32 failed, float64 did not.
@@ -216,12 +216,11 @@ class FullCGD(BaseOptimizer):
         power = _check_range("power", group["power"], 0.0, 1.0, hi_open=False)
         # On a direction the covariance does not reach, the metric's inverse is eps^-power: it must be finite in
         # the state's precision, or the preconditioner holds Inf and the step NaN.
-        wide = group["params"] and all(state_dtype(p) == torch.float64 for p in group["params"])
-        largest = torch.finfo(torch.float64 if wide else torch.float32).max
-        if power > 0.0 and math.log(eps) * -power >= math.log(largest):
+        precision = state_precision(group["params"])
+        if power > 0.0 and math.log(eps) * -power >= math.log(torch.finfo(precision).max):
             raise _bad("eps", group["eps"], f"with power = {power:g} the metric's inverse on a direction without "
                        f"variance, eps^-power = {math.exp(-power * math.log(eps)):.3g}, overflows the "
-                       f"{'float64' if wide else 'float32'} state; raise eps")
+                       f"{str(precision).removeprefix('torch.')} state; raise eps")
         _check_range("weight_decay", group["weight_decay"], 0.0)
         _check_range("m2_init", group["m2_init"], 0.0)
         if group["metric"] not in METRICS:
@@ -335,8 +334,7 @@ class FullCGD(BaseOptimizer):
         if not work or work[0][0]["params"][0].device.type == "meta":  # meta tensors hold no values to check
             return
         present = [[j for j, g in enumerate(grads) if g is not None] for _, grads in work]
-        checks = [torch.ops.cgd.nonfinite_flags([grads[j] for j in js],
-                                                [self._overflow_limit(group, group["params"][j]) for j in js])
+        checks = [torch.ops.cgd.nonfinite_flags([grads[j] for j in js], self._overflow_limits(group, js))
                   for (group, grads), js in zip(work, present)]
         if sum(float(found.item()) for _, found in checks) == 0.0:
             return
@@ -346,13 +344,15 @@ class FullCGD(BaseOptimizer):
                                      "changed (nonfinite='raise')")
 
     @staticmethod
-    def _overflow_limit(group: dict[str, Any], p: torch.Tensor) -> float:
-        """A Kronecker factor's entry sums a side's worth of gradient squares; an eigenvalue of a block's
-        covariance sums the block's (all coordinates of the group for the full metric)."""
+    def _overflow_limits(group: dict[str, Any], js: list[int]) -> list[float]:
+        """The non-finite check's limit for parameters js of a group: a Kronecker factor's entry sums a side's
+        worth of gradient squares; an eigenvalue of a block's covariance sums the block's (all coordinates of the
+        group for the full metric)."""
+        params = group["params"]
         if group["metric"] == "kron":
-            return overflow_limit(p, max(_matrix_shape(tuple(p.shape))))
-        side = group["block_size"] if group["metric"] == "block" else sum(q.numel() for q in group["params"])
-        return overflow_limit(p, side)
+            return [overflow_limit(params[j], max(_matrix_shape(tuple(params[j].shape)))) for j in js]
+        side = group["block_size"] if group["metric"] == "block" else sum(p.numel() for p in params)
+        return [overflow_limit(params[j], side) for j in js]
 
     _BLOCK_KEYS = ("exp_avg", "exp_avg_sq", "precond", "eigvals", "step", "outcome", "counters", "calls")
     _KRON_KEYS = ("exp_avg", "left_sq", "right_sq", "left_basis", "right_basis", "left_eig", "right_eig", "step",

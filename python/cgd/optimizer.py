@@ -35,6 +35,14 @@ def state_dtype(p: torch.Tensor) -> torch.dtype:
     return torch.complex64 if p.is_complex() else torch.float32
 
 
+def state_precision(params: Iterable[torch.Tensor]) -> torch.dtype:
+    """The real precision the kernels of these parameters compute and keep state in: float64 when every one keeps
+    float64 (complex128) state, else float32 (a group shares one dtype, so "every" is "the group's")."""
+    params = list(params)
+    wide = bool(params) and all(state_dtype(p) in (torch.float64, torch.complex128) for p in params)
+    return torch.float64 if wide else torch.float32
+
+
 def _real(t: torch.Tensor) -> torch.Tensor:
     """What the kernels see of a tensor: a complex one's real view (..., 2), else the tensor itself."""
     return torch.view_as_real(t) if t.is_complex() else t
@@ -167,8 +175,8 @@ def _place_post_hook(optimizer: BaseOptimizer) -> None:
 class BaseOptimizer(Optimizer):
     """What every optimizer of this package shares about checkpoints: state kept as float32 for float32, float16
     and bfloat16 parameters and as float64 for float64 ones (int32, float64 or float32 where a class says so),
-    loaded through torch's own load_state_dict with the translation
-    and placement as its first pre- and post-hook, so hooks, FSDP and DCP see what they see with torch.optim; and
+    loaded through torch's own load_state_dict with the translation and placement as its first pre- and
+    post-hook, so hooks, FSDP and DCP see what they see with torch.optim; and
     the optimizer's own attributes kept by copy.deepcopy and pickling (torch keeps only defaults, state and
     param_groups)."""
 
@@ -204,14 +212,15 @@ class BaseOptimizer(Optimizer):
                 saved = state_dict["state"].get(pid)
                 if not saved:  # no state yet: the first step creates it
                     continue
-                lacking = [k for k in self._required_state(group, j, saved) if k not in saved]
+                required = self._required_state(group, j, saved)
+                lacking = [k for k in required if k not in saved]
                 if lacking:
                     raise ValueError(f"cgd: the state dict's state of parameter id {pid!r} lacks "
                                      f"{', '.join(map(repr, lacking))} (it has {', '.join(map(repr, saved))}); "
                                      "nothing was loaded")
                 for key, value in saved.items():
                     wrong = not isinstance(value, int) or value < 0 if key == "calls" else (
-                        key in self._required_state(group, j, saved) and not isinstance(value, torch.Tensor))
+                        key in required and not isinstance(value, torch.Tensor))
                     if wrong:
                         raise ValueError(f"cgd: the state dict's state {key!r} of parameter id {pid!r} is "
                                          f"{type(value).__name__} {value!r}, not "
@@ -248,16 +257,13 @@ def overflow_limit(p: torch.Tensor, summed: int = 1) -> float:
     """The gradient magnitude from which a step's second moments would overflow p's state precision: half the
     square root of its largest value (the centered and belief moments square a difference of two gradients),
     over sqrt(summed) where `summed` squares add up in one entry (a Kronecker factor's Gram sums)."""
-    wide = state_dtype(p) in (torch.float64, torch.complex128)
-    return math.sqrt(torch.finfo(torch.float64 if wide else torch.float32).max / max(summed, 1)) / 2
+    return math.sqrt(torch.finfo(state_precision([p])).max / max(summed, 1)) / 2
 
 
 def smallest_eps(params: Iterable[torch.Tensor]) -> float:
     """The smallest positive eps the kernels of these parameters see as nonzero: float64's least subnormal when
     every parameter keeps float64 state, else float32's (2^-149 = 1.4e-45; 1e-300 rounds to 0 there)."""
-    params = list(params)
-    wide = params and all(state_dtype(p) in (torch.float64, torch.complex128) for p in params)
-    return 5e-324 if wide else 2.0**-149
+    return 5e-324 if state_precision(params) == torch.float64 else 2.0**-149
 
 
 def check_writable(label: str, p: torch.Tensor) -> None:
@@ -456,9 +462,10 @@ class CGD(BaseOptimizer):
     rate is the first value to try when tuning (README, "Choosing power").
 
     State per parameter (float32 for float32, float16 and bfloat16 parameters, float64 for float64 ones, as
-    torch.optim keeps it; complex for a complex parameter, stepped on its real view as torch.optim does): ``step`` (a one-element float64 tensor on the parameter's device, exact up
-    to 2^53 steps), ``exp_avg`` (M1, when beta1 > 0 or the metric is centered), ``exp_avg_sq`` (M2, when
-    power > 0) or ``exp_avg_var`` (moment="belief"). The names are torch.optim's, so an Adam checkpoint loads
+    torch.optim keeps it; complex for a complex parameter, stepped on its real view as torch.optim does):
+    ``step`` (a one-element float64 tensor on the parameter's device, exact up to 2^53 steps), ``exp_avg`` (M1,
+    when beta1 > 0 or the metric is centered), ``exp_avg_sq`` (M2, when power > 0) or ``exp_avg_var``
+    (moment="belief"). The names are torch.optim's, so an Adam checkpoint loads
     directly (:meth:`load_state_dict`).
     """
 
