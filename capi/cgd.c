@@ -139,6 +139,9 @@ static cgd_status check_hparams(const cgd_diag_hparams *h) {
                     h->first_grad_weight);
     if (h->moment != CGD_MOMENT_RAW && h->moment != CGD_MOMENT_CENTERED && h->moment != CGD_MOMENT_BELIEF)
         return fail(CGD_ERR_INVALID_ARGUMENT, "cgd_diag_step: hparams.moment = %d is not a cgd_moment", (int)h->moment);
+    if (!(h->guard_limit >= 0.0))
+        return fail(CGD_ERR_INVALID_ARGUMENT, "cgd_diag_step: hparams.guard_limit = %g must be >= 0 (0: none)",
+                    h->guard_limit);
     return CGD_OK;
 }
 

@@ -95,6 +95,13 @@ typedef struct cgd_diag_hparams {
     /* NULL, or one float on the call's device that replaces lr (>= 0, not checked): read by the kernel, so a
        captured CUDA graph follows a scheduler that changes it in place. lr is used in the state's precision. */
     const float *lr_device;
+    /* The fused non-finite guard. NULL for none: every entry steps as computed, as torch.optim does. Else `count`
+       int32 on the call's device, one per tensor, that the call writes (the caller need not clear them): an
+       entry whose gradient (after grad_scale) is NaN, +-Inf or, with guard_limit > 0, of magnitude >= guard_limit
+       keeps its parameter and state values, and its tensor's flag becomes 1; every other entry steps, and the
+       step counters advance. Checked in the same pass as the update: no extra read, no host synchronization. */
+    int32_t *guard_flags;
+    double guard_limit; /* >= 0; 0 holds back NaN and Inf only (rounded down to the state's precision) */
 } cgd_diag_hparams;
 
 /* One tensor of a multi-tensor step. All pointers live on the call's device. */

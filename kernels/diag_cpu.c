@@ -1,7 +1,8 @@
 /*
- * CPU kernels: the diagonal CGD step (one pass over memory per tensor; large tensors are split into chunks that
- * OpenMP threads take in parallel) and, in the float32 build only, the non-finite scan. Elementwise, so results
- * do not depend on the thread count and a resumed run is bit-identical to an uninterrupted one.
+ * CPU kernels: the diagonal CGD step (one pass over memory per tensor, the non-finite guard fused into it; large
+ * tensors are split into chunks that OpenMP threads take in parallel) and, in the float32 build only, the
+ * non-finite scan. Elementwise, so results do not depend on the thread count and a resumed run is bit-identical
+ * to an uninterrupted one.
  */
 #include <stddef.h>
 
@@ -19,15 +20,19 @@
 #endif
 
 /*
- * One element range of one tensor. Called with constant dtype, metric and has_m1 from diag_chunk's switch (and
- * always inlined), so each copy is one straight loop: the remaining options are loop-invariant selects, the
- * constants are locals (no float store can alias them) and the arrays restrict, and the compiler vectorises it.
+ * One element range of one tensor; returns 1 when the guard held an entry back. Called with constant dtype,
+ * metric, eps_inside, has_m1 and scaled from diag_chunk's switch (and always inlined), so each copy is one
+ * straight loop (eps outside divides by (1 - beta2^t)^power, a division the other copies would compute and drop):
+ * the remaining options are loop-invariant selects, the constants are locals (no float store can alias them)
+ * and the arrays restrict, and the compiler vectorises it. An unscaled copy divides by nothing: the division
+ * by a grad_scale of 1 would be exact but costs as much as the rest of the update.
  */
-static CGD_ALWAYS_INLINE void diag_range(cgd_dtype dtype, int metric, int has_m1, const cgd_diag_consts *kp,
-                                         const cgd_diag_step_consts *sp, const cgd_diag_tensor *t, cgd_real scale,
-                                         int64_t begin, int64_t end) {
+static CGD_ALWAYS_INLINE int diag_range(cgd_dtype dtype, int metric, int inside, int has_m1, int scaled,
+                                        const cgd_diag_consts *kp, const cgd_diag_step_consts *sp,
+                                        const cgd_diag_tensor *t, cgd_real scale, int64_t begin, int64_t end) {
     cgd_diag_consts k = *kp;
     k.metric = metric;
+    k.eps_inside = inside;
     k.has_m1 = has_m1;
     k.has_m2 = metric != CGD_METRIC_NONE;
     const cgd_diag_step_consts s = *sp;
@@ -35,34 +40,42 @@ static CGD_ALWAYS_INLINE void diag_range(cgd_dtype dtype, int metric, int has_m1
     const void *restrict grad = t->grad;
     cgd_real *restrict m1 = (cgd_real *)t->exp_avg;
     cgd_real *restrict m2 = (cgd_real *)t->exp_avg_sq;
+    int held = 0;
     for (int64_t i = begin; i < end; ++i) {
-        cgd_real g = cgd_load_real(dtype, grad, i) / scale; /* exact when the scale is 1 */
+        cgd_real g = cgd_load_real(dtype, grad, i);
+        if (scaled) g = g / scale;
         cgd_real p = cgd_load_real(dtype, param, i);
         cgd_real a = has_m1 ? m1[i] : 0, b = k.has_m2 ? m2[i] : 0;
-        cgd_diag_update(&k, &s, &p, g, &a, &b);
+        held |= cgd_diag_update_guarded(&k, &s, &p, g, &a, &b);
         cgd_store_real(dtype, param, i, p);
         if (has_m1) m1[i] = a;
         if (k.has_m2) m2[i] = b;
     }
+    return held;
 }
 
-#define CGD_RANGE(DT, METRIC, M1) diag_range(DT, METRIC, M1, k, s, t, grad_scale, begin, end)
+#define CGD_RANGE(DT, METRIC, IN, M1, SCALED) \
+    diag_range(DT, METRIC, IN, M1, SCALED, k, s, t, grad_scale, begin, end)
+#define CGD_BY_SCALE(DT, METRIC, IN, M1) (scaled ? CGD_RANGE(DT, METRIC, IN, M1, 1) : CGD_RANGE(DT, METRIC, IN, M1, 0))
+#define CGD_BY_M1(DT, METRIC, IN) (k->has_m1 ? CGD_BY_SCALE(DT, METRIC, IN, 1) : CGD_BY_SCALE(DT, METRIC, IN, 0))
 #define CGD_BY_MOMENTS(DT, METRIC)                                                                             \
     do {                                                                                                       \
-        if (k->has_m1)                                                                                         \
-            CGD_RANGE(DT, METRIC, 1);                                                                          \
+        if (METRIC == CGD_METRIC_NONE || k->eps_inside)                                                        \
+            held = CGD_BY_M1(DT, METRIC, 1);                                                                   \
         else                                                                                                   \
-            CGD_RANGE(DT, METRIC, 0);                                                                          \
+            held = CGD_BY_M1(DT, METRIC, 0);                                                                   \
     } while (0)
 #define CGD_BY_METRIC(DT) CGD_DISPATCH_METRIC(k->metric, CGD_BY_MOMENTS, DT)
 
-/* Compiled for the baseline ISA and for AVX2 (picked at load time by the CPU): the same operations in the same
-   order either way (no contraction), so the results are bit-identical whichever runs. */
+/* Compiled for the baseline ISA, AVX2 and AVX-512 (picked at load time by the CPU): the same operations in the
+   same order in each (no contraction; IEEE division and square root are correctly rounded at any width), so the
+   results are bit-identical whichever runs. */
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-__attribute__((target_clones("avx2", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #endif
-static void diag_chunk(cgd_dtype dtype, const cgd_diag_consts *k, const cgd_diag_step_consts *s,
-                       const cgd_diag_tensor *t, cgd_real grad_scale, int64_t begin, int64_t end) {
+static int diag_chunk(cgd_dtype dtype, const cgd_diag_consts *k, const cgd_diag_step_consts *s,
+                      const cgd_diag_tensor *t, int scaled, cgd_real grad_scale, int64_t begin, int64_t end) {
+    int held = 0;
 #if CGD_F64
     (void)dtype;
     CGD_BY_METRIC(CGD_FLOAT64);
@@ -73,23 +86,32 @@ static void diag_chunk(cgd_dtype dtype, const cgd_diag_consts *k, const cgd_diag
     default: CGD_BY_METRIC(CGD_FLOAT32); break;
     }
 #endif
+    return held;
 }
 
 void CGD_NAME(cgd_cpu_diag_step)(const cgd_diag_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors,
                                  int64_t count, const float *grad_scale, const float *skip) {
+    int32_t *flags = h->guard_flags;
+    if (flags)
+        for (int64_t ti = 0; ti < count; ++ti) flags[ti] = 0;
     if (skip && *skip != 0.0f) return;
-    const cgd_diag_consts kc = cgd_diag_make_consts(h), *k = &kc;
-    cgd_real scale = grad_scale ? *grad_scale : 1;
+    cgd_diag_consts kc = cgd_diag_make_consts(h);
+    kc.guard_bits = cgd_diag_guard_bits(h);
+    const cgd_diag_consts *k = &kc;
+    const int scaled = grad_scale != NULL;
+    const cgd_real scale = scaled ? *grad_scale : 1;
     for (int64_t ti = 0; ti < count; ++ti) {
         const cgd_diag_tensor *t = &tensors[ti];
         cgd_diag_step_consts s = cgd_diag_make_step_consts(k, *t->step, k->lr_device ? *k->lr_device : k->lr);
         int64_t chunks = (t->numel + CGD_CPU_CHUNK - 1) / CGD_CPU_CHUNK;
-#pragma omp parallel for schedule(static) if (chunks > 1)
+        int held = 0;
+#pragma omp parallel for schedule(static) reduction(| : held) if (chunks > 1)
         for (int64_t c = 0; c < chunks; ++c) {
             int64_t begin = c * CGD_CPU_CHUNK;
             int64_t end = begin + CGD_CPU_CHUNK < t->numel ? begin + CGD_CPU_CHUNK : t->numel;
-            diag_chunk(dtype, k, &s, t, scale, begin, end);
+            held |= diag_chunk(dtype, k, &s, t, scaled, scale, begin, end);
         }
+        if (flags) flags[ti] = held;
         *t->step += 1.0;
     }
 }

@@ -1,7 +1,7 @@
 /*
  * CUDA kernels: the diagonal CGD step and (float32 build only) the non-finite scan, each over many tensors per
  * launch (see multi_tensor.cuh). The step is one pass over memory: read param, grad, M1, M2; write param, M1,
- * M2. Loads and stores are 4 elements wide when a tensor's arrays are aligned for it. Nothing here synchronizes
+ * M2, the non-finite guard checked on the way (diag_math.h). Loads and stores are 4 elements wide when a tensor's arrays are aligned for it. Nothing here synchronizes
  * the host; all work goes to the caller's stream.
  */
 #include <cuda_runtime.h>
@@ -71,7 +71,8 @@ template <int DT> __device__ __forceinline__ void store4(void *base, int64_t i, 
    vector each carry every metric's path, and NVVM spends minutes threading the combinations. */
 template <int DT, int METRIC>
 __global__ void __launch_bounds__(CGD_MT_THREADS)
-    diag_step_kernel(const diag_args args, cgd_diag_consts k, const float *grad_scale, const float *skip) {
+    diag_step_kernel(const diag_args args, cgd_diag_consts k, const float *grad_scale, const float *skip,
+                     int32_t *guard_flags) {
     if (skip && *skip != 0.0f) return;
     k.metric = METRIC;
     const cgd_mt_work w = cgd_mt_locate(&args.layout, (int32_t)blockIdx.x);
@@ -84,6 +85,7 @@ __global__ void __launch_bounds__(CGD_MT_THREADS)
     cgd_real *m1 = args.m1[t];
     cgd_real *m2 = args.m2[t];
 
+    int held = 0;
     int64_t scalar_from = w.begin;
     if (args.vector_ok[t]) {
         scalar_from = w.begin + ((w.end - w.begin) & ~(int64_t)3);
@@ -94,7 +96,7 @@ __global__ void __launch_bounds__(CGD_MT_THREADS)
             if (k.has_m1) load4<CGD_STATE_DTYPE>(m1, i, a);
             if (k.has_m2) load4<CGD_STATE_DTYPE>(m2, i, b);
 #pragma unroll
-            for (int j = 0; j < 4; ++j) cgd_diag_update(&k, &s, &p[j], g[j] / scale, &a[j], &b[j]);
+            for (int j = 0; j < 4; ++j) held |= cgd_diag_update_guarded(&k, &s, &p[j], g[j] / scale, &a[j], &b[j]);
             store4<DT>(param, i, p);
             if (k.has_m1) store4<CGD_STATE_DTYPE>(m1, i, a);
             if (k.has_m2) store4<CGD_STATE_DTYPE>(m2, i, b);
@@ -102,11 +104,13 @@ __global__ void __launch_bounds__(CGD_MT_THREADS)
     }
     for (int64_t i = scalar_from + threadIdx.x; i < w.end; i += blockDim.x) {
         cgd_real p = load1<DT>(param, i), a = k.has_m1 ? m1[i] : 0, b = k.has_m2 ? m2[i] : 0;
-        cgd_diag_update(&k, &s, &p, load1<DT>(grad, i) / scale, &a, &b);
+        held |= cgd_diag_update_guarded(&k, &s, &p, load1<DT>(grad, i) / scale, &a, &b);
         store1<DT>(param, i, p);
         if (k.has_m1) m1[i] = a;
         if (k.has_m2) m2[i] = b;
     }
+    /* Every block that held an entry back stores the same 1 (the flags were cleared before the launch). */
+    if (guard_flags && __syncthreads_or(held) && threadIdx.x == 0) guard_flags[t] = 1;
 }
 
 /* Runs after the step kernel on the same stream, so no block of the step can still be reading a counter. */
@@ -119,11 +123,11 @@ __global__ void increment_steps_kernel(const step_args args, const float *skip) 
 static int aligned(const void *p, int bytes) { return ((uintptr_t)p % (uintptr_t)bytes) == 0; }
 
 static int launch_diag(const diag_args *args, const step_args *steps, const cgd_diag_consts *k, cgd_dtype dtype,
-                       const float *grad_scale, const float *skip, cudaStream_t stream) {
+                       const float *grad_scale, const float *skip, int32_t *guard_flags, cudaStream_t stream) {
     int32_t blocks = cgd_mt_chunks(&args->layout);
     if (blocks > 0) {
 #define CGD_LAUNCH_METRIC(DT, M)                                                                               \
-    diag_step_kernel<DT, M><<<blocks, CGD_MT_THREADS, 0, stream>>>(*args, *k, grad_scale, skip)
+    diag_step_kernel<DT, M><<<blocks, CGD_MT_THREADS, 0, stream>>>(*args, *k, grad_scale, skip, guard_flags)
 #define CGD_LAUNCH(DT) CGD_DISPATCH_METRIC(k->metric, CGD_LAUNCH_METRIC, DT)
         CGD_DISPATCH_DTYPE(dtype, CGD_LAUNCH);
 #undef CGD_LAUNCH
@@ -140,18 +144,27 @@ static int launch_diag(const diag_args *args, const step_args *steps, const cgd_
 extern "C" int CGD_NAME(cgd_cuda_diag_step)(const cgd_diag_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors,
                                             int64_t count, const float *grad_scale, const float *skip, void *stream) {
     cudaStream_t s = static_cast<cudaStream_t>(stream);
-    const cgd_diag_consts kc = cgd_diag_make_consts(h), *k = &kc;
+    cgd_diag_consts kc = cgd_diag_make_consts(h);
+    kc.guard_bits = cgd_diag_guard_bits(h);
+    const cgd_diag_consts *k = &kc;
+    int32_t *flags = h->guard_flags;
+    if (flags && count > 0) {
+        cudaError_t e = cudaMemsetAsync(flags, 0, (size_t)count * sizeof(int32_t), s);
+        if (e != cudaSuccess) return (int)e;
+    }
     const int param_align = dtype == CGD_FLOAT16 || dtype == CGD_BFLOAT16 ? 8 : 16;
     /* Static: ~12 KB is too much for some callers' stacks, and the launch copies it by value anyway. */
     static thread_local diag_args args;
     static thread_local step_args steps;
     cgd_mt_reset(&args.layout);
     steps.count = 0;
+    int64_t first = 0; /* index of args' tensor 0 in the caller's list */
     for (int64_t i = 0; i < count; ++i) {
         const cgd_diag_tensor *t = &tensors[i];
         if (!cgd_mt_add(&args.layout, t->numel)) {
-            int e = launch_diag(&args, &steps, k, dtype, grad_scale, skip, s);
+            int e = launch_diag(&args, &steps, k, dtype, grad_scale, skip, flags ? flags + first : NULL, s);
             if (e) return e;
+            first = i;
             cgd_mt_reset(&args.layout);
             steps.count = 0;
             cgd_mt_add(&args.layout, t->numel);
@@ -169,7 +182,7 @@ extern "C" int CGD_NAME(cgd_cuda_diag_step)(const cgd_diag_hparams *h, cgd_dtype
                                       (!k->has_m2 || aligned(t->exp_avg_sq, 16)));
     }
     if (args.layout.count == 0) return 0;
-    return launch_diag(&args, &steps, k, dtype, grad_scale, skip, s);
+    return launch_diag(&args, &steps, k, dtype, grad_scale, skip, flags ? flags + first : NULL, s);
 }
 
 #if !CGD_F64

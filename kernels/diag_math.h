@@ -66,81 +66,106 @@ CGD_HD cgd_real cgd_pick(int cond, cgd_real a, cgd_real b) {
 #endif
 }
 
-#if !CGD_F64
-CGD_HD uint64_t cgd_bits_of(double x) {
+/* The magnitude bits of x (sign cleared): non-negative IEEE values order as these integers, NaN above Inf. */
+CGD_HD cgd_real_bits cgd_magnitude_bits(cgd_real x) {
 #ifdef __CUDA_ARCH__
-    return (uint64_t)__double_as_longlong(x);
+#if CGD_F64
+    return (cgd_real_bits)__double_as_longlong(x) & 0x7fffffffffffffffull;
 #else
-    uint64_t u;
+    return (cgd_real_bits)__float_as_uint(x) & 0x7fffffffu;
+#endif
+#else
+    cgd_real_bits u;
+    memcpy(&u, &x, sizeof u);
+    return u & (((cgd_real_bits)1 << (8 * sizeof u - 1)) - 1);
+#endif
+}
+
+#if !CGD_F64
+CGD_HD uint32_t cgd_fbits(float x) {
+#ifdef __CUDA_ARCH__
+    return __float_as_uint(x);
+#else
+    uint32_t u;
     memcpy(&u, &x, sizeof u);
     return u;
 #endif
 }
 
-CGD_HD double cgd_double_from_bits(uint64_t u) {
+CGD_HD float cgd_ffrom(uint32_t u) {
 #ifdef __CUDA_ARCH__
-    return __longlong_as_double((long long)u);
+    return __uint_as_float(u);
 #else
-    double x;
+    float x;
     memcpy(&x, &u, sizeof x);
     return x;
 #endif
 }
 
+/* 2^k for an integer k in [-126, 127]: its bit pattern. */
+CGD_HD float cgd_exp2i(int32_t k) { return cgd_ffrom((uint32_t)(k + 127) << 23); }
+
 /*
- * x^a for float x and a in (0, 1], as 2^(a log2 x) evaluated in double with fixed polynomials and integer
- * exponent arithmetic: no table, no call and no data-dependent branch, so the compiler vectorises it (libm's
- * powf is a call per element). The double result carries a relative error below 1e-10 (series truncation
- * below 3e-11, the rounding of y = a log2 x, |y| <= 150, below 1e-13), far inside the half-ulp (3e-8) that
- * rounding to float then adds, so the returned float is the correctly rounded x^a except when x^a lies within
- * 1e-10 of the midpoint between two floats: at most 1 ulp off (tested against float64 pow). x = 0 gives 0, +Inf
- * gives +Inf, NaN or x < 0 gives NaN, as powf does.
+ * x^a for float x and a in (0, 1], as 2^(a log2 x) in float arithmetic with fixed polynomials and integer
+ * exponent arithmetic: no table, no call and no data-dependent branch, so the compiler vectorises it at the full
+ * float width (libm's powf is a call per element). Every choice is integer masking or a pick, not a conditional:
+ * a conditional lets the compiler thread the special inputs into a separate path, which the vectoriser refuses.
+ *
+ * Error against float64 pow: below 4e-7 relative (about 3 float ulps; tested), from
+ *   log2 m (m in [sqrt(1/2), sqrt(2))): the atanh series with t rounded to 1.5 ulp, so |error| <= 1e-7;
+ *   a e with e the integer exponent, the largest term (|a e| <= 149): a is split into a 12-bit head, whose
+ *   product with e is exact, and a tail, so the integer part of y = a log2 x is found exactly and the rest,
+ *   |f| <= 1/2 after a second rounding, carries at most 2.5e-7 of absolute error (1.7e-7 relative in 2^f);
+ *   2^f: the Taylor series to z^7/7! (truncation 6e-9) rounded in float (about 1.5e-7); the final scaling by
+ *   2^n rounds once. a = 1 returns x itself; x = 0 gives 0, +Inf gives +Inf, NaN or x < 0 gives NaN, as powf.
  */
-CGD_HD float cgd_powf_poly(float xf, float af) {
-    /* Every choice below is integer masking, not a conditional: a conditional lets the compiler thread the
-       special inputs into a separate path, which is control flow the vectoriser refuses. */
-    const double x = (double)xf;
-    const uint64_t regular = (uint64_t)0 - (uint64_t)((x > 0.0) & (x < (double)INFINITY));
-    /* log2 x = e + log2 m with m in [sqrt(1/2), sqrt(2)): a float's double is never subnormal. Irregular
-       inputs compute on x = 1 and are replaced at the end. */
-    const uint64_t bits = (cgd_bits_of(x) & regular) | (cgd_bits_of(1.0) & ~regular);
-    const double m1 = cgd_double_from_bits((bits & 0x000fffffffffffffull) | 0x3ff0000000000000ull);
-    const uint64_t high = (uint64_t)0 - (uint64_t)(m1 > 1.4142135623730951);
-    const double m = cgd_double_from_bits((cgd_bits_of(0.5 * m1) & high) | (cgd_bits_of(m1) & ~high));
-    /* The exponent as a double without an integer conversion (AVX2 has none for 64-bit lanes): the bits of
-       2^52 + k read as a double are exactly that integer. */
-    const double e = cgd_double_from_bits(0x4330000000000000ull | (bits >> 52)) - 4503599627371519.0 /* 2^52 + 1023 */
-                     + cgd_double_from_bits(high & cgd_bits_of(1.0));
-    /* ln m = 2 atanh(t) = 2 (t + t^3/3 + ... + t^11/11), t = (m - 1)/(m + 1), |t| <= 0.1716: the first term left
-       out, 2 t^13/13, is below 2e-11. */
-    const double t = (m - 1.0) / (m + 1.0), t2 = t * t;
-    double s = 1.0 / 11.0;
-    s = s * t2 + 1.0 / 9.0;
-    s = s * t2 + 1.0 / 7.0;
-    s = s * t2 + 1.0 / 5.0;
-    s = s * t2 + 1.0 / 3.0;
-    s = s * t2 + 1.0;
-    const double y = (double)af * (e + (2.0 * t * s) * 1.4426950408889634); /* 1 / ln 2 */
-    /* 2^y = 2^n e^(f ln 2), n the nearest integer (adding 1.5 * 2^52 rounds it into the low mantissa bits) and
-       |f ln 2| <= 0.347: the Taylor series to z^9/9! leaves < 1e-11. */
-    const double shifted = y + 6755399441055744.0;
-    const double n = shifted - 6755399441055744.0;
-    const double z = (y - n) * 0.6931471805599453;
-    double q = 1.0 / 362880.0;
-    q = q * z + 1.0 / 40320.0;
-    q = q * z + 1.0 / 5040.0;
-    q = q * z + 1.0 / 720.0;
-    q = q * z + 1.0 / 120.0;
-    q = q * z + 1.0 / 24.0;
-    q = q * z + 1.0 / 6.0;
-    q = q * z + 0.5;
-    q = q * z + 1.0;
-    q = q * z + 1.0;
-    const uint64_t n_int = cgd_bits_of(shifted) - cgd_bits_of(6755399441055744.0); /* n, |n| <= 150 */
-    const float r = (float)(q * cgd_double_from_bits((n_int + 1023u) << 52));
-    /* 0^a = 0, Inf^a = Inf, NaN and negative x give NaN (a in (0, 1]). */
-    const float special = cgd_pick(xf == 0.0f, 0.0f, cgd_pick(xf > 0.0f, xf, NAN));
-    return cgd_pick(regular != 0, r, special);
+CGD_HD float cgd_powf_poly(float x, float a) {
+    const uint32_t regular = (uint32_t)0 - (uint32_t)((x > 0.0f) & (x < (float)INFINITY));
+    /* A subnormal x is scaled into the normal range (exactly, by 2^24) and its exponent corrected. */
+    const int32_t tiny = x < 1.17549435e-38f;
+    const float scaled = cgd_pick(tiny, x * 16777216.0f, x);
+    /* Irregular inputs compute on 1 and are replaced at the end. */
+    const uint32_t bits = (cgd_fbits(scaled) & regular) | (cgd_fbits(1.0f) & ~regular);
+    const float m1 = cgd_ffrom((bits & 0x007fffffu) | 0x3f800000u);
+    const int32_t high = m1 > 1.41421356f;
+    const float m = cgd_pick(high, 0.5f * m1, m1);
+    const int32_t e = (int32_t)(bits >> 23) - 127 + high - (tiny & (int32_t)(regular & 1u)) * 24;
+    /* ln m = 2 atanh(t) = 2 (t + t^3/3 + ... + t^9/9), t = (m - 1)/(m + 1), |t| <= 0.1716: the first term
+       left out, 2 t^11/11, is 2e-9 of ln m. */
+    const float t = (m - 1.0f) / (m + 1.0f), t2 = t * t;
+    float s = 1.0f / 9.0f;
+    s = s * t2 + 1.0f / 7.0f;
+    s = s * t2 + 1.0f / 5.0f;
+    s = s * t2 + 1.0f / 3.0f;
+    s = s * t2 + 1.0f;
+    const float log2m = (2.0f * t * s) * 1.44269504f; /* 1 / ln 2 */
+    /* y = a e + a log2 m with a = head + tail: head * e is exact (12 + 8 bits), so its integer part n0 is. */
+    const float head = cgd_ffrom(cgd_fbits(a) & 0xfffff000u), tail = a - head;
+    const float fe = (float)e;
+    const float exact = head * fe;
+    const float shift = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer held in the low bits */
+    const float n0 = (exact + shift) - shift;
+    const float rest = (exact - n0) + (tail * fe + a * log2m); /* |rest| <= 1.04 */
+    const float shifted = rest + shift;
+    const float n1 = shifted - shift;
+    const float f = rest - n1; /* |f| <= 1/2 */
+    const int32_t n = (int32_t)(cgd_fbits(shifted) - cgd_fbits(shift)) + (int32_t)(cgd_fbits(n0 + shift) - cgd_fbits(shift));
+    /* 2^f = e^z, z = f ln 2, |z| <= 0.347: the Taylor series to z^7/7!. */
+    const float z = f * 0.693147181f;
+    float q = 1.0f / 5040.0f;
+    q = q * z + 1.0f / 720.0f;
+    q = q * z + 1.0f / 120.0f;
+    q = q * z + 1.0f / 24.0f;
+    q = q * z + 1.0f / 6.0f;
+    q = q * z + 0.5f;
+    q = q * z + 1.0f;
+    q = q * z + 1.0f;
+    /* 2^n in two factors, each a normal float for n in [-149, 128]; the second product rounds once, to a
+       subnormal where the result is one. */
+    const int32_t half = n / 2;
+    const float r = (q * cgd_exp2i(half)) * cgd_exp2i(n - half);
+    const float special = cgd_pick(x == 0.0f, 0.0f, cgd_pick(x > 0.0f, x, NAN));
+    return cgd_pick(a == 1.0f, x, cgd_pick(regular != 0, r, special));
 }
 #endif
 
@@ -149,6 +174,9 @@ typedef struct cgd_diag_consts {
     cgd_real lr, beta1, beta2, one_minus_beta2, grad_weight, first_grad_weight, power, eps, weight_decay;
     double beta1_d, beta2_d, weight_decay_d; /* bias corrections are formed in double, as torch does on the host */
     const float *lr_device; /* replaces lr when set (cgd_diag_hparams.lr_device) */
+    /* An entry is held back when cgd_magnitude_bits(g) >= guard_bits (cgd_diag_guard_bits): NaN, Inf and the
+       guard's limit, or nothing (a value above every magnitude) without a guard. */
+    cgd_real_bits guard_bits;
     int32_t metric, moment, eps_inside, bias_correction, decoupled_weight_decay, nesterov, maximize;
     int32_t has_m1, has_m2;
 } cgd_diag_consts;
@@ -178,6 +206,7 @@ CGD_HD cgd_diag_consts cgd_diag_make_consts(const cgd_diag_hparams *h) {
     k.beta2_d = h->beta2;
     k.weight_decay_d = h->weight_decay;
     k.lr_device = h->lr_device;
+    k.guard_bits = (cgd_real_bits)1 << (8 * sizeof(cgd_real_bits) - 1); /* set by the caller: cgd_diag_guard_bits */
     k.metric = h->power == 0.0   ? CGD_METRIC_NONE
                : h->power == 0.5 ? CGD_METRIC_SQRT
                : h->power == 1.0 ? CGD_METRIC_ONE
@@ -191,6 +220,12 @@ CGD_HD cgd_diag_consts cgd_diag_make_consts(const cgd_diag_hparams *h) {
     k.has_m1 = cgd_diag_needs_m1(h);
     k.has_m2 = cgd_diag_needs_m2(h);
     return k;
+}
+
+/* cgd_diag_consts.guard_bits for these hyperparameters: host code, as cgd_threshold_bits is. */
+static inline cgd_real_bits cgd_diag_guard_bits(const cgd_diag_hparams *h) {
+    if (!h->guard_flags) return (cgd_real_bits)1 << (8 * sizeof(cgd_real_bits) - 1);
+    return (cgd_real_bits)cgd_threshold_bits(CGD_STATE_DTYPE, h->guard_limit > 0.0 ? h->guard_limit : INFINITY);
 }
 
 /* lr: k->lr, or *k->lr_device read by the caller on its own side (host or device). */
@@ -262,6 +297,22 @@ CGD_HD void cgd_diag_update(const cgd_diag_consts *k, const cgd_diag_step_consts
     const cgd_real g_power = cgd_metric_power(k->metric, cgd_pick(inside, k->eps + base, base), k->power);
     const cgd_real denom = cgd_pick(inside, g_power, cgd_pick(centered, g_power, g_power / s->bc2_pow) + k->eps);
     *p = param - s->step_size * (force / denom);
+}
+
+/*
+ * cgd_diag_update behind the fused guard: the update is computed whatever g holds, then an entry whose gradient
+ * is unusable (k->guard_bits) keeps its old p, m1 and m2. Returns 1 for such an entry, else 0. Picks, not a
+ * branch, so the guard costs a few integer operations per entry and the loop stays vectorised.
+ */
+CGD_HD int cgd_diag_update_guarded(const cgd_diag_consts *k, const cgd_diag_step_consts *s, cgd_real *p, cgd_real g,
+                                   cgd_real *m1, cgd_real *m2) {
+    const int held = cgd_magnitude_bits(g) >= k->guard_bits;
+    cgd_real np = *p, a = *m1, b = *m2;
+    cgd_diag_update(k, s, &np, g, &a, &b);
+    *p = cgd_pick(held, *p, np);
+    *m1 = cgd_pick(held, *m1, a);
+    *m2 = cgd_pick(held, *m2, b);
+    return held;
 }
 
 #endif /* CGD_DIAG_MATH_H */

@@ -203,11 +203,31 @@ Workspace workspace_for(const Device &device, size_t bytes) {
     return w;
 }
 
+// State tensors of a block, kron or induced step, and the diag step's guard flags: of the given dtype, contiguous, on the parameters' device, of
+// the size the layout needs.
+void *state_ptr(const char *op, const Tensor &t, const Device &device, ScalarType dtype, int64_t numel,
+                const char *what, int64_t index = -1) {
+    const std::string name = index < 0 ? std::string(what) : std::string(what) + "[" + std::to_string(index) + "]";
+    CGD_CHECK(same(t.device(), device), op, ": ", name, " is on ", device_name(t.device()),
+              " but the parameters are on ", device_name(device));
+    CGD_CHECK(t.scalar_type() == dtype, op, ": ", name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+    CGD_CHECK(t.is_contiguous() && t.numel() == numel, op, ": ", name, " must be contiguous with ", numel,
+              " elements, got sizes ", list(t.sizes()), " and strides ", list(t.strides()));
+    return t.mutable_data_ptr();
+}
+
+template <typename T>
+T *typed_state(const char *op, const Tensor &t, const Device &device, ScalarType dtype, int64_t numel,
+               const char *what, int64_t index = -1) {
+    return static_cast<T *>(state_ptr(op, t, device, dtype, numel, what, index));
+}
+
 void diag_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
                double lr, double beta1, double beta2, double grad_weight, double first_grad_weight, double power,
                double eps, double weight_decay, std::string moment, bool eps_inside, bool bias_correction,
-               bool decoupled_weight_decay, bool nesterov, bool maximize, std::optional<Tensor> grad_scale, std::optional<Tensor> found_inf,
-               std::optional<Tensor> lr_tensor) {
+               bool decoupled_weight_decay, bool nesterov, bool maximize, std::optional<Tensor> grad_scale,
+               std::optional<Tensor> found_inf, std::optional<Tensor> lr_tensor, std::optional<Tensor> guard_flags,
+               double guard_limit) {
     const size_t n = params.size();
     CGD_CHECK(grads.size() == n && steps.size() == n, "cgd::diag_step_: got ", n, " params, ", grads.size(),
               " grads and ", steps.size(), " steps; the lists must have equal lengths");
@@ -264,6 +284,10 @@ void diag_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
     h.maximize = maximize;
     const Device device = first.device();
     h.lr_device = optional_scalar(lr_tensor, device, "lr_tensor");
+    if (guard_flags.has_value())
+        h.guard_flags = typed_state<int32_t>("cgd::diag_step_", *guard_flags, device, ScalarType::Int,
+                                             static_cast<int64_t>(n), "guard_flags");
+    h.guard_limit = guard_limit;
     Target target;
     target_for(device, target);
     check_status(cgd_diag_step(&h, dtype, tensors.data(), static_cast<int64_t>(n),
@@ -305,25 +329,6 @@ std::tuple<Tensor, Tensor> nonfinite_flags(TensorList tensors, std::vector<doubl
                                      flags.mutable_data_ptr<int32_t>(), found.mutable_data_ptr<float>(), target.device,
                                      target.stream));
     return {flags, found};
-}
-
-// State tensors of a block, kron or induced step: of the given dtype, contiguous, on the parameters' device, of
-// the size the layout needs.
-void *state_ptr(const char *op, const Tensor &t, const Device &device, ScalarType dtype, int64_t numel,
-                const char *what, int64_t index = -1) {
-    const std::string name = index < 0 ? std::string(what) : std::string(what) + "[" + std::to_string(index) + "]";
-    CGD_CHECK(same(t.device(), device), op, ": ", name, " is on ", device_name(t.device()),
-              " but the parameters are on ", device_name(device));
-    CGD_CHECK(t.scalar_type() == dtype, op, ": ", name, " has dtype ", t.scalar_type(), ", expected ", dtype);
-    CGD_CHECK(t.is_contiguous() && t.numel() == numel, op, ": ", name, " must be contiguous with ", numel,
-              " elements, got sizes ", list(t.sizes()), " and strides ", list(t.strides()));
-    return t.mutable_data_ptr();
-}
-
-template <typename T>
-T *typed_state(const char *op, const Tensor &t, const Device &device, ScalarType dtype, int64_t numel,
-               const char *what, int64_t index = -1) {
-    return static_cast<T *>(state_ptr(op, t, device, dtype, numel, what, index));
 }
 
 // The loss of the log-loss embedding: one float64 on the parameters' device.
@@ -613,7 +618,7 @@ STABLE_TORCH_LIBRARY(cgd, m) {
           "Tensor(d!)[] steps, *, float lr, float beta1, float beta2, float grad_weight, float first_grad_weight=0.0, "
           "float power, float eps, float weight_decay, str moment, bool eps_inside, bool bias_correction, bool decoupled_weight_decay, "
           "bool nesterov, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, "
-          "Tensor? lr_tensor=None) -> ()");
+          "Tensor? lr_tensor=None, Tensor(e!)? guard_flags=None, float guard_limit=0.0) -> ()");
     m.def("block_step_(Tensor(a!)[] params, Tensor[] grads, int[] offsets, Tensor(b!) exp_avg, "
           "Tensor(c!) exp_avg_sq, Tensor(d!) precond, Tensor(e!) eigvals, Tensor(f!) step, Tensor(g!) outcome, "
           "Tensor(h!) counters, *, int block, int nblocks, float lr, float beta1, float beta2, float power, "

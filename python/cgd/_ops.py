@@ -79,9 +79,10 @@ def _diag_step_fake(params, grads, exp_avgs, exp_avg_sqs, steps, **hyperparamete
 
 
 def _scalars_beside(params, hyperparameters) -> None:
-    """A meta grad_scale, found_inf or lr_tensor beside real parameters routes the call here too: refuse it."""
+    """A meta grad_scale, found_inf, lr_tensor or guard_flags beside real parameters routes the call here too:
+    refuse it."""
     if params:
-        for key in ("grad_scale", "found_inf", "lr_tensor"):
+        for key in ("grad_scale", "found_inf", "lr_tensor", "guard_flags"):
             t = hyperparameters.get(key)
             if t is not None and t.device != params[0].device:
                 raise ValueError(f"cgd: {key} is on {t.device} but the parameters are on {params[0].device}")

@@ -403,6 +403,32 @@ class _Batch:
     sharded: list[torch.Tensor] = field(default_factory=list)  # the parameters as given (DTensor under FSDP2)
     # Parameters that are strided views with gaps (p = w[:, ::2]): the kernels step a dense copy, written back.
     write_back: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    guard_flags: torch.Tensor | None = None  # int32 per tensor, written by the step under nonfinite="raise"
+
+
+class _GuardFlags:
+    """One batch's guard flags (cgd_diag_hparams.guard_flags) on their way to the host. On a GPU they are copied
+    into pinned memory behind the step, with an event to wait on, so nothing waits until they are read; under
+    FSDP2 they are first summed over the ranks that hold the other shards (every rank then raises alike)."""
+
+    def __init__(self, flags: torch.Tensor, where: list[tuple[int, int]], sharded: list[torch.Tensor]) -> None:
+        flags = sum_over_shards(flags, sharded)
+        self.where = where
+        self.event = None
+        self.host = flags
+        if flags.device.type == "cuda":
+            self.host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            self.host.copy_(flags, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        elif flags.device.type != "cpu":
+            self.host = flags.to("cpu")
+
+    def found(self) -> list[tuple[int, int]]:
+        """The (group, index) of each parameter whose step held an entry back (waits for that step)."""
+        if self.event is not None:
+            self.event.synchronize()
+        return [self.where[i] for i in self.host.nonzero().flatten().tolist()]
 
 
 class CGD(BaseOptimizer):
@@ -437,12 +463,15 @@ class CGD(BaseOptimizer):
             average (the SGD preset sets it).
         dampening: see ``heavy_ball``.
         maximize: ascend instead of descend.
-        nonfinite: what a NaN or Inf gradient does: "raise" (default) raises :class:`NonFiniteGradientError`
-            naming the parameter and applies no part of the step; "skip" skips the whole step on the device
-            without a host synchronisation, counted in :attr:`skipped_steps`; "ignore" checks nothing (the
-            fastest; a NaN then spreads into parameters and state, as with torch.optim). "raise" costs one extra
-            read of the gradients and one device-to-host synchronisation per step. Default "raise", or "skip"
-            with ``capturable=True``.
+        nonfinite: what a NaN or Inf gradient (or one too large to square in the state) does. "raise"
+            (default): the check is fused into the step kernel, so it costs no extra pass and no host
+            synchronisation; each such gradient entry keeps its parameter and state values while every other
+            entry steps, and :class:`NonFiniteGradientError` names the parameters, raised at the end of the step
+            on the CPU and, on a GPU, at the start of the next :meth:`step` (which then changes nothing) or at
+            :meth:`check_nonfinite`. "skip": one extra read of the gradients decides on the device, without a
+            host synchronisation, to skip the whole step (counted in :attr:`skipped_steps`). "ignore": nothing
+            is checked; a NaN then spreads into parameters and state, as with torch.optim. Default "raise", or
+            "skip" with ``capturable=True``.
         capturable: promise a step with no host synchronisation, so it can be captured in a CUDA graph (the
             step counters already live on the device): refuses ``nonfinite="raise"``, and keeps each group's
             ``lr`` as a one-element float32 tensor on the parameters' device that the kernel reads there, so an
@@ -523,6 +552,7 @@ class CGD(BaseOptimizer):
         self.capturable = bool(capturable)
         self.nonfinite = resolve_nonfinite(nonfinite, self.capturable, NONFINITE_POLICIES)
         self._skipped: torch.Tensor | None = None
+        self._pending: list[_GuardFlags] = []
         # The hyperparameters first, as torch.optim checks them before it looks at params.
         # eps's lower bound depends on the parameters' precision: checked per group, once they are known.
         validate_group(self._cgd_group({**defaults, "params": []}), zero_eps=True)
@@ -541,6 +571,7 @@ class CGD(BaseOptimizer):
         self.__dict__.setdefault("nonfinite", "raise")
         self.__dict__.setdefault("capturable", False)
         self.__dict__.setdefault("_skipped", None)
+        self.__dict__.setdefault("_pending", [])
         # A group saved before a hyperparameter existed gets its default; not the keys torch's own __setstate__
         # adds to the defaults (`differentiable`), which would make state_dict() differ from the one saved.
         for group in self.param_groups:
@@ -577,6 +608,7 @@ class CGD(BaseOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Performs one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        self.check_nonfinite()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -590,10 +622,32 @@ class CGD(BaseOptimizer):
             return loss
         skip = self._skip_flag(batches)
         grad_scale = getattr(self, "grad_scale", None)
+        guard = self.nonfinite == "raise" and batches[0].params[0].device.type != "meta"
         for batch in batches:
-            self._apply(batch, grad_scale, skip)
+            self._apply(batch, grad_scale, skip, guard)
         mark_updated(chain.from_iterable(b.sharded for b in batches))
+        if guard:
+            self._pending = [_GuardFlags(b.guard_flags, b.where, b.sharded) for b in batches]
+            if batches[0].params[0].device.type == "cpu":  # the flags are already here: no reason to wait
+                self.check_nonfinite()
         return loss
+
+    def check_nonfinite(self) -> None:
+        """Raises :class:`NonFiniteGradientError` when the last step (``nonfinite="raise"``) held back gradient
+        entries that were NaN, Inf or too large to square; otherwise does nothing. :meth:`step` calls it first,
+        so on a GPU an unusable gradient surfaces at the next step without waiting for the step that met it;
+        call it after the last step of a run to hear of that one too (it then waits for that step)."""
+        if not self._pending:  # (and no attribute written: torch.compile traces the step without one)
+            return
+        pending, self._pending = self._pending, []
+        bad = [self._label(*where) for guard in pending for where in guard.found()]
+        if bad:
+            raise NonFiniteGradientError(
+                f"cgd: the gradient of {', '.join(bad)} {UNUSABLE}; those "
+                "entries kept their parameter and state values, every other entry took the step "
+                "(nonfinite='raise'). Pass nonfinite='skip' to skip such steps whole instead, or nonfinite='ignore' "
+                "to apply them as torch.optim does"
+            )
 
     def _label(self, gi: int, j: int) -> str:
         group = self.param_groups[gi]
@@ -655,7 +709,7 @@ class CGD(BaseOptimizer):
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None:  # GradScaler already checked every gradient
             return found_inf
-        if self.nonfinite == "ignore" or batches[0].params[0].device.type == "meta":  # meta: no values to check
+        if self.nonfinite != "skip" or batches[0].params[0].device.type == "meta":  # meta: no values to check
             return None
         checks = [torch.ops.cgd.nonfinite_flags(b.grads, [overflow_limit(p) for p in b.sharded]) for b in batches]
         device = checks[0][1].device
@@ -664,19 +718,6 @@ class CGD(BaseOptimizer):
             total = total + found.to(device, non_blocking=True)
         # Under FSDP2 every rank must take the same decision, whichever shard held the NaN.
         total = sum_over_shards(total, chain.from_iterable(b.sharded for b in batches))
-        if self.nonfinite == "raise":
-            if total.item() != 0.0:
-                bad = [
-                    self._label(*batch.where[i])
-                    for batch, (flags, _) in zip(batches, checks)
-                    for i in flags.nonzero().flatten().tolist()
-                ]
-                raise NonFiniteGradientError(
-                    f"cgd: the gradient of {', '.join(bad) or 'a parameter shard on another rank'} {UNUSABLE}; no "
-                    "parameter or state was changed (nonfinite='raise'). Pass nonfinite='skip' to skip such steps "
-                    "instead, or nonfinite='ignore' to apply them as torch.optim does"
-                )
-            return None
         # One counter, allocated on the first (uncaptured) step and added to in place: a captured step's replays
         # keep adding to it.
         if self._skipped is None:
@@ -684,9 +725,12 @@ class CGD(BaseOptimizer):
         self._skipped.add_(total)
         return total
 
-    def _apply(self, batch: _Batch, grad_scale: torch.Tensor | None, skip: torch.Tensor | None) -> None:
+    def _apply(self, batch: _Batch, grad_scale: torch.Tensor | None, skip: torch.Tensor | None,
+               guard: bool) -> None:
         group = batch.group
         device = batch.params[0].device
+        if guard:
+            batch.guard_flags = torch.empty(len(batch.params), dtype=torch.int32, device=device)
         if skip is not None and skip.device != device:
             skip = skip.to(device, non_blocking=True)
         if grad_scale is not None and grad_scale.device != device:
@@ -719,6 +763,8 @@ class CGD(BaseOptimizer):
             grad_scale=grad_scale,
             found_inf=skip,
             lr_tensor=lr_tensor,
+            guard_flags=batch.guard_flags,
+            guard_limit=overflow_limit(batch.params[0]),
         )
         for view, work in batch.write_back:
             view.copy_(work)

@@ -182,9 +182,12 @@ void to_host(void *host, const void *dev, size_t bytes) {
 
 // One call of cgd_diag_step over all tensors of `pr`, on `device`. `offset` shifts every array by that many
 // elements, so the kernels see pointers that are not 16-byte aligned.
-cgd_status run_step(cgd_device device, const cgd_diag_hparams &h, Problem &pr, const float *grad_scale,
-                    const float *skip, size_t offset = 0) {
+// `flags`, when given, receives the guard's flags (hparams.guard_flags is pointed at a buffer on the device).
+cgd_status run_step(cgd_device device, const cgd_diag_hparams &hp, Problem &pr, const float *grad_scale,
+                    const float *skip, size_t offset = 0, std::vector<int32_t> *flags = nullptr) {
+    cgd_diag_hparams h = hp;
     const bool m1 = needs_m1(h), m2 = h.power != 0;
+    if (flags) flags->assign(pr.tensors.size(), -1); /* every entry must be written by the call */
     const size_t es = elem_size(pr.dtype);
     std::vector<cgd_diag_tensor> ts(pr.tensors.size());
     if (device == CGD_CPU) {
@@ -205,6 +208,7 @@ cgd_status run_step(cgd_device device, const cgd_diag_hparams &h, Problem &pr, c
             ts[i] = {pbuf[i].data() + offset * es, gbuf[i].data() + offset * es, m1 ? m1buf[i].data() + offset : nullptr,
                      m2 ? m2buf[i].data() + offset : nullptr, &pr.tensors[i].step, (int64_t)pr.tensors[i].n};
         }
+        if (flags) h.guard_flags = flags->data();
         cgd_status st = cgd_diag_step(&h, pr.dtype, ts.data(), (int64_t)ts.size(), grad_scale, skip, CGD_CPU, nullptr);
         for (size_t i = 0; i < ts.size(); ++i) {
             Tensor &t = pr.tensors[i];
@@ -235,8 +239,10 @@ cgd_status run_step(cgd_device device, const cgd_diag_hparams &h, Problem &pr, c
     }
     float *d_scale = grad_scale ? (float *)up(grad_scale, 4) : nullptr;
     float *d_skip = skip ? (float *)up(skip, 4) : nullptr;
+    if (flags) h.guard_flags = (int32_t *)up(flags->data(), flags->size() * 4);
     cgd_status st = cgd_diag_step(&h, pr.dtype, ts.data(), (int64_t)ts.size(), d_scale, d_skip, CGD_CUDA, nullptr);
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    if (flags) to_host(flags->data(), h.guard_flags, flags->size() * 4);
     for (size_t i = 0; i < ts.size(); ++i) {
         Tensor &t = pr.tensors[i];
         to_host(t.param.data(), ts[i].param, t.param.size());
@@ -414,6 +420,63 @@ TEST_P(DiagStep, NonzeroSkipChangesNothing) {
     ASSERT_EQ(run_step(GetParam(), base(), pr, nullptr, &go), CGD_OK);
     EXPECT_EQ(pr.tensors[0].step, 1.0f);
     EXPECT_NE(pr.tensors[0].param, before.tensors[0].param);
+}
+
+TEST_P(DiagStep, GuardHoldsBackUnusableEntriesAndStepsTheRest) {
+    // Tensor 0 is clean; 1 has a NaN; 2 an Inf and a finite value over the limit, one of them past the vector
+    // part and in the tail. Held entries keep param, M1 and M2 bit for bit; every other entry follows the
+    // reference, over two steps (the second clean).
+    const double limit = 1e19;
+    const std::vector<std::pair<size_t, size_t>> poisoned = {{1, 100}, {2, 5}, {2, 70000}};
+    const double values[] = {NAN, -INFINITY, -2e19};
+    for (const Config &c : configs()) {
+        for (cgd_dtype dt : {CGD_FLOAT32, CGD_BFLOAT16}) {
+            const std::string what = std::string("guard/") + c.name + "/" + dtype_name(dt);
+            cgd_diag_hparams h = c.h;
+            h.guard_limit = limit;
+            Problem pr = make_problem(dt, {3, 4097, 70001}, c.m2_init, 7);
+            std::mt19937 rng(11);
+            for (int step = 0; step < 2; ++step) {
+                auto grads = new_grads(pr, rng, 1.0);
+                if (step == 0)
+                    for (size_t k = 0; k < poisoned.size(); ++k) {
+                        encode(dt, pr.tensors[poisoned[k].first].grad, poisoned[k].second, values[k]);
+                        grads[poisoned[k].first][poisoned[k].second] = values[k];
+                    }
+                const Problem before = pr;
+                std::vector<int32_t> flags;
+                ASSERT_EQ(run_step(GetParam(), h, pr, nullptr, nullptr, 0, &flags), CGD_OK) << cgd_last_error();
+                EXPECT_EQ(flags, (step == 0 ? std::vector<int32_t>{0, 1, 1} : std::vector<int32_t>{0, 0, 0})) << what;
+                for (size_t i = 0; i < pr.ref.size(); ++i) {
+                    reference_step(h, dt, pr.ref[i], grads[i], 1.0);
+                    EXPECT_EQ(pr.tensors[i].step, (double)(step + 1)) << what;
+                }
+                if (step == 0)
+                    for (const auto &[ti, j] : poisoned) {
+                        const size_t es = elem_size(dt);
+                        EXPECT_EQ(0, std::memcmp(&pr.tensors[ti].param[j * es], &before.tensors[ti].param[j * es], es))
+                            << what;
+                        EXPECT_EQ(pr.tensors[ti].m1[j], before.tensors[ti].m1[j]) << what;
+                        EXPECT_EQ(pr.tensors[ti].m2[j], before.tensors[ti].m2[j]) << what;
+                        pr.ref[ti].p[j] = before.ref[ti].p[j];
+                        pr.ref[ti].m1[j] = before.ref[ti].m1[j];
+                        pr.ref[ti].m2[j] = before.ref[ti].m2[j];
+                    }
+                expect_matches_reference(pr, h, what + " step " + std::to_string(step));
+                if (HasFatalFailure()) return;
+            }
+        }
+    }
+}
+
+TEST_P(DiagStep, WithoutAGuardEveryEntrySteps) {
+    Problem pr = make_problem(CGD_FLOAT32, {10}, 0.0f, 4);
+    std::mt19937 rng(8);
+    new_grads(pr, rng, 1.0);
+    encode(CGD_FLOAT32, pr.tensors[0].grad, 2, NAN);
+    ASSERT_EQ(run_step(GetParam(), base(), pr, nullptr, nullptr), CGD_OK);
+    EXPECT_TRUE(std::isnan(decode(CGD_FLOAT32, pr.tensors[0].param, 2)));
+    EXPECT_FALSE(std::isnan(decode(CGD_FLOAT32, pr.tensors[0].param, 3)));
 }
 
 // Runs the non-finite scan over `data` on `device`; limits may be empty (NaN and Inf only).

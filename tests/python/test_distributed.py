@@ -5,6 +5,7 @@
 - FSDP2 (fully_shard, DTensor parameters sharded on dim 0): the elementwise optimizers step their local shards
   and the induced metric all-reduces its norm (and the loss, for the log embedding); FullCGD gathers the full
   gradients and steps replicated state. Every mode equals one process.
+- A NaN gradient in one rank's shard: every rank raises NonFiniteGradientError naming the parameter.
 - torch.distributed.checkpoint: a checkpoint saved by 2 FSDP2 ranks loads into 1 plain process, which then
   continues exactly as an uninterrupted run.
 """
@@ -109,6 +110,21 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
             _steps(model, model, opt, rank, world, range(STEPS // 2))
             model_sd, opt_sd = get_state_dict(model, opt)
             dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=os.path.join(os.path.dirname(out), mode))
+        # A NaN in rank 0's shard alone: every rank raises alike, naming the parameter.
+        model = _model()
+        fully_shard(model)
+        opt = cgd.CGD(list(model.parameters()), lr=1e-2)
+        x, y = _data(0)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if rank == 0:
+            model[0].weight.grad.to_local().view(-1)[0] = float("nan")
+        try:
+            opt.step()
+            raised = ""
+        except cgd.NonFiniteGradientError as error:
+            raised = str(error)
+        with open(f"{out}.nan{rank}", "w") as f:
+            f.write(raised)
         if rank == 0:
             torch.save(results, out)
         dist.barrier()  # neither rank tears its process group down while the other still uses it
@@ -149,6 +165,13 @@ def test_fsdp2_matches_one_process(ddp_results, mode):
     expected = _train(MODES[mode], None, 1)
     for got, want in zip(ddp_results[("fsdp", mode)], expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_a_nan_in_one_shard_raises_on_every_rank(ddp_results):
+    out = os.path.join(ddp_results["dir"], "params.pt")
+    for rank in range(2):
+        with open(f"{out}.nan{rank}") as f:
+            assert "gradient of param_groups[0]['params'][0] (shape (5, 6))" in f.read(), rank
 
 
 @pytest.mark.parametrize("mode", CHECKPOINTED)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -103,24 +104,40 @@ def poison(model, name, value):
     dict(model.named_parameters())[name].grad.view(-1)[3] = value
 
 
-@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
-def test_nonfinite_gradient_raises_names_parameter_and_changes_nothing(device, value):
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 1e20])
+def test_unusable_gradient_entry_is_held_back_and_raised(device, value):
+    """nonfinite="raise": the entry keeps its parameter and state values, every other entry steps exactly as an
+    unguarded step does, and the error names the parameter (CPU: from the step; GPU: by check_nonfinite)."""
     model = make_mlp(device=device)
-    opt = cgd.CGD(model.named_parameters(), lr=1e-2)
+    opt = cgd.CGD(model.named_parameters(), lr=1e-2, moment="centered", weight_decay=0.1)
     data = list(batches(3, device=device))
     train_step(model, opt, *data[0])
-    params = [p.clone() for p in model.parameters()]
-    state = {k: {n: t.clone() for n, t in v.items()} for k, v in enumerate(opt.state.values())}
-    opt.zero_grad()
-    torch.nn.functional.mse_loss(model(data[1][0]), data[1][1]).backward()
+    twin = copy.deepcopy(model)
+    twin_opt = cgd.CGD(twin.named_parameters(), lr=1e-2, moment="centered", weight_decay=0.1, nonfinite="ignore")
+    twin_opt.load_state_dict(opt.state_dict())
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    state_before = {n: {k: t.clone() for k, t in opt.state[p].items()} for n, p in model.named_parameters()}
+    for m in (model, twin):
+        m.zero_grad()
+        torch.nn.functional.mse_loss(m(data[1][0]), data[1][1]).backward()
     poison(model, "2.weight", value)
     with pytest.raises(cgd.NonFiniteGradientError, match=r"gradient of '2.weight' \(param_groups\[0\]\['params'\]\[2\]"):
         opt.step()
-    for a, b in zip(model.parameters(), params):
-        assert torch.equal(a, b)
-    for k, v in enumerate(opt.state.values()):
-        for n, t in v.items():
-            assert torch.equal(t, state[k][n]), n
+        opt.check_nonfinite()
+    twin_opt.step()
+    twin_params = dict(twin.named_parameters())
+    for n, p in model.named_parameters():
+        expected = {"param": twin_params[n].detach().clone(),
+                    **{k: t.clone() for k, t in twin_opt.state[twin_params[n]].items()}}
+        if n == "2.weight":
+            expected["param"].view(-1)[3] = before[n].view(-1)[3]
+            for k in ("exp_avg", "exp_avg_sq"):
+                expected[k].view(-1)[3] = state_before[n][k].view(-1)[3]
+        assert torch.equal(p, expected["param"]), n
+        for k, t in opt.state[p].items():
+            assert torch.equal(t, expected[k]), (n, k)
+    assert not torch.equal(model[2].weight, before["2.weight"])  # the other entries did step
+    opt.check_nonfinite()  # reported once
     # Fixing the gradient lets training go on.
     train_step(model, opt, *data[2])
     assert all(torch.isfinite(p).all() for p in model.parameters())
