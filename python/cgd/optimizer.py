@@ -7,7 +7,9 @@ gradient policy, and argument checking with messages that name the argument and 
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import chain
@@ -124,7 +126,7 @@ def betas_from_tau(tau: Any) -> tuple[float, float]:
 # Step counters are float64 (exact to 2^53 steps); a checkpoint that saved them as float32 loads into float64.
 _COUNTER_KEYS = ("step", "metric_norm_step")
 # Attributes torch.optim.Optimizer keeps out of a pickled optimizer: its hooks, and ours that translate state.
-_UNPICKLED = ("_state_hooks", "_loading")
+_UNPICKLED = ("_state_hooks", "_loading", "_plan")
 
 
 # The elementwise second moments (EMAs of squares): like the step counts, never below 0. (FullCGD's exp_avg_sq is
@@ -163,6 +165,7 @@ def _translate_pre_hook(optimizer: BaseOptimizer, state_dict: dict[str, Any]) ->
 def _place_post_hook(optimizer: BaseOptimizer) -> None:
     """First of the load_state_dict post-hooks: puts the noted state back at the precision the optimizer keeps it
     in (BaseOptimizer._place_state) on each parameter's device, before any hook of the user's sees it."""
+    optimizer.__dict__.pop("_plan", None)  # its argument lists hold the replaced state
     saved, ids = optimizer.__dict__.pop("_loading")
     id_map = dict(zip(chain.from_iterable(ids), chain.from_iterable(g["params"] for g in optimizer.param_groups)))
     for pid, values in saved.items():
@@ -404,6 +407,70 @@ class _Batch:
     # Parameters that are strided views with gaps (p = w[:, ::2]): the kernels step a dense copy, written back.
     write_back: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     guard_flags: torch.Tensor | None = None  # int32 per tensor, written by the step under nonfinite="raise"
+    indices: list[int] = field(default_factory=list)  # of the parameters in their group's list
+    plain: bool = True  # every tensor as given (no DTensor, complex or gapped view): the step may reuse the lists
+    pick: Callable[[list], Any] | None = None  # this batch's gradients out of its group's (None: all of them)
+
+
+class _Refused(Exception):
+    """The operator refused batch `applied` of a step (the ones before it were stepped): its error is the cause."""
+
+    def __init__(self, applied: int) -> None:
+        super().__init__(applied)
+        self.applied = applied
+
+
+class _Plan:
+    """The batches of the last step, reused while nothing they were derived from has changed: per group the
+    parameter list (the same list object and length), which of its parameters have gradients, the
+    hyperparameters that decide which state exists, and the state mapping (the same object, as many entries).
+    Only the gradients (new tensors after zero_grad) are fetched again; the operator checks them as it checks
+    everything it is given. load_state_dict and add_param_group drop the plan; so does replacing or clearing
+    ``optimizer.state``. (Replacing one parameter's state tensors by hand is not noticed: load a state dict.)"""
+
+    def __init__(self, optimizer: CGD, groups: list[dict[str, Any]], batches: list[_Batch]) -> None:
+        self.batches = batches
+        self.layout = [(g["params"], len(g["params"]), _state_kinds(g),
+                        list(map(_has_grad, g["params"]))) for g in groups]
+        self.state, self.state_len = optimizer.state, len(optimizer.state)
+        for b in batches:
+            whole = b.indices == list(range(len(groups[b.where[0][0]]["params"])))
+            b.pick = None if whole else operator.itemgetter(*b.indices)
+
+    def batches_for(self, optimizer: CGD, groups: list[dict[str, Any]]) -> list[_Batch] | None:
+        """The planned batches with this step's gradients and hyperparameters, or None when the plan is stale."""
+        if len(groups) != len(self.layout):
+            return None
+        grads_of = []
+        for g, (params, n, kinds, with_grad) in zip(groups, self.layout):
+            if g["params"] is not params or len(params) != n or _state_kinds(g) != kinds:
+                return None
+            grads = [p.grad for p in params]
+            if list(map(_is_tensor, grads)) != with_grad:
+                return None
+            grads_of.append(grads)
+        if optimizer.state is not self.state or len(self.state) != self.state_len:
+            return None
+        for b in self.batches:
+            gi = b.where[0][0]
+            b.group = groups[gi]
+            picked = grads_of[gi] if b.pick is None else b.pick(grads_of[gi])
+            b.grads = list(picked) if len(b.indices) != 1 else [picked]
+        return self.batches
+
+
+def _has_grad(p: torch.Tensor) -> bool:
+    return p.grad is not None
+
+
+_is_tensor = functools.partial(operator.is_not, None)
+
+
+def _state_kinds(group: dict[str, Any]) -> tuple[bool, str | None]:
+    """Which state a group's step keeps: M1 or not, and the second moment's key (None: none)."""
+    power = group["power"]
+    need_m1 = group["betas"][0] > 0.0 or (power != 0.0 and group["moment"] != "raw")
+    return need_m1, (_SECOND_MOMENT_KEY[group["moment"]] if power != 0.0 else None)
 
 
 class _GuardFlags:
@@ -581,6 +648,7 @@ class CGD(BaseOptimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
+        self.__dict__.pop("_plan", None)
         group = self.param_groups[-1]
         try:
             validate_group(self._cgd_group(group), zero_eps=self._EPS_AS_TORCH)
@@ -613,21 +681,43 @@ class CGD(BaseOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        batches: list[_Batch] = []
-        for gi, group in enumerate(self.param_groups):
-            hparams = self._cgd_group(group)
+        groups = [self._cgd_group(group) for group in self.param_groups]
+        for hparams in groups:
             validate_group(hparams, read_lr=False, zero_eps=self._EPS_AS_TORCH)
-            batches.extend(self._gather(gi, hparams))
+        plan = self.__dict__.get("_plan")
+        batches = plan.batches_for(self, groups) if plan is not None else None
+        if batches is not None:
+            try:
+                return self._run(batches, loss)
+            except _Refused as refused:
+                # The reused lists met a gradient the operator refuses (another layout, a sparse one) before any
+                # batch was written (the operator checks before it steps): the full gather handles it below,
+                # copying it into the parameter's layout or raising with the parameter's name.
+                if refused.applied:
+                    raise refused.__cause__ from None
+        self.__dict__.pop("_plan", None)
+        batches = [b for gi, hparams in enumerate(groups) for b in self._gather(gi, hparams)]
+        if batches and all(b.plain for b in batches):
+            self._plan = _Plan(self, groups, batches)
+        try:
+            return self._run(batches, loss)
+        except _Refused as refused:
+            raise refused.__cause__ from None
+
+    def _run(self, batches: list[_Batch], loss: Any) -> Any:
         if not batches:
             return loss
         skip = self._skip_flag(batches)
         grad_scale = getattr(self, "grad_scale", None)
         guard = self.nonfinite == "raise" and batches[0].params[0].device.type != "meta"
-        for batch in batches:
-            self._apply(batch, grad_scale, skip, guard)
+        for i, batch in enumerate(batches):
+            try:
+                self._apply(batch, grad_scale, skip, guard)
+            except RuntimeError as error:
+                raise _Refused(i) from error
         mark_updated(chain.from_iterable(b.sharded for b in batches))
         if guard:
-            self._pending = [_GuardFlags(b.guard_flags, b.where, b.sharded) for b in batches]
+            self._pending = [_GuardFlags(b.guard_flags, b.where, [] if b.plain else b.sharded) for b in batches]
             if batches[0].params[0].device.type == "cpu":  # the flags are already here: no reason to wait
                 self.check_nonfinite()
         return loss
@@ -657,10 +747,7 @@ class CGD(BaseOptimizer):
         return f"'{names[j]}' ({where}, shape {tuple(p.shape)})" if names else f"{where} (shape {tuple(p.shape)})"
 
     def _gather(self, gi: int, group: dict[str, Any]) -> list[_Batch]:
-        beta1 = group["betas"][0]
-        power = group["power"]
-        need_m1 = beta1 > 0.0 or (power != 0.0 and group["moment"] != "raw")
-        m2_key = _SECOND_MOMENT_KEY[group["moment"]] if power != 0.0 else None
+        need_m1, m2_key = _state_kinds(group)
         batches: dict[tuple[Any, ...], _Batch] = {}
         for j, p in enumerate(group["params"]):
             g = p.grad
@@ -697,7 +784,9 @@ class CGD(BaseOptimizer):
                 batch.write_back.append((view, work))
             batch.steps.append(state["step"])
             batch.where.append((gi, j))
+            batch.indices.append(j)
             batch.sharded.append(p)
+            batch.plain &= work is p and g is p.grad and not p.is_complex()
             if need_m1:
                 batch.exp_avgs.append(_real(local(state["exp_avg"])))
             if m2_key is not None:
@@ -729,7 +818,7 @@ class CGD(BaseOptimizer):
                guard: bool) -> None:
         group = batch.group
         device = batch.params[0].device
-        if guard:
+        if guard and batch.guard_flags is None:
             batch.guard_flags = torch.empty(len(batch.params), dtype=torch.int32, device=device)
         if skip is not None and skip.device != device:
             skip = skip.to(device, non_blocking=True)

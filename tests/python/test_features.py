@@ -348,3 +348,29 @@ def test_grad_scaler_overflow_is_skipped_not_raised(make):
     next(model.parameters()).grad.view(-1)[0] = math.nan
     with pytest.raises(cgd.NonFiniteGradientError):
         opt.step()
+
+
+def test_reused_step_lists_follow_gradient_sets_groups_loads_and_layouts():
+    """The step reuses its argument lists between steps (optimizer._Plan) and rebuilds them whenever what they
+    came from changes: a parameter without a gradient on some steps, an added group, a loaded state dict, a
+    gradient in another memory layout. Parameters and state equal torch.optim.Adam's throughout."""
+    torch.manual_seed(0)
+    ours = [torch.randn(4, 3, requires_grad=True), torch.randn(5, requires_grad=True), torch.randn(2, 2, requires_grad=True)]
+    theirs = [t.detach().clone().requires_grad_() for t in ours]
+    opt, ref = cgd.Adam(ours[:2], lr=1e-2), torch.optim.Adam(theirs[:2], lr=1e-2)
+    for step in range(8):
+        if step == 3:
+            opt.add_param_group({"params": [ours[2]]})
+            ref.add_param_group({"params": [theirs[2]]})
+        if step == 5:
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        for i, (p, q) in enumerate(zip(ours, theirs)):
+            g = torch.randn(p.shape[::-1]).t() if step == 6 and p.dim() == 2 else torch.randn(p.shape)
+            p.grad, q.grad = (None, None) if step % 3 == 1 and i == 1 else (g, g.clone())
+        opt.step()
+        ref.step()
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    for p, q in zip(ours, theirs):
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[p][key], ref.state[q][key], rtol=1e-5, atol=1e-9)
