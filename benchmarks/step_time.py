@@ -52,17 +52,33 @@ def flat_shapes(n: int, largest: int = 1 << 24) -> list[tuple[int, ...]]:
 
 
 def optimizers(device: torch.device) -> dict[str, Callable[[list], torch.optim.Optimizer]]:
+    """Each cgd row beside the torch row it replaces (fused where torch has a fused kernel, foreach otherwise);
+    "vs torch" divides by that row, "vs AdamW" by fused AdamW's."""
     table = {
-        "cgd.CGD": lambda p: cgd.CGD(p, lr=1e-4, weight_decay=0.01, nonfinite="ignore"),
-        "cgd.CGD nonfinite=raise": lambda p: cgd.CGD(p, lr=1e-4, weight_decay=0.01),
-        "cgd.CGD power=0.4": lambda p: cgd.CGD(p, lr=1e-4, power=0.4, weight_decay=0.01, nonfinite="ignore"),
-        "cgd.CGD power=0.7": lambda p: cgd.CGD(p, lr=1e-4, power=0.7, weight_decay=0.01, nonfinite="ignore"),
+        "cgd.CGD": lambda p: cgd.CGD(p, lr=1e-4, weight_decay=0.01),
+        "cgd.CGD nonfinite=ignore": lambda p: cgd.CGD(p, lr=1e-4, weight_decay=0.01, nonfinite="ignore"),
+        "cgd.CGD power=0.4": lambda p: cgd.CGD(p, lr=1e-4, power=0.4, weight_decay=0.01),
+        "cgd.CGD power=0.7": lambda p: cgd.CGD(p, lr=1e-4, power=0.7, weight_decay=0.01),
         "cgd.InducedMetric rms": lambda p: cgd.InducedMetric(p, lr=1e-4, gamma="rms", nonfinite="ignore"),
+        "cgd.Adam": lambda p: cgd.Adam(p, lr=1e-4),
+        "cgd.AdamW": lambda p: cgd.AdamW(p, lr=1e-4),
+        "cgd.SGD": lambda p: cgd.SGD(p, lr=1e-4, momentum=0.9),
+        "cgd.RMSprop": lambda p: cgd.RMSprop(p, lr=1e-4),
+        "Adam fused": lambda p: torch.optim.Adam(p, lr=1e-4, fused=True),
+        "SGD fused": lambda p: torch.optim.SGD(p, lr=1e-4, momentum=0.9, fused=True),
+        "RMSprop foreach": lambda p: torch.optim.RMSprop(p, lr=1e-4, foreach=True),
         "AdamW foreach": lambda p: torch.optim.AdamW(p, lr=1e-4, foreach=True),
         # torch has fused AdamW on the CPU too (float32 and others): the reference on every device.
         "AdamW fused": lambda p: torch.optim.AdamW(p, lr=1e-4, fused=True),
     }
     return table
+
+
+# The torch optimizer each preset stands in for.
+COUNTERPART = {"cgd.Adam": "Adam fused", "cgd.AdamW": "AdamW fused", "cgd.SGD": "SGD fused",
+               "cgd.RMSprop": "RMSprop foreach"}
+# Bytes per parameter each row moves beyond the gradient read: SGD keeps one buffer, RMSprop one average.
+ONE_STATE = ("cgd.SGD", "SGD fused", "cgd.RMSprop", "RMSprop foreach")
 
 
 class Clock:
@@ -96,35 +112,49 @@ def copy_bandwidth(device: torch.device, clock: Clock, nbytes: int) -> float:
 
 def measure(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device, clock: Clock,
             steps: int, copy_bw: float) -> list[dict]:
+    """Every optimizer steps the same parameters; the timed steps go round the optimizers in turn (one step
+    each per round), so a slow moment of a shared machine falls on all of them alike. Median per optimizer."""
     gen = torch.Generator(device=device).manual_seed(0)
     params = [torch.randn(s, generator=gen, device=device).to(dtype) for s in shapes]
     grads = [torch.randn(s, generator=gen, device=device).to(dtype) * 1e-3 for s in shapes]
+    for p, g in zip(params, grads):
+        p.grad = g
     n = sum(p.numel() for p in params)
-    bytes_per_param = 3 * params[0].element_size() + 4 * 4  # param read+write, grad read; fp32 M1, M2 read+write
-    rows = []
+    rows, live = {}, {}
     for name, make in optimizers(device).items():
-        for p, g in zip(params, grads):
-            p.grad = g
         try:
             opt = make(params)
             for _ in range(3):  # state allocation and warm-up
                 opt.step()
-            seconds = clock.time(opt.step, steps)
+            live[name] = opt
         except (RuntimeError, ValueError) as error:  # e.g. torch's fused AdamW refusing a dtype
-            rows.append({"optimizer": name, "error": str(error).splitlines()[0]})
+            rows[name] = {"optimizer": name, "error": str(error).splitlines()[0]}
+    samples = {name: [] for name in live}
+    for _ in range(steps):
+        for name, opt in live.items():
+            samples[name].append(clock.time(opt.step, 1))
+    for name in optimizers(device):
+        if name in rows:
             continue
-        finally:
-            for p in params:
-                p.grad = None
+        seconds = statistics.median(samples[name])
+        # param read+write and grad read, plus fp32 state read+write: M1 and M2, or one buffer
+        states = 1 if name in ONE_STATE else 2
+        bytes_per_param = 3 * params[0].element_size() + states * 2 * 4
         gbps = n * bytes_per_param / seconds / 1e9
-        rows.append({"optimizer": name, "ms": seconds * 1e3, "gbps": gbps, "of_copy": gbps * 1e9 / copy_bw})
-        del opt
-    fused = next((r for r in rows if r["optimizer"] == "AdamW fused" and "ms" in r), None)
-    base = fused or next((r for r in rows if r["optimizer"] == "AdamW foreach" and "ms" in r), None)
-    for r in rows:
-        if "ms" in r and base:
+        rows[name] = {"optimizer": name, "ms": seconds * 1e3, "gbps": gbps, "of_copy": gbps * 1e9 / copy_bw,
+                      "bytes": bytes_per_param}
+    live.clear()
+    for p in params:
+        p.grad = None
+    fused = rows.get("AdamW fused")
+    base = fused if fused and "ms" in fused else rows.get("AdamW foreach")
+    for r in rows.values():
+        if "ms" in r and base and "ms" in base:
             r["vs"] = r["ms"] / base["ms"]
-    return rows
+        twin = rows.get(COUNTERPART.get(r["optimizer"], ""))
+        if "ms" in r and twin and "ms" in twin:
+            r["vs_torch"] = r["ms"] / twin["ms"]
+    return [rows[name] for name in optimizers(device)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=float, nargs="*", default=None,
                         help="flat parameter counts (default: 1e6 1e7 1e8 1e9 on a GPU, 1e5 1e6 1e7 on a CPU)")
     parser.add_argument("--no-gpt2", action="store_true", help="skip the GPT-2-small parameter list")
+    parser.add_argument("--tiny", type=int, nargs="*", default=[148, 600],
+                        help="host-time cases: this many tensors of 64 elements each (default 148 600)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default 50 GPU, 5 CPU)")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="write the Markdown report here")
     args = parser.parse_args(argv)
@@ -147,22 +179,29 @@ def main(argv: list[str] | None = None) -> int:
     copy_bw = copy_bandwidth(device, clock, (1 << 30) if gpu else (1 << 27))
     cases = ([] if args.no_gpt2 else [("GPT-2 small (148 tensors)", gpt2_small_shapes())])
     cases += [(f"{int(s):,} flat", flat_shapes(int(s))) for s in sizes]
+    # Tiny tensors: the step is all host work (gathering, checking, launching), the kernels next to nothing.
+    cases += [(f"{k} tiny tensors (host time)", [(64,)] * k) for k in args.tiny]
     where = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     command = "./run.sh bench " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [f"# Optimizer step time, {args.dtype} parameters\n",
              f"{where}, torch {torch.__version__}, {datetime.date.today().isoformat()}, `{command.strip()}`\n",
              f"Device-to-device copy: {copy_bw / 1e9:.1f} GB/s. Median of {steps} steps. "
-             "\"vs AdamW\" is the step time over fused AdamW's (foreach where fused refuses); < 1 is faster.\n",
-             "| parameters | params (M) | optimizer | ms/step | GB/s | of copy | vs AdamW |",
-             "|---|---|---|---|---|---|---|"]
+             "\"vs AdamW\" is the step time over fused AdamW's (foreach where fused refuses), \"vs torch\" a "
+             "preset's over the torch optimizer it replaces (fused where torch has one, else foreach); < 1 is "
+             "faster. The steps go round all optimizers in turn, one each per round. Bytes per parameter: "
+             "param read and written, gradient read, and each float32 state tensor read and written.\n",
+             "| parameters | params (M) | optimizer | ms/step | bytes/param | GB/s | of copy | vs AdamW | vs torch |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for title, shapes in cases:
         numel = sum(int(torch.Size(s).numel()) for s in shapes)
         for r in measure(shapes, dtype, device, clock, steps, copy_bw):
             if "error" in r:
-                lines.append(f"| {title} | {numel / 1e6:.1f} | {r['optimizer']} | refused: {r['error']} | | | |")
+                lines.append(f"| {title} | {numel / 1e6:.1f} | {r['optimizer']} | refused: {r['error']} | | | | | |")
             else:
-                lines.append(f"| {title} | {numel / 1e6:.1f} | {r['optimizer']} | {r['ms']:.3f} | {r['gbps']:.1f} "
-                             f"| {100 * r['of_copy']:.0f}% | {r.get('vs', float('nan')):.2f} |")
+                twin = f"{r['vs_torch']:.2f}" if "vs_torch" in r else ""
+                lines.append(f"| {title} | {numel / 1e6:.4g} | {r['optimizer']} | {r['ms']:.3f} | {r['bytes']} "
+                             f"| {r['gbps']:.1f} | {100 * r['of_copy']:.0f}% | {r.get('vs', float('nan')):.2f} "
+                             f"| {twin} |")
             print(lines[-1], file=sys.stderr)
         if gpu:
             torch.cuda.empty_cache()

@@ -407,6 +407,7 @@ class _Batch:
     # Parameters that are strided views with gaps (p = w[:, ::2]): the kernels step a dense copy, written back.
     write_back: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     guard_flags: torch.Tensor | None = None  # int32 per tensor, written by the step under nonfinite="raise"
+    guard_limit: float = 0.0  # overflow_limit of the batch's state precision, with the flags
     indices: list[int] = field(default_factory=list)  # of the parameters in their group's list
     plain: bool = True  # every tensor as given (no DTensor, complex or gapped view): the step may reuse the lists
     pick: Callable[[list], Any] | None = None  # this batch's gradients out of its group's (None: all of them)
@@ -454,8 +455,11 @@ class _Plan:
         for b in self.batches:
             gi = b.where[0][0]
             b.group = groups[gi]
-            picked = grads_of[gi] if b.pick is None else b.pick(grads_of[gi])
-            b.grads = list(picked) if len(b.indices) != 1 else [picked]
+            if b.pick is None:
+                b.grads = grads_of[gi]
+            else:  # itemgetter returns a tuple, or the element itself for a single index
+                picked = b.pick(grads_of[gi])
+                b.grads = list(picked) if len(b.indices) > 1 else [picked]
         return self.batches
 
 
@@ -495,7 +499,7 @@ class _GuardFlags:
         """The (group, index) of each parameter whose step held an entry back (waits for that step)."""
         if self.event is not None:
             self.event.synchronize()
-        return [self.where[i] for i in self.host.nonzero().flatten().tolist()]
+        return [where for where, flag in zip(self.where, self.host.tolist()) if flag]
 
 
 class CGD(BaseOptimizer):
@@ -820,6 +824,7 @@ class CGD(BaseOptimizer):
         device = batch.params[0].device
         if guard and batch.guard_flags is None:
             batch.guard_flags = torch.empty(len(batch.params), dtype=torch.int32, device=device)
+            batch.guard_limit = overflow_limit(batch.params[0])
         if skip is not None and skip.device != device:
             skip = skip.to(device, non_blocking=True)
         if grad_scale is not None and grad_scale.device != device:
@@ -853,7 +858,7 @@ class CGD(BaseOptimizer):
             found_inf=skip,
             lr_tensor=lr_tensor,
             guard_flags=batch.guard_flags,
-            guard_limit=overflow_limit(batch.params[0]),
+            guard_limit=batch.guard_limit,
         )
         for view, work in batch.write_back:
             view.copy_(work)

@@ -374,3 +374,19 @@ def test_reused_step_lists_follow_gradient_sets_groups_loads_and_layouts():
     for p, q in zip(ours, theirs):
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(opt.state[p][key], ref.state[q][key], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("sizes,with_grad", [((7,), (True,)), ((7, 3, 5), (True, True, True)),
+                                             ((7, 3, 5), (True, False, True)), ((7, 3), (False, True))])
+def test_a_steady_loop_gathers_once(monkeypatch, sizes, with_grad):
+    """Between unchanged steps only the gradients are fetched: the full gather runs on the first step alone."""
+    params = [torch.randn(n, requires_grad=True) for n in sizes]
+    opt = cgd.CGD(params, lr=1e-2)
+    calls = []
+    gather = cgd.CGD._gather
+    monkeypatch.setattr(cgd.CGD, "_gather", lambda self, *a: calls.append(1) or gather(self, *a))
+    for _ in range(4):
+        for p, has in zip(params, with_grad):
+            p.grad = torch.randn_like(p) if has else None
+        opt.step()
+    assert len(calls) == 1
