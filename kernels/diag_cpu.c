@@ -92,9 +92,11 @@ static int diag_chunk(cgd_dtype dtype, const cgd_diag_consts *k, const cgd_diag_
 void CGD_NAME(cgd_cpu_diag_step)(const cgd_diag_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors,
                                  int64_t count, const float *grad_scale, const float *skip) {
     int32_t *flags = h->guard_flags;
-    if (flags)
-        for (int64_t ti = 0; ti < count; ++ti) flags[ti] = 0;
-    if (skip && *skip != 0.0f) return;
+    if (skip && *skip != 0.0f) { /* nothing steps, so nothing is held back */
+        if (flags)
+            for (int64_t ti = 0; ti < count; ++ti) flags[ti] = 0;
+        return;
+    }
     cgd_diag_consts kc = cgd_diag_make_consts(h);
     kc.guard_bits = cgd_diag_guard_bits(h);
     const cgd_diag_consts *k = &kc;

@@ -49,6 +49,35 @@ typedef uint64_t cgd_real_bits;
 typedef uint32_t cgd_real_bits;
 #endif
 
+/* The bit pattern of a real of the build's type, and back. */
+CGD_HD cgd_real_bits cgd_bits(cgd_real x) {
+#ifdef __CUDA_ARCH__
+#if CGD_F64
+    return (cgd_real_bits)__double_as_longlong(x);
+#else
+    return __float_as_uint(x);
+#endif
+#else
+    cgd_real_bits u;
+    memcpy(&u, &x, sizeof u);
+    return u;
+#endif
+}
+
+CGD_HD cgd_real cgd_from_bits(cgd_real_bits u) {
+#ifdef __CUDA_ARCH__
+#if CGD_F64
+    return __longlong_as_double((long long)u);
+#else
+    return __uint_as_float(u);
+#endif
+#else
+    cgd_real x;
+    memcpy(&x, &u, sizeof x);
+    return x;
+#endif
+}
+
 /* cond ? a : b on the bit patterns: the same value as the conditional, but a loop-invariant cond becomes a mask
    the vectoriser can use (GCC does not vectorise a select on a scalar condition), and both sides are computed. */
 CGD_HD cgd_real cgd_pick(int cond, cgd_real a, cgd_real b) {
@@ -56,54 +85,18 @@ CGD_HD cgd_real cgd_pick(int cond, cgd_real a, cgd_real b) {
     return cond ? a : b; /* a GPU thread selects in one instruction; masks would only cost more */
 #else
     const cgd_real_bits mask = (cgd_real_bits)0 - (cgd_real_bits)(cond != 0);
-    cgd_real_bits ua, ub;
-    memcpy(&ua, &a, sizeof ua);
-    memcpy(&ub, &b, sizeof ub);
-    const cgd_real_bits r = (ua & mask) | (ub & ~mask);
-    cgd_real out;
-    memcpy(&out, &r, sizeof out);
-    return out;
+    return cgd_from_bits((cgd_bits(a) & mask) | (cgd_bits(b) & ~mask));
 #endif
 }
 
 /* The magnitude bits of x (sign cleared): non-negative IEEE values order as these integers, NaN above Inf. */
 CGD_HD cgd_real_bits cgd_magnitude_bits(cgd_real x) {
-#ifdef __CUDA_ARCH__
-#if CGD_F64
-    return (cgd_real_bits)__double_as_longlong(x) & 0x7fffffffffffffffull;
-#else
-    return (cgd_real_bits)__float_as_uint(x) & 0x7fffffffu;
-#endif
-#else
-    cgd_real_bits u;
-    memcpy(&u, &x, sizeof u);
-    return u & (((cgd_real_bits)1 << (8 * sizeof u - 1)) - 1);
-#endif
+    return cgd_bits(x) & (((cgd_real_bits)1 << (8 * sizeof(cgd_real_bits) - 1)) - 1);
 }
 
 #if !CGD_F64
-CGD_HD uint32_t cgd_fbits(float x) {
-#ifdef __CUDA_ARCH__
-    return __float_as_uint(x);
-#else
-    uint32_t u;
-    memcpy(&u, &x, sizeof u);
-    return u;
-#endif
-}
-
-CGD_HD float cgd_ffrom(uint32_t u) {
-#ifdef __CUDA_ARCH__
-    return __uint_as_float(u);
-#else
-    float x;
-    memcpy(&x, &u, sizeof x);
-    return x;
-#endif
-}
-
 /* 2^k for an integer k in [-126, 127]: its bit pattern. */
-CGD_HD float cgd_exp2i(int32_t k) { return cgd_ffrom((uint32_t)(k + 127) << 23); }
+CGD_HD float cgd_exp2i(int32_t k) { return cgd_from_bits((uint32_t)(k + 127) << 23); }
 
 /*
  * x^a for float x and a in (0, 1], as 2^(a log2 x) in float arithmetic with fixed polynomials and integer
@@ -125,8 +118,8 @@ CGD_HD float cgd_powf_poly(float x, float a) {
     const int32_t tiny = x < 1.17549435e-38f;
     const float scaled = cgd_pick(tiny, x * 16777216.0f, x);
     /* Irregular inputs compute on 1 and are replaced at the end. */
-    const uint32_t bits = (cgd_fbits(scaled) & regular) | (cgd_fbits(1.0f) & ~regular);
-    const float m1 = cgd_ffrom((bits & 0x007fffffu) | 0x3f800000u);
+    const uint32_t bits = (cgd_bits(scaled) & regular) | (cgd_bits(1.0f) & ~regular);
+    const float m1 = cgd_from_bits((bits & 0x007fffffu) | 0x3f800000u);
     const int32_t high = m1 > 1.41421356f;
     const float m = cgd_pick(high, 0.5f * m1, m1);
     const int32_t e = (int32_t)(bits >> 23) - 127 + high - (tiny & (int32_t)(regular & 1u)) * 24;
@@ -140,7 +133,7 @@ CGD_HD float cgd_powf_poly(float x, float a) {
     s = s * t2 + 1.0f;
     const float log2m = (2.0f * t * s) * 1.44269504f; /* 1 / ln 2 */
     /* y = a e + a log2 m with a = head + tail: head * e is exact (12 + 8 bits), so its integer part n0 is. */
-    const float head = cgd_ffrom(cgd_fbits(a) & 0xfffff000u), tail = a - head;
+    const float head = cgd_from_bits(cgd_bits(a) & 0xfffff000u), tail = a - head;
     const float fe = (float)e;
     const float exact = head * fe;
     const float shift = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer held in the low bits */
@@ -149,7 +142,7 @@ CGD_HD float cgd_powf_poly(float x, float a) {
     const float shifted = rest + shift;
     const float n1 = shifted - shift;
     const float f = rest - n1; /* |f| <= 1/2 */
-    const int32_t n = (int32_t)(cgd_fbits(shifted) - cgd_fbits(shift)) + (int32_t)(cgd_fbits(n0 + shift) - cgd_fbits(shift));
+    const int32_t n = (int32_t)(cgd_bits(shifted) - cgd_bits(shift)) + (int32_t)(cgd_bits(n0 + shift) - cgd_bits(shift));
     /* 2^f = e^z, z = f ln 2, |z| <= 0.347: the Taylor series to z^7/7!. */
     const float z = f * 0.693147181f;
     float q = 1.0f / 5040.0f;

@@ -7,9 +7,7 @@ gradient policy, and argument checking with messages that name the argument and 
 
 from __future__ import annotations
 
-import functools
 import math
-import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import chain
@@ -165,7 +163,6 @@ def _translate_pre_hook(optimizer: BaseOptimizer, state_dict: dict[str, Any]) ->
 def _place_post_hook(optimizer: BaseOptimizer) -> None:
     """First of the load_state_dict post-hooks: puts the noted state back at the precision the optimizer keeps it
     in (BaseOptimizer._place_state) on each parameter's device, before any hook of the user's sees it."""
-    optimizer.__dict__.pop("_plan", None)  # its argument lists hold the replaced state
     saved, ids = optimizer.__dict__.pop("_loading")
     id_map = dict(zip(chain.from_iterable(ids), chain.from_iterable(g["params"] for g in optimizer.param_groups)))
     for pid, values in saved.items():
@@ -410,7 +407,6 @@ class _Batch:
     guard_limit: float = 0.0  # overflow_limit of the batch's state precision, with the flags
     indices: list[int] = field(default_factory=list)  # of the parameters in their group's list
     plain: bool = True  # every tensor as given (no DTensor, complex or gapped view): the step may reuse the lists
-    pick: Callable[[list], Any] | None = None  # this batch's gradients out of its group's (None: all of them)
 
 
 class _Refused(Exception):
@@ -426,17 +422,15 @@ class _Plan:
     parameter list (the same list object and length), which of its parameters have gradients, the
     hyperparameters that decide which state exists, and the state mapping (the same object, as many entries).
     Only the gradients (new tensors after zero_grad) are fetched again; the operator checks them as it checks
-    everything it is given. load_state_dict and add_param_group drop the plan; so does replacing or clearing
-    ``optimizer.state``. (Replacing one parameter's state tensors by hand is not noticed: load a state dict.)"""
+    everything it is given. An added group, and load_state_dict (torch's replaces the state mapping), make the
+    plan stale; so does replacing or clearing ``optimizer.state``. (Replacing one parameter's state tensors by
+    hand is not noticed: load a state dict.)"""
 
     def __init__(self, optimizer: CGD, groups: list[dict[str, Any]], batches: list[_Batch]) -> None:
         self.batches = batches
-        self.layout = [(g["params"], len(g["params"]), _state_kinds(g),
-                        list(map(_has_grad, g["params"]))) for g in groups]
+        self.layout = [(g["params"], len(g["params"]), _state_kinds(g), _present([p.grad for p in g["params"]]))
+                       for g in groups]
         self.state, self.state_len = optimizer.state, len(optimizer.state)
-        for b in batches:
-            whole = b.indices == list(range(len(groups[b.where[0][0]]["params"])))
-            b.pick = None if whole else operator.itemgetter(*b.indices)
 
     def batches_for(self, optimizer: CGD, groups: list[dict[str, Any]]) -> list[_Batch] | None:
         """The planned batches with this step's gradients and hyperparameters, or None when the plan is stale."""
@@ -447,7 +441,7 @@ class _Plan:
             if g["params"] is not params or len(params) != n or _state_kinds(g) != kinds:
                 return None
             grads = [p.grad for p in params]
-            if list(map(_is_tensor, grads)) != with_grad:
+            if _present(grads) != with_grad:
                 return None
             grads_of.append(grads)
         if optimizer.state is not self.state or len(self.state) != self.state_len:
@@ -455,19 +449,13 @@ class _Plan:
         for b in self.batches:
             gi = b.where[0][0]
             b.group = groups[gi]
-            if b.pick is None:
-                b.grads = grads_of[gi]
-            else:  # itemgetter returns a tuple, or the element itself for a single index
-                picked = b.pick(grads_of[gi])
-                b.grads = list(picked) if len(b.indices) > 1 else [picked]
+            b.grads = list(map(grads_of[gi].__getitem__, b.indices))
         return self.batches
 
 
-def _has_grad(p: torch.Tensor) -> bool:
-    return p.grad is not None
-
-
-_is_tensor = functools.partial(operator.is_not, None)
+def _present(grads: list[torch.Tensor | None]) -> list[bool]:
+    """Which of these gradients exist."""
+    return [g is not None for g in grads]
 
 
 def _state_kinds(group: dict[str, Any]) -> tuple[bool, str | None]:
@@ -652,7 +640,6 @@ class CGD(BaseOptimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        self.__dict__.pop("_plan", None)
         group = self.param_groups[-1]
         try:
             validate_group(self._cgd_group(group), zero_eps=self._EPS_AS_TORCH)
