@@ -8,7 +8,9 @@
 from ._ops import BUILD_INFO
 from .full import FullCGD
 from .induced import InducedMetric
-from .optimizer import CGD, NonFiniteGradientError, beta_to_tau, tau_to_beta
+from ._base import NonFiniteGradientError
+from ._validate import beta_to_tau, tau_to_beta
+from .diagonal import CGD
 from .presets import SGD, AdaBelief, Adam, AdamW, Ballistic, RMSprop
 
 __version__ = "0.1.0"

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from . import _ops  # noqa: F401  (loads the operator library)
 from ._distributed import full, is_dtensor, local, shard_like
-from .optimizer import (SUPPORTED_DTYPES, UNUSABLE, BaseOptimizer, NonFiniteGradientError, _bad, _check_range,
-                        _number, betas_from_tau, check_grad_shape, check_writable, group_param_label, mark_updated,
-                        overflow_limit, pair, state_dtype, state_precision, validate_step_size)
+from ._base import BaseOptimizer, mark_updated, on_device, overflow_limit, state_dtype, state_precision
+from ._validate import bad, betas_from_tau, in_range, number, pair, positive_int, validate_step_size
 
 METRICS = ("full", "block", "kron")
 # 0: solved in the state's precision (float32, or float64 for float64 parameters); 1: float32 failed, float64 did not.
@@ -132,7 +131,10 @@ class FullCGD(BaseOptimizer):
             0 and the first step is lr * eps^-power times the gradient.
         weight_decay: decoupled weight decay.
         maximize: ascend.
-        nonfinite: "raise" (default: error naming the parameter, nothing changed) or "ignore".
+        nonfinite: what a NaN or Inf gradient (or one too large to square in the state) does: "raise" (default:
+            one read of the gradients before the step and one host synchronisation, then an error naming the
+            parameters, nothing changed), "skip" (the same read, decided on the device: the step is skipped
+            whole, counted in :attr:`skipped_steps`) or "ignore" (nothing is checked).
         max_state_bytes: refuse, before allocating, state larger than this (default: the free memory of the
             device).
 
@@ -162,83 +164,71 @@ class FullCGD(BaseOptimizer):
         m2_init: float = 1.0,
         weight_decay: float = 0.0,
         maximize: bool = False,
-        nonfinite: str = "raise",
+        nonfinite: str | None = None,
         max_state_bytes: int | None = None,
     ) -> None:
         if betas is not None and tau is not None:
-            raise _bad("tau", tau, "pass either betas or tau, not both")
+            raise bad("tau", tau, "pass either betas or tau, not both")
         if betas is None:
             betas = betas_from_tau(_PAPER_TAU if tau is None else tau)
-        if nonfinite not in ("raise", "ignore"):
-            raise _bad("nonfinite", nonfinite, "must be 'raise' or 'ignore'")
-        self.nonfinite = nonfinite
         self.max_state_bytes = max_state_bytes
         if max_state_bytes is not None and (isinstance(max_state_bytes, bool) or not isinstance(max_state_bytes, int)
                                             or max_state_bytes < 0):
-            raise _bad("max_state_bytes", max_state_bytes, "must be None (the device's free memory) or an integer "
+            raise bad("max_state_bytes", max_state_bytes, "must be None (the device's free memory) or an integer "
                        "number of bytes >= 0")
         defaults = dict(lr=lr, betas=pair("betas", betas), power=power, eps=eps, metric=metric, block_size=block_size,
                         refresh_every=refresh_every, max_factor_dim=max_factor_dim, centered=centered,
                         bias_correction=bias_correction, m2_init=m2_init, weight_decay=weight_decay, maximize=maximize)
-        super().__init__(params, defaults)
-        self._install_state_hooks()
+        self._init_base(params, defaults, nonfinite, capturable=False)
+
+    def _check_group(self, gi: int, group: dict[str, Any]) -> None:
+        self._validate(group)
+        super()._check_group(gi, group)
+        params = group["params"]
+        for j, p in enumerate(params):
+            if p.device != params[0].device or p.dtype != params[0].dtype:
+                raise ValueError(f"cgd: parameter {self._label(gi, j)} is {p.dtype} on {p.device} but the group's "
+                                 f"first is {params[0].dtype} on {params[0].device}; FullCGD couples the parameters "
+                                 "of a group, so put other devices/dtypes in their own groups")
+        self._check_memory(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            self._validate(group)
-            params = group["params"]
-            for j, p in enumerate(params):
-                if p.dtype not in SUPPORTED_DTYPES:
-                    raise ValueError(f"cgd: parameter {self._label(group, j)} is {p.dtype}; supported parameter "
-                                     "dtypes are float32, float16, bfloat16 and float64 (complex parameters: use "
-                                     "cgd.CGD, which steps their real view)")
-                if p.device != params[0].device or p.dtype != params[0].dtype:
-                    raise ValueError(f"cgd: parameter {self._label(group, j)} is {p.dtype} on {p.device} but the "
-                                     f"group's first is {params[0].dtype} on {params[0].device}; FullCGD couples "
-                                     "the parameters of a group, so put other devices/dtypes in their own groups")
-            self._check_memory(group)
-        except ValueError:
-            self.param_groups.pop()
-            raise
         # cuSOLVER/cuBLAS handles are made now, on this thread: made on a first step inside a CUDA-graph capture
         # they would allocate and break it.
-        for device in {p.device for p in group["params"] if p.device.type == "cuda"}:
+        for device in {p.device for p in self.param_groups[-1]["params"] if p.device.type == "cuda"}:
             torch.ops.cgd.prepare(device)
 
     @staticmethod
     def _validate(group: dict[str, Any]) -> None:
         validate_step_size(group)
-        eps = _number("eps", group["eps"])
+        eps = number("eps", group["eps"])
         if not eps > 0.0:
-            raise _bad("eps", group["eps"], "must be > 0: a covariance is only semi-definite")
-        power = _check_range("power", group["power"], 0.0, 1.0, hi_open=False)
+            raise bad("eps", group["eps"], "must be > 0: a covariance is only semi-definite")
+        power = in_range("power", group["power"], 0.0, 1.0, hi_open=False)
         # On a direction the covariance does not reach, the metric's inverse is eps^-power: it must be finite in
         # the state's precision, or the preconditioner holds Inf and the step NaN.
         precision = state_precision(group["params"])
         if power > 0.0 and math.log(eps) * -power >= math.log(torch.finfo(precision).max):
-            raise _bad("eps", group["eps"], f"with power = {power:g} the metric's inverse on a direction without "
+            raise bad("eps", group["eps"], f"with power = {power:g} the metric's inverse on a direction without "
                        f"variance, eps^-power = {math.exp(-power * math.log(eps)):.3g}, overflows the "
                        f"{str(precision).removeprefix('torch.')} state; raise eps")
-        _check_range("weight_decay", group["weight_decay"], 0.0)
-        _check_range("m2_init", group["m2_init"], 0.0)
+        in_range("weight_decay", group["weight_decay"], 0.0)
+        in_range("m2_init", group["m2_init"], 0.0)
         if group["metric"] not in METRICS:
-            raise _bad("metric", group["metric"], f"must be one of {METRICS} (the diagonal metric is cgd.CGD)")
+            raise bad("metric", group["metric"], f"must be one of {METRICS} (the diagonal metric is cgd.CGD)")
         for key in ("block_size", "refresh_every", "max_factor_dim"):
-            value = group[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise _bad(key, value, "must be a positive integer")
+            positive_int(key, group[key])
         if group["max_factor_dim"] > _MAX_MATRIX:
-            raise _bad("max_factor_dim", group["max_factor_dim"], f"must be <= {_MAX_MATRIX} (the eigensolvers' "
+            raise bad("max_factor_dim", group["max_factor_dim"], f"must be <= {_MAX_MATRIX} (the eigensolvers' "
                        "int32 sizes)")
         # Refused here, before the first step allocates two matrices of that side (17 GB at the cap).
         if group["metric"] == "block" and group["block_size"] > _MAX_MATRIX:
-            raise _bad("block_size", group["block_size"], f"must be <= {_MAX_MATRIX} (the eigensolvers' int32 "
+            raise bad("block_size", group["block_size"], f"must be <= {_MAX_MATRIX} (the eigensolvers' int32 "
                        "sizes)")
         total = sum(p.numel() for p in group.get("params", ()))
         if group["metric"] == "full" and total > _MAX_MATRIX:
-            raise _bad("metric", "full", f"over {total:,} parameters needs one {total:,}-sided matrix, but the "
+            raise bad("metric", "full", f"over {total:,} parameters needs one {total:,}-sided matrix, but the "
                        f"eigensolvers take at most {_MAX_MATRIX} (int32 sizes): use metric='block' or 'kron'")
 
     def _check_memory(self, group: dict[str, Any]) -> None:
@@ -257,68 +247,47 @@ class FullCGD(BaseOptimizer):
                 "per parameter)"
             )
 
-    _label = staticmethod(group_param_label)
-
     # ---- the step ----
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Performs one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _step(self, loss: Any) -> Any:
         work = []
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             self._validate(group)
             params = group["params"]
-            have = [p.grad is not None for p in params]
-            if not any(have):
+            present = self._gradients(gi, group)
+            if not present:
                 continue
-            if not all(have) and group["metric"] != "kron":
-                missing = [self._label(group, j) for j, h in enumerate(have) if not h]
+            if len(present) != len(params) and group["metric"] != "kron":
+                have = {j for j, _, _ in present}
+                missing = [self._label(gi, j) for j in range(len(params)) if j not in have]
                 raise RuntimeError(f"cgd: FullCGD couples a group's parameters, but {', '.join(missing)} got no "
                                    "gradient this step; give them their own group, or freeze them")
-            grads = []
-            for j, p in enumerate(params):
-                g = p.grad
-                if g is None:
-                    grads.append(None)
-                    continue
-                if g.is_sparse:
-                    raise RuntimeError(f"cgd: parameter {self._label(group, j)} has a sparse gradient, which "
-                                       "FullCGD does not support")
-                check_grad_shape(self._label(group, j), p, g)
-                check_writable(self._label(group, j), p)
-                g = full(g)  # FSDP2: the metric couples elements across shards, so every rank gathers them
-                grads.append(g.contiguous())
+            grads: list[torch.Tensor | None] = [None] * len(params)
+            for j, _, g in present:
+                grads[j] = full(g).contiguous()  # FSDP2: the metric couples elements across shards, so gathered
             # What the kernels update, in the logical (row-major) order the metric reads: the parameter itself; a
             # dense copy of one in another layout (channels_last, a transpose), written back after the step; or
             # for a DTensor a zero stand-in of its full shape that receives -lr * direction, later added to the
             # local shard.
             targets = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) if is_dtensor(p) else p.contiguous()
                        for p in params]
-            work.append((group, grads, targets))
-        found_inf = getattr(self, "found_inf", None)
-        # Under GradScaler an overflowing step is routine: its found_inf skips the step on the device, as with
-        # torch.optim, and the scaler lowers the scale; the policy applies to steps it does not manage.
-        if self.nonfinite == "raise" and found_inf is None:
-            self._raise_on_nonfinite([(group, grads) for group, grads, _ in work])
+            work.append((gi, group, grads, targets))
+        found_inf = self._skip_flag(lambda: self._nonfinite_checks(work))
         grad_scale = getattr(self, "grad_scale", None)
-        for group, grads, targets in work:
+        for _, group, grads, targets in work:
             self._step_group(group, grads, targets, grad_scale, found_inf)
             self._add_to_shards(group, targets, found_inf)
             for p, target in zip(group["params"], targets):
                 if target is not p and not is_dtensor(p) and p.grad is not None:
                     p.copy_(target)
-        mark_updated(p for group, grads, _ in work for p, g in zip(group["params"], grads) if g is not None)
+        mark_updated(p for _, group, grads, _ in work for p, g in zip(group["params"], grads) if g is not None)
         return loss
 
     @staticmethod
     def _add_to_shards(group: dict[str, Any], targets: list[torch.Tensor], found_inf) -> None:
         """DTensor parameters: p <- p (1 - lr wd) - lr direction on each rank's shard. Every rank computed the same
         full direction from the same gathered gradients, so the shards stay one consistent tensor."""
-        decay = 1.0 - _number("lr", group["lr"]) * float(group["weight_decay"])
+        decay = 1.0 - number("lr", group["lr"]) * float(group["weight_decay"])
         for p, target in zip(group["params"], targets):
             if not is_dtensor(p) or p.grad is None:
                 continue
@@ -328,20 +297,14 @@ class FullCGD(BaseOptimizer):
                 stepped = torch.where(found_inf.to(shard.device) != 0, shard, stepped)
             shard.copy_(stepped)
 
-    _step_supports_amp_scaling = True
-
-    def _raise_on_nonfinite(self, work) -> None:
-        if not work or work[0][0]["params"][0].device.type == "meta":  # meta tensors hold no values to check
-            return
-        present = [[j for j, g in enumerate(grads) if g is not None] for _, grads in work]
-        checks = [torch.ops.cgd.nonfinite_flags([grads[j] for j in js], self._overflow_limits(group, js))
-                  for (group, grads), js in zip(work, present)]
-        if sum(float(found.item()) for _, found in checks) == 0.0:
-            return
-        bad = [self._label(group, js[i]) for (group, _), js, (flags, _) in zip(work, present, checks)
-               for i in flags.nonzero().flatten().tolist()]
-        raise NonFiniteGradientError(f"cgd: the gradient of {', '.join(bad)} {UNUSABLE}; no parameter or state was "
-                                     "changed (nonfinite='raise')")
+    def _nonfinite_checks(self, work: list[tuple[int, dict[str, Any], list, list]]) -> list[tuple]:
+        """The gradients for the non-finite policy (BaseOptimizer._skip_flag). They are whole on every rank
+        (gathered in _step), so the decision needs no collective."""
+        checks = []
+        for gi, group, grads, _ in work:
+            js = [j for j, g in enumerate(grads) if g is not None]
+            checks.append(([(gi, j) for j in js], [grads[j] for j in js], self._overflow_limits(group, js), []))
+        return checks
 
     @staticmethod
     def _overflow_limits(group: dict[str, Any], js: list[int]) -> list[float]:
@@ -401,12 +364,11 @@ class FullCGD(BaseOptimizer):
         torch.ops.cgd.block_step_(
             targets, grads, offsets, state["exp_avg"], state["exp_avg_sq"], state["precond"], state["eigvals"],
             state["step"], state["outcome"], state["counters"],
-            block=block, nblocks=nblocks, lr=_number("lr", group["lr"]), beta1=float(beta1), beta2=float(beta2),
+            block=block, nblocks=nblocks, lr=number("lr", group["lr"]), beta1=float(beta1), beta2=float(beta2),
             power=float(group["power"]), eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
             centered=bool(group["centered"]), bias_correction=bool(group["bias_correction"]),
             maximize=bool(group["maximize"]), refresh=refresh,
-            grad_scale=None if grad_scale is None else grad_scale.to(device),
-            found_inf=None if found_inf is None else found_inf.to(device),
+            grad_scale=on_device(grad_scale, device), found_inf=on_device(found_inf, device),
         )
         state["calls"] += 1
 
@@ -457,11 +419,10 @@ class FullCGD(BaseOptimizer):
                 "outcome", "counters")
         torch.ops.cgd.kron_step_(
             [stand_in[id(p)] for p, _ in live], [g for _, g in live], *([st[k] for st in states] for k in keys),
-            lr=_number("lr", group["lr"]), beta1=float(beta1), beta2=float(beta2), power=float(group["power"]),
+            lr=number("lr", group["lr"]), beta1=float(beta1), beta2=float(beta2), power=float(group["power"]),
             eps=float(group["eps"]), weight_decay=float(group["weight_decay"]), centered=bool(group["centered"]),
             bias_correction=bool(group["bias_correction"]), maximize=bool(group["maximize"]), refresh=refresh,
-            grad_scale=None if grad_scale is None else grad_scale.to(device),
-            found_inf=None if found_inf is None else found_inf.to(device),
+            grad_scale=on_device(grad_scale, device), found_inf=on_device(found_inf, device),
         )
         self.state[group["params"][0]]["calls"] = calls + 1
 
@@ -490,12 +451,12 @@ class FullCGD(BaseOptimizer):
         the factors' effective ranks) and ``outcome`` (left, right).
         """
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise _bad("top_k", top_k, "must be an integer >= 0")
+            raise bad("top_k", top_k, "must be an integer >= 0")
         out = []
         for gi, group in enumerate(self.param_groups):
             eps = float(group["eps"])
             if group["metric"] == "kron":
-                tensors = [self._kron_spectrum(group, j, top_k, eps) for j, p in enumerate(group["params"])
+                tensors = [self._kron_spectrum(gi, j, top_k, eps) for j, p in enumerate(group["params"])
                            if "left_eig" in self.state.get(p, {})]
                 if tensors:
                     out.append({"group": gi, "tensors": tensors})
@@ -516,15 +477,15 @@ class FullCGD(BaseOptimizer):
             })
         return out
 
-    def _kron_spectrum(self, group: dict[str, Any], j: int, top_k: int, eps: float) -> dict[str, Any]:
-        state = self.state[group["params"][j]]
+    def _kron_spectrum(self, gi: int, j: int, top_k: int, eps: float) -> dict[str, Any]:
+        state = self.state[self.param_groups[gi]["params"][j]]
         mu = state["left_eig"].detach().to("cpu", torch.float64).clamp_min(0.0).sort(descending=True).values
         nu = state["right_eig"].detach().to("cpu", torch.float64).clamp_min(0.0).sort(descending=True).values
         # The k largest products lie among the products of the k largest of each factor.
         top = torch.outer(mu[:top_k], nu[:top_k]).flatten().sort(descending=True).values[:top_k]
         smallest = float(mu[-1] * nu[-1])
         return {
-            "param": self._label(group, j),
+            "param": self._label(gi, j),
             "shape": tuple(state["exp_avg"].shape),
             "top": top,
             "min": smallest,

@@ -16,9 +16,9 @@ import torch
 
 from . import _ops  # noqa: F401  (loads the operator library)
 from ._distributed import local, mean_over_shards, sum_over_shards
-from .optimizer import (SUPPORTED_DTYPES, UNUSABLE, BaseOptimizer, NonFiniteGradientError, _bad, _check_range, _number,
-                        check_grad_shape, check_lr, check_writable, group_param_label, lr_on_device, lr_operands,
-                        mark_updated, overflow_limit, resolve_nonfinite, smallest_eps, state_dtype)
+from ._base import (BaseOptimizer, lr_on_device, lr_operands, mark_updated, on_device, overflow_limit, smallest_eps,
+                    state_dtype)
+from ._validate import bad, check_lr, choice, in_range, number
 
 GAMMAS = ("identity", "rms")
 EMBEDDINGS = ("loss", "log")
@@ -46,10 +46,13 @@ class InducedMetric(BaseOptimizer):
             ``momentum``, ``gamma``, ``beta_rms``, ``eps``, ``weight_decay``, ``maximize``.
         xi, beta, embedding: the metric's coefficient, the EMA of the norm and the embedding f; one per
             optimizer, since they define the one metric (a group may not set them).
-        nonfinite: "raise" (default: error naming the parameter, nothing changed) or "ignore".
-        capturable: a step without host synchronisation, for CUDA-graph capture: needs ``nonfinite="ignore"``
-            (the default then) and the "loss" embedding; keeps each group's ``lr`` as a float32 tensor on the
-            parameters' device, read by the kernel, so an LR scheduler reaches a replayed graph (as cgd.CGD).
+        nonfinite: "raise" (default: one read of the gradients before the step and one host synchronisation, then
+            an error naming the parameters, nothing changed), "skip" (the same read, decided on the device: the step
+            is skipped whole, counted in :attr:`skipped_steps`) or "ignore" (nothing checked).
+        capturable: a step without host synchronisation, for CUDA-graph capture: needs ``nonfinite="skip"`` or
+            ``"ignore"`` ("skip" is the default then) and the "loss" embedding; keeps each group's ``lr`` as a
+            float32 tensor on the parameters' device, read by the kernel, so an LR scheduler reaches a replayed
+            graph (as cgd.CGD).
 
     The loss (needed with ``embedding="log"``) comes from the closure's return value or ``step(loss=...)``.
     Under FSDP2 the norm and the loss are averaged over the ranks by cgd; under DDP pass the loss averaged over
@@ -70,62 +73,49 @@ class InducedMetric(BaseOptimizer):
                  beta: float = 0.8, embedding: str = "loss", gamma: str = "identity", beta_rms: float = 0.99,
                  eps: float = 1e-8, weight_decay: float = 0.0, maximize: bool = False,
                  nonfinite: str | None = None, capturable: bool = False) -> None:
-        _check_range("xi", xi, 0.0)
-        _check_range("beta", beta, 0.0, 1.0)
-        if embedding not in EMBEDDINGS:
-            raise _bad("embedding", embedding, f"must be one of {EMBEDDINGS}")
+        in_range("xi", xi, 0.0)
+        in_range("beta", beta, 0.0, 1.0)
+        choice("embedding", embedding, EMBEDDINGS)
         if capturable and embedding == "log":
-            raise _bad("capturable", capturable, "embedding='log' reads the loss on the host to refuse a "
+            raise bad("capturable", capturable, "embedding='log' reads the loss on the host to refuse a "
                        "non-positive one, which CUDA-graph capture forbids")
-        self.capturable = bool(capturable)
-        self.nonfinite = resolve_nonfinite(nonfinite, self.capturable, ("raise", "ignore"))
         self.xi, self.beta, self.embedding = float(xi), float(beta), embedding
         defaults = dict(lr=lr, momentum=momentum, gamma=gamma, beta_rms=beta_rms, eps=eps,
                         weight_decay=weight_decay, maximize=maximize)
         self._scratch: dict[str, torch.Tensor] = {}
-        super().__init__(params, defaults)
-        self._install_state_hooks()
+        self._init_base(params, defaults, nonfinite, capturable)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for key in _GLOBAL:
             if key in param_group:
-                raise _bad(key, param_group[key], "is one per optimizer (it defines the one induced metric); pass "
-                           "it to InducedMetric(...), not to a parameter group")
+                raise bad(key, param_group[key], "is one per optimizer (it defines the one induced metric); pass "
+                          "it to InducedMetric(...), not to a parameter group")
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            self._validate(group)
-            if self.capturable:
-                group["lr"] = lr_on_device(group["lr"], group["params"])
-            first = self._first_param()
-            device = None if first is None else first.device
-            for j, p in enumerate(group["params"]):
-                if p.dtype not in SUPPORTED_DTYPES:
-                    raise ValueError(f"cgd: parameter {self._label(group, j)} is {p.dtype}; supported parameter "
-                                     "dtypes are float32, float16, bfloat16 and float64")
-                if device is not None and p.device != device:
-                    raise ValueError(f"cgd: parameter {self._label(group, j)} is on {p.device} but the first "
-                                     f"parameter is on {device}; the induced metric sums one norm over all "
-                                     "parameters, so they must share a device")
-        except ValueError:
-            self.param_groups.pop()
-            raise
+
+    def _check_group(self, gi: int, group: dict[str, Any]) -> None:
+        self._validate(group)
+        super()._check_group(gi, group)
+        if self.capturable:
+            group["lr"] = lr_on_device(group["lr"], group["params"])
+        first = self._first_param()
+        for j, p in enumerate(group["params"]):
+            if p.device != first.device:
+                raise ValueError(f"cgd: parameter {self._label(gi, j)} is on {p.device} but the first parameter is "
+                                 f"on {first.device}; the induced metric sums one norm over all parameters, so they "
+                                 "must share a device")
 
     @staticmethod
     def _validate(group: dict[str, Any], read_lr: bool = True) -> None:
         check_lr(group["lr"], read_lr)
-        _check_range("momentum", group["momentum"], 0.0, 1.0)
-        _check_range("beta_rms", group["beta_rms"], 0.0, 1.0)
-        _check_range("weight_decay", group["weight_decay"], 0.0)
-        if group["gamma"] not in GAMMAS:
-            raise _bad("gamma", group["gamma"], f"must be one of {GAMMAS}")
-        eps = _check_range("eps", group["eps"], 0.0)
+        in_range("momentum", group["momentum"], 0.0, 1.0)
+        in_range("beta_rms", group["beta_rms"], 0.0, 1.0)
+        in_range("weight_decay", group["weight_decay"], 0.0)
+        choice("gamma", group["gamma"], GAMMAS)
+        eps = in_range("eps", group["eps"], 0.0)
         tiny = smallest_eps(group.get("params", ()))
         if group["gamma"] == "rms" and eps < tiny:
-            raise _bad("eps", group["eps"], f"must be at least {tiny:.3g} with gamma='rms', the smallest value the "
+            raise bad("eps", group["eps"], f"must be at least {tiny:.3g} with gamma='rms', the smallest value the "
                        "state's precision holds (it divides where M2 is 0)")
-
-    _label = staticmethod(group_param_label)
 
     def _loss_tensor(self, loss: Any, device: torch.device) -> torch.Tensor | None:
         if self.embedding != "log":
@@ -133,9 +123,9 @@ class InducedMetric(BaseOptimizer):
         if loss is None:
             raise ValueError("cgd: embedding='log' needs the loss: return it from the closure, or call "
                              "step(loss=loss)")
-        value = _number("loss", loss.detach() if isinstance(loss, torch.Tensor) else loss)
+        value = number("loss", loss.detach() if isinstance(loss, torch.Tensor) else loss)
         if not value > 0.0 or value == float("inf"):
-            raise _bad("loss", value, "embedding='log' needs a positive, finite loss (it steps on log(loss))")
+            raise bad("loss", value, "embedding='log' needs a positive, finite loss (it steps on log(loss))")
         # Under FSDP2 each rank computed the loss of its own batch; the metric needs the global (mean) one.
         return mean_over_shards(torch.tensor(value, dtype=torch.float64, device=device), self.param_groups[0]["params"])
 
@@ -143,47 +133,40 @@ class InducedMetric(BaseOptimizer):
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
         """One step. ``closure`` re-evaluates the model and returns the loss; ``loss`` passes it directly (the
         log embedding needs one of the two)."""
+        self.check_nonfinite()
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = []  # (group, [(param, grad, state)]) batched by dtype below
-        for group in self.param_groups:
+        return self._step(loss)
+
+    def _step(self, loss: Any) -> Any:
+        work = []  # (group index, group, [(index, param, grad)]) batched by dtype below
+        for gi, group in enumerate(self.param_groups):
             self._validate(group, read_lr=False)
             items = []
-            for j, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse or p.grad.is_complex():
-                    raise RuntimeError(f"cgd: parameter {self._label(group, j)} has a "
-                                       f"{'sparse' if p.grad.is_sparse else 'complex'} gradient, which "
-                                       "InducedMetric does not support")
-                check_grad_shape(self._label(group, j), p, p.grad)
-                check_writable(self._label(group, j), p)
-                g = local(p.grad)
+            for j, p, g in self._gradients(gi, group):
+                g = local(g)
                 # The kernels walk param, grad and state in one memory order: the parameter's (channels_last too).
                 if g.stride() != local(p).stride():
                     g = torch.empty_like(local(p)).copy_(g)
                 items.append((j, p, g))
             if items:
-                work.append((group, items))
+                work.append((gi, group, items))
         if not work:
             return loss
-        device = work[0][1][0][1].device
+        device = work[0][2][0][1].device
         loss_t = self._loss_tensor(loss, device)
-        batches = [(group, [item for item in items if item[1].dtype == dtype])  # one kernel call per dtype
-                   for group, items in work for dtype in sorted({p.dtype for _, p, _ in items}, key=str)]
-        found_inf = getattr(self, "found_inf", None)
-        # Under GradScaler an overflowing step is routine: its found_inf skips the step on the device (see FullCGD).
-        if self.nonfinite == "raise" and found_inf is None:
-            self._raise_on_nonfinite(batches)
+        batches = [(gi, group, [item for item in items if item[1].dtype == dtype])  # one kernel call per dtype
+                   for gi, group, items in work for dtype in sorted({p.dtype for _, p, _ in items}, key=str)]
+        skip = on_device(self._skip_flag(lambda: [
+            ([(gi, j) for j, _, _ in items], [g for _, _, g in items], [overflow_limit(p) for _, p, _ in items],
+             [p for _, p, _ in items]) for gi, _, items in batches]), device)
+        scale = on_device(getattr(self, "grad_scale", None), device)
         metric = self._metric_state(device)
-        grad_scale = getattr(self, "grad_scale", None)
-        scale = None if grad_scale is None else grad_scale.to(device)
-        skip = None if found_inf is None else found_inf.to(device)
-        sharded = [p for _, items in batches for _, p, _ in items]
+        sharded = [p for _, _, items in batches for _, p, _ in items]
         # The kernels see local shards (FSDP2) and their state likewise; the state itself stays like p.
         batches = [(group, [(local(p), g, {k: local(v) for k, v in self._state(group, p).items()})
-                            for _, p, g in items]) for group, items in batches]
+                            for _, p, g in items]) for _, group, items in batches]
         metric["sum"].zero_()
         for group, chosen in batches:
             rms = group["gamma"] == "rms"
@@ -241,16 +224,3 @@ class InducedMetric(BaseOptimizer):
             # float64 CPU tensor is then mutated by the op, adding every step's norm to the last.
             self._scratch.update({k: torch.zeros((1,), dtype=torch.float64, device=device) for k in ("sum", "rate")})
         return {"norm_ema": anchor["metric_norm_ema"], "norm_step": anchor["metric_norm_step"], **self._scratch}
-
-    def _raise_on_nonfinite(self, work) -> None:
-        if work[0][1][0][1].device.type == "meta":  # meta tensors hold no values to check
-            return
-        checks = [torch.ops.cgd.nonfinite_flags([g for _, _, g in items], [overflow_limit(p) for _, p, _ in items])
-                  for _, items in work]
-        total = sum_over_shards(sum(found for _, found in checks), [p for _, items in work for _, p, _ in items])
-        if float(total) == 0.0:
-            return
-        bad = [self._label(group, items[i][0]) for (group, items), (flags, _) in zip(work, checks)
-               for i in flags.nonzero().flatten().tolist()]
-        raise NonFiniteGradientError(f"cgd: the gradient of {', '.join(bad) or 'a parameter shard on another rank'} "
-                                     f"{UNUSABLE}; no parameter or state was changed (nonfinite='raise')")

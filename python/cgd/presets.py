@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from .optimizer import CGD, _bad, _check_range, pair
+from ._validate import bad, in_range, pair
+from .diagonal import CGD
 
 _DEFAULT_BETAS = (0.9, 0.999)
 
@@ -33,7 +34,7 @@ _DEFAULT_BETAS = (0.9, 0.999)
 def _reject_unsupported(name: str, foreach: Any, fused: Any, differentiable: bool) -> None:
     del foreach, fused  # one fused pass whatever they say
     if differentiable:
-        raise _bad(f"{name}(differentiable)", differentiable, "differentiating through the step is not supported")
+        raise bad(f"{name}(differentiable)", differentiable, "differentiating through the step is not supported")
 
 
 def _check_tensor_hyperparameters(name: str, lr: Any, betas: Any, foreach: Any, capturable: bool) -> None:
@@ -41,12 +42,12 @@ def _check_tensor_hyperparameters(name: str, lr: Any, betas: Any, foreach: Any, 
     (the CGD kernels themselves take a tensor lr, read on the device, and tensor betas, read once per step)."""
     loop = bool(foreach) and not capturable
     if isinstance(lr, torch.Tensor) and loop:
-        raise _bad(f"{name}(lr)", lr, "lr as a Tensor is not supported for capturable=False and foreach=True")
+        raise bad(f"{name}(lr)", lr, "lr as a Tensor is not supported for capturable=False and foreach=True")
     if isinstance(betas, (tuple, list)) and len(betas) == 2:
         if isinstance(betas[0], torch.Tensor) != isinstance(betas[1], torch.Tensor):
-            raise _bad(f"{name}(betas)", betas, "betas must be either both floats or both Tensors")
+            raise bad(f"{name}(betas)", betas, "betas must be either both floats or both Tensors")
         if isinstance(betas[0], torch.Tensor) and loop:
-            raise _bad(f"{name}(betas)", betas,
+            raise bad(f"{name}(betas)", betas,
                        "betas[0] as a Tensor is not supported for capturable=False and foreach=True")
 
 
@@ -67,10 +68,10 @@ class SGD(CGD):
                                     nesterov=nesterov, maximize=maximize), nonfinite, capturable)
 
     def _cgd_group(self, group):
-        momentum = _check_range("momentum", group["momentum"], 0.0, 1.0, hi_open=False)
-        dampening = _check_range("dampening", group["dampening"], 0.0, 1.0, hi_open=False)
+        momentum = in_range("momentum", group["momentum"], 0.0, 1.0, hi_open=False)
+        dampening = in_range("dampening", group["dampening"], 0.0, 1.0, hi_open=False)
         if group["nesterov"] and (momentum <= 0 or dampening != 0):
-            raise _bad("SGD(nesterov)", group["nesterov"], "Nesterov momentum requires a momentum and zero dampening")
+            raise bad("SGD(nesterov)", group["nesterov"], "Nesterov momentum requires a momentum and zero dampening")
         return {**group, "betas": (momentum, 0.0), "power": 0.0, "eps": 0.0, "decoupled_weight_decay": False,
                 "moment": "raw", "eps_inside": True, "bias_correction": False, "m2_init": 0.0, "heavy_ball": True}
 
@@ -95,12 +96,12 @@ class RMSprop(CGD):
 
     def _cgd_group(self, group):
         if group["momentum"] != 0:
-            raise _bad("RMSprop(momentum)", group["momentum"], "torch's RMSprop momentum acts after the metric, "
+            raise bad("RMSprop(momentum)", group["momentum"], "torch's RMSprop momentum acts after the metric, "
                        "which is not a CGD special case; use cgd.CGD(betas=(momentum, alpha), power=0.5)")
         if group["centered"]:
-            raise _bad("RMSprop(centered)", group["centered"], "torch centres with an average over alpha, not "
+            raise bad("RMSprop(centered)", group["centered"], "torch centres with an average over alpha, not "
                        "over tau1; use cgd.CGD(moment='centered') for the paper's variance metric")
-        alpha = _check_range("alpha", group["alpha"], 0.0, 1.0, hi_open=False)
+        alpha = in_range("alpha", group["alpha"], 0.0, 1.0, hi_open=False)
         return {**group, "betas": (0.0, alpha), "power": 0.5, "decoupled_weight_decay": False, "moment": "raw",
                 "eps_inside": False, "bias_correction": False, "m2_init": 0.0, "nesterov": False,
                 "heavy_ball": False, "dampening": 0.0}
@@ -123,7 +124,7 @@ class Adam(CGD):
 
     def _cgd_group(self, group):
         if group["amsgrad"]:
-            raise _bad(f"{type(self).__name__}(amsgrad)", group["amsgrad"],
+            raise bad(f"{type(self).__name__}(amsgrad)", group["amsgrad"],
                        "AMSGrad's running maximum is not a CGD special case")
         return {**group, "power": 0.5, "moment": "raw", "eps_inside": False, "bias_correction": True,
                 "m2_init": 0.0, "nesterov": False, "heavy_ball": False, "dampening": 0.0}

@@ -75,7 +75,7 @@ def test_preset_arguments_outside_cgd(make, match):
 def test_unsupported_parameter_dtypes():
     p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float8_e4m3fn), requires_grad=False)
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] \(shape \(3,\)\) is "
-                                         r"torch.float8_e4m3fn .*float64, complex64 and complex128"):
+                                         r"torch.float8_e4m3fn; .*float64, complex64 and complex128"):
         cgd.CGD([p])
 
 
@@ -83,8 +83,9 @@ def test_unsupported_parameter_dtypes():
                                   lambda p: cgd.InducedMetric(p)], ids=["full", "kron", "induced"])
 def test_matrix_and_induced_metrics_refuse_complex_parameters(make):
     p = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
-    with pytest.raises(ValueError, match=r"params\[0\] \(shape \(3,\)\) is torch.complex64; supported parameter "
-                                         r"dtypes are float32, float16, bfloat16 and float64"):
+    with pytest.raises(ValueError, match=r"\['params'\]\[0\] \(shape \(3,\)\) is torch.complex64; supported parameter "
+                                         r"dtypes are float32, float16, bfloat16 and float64 \(complex parameters: use "
+                                         r"cgd.CGD"):
         make([p])
 
 

@@ -216,7 +216,7 @@ def test_errors_name_the_problem():
     for p in list(model.parameters())[1:]:
         p.grad = torch.zeros_like(p)
     before = copy.deepcopy(list(model.parameters()))
-    with pytest.raises(cgd.NonFiniteGradientError, match=r"params\[0\] \(shape \(5, 6\)\)"):
+    with pytest.raises(cgd.NonFiniteGradientError, match=r"\['params'\]\[0\] \(shape \(5, 6\)\)"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     model[0].weight.grad = None

@@ -147,7 +147,7 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="loss = -1.0"):
         opt.step(loss=-1.0)
     model[0].weight.grad[0, 0] = float("nan")
-    with pytest.raises(cgd.NonFiniteGradientError, match=r"params\[0\] \(shape \(5, 6\)\)"):
+    with pytest.raises(cgd.NonFiniteGradientError, match=r"\['params'\]\[0\] \(shape \(5, 6\)\)"):
         opt.step(loss=1.0)
 
 

@@ -7,40 +7,23 @@ gradient policy, and argument checking with messages that name the argument and 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
 import torch
-from torch.optim import Optimizer
 
 from . import _ops  # noqa: F401  (loads the operator library)
+from ._base import (SUPPORTED_DTYPES, TORCH_ADDED_DEFAULTS, UNUSABLE, BaseOptimizer, NonFiniteGradientError,
+                    lr_on_device, lr_operands, mark_updated, on_device, overflow_limit, smallest_eps, state_dtype)
 from ._distributed import local, sum_over_shards
+from ._validate import bad, betas_from_tau, in_range, pair, validate_step_size
 
 MOMENTS = ("raw", "centered", "belief")
-NONFINITE_POLICIES = ("raise", "skip", "ignore")
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Complex parameters are stepped as torch.optim does, on their real view (real and imaginary parts as two elements);
 # their state is complex too, so checkpoints interchange with torch's.
 COMPLEX_DTYPES = (torch.complex64, torch.complex128)
-
-
-def state_dtype(p: torch.Tensor) -> torch.dtype:
-    """The precision of a parameter's optimizer state: float64 (complex128) for a float64 (complex128) parameter,
-    as torch.optim keeps it; float32 (complex64) for every narrower parameter, whose maths runs in float32."""
-    if p.dtype in (torch.float64, torch.complex128):
-        return p.dtype
-    return torch.complex64 if p.is_complex() else torch.float32
-
-
-def state_precision(params: Iterable[torch.Tensor]) -> torch.dtype:
-    """The real precision the kernels of these parameters compute and keep state in: float64 when every one keeps
-    float64 (complex128) state, else float32 (a group shares one dtype, so "every" is "the group's")."""
-    params = list(params)
-    wide = bool(params) and all(state_dtype(p) in (torch.float64, torch.complex128) for p in params)
-    return torch.float64 if wide else torch.float32
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
@@ -48,38 +31,12 @@ def _real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 _DEFAULT_BETAS = (0.9, 0.999)
-# Keys torch.optim.Optimizer.__setstate__ puts into `defaults` itself.
-_TORCH_ADDED_DEFAULTS = ("differentiable",)
 
 # State keys follow torch.optim where the meaning is the same, so checkpoints interchange.
 _SECOND_MOMENT_KEY = {"raw": "exp_avg_sq", "centered": "exp_avg_sq", "belief": "exp_avg_var"}
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "exp_avg_var")
 # torch.optim.SGD's and RMSprop's names for the same quantities.
 _FOREIGN_STATE_KEYS = {"momentum_buffer": "exp_avg", "square_avg": "exp_avg_sq"}
-
-
-class NonFiniteGradientError(RuntimeError):
-    """A gradient held NaN or Inf under ``nonfinite="raise"``; the step was not applied."""
-
-
-def tau_to_beta(tau: float) -> float:
-    """The paper's averaging timescale tau >= 0 (eq 3.5) as an EMA coefficient: beta = tau / (1 + tau)
-    (tau = inf: beta = 1, an average that never forgets)."""
-    tau = _check_range("tau", tau, 0.0, math.inf, hi_open=False)
-    return 1.0 if tau == math.inf else tau / (1.0 + tau)
-
-
-def beta_to_tau(beta: float) -> float:
-    """The inverse of :func:`tau_to_beta`: tau = beta / (1 - beta) for beta in [0, 1] (beta = 1: tau = inf)."""
-    beta = _check_range("beta", beta, 0.0, 1.0, hi_open=False)
-    return math.inf if beta == 1.0 else beta / (1.0 - beta)
-
-
-def pair(name: str, value: Any) -> tuple[Any, Any]:
-    """A two-element hyperparameter (betas, tau) as a tuple, or a ValueError naming it."""
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise _bad(name, value, "must be a pair of two numbers")
-    return tuple(value)
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -92,267 +49,9 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
-def _bad(name: str, value: Any, why: str) -> ValueError:
-    return ValueError(f"cgd: {name} = {value!r} is invalid: {why}")
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise _bad(name, value, "a tensor hyperparameter must hold one element")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _bad(name, value, "must be a real number")
-    return float(value)
-
-
-def _check_range(name: str, value: Any, lo: float, hi: float = math.inf, hi_open: bool = True) -> float:
-    v = _number(name, value)
-    inside = lo <= v < hi if hi_open else lo <= v <= hi
-    if not inside:
-        raise _bad(name, value, f"must lie in [{lo}, {hi}{')' if hi_open else ']'}")
-    return v
-
-
-def betas_from_tau(tau: Any) -> tuple[float, float]:
-    """The paper's timescales (tau1, tau2), checked, as EMA coefficients."""
-    if not isinstance(tau, (tuple, list)) or len(tau) != 2:
-        raise _bad("tau", tau, "must be a pair (tau1, tau2)")
-    return tuple(tau_to_beta(_check_range(f"tau[{i}]", t, 0.0)) for i, t in enumerate(tau))
-
-
-# Step counters are float64 (exact to 2^53 steps); a checkpoint that saved them as float32 loads into float64.
-_COUNTER_KEYS = ("step", "metric_norm_step")
-# Attributes torch.optim.Optimizer keeps out of a pickled optimizer: its hooks, and ours that translate state.
-_UNPICKLED = ("_state_hooks", "_loading", "_plan")
-
-
 # The elementwise second moments (EMAs of squares): like the step counts, never below 0. (FullCGD's exp_avg_sq is
 # a matrix, whose off-diagonal entries may be.)
 _ELEMENTWISE_SECOND_MOMENTS = ("exp_avg_sq", "exp_avg_var")
-
-
-def _check_loaded_state(state: dict[Any, Any], non_negative: tuple[str, ...]) -> None:
-    """Refuses impossible saved values before anything is replaced: a step count or second moment below 0, or any
-    NaN/Inf (a run that diverged saves them; loading one would step with garbage or freeze)."""
-    for pid, values in state.items():
-        for key, value in values.items():
-            if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.numel() == 0:
-                continue
-            bad = None
-            if not bool(torch.isfinite(value).all()):
-                bad = "holds NaN or Inf"
-            elif key in non_negative and bool((value < 0).any()):
-                bad = "is negative" if value.numel() == 1 else "has negative entries"
-            if bad:
-                shown = f" = {value.item()!r}" if value.numel() == 1 else ""
-                raise ValueError(f"cgd: the state dict's state {key!r}{shown} of parameter id {pid!r} {bad}; nothing "
-                                 "was loaded")
-
-
-def _translate_pre_hook(optimizer: BaseOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
-    """First of the load_state_dict pre-hooks: translates a foreign state dict, refuses impossible values, and
-    notes the saved state as it is (torch's loader then casts floating state to each parameter's dtype, which
-    _place_post_hook undoes). Everything that can refuse runs here, before torch replaces anything."""
-    state_dict = optimizer._translate_state_dict(state_dict)
-    _check_loaded_state(state_dict["state"], _COUNTER_KEYS + optimizer._NON_NEGATIVE_KEYS)
-    optimizer._loading = (state_dict["state"], [g["params"] for g in state_dict["param_groups"]])
-    return state_dict
-
-
-def _place_post_hook(optimizer: BaseOptimizer) -> None:
-    """First of the load_state_dict post-hooks: puts the noted state back at the precision the optimizer keeps it
-    in (BaseOptimizer._place_state) on each parameter's device, before any hook of the user's sees it."""
-    saved, ids = optimizer.__dict__.pop("_loading")
-    id_map = dict(zip(chain.from_iterable(ids), chain.from_iterable(g["params"] for g in optimizer.param_groups)))
-    for pid, values in saved.items():
-        p = id_map.get(pid)
-        if p is None:
-            raise ValueError(f"cgd: the state dict has state for parameter id {pid!r}, which no group lists")
-        optimizer.state[p] = {key: optimizer._place_state(key, value, p) for key, value in values.items()}
-
-
-class BaseOptimizer(Optimizer):
-    """What every optimizer of this package shares about checkpoints: state kept as float32 for float32, float16
-    and bfloat16 parameters and as float64 for float64 ones (int32, float64 or float32 where a class says so),
-    loaded through torch's own load_state_dict with the translation and placement as its first pre- and
-    post-hook, so hooks, FSDP and DCP see what they see with torch.optim; and
-    the optimizer's own attributes kept by copy.deepcopy and pickling (torch keeps only defaults, state and
-    param_groups)."""
-
-    _INT_KEYS: tuple[str, ...] = ()
-    _FLOAT64_KEYS: tuple[str, ...] = ()  # float64 whatever the parameter (beyond the step counts)
-    _FLOAT32_KEYS: tuple[str, ...] = ()  # float32 whatever the parameter (e.g. failure counts)
-    _STATE_LIKE_PARAM = False  # state of the parameter's shape takes its memory layout (else: contiguous)
-    _NON_NEGATIVE_KEYS: tuple[str, ...] = ()  # state that is never below 0, beyond the step counts
-
-    def _install_state_hooks(self) -> None:
-        if "_state_hooks" not in self.__dict__:
-            self._state_hooks = (self.register_load_state_dict_pre_hook(_translate_pre_hook),
-                                 self.register_load_state_dict_post_hook(_place_post_hook))
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in _UNPICKLED and not k.endswith("_hooks")}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._install_state_hooks()
-
-    def _translate_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """Only state dicts of this optimizer's own kind load: another optimizer's groups lack hyperparameters
-        this one steps with, and loading them would break the next step (KeyError) after replacing everything."""
-        wanted = set(self.defaults) - set(_TORCH_ADDED_DEFAULTS)
-        for gi, group in enumerate(state_dict["param_groups"]):
-            missing = sorted(wanted - set(group))
-            if missing:
-                raise ValueError(f"cgd: the state dict's param_groups[{gi}] lacks {', '.join(missing)}: it is not a "
-                                 f"{type(self).__name__} state dict; nothing was loaded")
-        for gi, group in enumerate(state_dict["param_groups"]):
-            for j, pid in enumerate(group["params"]):
-                saved = state_dict["state"].get(pid)
-                if not saved:  # no state yet: the first step creates it
-                    continue
-                required = self._required_state(group, j, saved)
-                lacking = [k for k in required if k not in saved]
-                if lacking:
-                    raise ValueError(f"cgd: the state dict's state of parameter id {pid!r} lacks "
-                                     f"{', '.join(map(repr, lacking))} (it has {', '.join(map(repr, saved))}); "
-                                     "nothing was loaded")
-                for key, value in saved.items():
-                    wrong = not isinstance(value, int) or value < 0 if key == "calls" else (
-                        key in required and not isinstance(value, torch.Tensor))
-                    if wrong:
-                        raise ValueError(f"cgd: the state dict's state {key!r} of parameter id {pid!r} is "
-                                         f"{type(value).__name__} {value!r}, not "
-                                         f"{'a count' if key == 'calls' else 'a tensor'}; nothing was loaded")
-        return state_dict
-
-    def _required_state(self, group: dict[str, Any], j: int, saved: dict[str, Any]) -> tuple[str, ...]:
-        """The state keys parameter j of a saved group must have, given that it has `saved` (not empty): the step
-        cannot recreate a part of it without silently restarting the rest."""
-        return ()
-
-    def _place_state(self, key: str, value: Any, p: torch.Tensor) -> Any:
-        if not isinstance(value, torch.Tensor):
-            return value
-        if key in self._INT_KEYS:
-            dtype = torch.int32
-        elif key in _COUNTER_KEYS + self._FLOAT64_KEYS:
-            dtype = torch.float64
-        elif key in self._FLOAT32_KEYS:
-            dtype = torch.float32
-        else:
-            dtype = state_dtype(p)
-        if self._STATE_LIKE_PARAM and value.shape == p.shape:  # walked in the parameter's memory order
-            return torch.empty_like(p, dtype=dtype).copy_(value)
-        return value.detach().to(p.device, dtype, copy=True).contiguous()
-
-
-# What the non-finite check catches (cgd.h, cgd_nonfinite_check): a value whose square overflows the state's
-# second moments is as unusable as an Inf, so it is caught with them.
-UNUSABLE = "contains NaN, Inf, or a value too large for the optimizer state to square"
-
-
-def overflow_limit(p: torch.Tensor, summed: int = 1) -> float:
-    """The gradient magnitude from which a step's second moments would overflow p's state precision: half the
-    square root of its largest value (the centered and belief moments square a difference of two gradients),
-    over sqrt(summed) where `summed` squares add up in one entry (a Kronecker factor's Gram sums)."""
-    return math.sqrt(torch.finfo(state_precision([p])).max / max(summed, 1)) / 2
-
-
-def smallest_eps(params: Iterable[torch.Tensor]) -> float:
-    """The smallest positive eps the kernels of these parameters see as nonzero: float64's least subnormal when
-    every parameter keeps float64 state, else float32's (2^-149 = 1.4e-45; 1e-300 rounds to 0 there)."""
-    return 5e-324 if state_precision(params) == torch.float64 else 2.0**-149
-
-
-def check_writable(label: str, p: torch.Tensor) -> None:
-    """torch.optim's in-place updates refuse an inference tensor outside inference mode; so does every step here,
-    before anything changes (the kernels write through raw pointers, past the check torch's own ops make)."""
-    if p.is_inference() and not torch.is_inference_mode_enabled():
-        raise RuntimeError(f"cgd: parameter {label} is an inference tensor: Inplace update to inference tensor "
-                           "outside InferenceMode is not allowed (create the parameter outside torch.inference_mode, "
-                           "or clone it first)")
-
-
-def mark_updated(params: Iterable[torch.Tensor]) -> None:
-    """Bumps each stepped parameter's autograd version counter, as torch's in-place ops do (the kernels write
-    through raw pointers, which autograd cannot see): a backward through a graph saved before the step then
-    raises "modified by an inplace operation" instead of silently using the new values."""
-    torch.autograd.graph.increment_version(list(params))
-
-
-def check_grad_shape(label: str, p: torch.Tensor, g: torch.Tensor) -> None:
-    """A gradient must have its parameter's shape: copying one into the parameter's layout would broadcast it."""
-    if tuple(g.shape) != tuple(p.shape):
-        raise ValueError(f"cgd: the gradient of parameter {label} has shape {tuple(g.shape)}, but the parameter has "
-                         f"shape {tuple(p.shape)}")
-
-
-def group_param_label(group: dict[str, Any], j: int) -> str:
-    """How messages name parameter j of a group: its name when the group has names, else its index; with shape."""
-    names = group.get("param_names")
-    shape = tuple(group["params"][j].shape)
-    return f"'{names[j]}' (shape {shape})" if names else f"params[{j}] (shape {shape})"
-
-
-def resolve_nonfinite(nonfinite: str | None, capturable: bool, policies: tuple[str, ...]) -> str:
-    """The non-finite policy: "raise" by default, or "skip" under capturable=True, where raising would need the
-    flag on the host (a synchronisation CUDA-graph capture forbids)."""
-    if nonfinite is None:
-        nonfinite = "skip" if capturable and "skip" in policies else ("ignore" if capturable else "raise")
-    if nonfinite not in policies:
-        raise _bad("nonfinite", nonfinite, f"must be one of {policies}")
-    if capturable and nonfinite == "raise":
-        raise _bad("nonfinite", nonfinite, "capturable=True cannot raise: that reads the non-finite flag on the "
-                   f"host; use one of {tuple(p for p in policies if p != 'raise')}")
-    return nonfinite
-
-
-def check_lr(lr: Any, read_tensor: bool = True) -> None:
-    """lr must be >= 0. A tensor lr must hold one floating element; its value is checked only with
-    ``read_tensor`` (when it is set), since reading it on every step would synchronise with its device."""
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1 or not lr.is_floating_point():
-            raise _bad("lr", lr, "a tensor lr must hold one floating-point element")
-        if not read_tensor:
-            return
-    _check_range("lr", lr, 0.0)
-
-
-def lr_operands(lr: Any, device: torch.device) -> tuple[float, torch.Tensor | None]:
-    """The (lr, lr_tensor) arguments of a diag or induced op for parameters on `device`. A tensor lr on that
-    device goes to the kernel, which reads it there: no host read, and a captured CUDA graph follows a
-    scheduler's in-place change. A tensor lr elsewhere (a CPU tensor for CUDA parameters) is read on the host
-    once per step, as torch.optim does."""
-    if not isinstance(lr, torch.Tensor):
-        return float(lr), None
-    if lr.device == device:
-        return 0.0, lr.detach().reshape(()).to(torch.float32)
-    return _number("lr", lr), None
-
-
-def lr_on_device(lr: Any, params: list[torch.Tensor]) -> Any:
-    """capturable=True keeps lr as a one-element float32 tensor on the parameters' device, so the kernels read it
-    there and an LR scheduler's update (it fill_s a tensor lr in place) reaches a replayed CUDA graph."""
-    if isinstance(lr, torch.Tensor) or not params:
-        return lr
-    return torch.tensor(float(lr), dtype=torch.float32, device=params[0].device)
-
-
-def validate_step_size(group: dict[str, Any], read_lr: bool = True, diagonal: bool = False) -> None:
-    """Checks lr, betas and power, which every CGD optimizer shares."""
-    check_lr(group["lr"], read_lr)
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise _bad("betas", betas, "must be a pair (beta1, beta2)")
-    # beta = 1 (an average that never forgets: torch's SGD momentum=1, RMSprop alpha=1) is for the diagonal step
-    # without bias correction, which would divide by 1 - 1^t = 0; for M1 it needs the heavy-ball sum, whose
-    # gradient weight is not 1 - beta.
-    closed = diagonal and not group["bias_correction"]
-    _check_range("betas[0]", betas[0], 0.0, 1.0, hi_open=not (closed and group.get("heavy_ball", False)))
-    _check_range("betas[1]", betas[1], 0.0, 1.0, hi_open=not closed)
-    _check_range("power", group["power"], 0.0, 1.0, hi_open=False)
 
 
 def validate_group(group: dict[str, Any], read_lr: bool = True, zero_eps: bool = False) -> None:
@@ -360,28 +59,28 @@ def validate_group(group: dict[str, Any], read_lr: bool = True, zero_eps: bool =
     torch.optim preset's, whose eps = 0 gives torch's own result (NaN where the second moment is 0)."""
     validate_step_size(group, read_lr, diagonal=True)
     betas = group["betas"]
-    eps = _check_range("eps", group["eps"], 0.0)
+    eps = in_range("eps", group["eps"], 0.0)
     tiny = smallest_eps(group.get("params", ()))
     if not zero_eps and group["power"] != 0.0 and eps < tiny:
-        raise _bad("eps", group["eps"], f"must be at least {tiny:.3g}, the smallest value the state's precision "
+        raise bad("eps", group["eps"], f"must be at least {tiny:.3g}, the smallest value the state's precision "
                    "holds: with eps = 0 (or a value that rounds to it) the metric (eps + C)^power is 0 at a "
                    "coordinate whose gradient is exactly 0, and its step 0/0 is NaN")
-    _check_range("weight_decay", group["weight_decay"], 0.0)
-    _check_range("m2_init", group["m2_init"], 0.0)
-    _check_range("dampening", group["dampening"], 0.0, 1.0, hi_open=False)
+    in_range("weight_decay", group["weight_decay"], 0.0)
+    in_range("m2_init", group["m2_init"], 0.0)
+    in_range("dampening", group["dampening"], 0.0, 1.0, hi_open=False)
     if group["moment"] not in MOMENTS:
-        raise _bad("moment", group["moment"], f"must be one of {MOMENTS}")
+        raise bad("moment", group["moment"], f"must be one of {MOMENTS}")
     if group["bias_correction"] and group["m2_init"] != 0.0 and group["power"] != 0.0:
-        raise _bad(
+        raise bad(
             "m2_init",
             group["m2_init"],
             "bias_correction=True assumes the second moment starts at 0 (Adam); "
             "the paper's start m2_init=1.0 goes with bias_correction=False",
         )
     if group["nesterov"] and betas[0] == 0.0:
-        raise _bad("nesterov", True, "Nesterov momentum needs betas[0] > 0")
+        raise bad("nesterov", True, "Nesterov momentum needs betas[0] > 0")
     if group["heavy_ball"] and group["moment"] != "raw" and group["power"] != 0.0:
-        raise _bad(
+        raise bad(
             "moment",
             group["moment"],
             "heavy_ball=True keeps a sum of gradients, not an average, so it has no variance; "
@@ -557,8 +256,9 @@ class CGD(BaseOptimizer):
     directly (:meth:`load_state_dict`).
     """
 
-    _step_supports_amp_scaling = True  # GradScaler hands over grad_scale and found_inf instead of unscaling
     _NON_NEGATIVE_KEYS = _ELEMENTWISE_SECOND_MOMENTS
+    _DTYPES = SUPPORTED_DTYPES + COMPLEX_DTYPES
+    _FUSED_GUARD = True
     _EPS_AS_TORCH = False  # the presets of torch's Adam, AdamW and RMSprop take eps = 0 as torch does
 
     def __init__(
@@ -585,38 +285,20 @@ class CGD(BaseOptimizer):
     ) -> None:
         if tau is not None:
             if betas is not _DEFAULT_BETAS:
-                raise _bad("tau", tau, "pass either betas or tau, not both")
+                raise bad("tau", tau, "pass either betas or tau, not both")
             betas = betas_from_tau(tau)
-        defaults = dict(
-            lr=lr,
-            betas=pair("betas", betas),
-            power=power,
-            eps=eps,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            moment=moment,
-            eps_inside=eps_inside,
-            bias_correction=bias_correction,
-            m2_init=m2_init,
-            nesterov=nesterov,
-            heavy_ball=heavy_ball,
-            dampening=dampening,
-            maximize=maximize,
-        )
+        defaults = dict(lr=lr, betas=pair("betas", betas), power=power, eps=eps, weight_decay=weight_decay,
+                        decoupled_weight_decay=decoupled_weight_decay, moment=moment, eps_inside=eps_inside,
+                        bias_correction=bias_correction, m2_init=m2_init, nesterov=nesterov, heavy_ball=heavy_ball,
+                        dampening=dampening, maximize=maximize)
         self._init_cgd(params, defaults, nonfinite, capturable)
 
     def _init_cgd(self, params: Any, defaults: dict[str, Any], nonfinite: str | None, capturable: bool) -> None:
-        """Construction shared by CGD and the presets, whose defaults are torch's argument names: the non-finite
-        policy and capturable first (add_param_group reads them), then torch's Optimizer."""
-        self.capturable = bool(capturable)
-        self.nonfinite = resolve_nonfinite(nonfinite, self.capturable, NONFINITE_POLICIES)
-        self._skipped: torch.Tensor | None = None
-        self._pending: list[_GuardFlags] = []
+        """Construction shared by CGD and the presets, whose defaults are torch's argument names."""
         # The hyperparameters first, as torch.optim checks them before it looks at params.
         # eps's lower bound depends on the parameters' precision: checked per group, once they are known.
         validate_group(self._cgd_group({**defaults, "params": []}), zero_eps=True)
-        Optimizer.__init__(self, params, defaults)
-        self._install_state_hooks()
+        self._init_base(params, defaults, nonfinite, capturable)
 
     def _cgd_group(self, group: dict[str, Any]) -> dict[str, Any]:
         """The group with CGD's hyperparameters (the keys of CGD's constructor). The presets keep torch's
@@ -624,54 +306,13 @@ class CGD(BaseOptimizer):
         arguments and schedulers that change them (OneCycleLR's momentum, say) act as in torch."""
         return group
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        # Pickles made before these attributes travelled with the optimizer.
-        self.__dict__.setdefault("nonfinite", "raise")
-        self.__dict__.setdefault("capturable", False)
-        self.__dict__.setdefault("_skipped", None)
-        self.__dict__.setdefault("_pending", [])
-        # A group saved before a hyperparameter existed gets its default; not the keys torch's own __setstate__
-        # adds to the defaults (`differentiable`), which would make state_dict() differ from the one saved.
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                if key not in _TORCH_ADDED_DEFAULTS:
-                    group.setdefault(key, value)
+    def _check_group(self, gi: int, group: dict[str, Any]) -> None:
+        validate_group(self._cgd_group(group), zero_eps=self._EPS_AS_TORCH)
+        super()._check_group(gi, group)
+        if self.capturable:
+            group["lr"] = lr_on_device(group["lr"], group["params"])
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            validate_group(self._cgd_group(group), zero_eps=self._EPS_AS_TORCH)
-            if self.capturable:
-                group["lr"] = lr_on_device(group["lr"], group["params"])
-            for j, p in enumerate(group["params"]):
-                if p.dtype not in SUPPORTED_DTYPES + COMPLEX_DTYPES:
-                    kind = "complex" if p.is_complex() else str(p.dtype)
-                    raise ValueError(
-                        f"cgd: parameter {self._label(len(self.param_groups) - 1, j)} is {kind} "
-                        f"({p.dtype}); supported parameter dtypes are float32, float16, bfloat16, float64, "
-                        "complex64 and complex128"
-                    )
-        except ValueError:
-            self.param_groups.pop()
-            raise
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped for non-finite gradients under ``nonfinite="skip"`` (reading it synchronises)."""
-        return 0 if self._skipped is None else int(self._skipped.item())
-
-    # ---- the step ----
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Performs one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
-        self.check_nonfinite()
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _step(self, loss: Any) -> Any:
         groups = [self._cgd_group(group) for group in self.param_groups]
         for hparams in groups:
             validate_group(hparams, read_lr=False, zero_eps=self._EPS_AS_TORCH)
@@ -698,7 +339,8 @@ class CGD(BaseOptimizer):
     def _run(self, batches: list[_Batch], loss: Any) -> Any:
         if not batches:
             return loss
-        skip = self._skip_flag(batches)
+        skip = self._skip_flag(lambda: [(b.where, b.grads, [overflow_limit(p) for p in b.sharded], b.sharded)
+                                        for b in batches])
         grad_scale = getattr(self, "grad_scale", None)
         guard = self.nonfinite == "raise" and batches[0].params[0].device.type != "meta"
         for i, batch in enumerate(batches):
@@ -721,36 +363,19 @@ class CGD(BaseOptimizer):
         if not self._pending:  # (and no attribute written: torch.compile traces the step without one)
             return
         pending, self._pending = self._pending, []
-        bad = [self._label(*where) for guard in pending for where in guard.found()]
-        if bad:
+        held = [self._label(*where) for guard in pending for where in guard.found()]
+        if held:
             raise NonFiniteGradientError(
-                f"cgd: the gradient of {', '.join(bad)} {UNUSABLE}; those "
+                f"cgd: the gradient of {', '.join(held)} {UNUSABLE}; those "
                 "entries kept their parameter and state values, every other entry took the step "
                 "(nonfinite='raise'). Pass nonfinite='skip' to skip such steps whole instead, or nonfinite='ignore' "
                 "to apply them as torch.optim does"
             )
 
-    def _label(self, gi: int, j: int) -> str:
-        group = self.param_groups[gi]
-        p = group["params"][j]
-        names = group.get("param_names")
-        where = f"param_groups[{gi}]['params'][{j}]"
-        return f"'{names[j]}' ({where}, shape {tuple(p.shape)})" if names else f"{where} (shape {tuple(p.shape)})"
-
     def _gather(self, gi: int, group: dict[str, Any]) -> list[_Batch]:
         need_m1, m2_key = _state_kinds(group)
         batches: dict[tuple[Any, ...], _Batch] = {}
-        for j, p in enumerate(group["params"]):
-            g = p.grad
-            if g is None:
-                continue
-            if g.is_sparse:
-                raise RuntimeError(
-                    f"cgd: parameter {self._label(gi, j)} has a sparse gradient, which CGD does not support; "
-                    "use torch.optim.SparseAdam for sparse embeddings, or dense gradients"
-                )
-            check_grad_shape(self._label(gi, j), p, g)
-            check_writable(self._label(gi, j), p)
+        for j, p, g in self._gradients(gi, group, complex_ok=True):
             view, g = local(p), local(g)  # DTensor (FSDP2) parameters: the kernels step the local shard
             work = view if _dense(view) else view.contiguous()  # a view with gaps: one copy in, one back
             if g.stride() != work.stride() or not _dense(g):
@@ -784,27 +409,6 @@ class CGD(BaseOptimizer):
                 batch.exp_avg_sqs.append(_real(local(state[m2_key])))
         return list(batches.values())
 
-    def _skip_flag(self, batches: list[_Batch]) -> torch.Tensor | None:
-        """A one-element tensor that is nonzero when the step must be skipped, or None for never."""
-        found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None:  # GradScaler already checked every gradient
-            return found_inf
-        if self.nonfinite != "skip" or batches[0].params[0].device.type == "meta":  # meta: no values to check
-            return None
-        checks = [torch.ops.cgd.nonfinite_flags(b.grads, [overflow_limit(p) for p in b.sharded]) for b in batches]
-        device = checks[0][1].device
-        total = checks[0][1]
-        for _, found in checks[1:]:
-            total = total + found.to(device, non_blocking=True)
-        # Under FSDP2 every rank must take the same decision, whichever shard held the NaN.
-        total = sum_over_shards(total, chain.from_iterable(b.sharded for b in batches))
-        # One counter, allocated on the first (uncaptured) step and added to in place: a captured step's replays
-        # keep adding to it.
-        if self._skipped is None:
-            self._skipped = torch.zeros((), dtype=torch.float64, device=device)
-        self._skipped.add_(total)
-        return total
-
     def _apply(self, batch: _Batch, grad_scale: torch.Tensor | None, skip: torch.Tensor | None,
                guard: bool) -> None:
         group = batch.group
@@ -812,10 +416,7 @@ class CGD(BaseOptimizer):
         if guard and batch.guard_flags is None:
             batch.guard_flags = torch.empty(len(batch.params), dtype=torch.int32, device=device)
             batch.guard_limit = overflow_limit(batch.params[0])
-        if skip is not None and skip.device != device:
-            skip = skip.to(device, non_blocking=True)
-        if grad_scale is not None and grad_scale.device != device:
-            grad_scale = grad_scale.to(device, non_blocking=True)
+        skip, grad_scale = on_device(skip, device), on_device(grad_scale, device)
         beta1, beta2 = group["betas"]
         lr, lr_tensor = lr_operands(group["lr"], device)
         torch.ops.cgd.diag_step_(
@@ -859,7 +460,7 @@ class CGD(BaseOptimizer):
         preset loading its torch namesake's checkpoint included); a foreign state dict (e.g. torch's Adam into
         ``cgd.CGD``) contributes its state only, and the hyperparameters stay as constructed."""
         groups = state_dict["param_groups"]
-        if not all(set(self.defaults) - set(_TORCH_ADDED_DEFAULTS) <= set(g) for g in groups):
+        if not all(set(self.defaults) - set(TORCH_ADDED_DEFAULTS) <= set(g) for g in groups):
             groups = self._keep_our_groups(groups)
         return {**state_dict, "param_groups": groups, "state": self._translate_state(state_dict["state"])}
 
