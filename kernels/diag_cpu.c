@@ -22,7 +22,7 @@
 /*
  * One element range of one tensor; returns 1 when the guard held an entry back. Called with constant dtype,
  * metric, eps_inside, has_m1 and scaled from diag_chunk's switch (and always inlined), so each copy is one
- * straight loop (eps outside divides by (1 - beta2^t)^power, a division the other copies would compute and drop):
+ * straight loop (eps outside scales by 1 / (1 - beta2^t)^power, a product the other copies would compute and drop):
  * the remaining options are loop-invariant selects, the constants are locals (no float store can alias them)
  * and the arrays restrict, and the compiler vectorises it. An unscaled copy divides by nothing: the division
  * by a grad_scale of 1 would be exact but costs as much as the rest of the update.

@@ -180,7 +180,8 @@ typedef struct cgd_diag_step_consts {
     cgd_real decay_factor; /* 1 - lr * weight_decay */
     cgd_real inv_bc1;      /* 1 / (1 - beta1^t), for the centered variance */
     cgd_real inv_bc2;      /* 1 / (1 - beta2^t) */
-    cgd_real bc2_pow;      /* (1 - beta2^t)^power: divides C^power when eps sits outside, as torch's Adam does */
+    cgd_real inv_bc2_pow;  /* 1 / (1 - beta2^t)^power: scales C^power when eps sits outside (torch's Adam divides;
+                              the product is within an ulp of that quotient and spares the divider) */
 } cgd_diag_step_consts;
 
 CGD_HD cgd_diag_consts cgd_diag_make_consts(const cgd_diag_hparams *h) {
@@ -234,7 +235,7 @@ CGD_HD cgd_diag_step_consts cgd_diag_make_step_consts(const cgd_diag_consts *k, 
     s.decay_factor = (cgd_real)(1.0 - (double)lr * k->weight_decay_d);
     s.inv_bc1 = (cgd_real)(1.0 / bc1);
     s.inv_bc2 = (cgd_real)(1.0 / bc2);
-    s.bc2_pow = (cgd_real)pow(bc2, (double)k->power);
+    s.inv_bc2_pow = (cgd_real)(1.0 / pow(bc2, (double)k->power));
     return s;
 }
 
@@ -287,7 +288,7 @@ CGD_HD void cgd_diag_update(const cgd_diag_consts *k, const cgd_diag_step_consts
     /* centered: (eps + var)^a or var^a + eps; raw and belief: (eps + c / bc2)^a or c^a / bc2^a + eps (torch) */
     const cgd_real base = cgd_pick(centered, var, cgd_pick(inside, c * s->inv_bc2, c));
     const cgd_real g_power = cgd_metric_power(k->metric, cgd_pick(inside, k->eps + base, base), k->power);
-    const cgd_real denom = cgd_pick(inside, g_power, cgd_pick(centered, g_power, g_power / s->bc2_pow) + k->eps);
+    const cgd_real denom = cgd_pick(inside, g_power, cgd_pick(centered, g_power, g_power * s->inv_bc2_pow) + k->eps);
     *p = param - s->step_size * (force / denom);
 }
 

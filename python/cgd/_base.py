@@ -31,7 +31,9 @@ UNUSABLE = "contains NaN, Inf, or a value too large for the optimizer state to s
 
 
 class NonFiniteGradientError(RuntimeError):
-    """A gradient held NaN or Inf under ``nonfinite="raise"``; the step was not applied."""
+    """A gradient held NaN, Inf or a value too large to square under ``nonfinite="raise"``. What the step did
+    with it depends on the family (the message says, and the README's table): cgd.CGD held those entries back,
+    FullCGD and InducedMetric changed nothing."""
 
 
 def state_dtype(p: torch.Tensor) -> torch.dtype:
