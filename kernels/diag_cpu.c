@@ -21,13 +21,15 @@
 
 /*
  * One element range of one tensor; returns 1 when the guard held an entry back. Called with constant dtype,
- * metric, eps_inside, has_m1 and scaled from diag_chunk's switch (and always inlined), so each copy is one
+ * metric, eps_inside, has_m1, scaled and plain from diag_chunk's switch (and always inlined), so each copy is one
  * straight loop (eps outside scales by 1 / (1 - beta2^t)^power, a product the other copies would compute and drop):
  * the remaining options are loop-invariant selects, the constants are locals (no float store can alias them)
  * and the arrays restrict, and the compiler vectorises it. An unscaled copy divides by nothing: the division
- * by a grad_scale of 1 would be exact but costs as much as the rest of the update.
+ * by a grad_scale of 1 would be exact but costs as much as the rest of the update. A plain copy (diag_plain: the
+ * raw moment, no maximize, no Nesterov, no L2 decay; Adam's, AdamW's and the default's options) drops the
+ * selects of the others, whose discarded sides would double the loop's arithmetic.
  */
-static CGD_ALWAYS_INLINE int diag_range(cgd_dtype dtype, int metric, int inside, int has_m1, int scaled,
+static CGD_ALWAYS_INLINE int diag_range(cgd_dtype dtype, int metric, int inside, int has_m1, int scaled, int plain,
                                         const cgd_diag_consts *kp, const cgd_diag_step_consts *sp,
                                         const cgd_diag_tensor *t, cgd_real scale, int64_t begin, int64_t end) {
     cgd_diag_consts k = *kp;
@@ -35,6 +37,12 @@ static CGD_ALWAYS_INLINE int diag_range(cgd_dtype dtype, int metric, int inside,
     k.eps_inside = inside;
     k.has_m1 = has_m1;
     k.has_m2 = metric != CGD_METRIC_NONE;
+    if (plain) {
+        k.moment = CGD_MOMENT_RAW;
+        k.maximize = 0;
+        k.nesterov = 0;
+        k.decoupled_weight_decay = 1; /* no decay at all, or decoupled: the same selects */
+    }
     const cgd_diag_step_consts s = *sp;
     void *restrict param = t->param;
     const void *restrict grad = t->grad;
@@ -54,16 +62,25 @@ static CGD_ALWAYS_INLINE int diag_range(cgd_dtype dtype, int metric, int inside,
     return held;
 }
 
-#define CGD_RANGE(DT, METRIC, IN, M1, SCALED) \
-    diag_range(DT, METRIC, IN, M1, SCALED, k, s, t, grad_scale, begin, end)
-#define CGD_BY_SCALE(DT, METRIC, IN, M1) (scaled ? CGD_RANGE(DT, METRIC, IN, M1, 1) : CGD_RANGE(DT, METRIC, IN, M1, 0))
-#define CGD_BY_M1(DT, METRIC, IN) (k->has_m1 ? CGD_BY_SCALE(DT, METRIC, IN, 1) : CGD_BY_SCALE(DT, METRIC, IN, 0))
+/* The options diag_range's plain copies fix. */
+static int diag_plain(const cgd_diag_consts *k) {
+    return k->moment == CGD_MOMENT_RAW && !k->maximize && !k->nesterov &&
+           (k->decoupled_weight_decay || k->weight_decay == CGD_R(0.0));
+}
+
+#define CGD_RANGE(DT, METRIC, IN, M1, SCALED, PLAIN) \
+    diag_range(DT, METRIC, IN, M1, SCALED, PLAIN, k, s, t, grad_scale, begin, end)
+#define CGD_BY_SCALE(DT, METRIC, IN, M1, PLAIN) \
+    (scaled ? CGD_RANGE(DT, METRIC, IN, M1, 1, PLAIN) : CGD_RANGE(DT, METRIC, IN, M1, 0, PLAIN))
+#define CGD_BY_M1(DT, METRIC, IN, PLAIN) \
+    (k->has_m1 ? CGD_BY_SCALE(DT, METRIC, IN, 1, PLAIN) : CGD_BY_SCALE(DT, METRIC, IN, 0, PLAIN))
+#define CGD_BY_PLAIN(DT, METRIC, IN) (plain ? CGD_BY_M1(DT, METRIC, IN, 1) : CGD_BY_M1(DT, METRIC, IN, 0))
 #define CGD_BY_MOMENTS(DT, METRIC)                                                                             \
     do {                                                                                                       \
         if (METRIC == CGD_METRIC_NONE || k->eps_inside)                                                        \
-            held = CGD_BY_M1(DT, METRIC, 1);                                                                   \
+            held = CGD_BY_PLAIN(DT, METRIC, 1);                                                                \
         else                                                                                                   \
-            held = CGD_BY_M1(DT, METRIC, 0);                                                                   \
+            held = CGD_BY_PLAIN(DT, METRIC, 0);                                                                \
     } while (0)
 #define CGD_BY_METRIC(DT) CGD_DISPATCH_METRIC(k->metric, CGD_BY_MOMENTS, DT)
 
@@ -77,6 +94,7 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 static int diag_chunk(cgd_dtype dtype, const cgd_diag_consts *k, const cgd_diag_step_consts *s,
                       const cgd_diag_tensor *t, int scaled, cgd_real grad_scale, int64_t begin, int64_t end) {
     int held = 0;
+    const int plain = diag_plain(k);
 #if CGD_F64
     (void)dtype;
     CGD_BY_METRIC(CGD_FLOAT64);

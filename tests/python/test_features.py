@@ -390,3 +390,24 @@ def test_a_steady_loop_gathers_once(monkeypatch, sizes, with_grad):
             p.grad = torch.randn_like(p) if has else None
         opt.step()
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(power=0.4), dict(eps_inside=False, power=0.5), dict(betas=(0.0, 0.99))],
+                         ids=["sqrt", "pow", "eps outside", "no M1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_the_cpu_kernels_plain_and_general_copies_agree_bit_for_bit(kw, dtype):
+    """maximize=True on -g takes the same values as maximize=False on g, through the kernel's general copy and its
+    plain one (raw moment, no maximize/Nesterov/L2: the options Adam and the default use)."""
+    torch.manual_seed(3)
+    start = torch.randn(40003, dtype=dtype)  # two of the kernel's chunks, the second with a vector tail
+    plain_p, general_p = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    plain = cgd.CGD([plain_p], lr=1e-2, weight_decay=0.1, **kw)
+    general = cgd.CGD([general_p], lr=1e-2, weight_decay=0.1, maximize=True, **kw)
+    for _ in range(3):
+        g = torch.randn(40003, dtype=dtype)
+        plain_p.grad, general_p.grad = g.clone(), -g
+        plain.step()
+        general.step()
+    assert torch.equal(plain_p, general_p)
+    for key, value in plain.state[plain_p].items():
+        assert torch.equal(value, general.state[general_p][key]), key
