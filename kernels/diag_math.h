@@ -99,33 +99,35 @@ CGD_HD cgd_real_bits cgd_magnitude_bits(cgd_real x) {
 CGD_HD float cgd_exp2i(int32_t k) { return cgd_from_bits((uint32_t)(k + 127) << 23); }
 
 /*
- * x^a for float x and a in (0, 1], as 2^(a log2 x) in float arithmetic with fixed polynomials and integer
+ * v x^a for float x and a in [-1, 1] other than 0, as v 2^(a log2 x) in float arithmetic with fixed polynomials and integer
  * exponent arithmetic: no table, no call and no data-dependent branch, so the compiler vectorises it at the full
  * float width (libm's powf is a call per element). Every choice is integer masking or a pick, not a conditional:
  * a conditional lets the compiler thread the special inputs into a separate path, which the vectoriser refuses.
  *
  * Error against float64 pow: below 4e-7 relative (about 3 float ulps; tested), from
  *   log2 m (m in [sqrt(1/2), sqrt(2))): a polynomial, |error| <= 2.2e-8 plus the rounding of its evaluation;
- *   a e with e the integer exponent, the largest term (|a e| <= 149): a is split into a 12-bit head, whose
- *   product with e is exact, and a tail, so the integer part of y = a log2 x is found exactly and the rest,
- *   |f| <= 1/2 after a second rounding, carries at most 2.5e-7 of absolute error (1.7e-7 relative in 2^f);
+ *   a e with e the integer exponent, the largest term (|a e| <= 149): kept exactly as a float pair, so the
+ *   fraction f of y = a log2 x carries only the rounding of a log2 m and of one sum (about 6e-8 absolute);
  *   2^f: the Taylor series to z^7/7! (truncation 6e-9) rounded in float (about 1.5e-7); the final scaling by
- *   2^n rounds once. a = 1 returns x itself; x = 0 gives 0, +Inf gives +Inf, NaN or x < 0 gives NaN, as powf.
+ *   2^n rounds once (v q is scaled, so v x^a overflows or goes subnormal only where it is so: the metric step
+ *   multiplies by x^-a, with no division). cgd_powf_poly is v = 1. a = 1 returns v x; x = 0 gives 0 (a > 0)
+ *   or +Inf (a < 0), +Inf gives +Inf or 0, NaN or x < 0 gives NaN, each times v, as powf.
  * The polynomials use explicit fused multiply-adds (cgd_rfma: one rounding, IEEE on every back end, so the CPU
  * copies and the GPU still agree bit for bit): the loop around this is bound by the latency of its dependency
  * chain, which a separate multiply and add would double.
  */
-CGD_HD float cgd_powf_poly(float x, float a) {
+CGD_HD float cgd_powf_times(float x, float a, float v) {
     const uint32_t regular = (uint32_t)0 - (uint32_t)((x > 0.0f) & (x < (float)INFINITY));
     /* A subnormal x is scaled into the normal range (exactly, by 2^24) and its exponent corrected. */
     const int32_t tiny = x < 1.17549435e-38f;
     const float scaled = cgd_pick(tiny, x * 16777216.0f, x);
     /* Irregular inputs compute on 1 and are replaced at the end. */
     const uint32_t bits = (cgd_bits(scaled) & regular) | (cgd_bits(1.0f) & ~regular);
-    const float m1 = cgd_from_bits((bits & 0x007fffffu) | 0x3f800000u);
-    const int32_t high = m1 > 1.41421356f;
-    const float m = cgd_pick(high, 0.5f * m1, m1);
-    const int32_t e = (int32_t)(bits >> 23) - 127 + high - (tiny & (int32_t)(regular & 1u)) * 24;
+    /* x = 2^k m with m in [sqrt(1/2), sqrt(2)): adding 1.0f's bits less sqrt(1/2)'s carries into the exponent
+       exactly when the mantissa is at least sqrt(2)'s, so k and m come from integer operations alone. */
+    const int32_t k = (int32_t)((bits + (0x3f800000u - 0x3f3504f3u)) >> 23) - 127;
+    const float m = cgd_from_bits(bits - ((uint32_t)k << 23));
+    const int32_t e = k - (tiny & (int32_t)(regular & 1u)) * 24;
     /* log2 m = u P(u), u = m - 1 (exact) in [sqrt(1/2) - 1, sqrt(2) - 1]: P of degree 8, a least-squares fit
        on Chebyshev nodes of that interval, within 2.2e-8 of log2 m with its coefficients in float; evaluated in
        Estrin's pairs. No division: the divider is the slowest unit the loop uses. */
@@ -134,17 +136,16 @@ CGD_HD float cgd_powf_poly(float x, float a) {
     const float l45 = cgd_rfma(-0.2387827337f, u, 0.2876248062f), l67 = cgd_rfma(-0.2088673115f, u, 0.2178854942f);
     const float l03 = cgd_rfma(l23, u2, l01), l47 = cgd_rfma(l67, u2, l45);
     const float log2m = u * cgd_rfma(0.1224903390f * u4, u4, cgd_rfma(l47, u4, l03));
-    /* y = a e + a log2 m with a = head + tail: head * e is exact (12 + 8 bits), so its integer part n0 is. */
-    const float head = cgd_from_bits(cgd_bits(a) & 0xfffff000u), tail = a - head;
+    /* y = a e + a log2 m = n + f: a e = yh + yl exactly (the fused multiply-add returns the product's rounding
+       error), so n, the integer nearest y, comes from yh + w, w = a log2 m + yl, and f = (yh - n) + w rounds once
+       (yh - n is exact), |f| <= 1/2 plus that rounding. */
     const float fe = (float)e;
-    const float exact = head * fe;
+    const float yh = a * fe, yl = cgd_rfma(a, fe, -yh);
+    const float w = cgd_rfma(a, log2m, yl);
     const float shift = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer held in the low bits */
-    const float n0 = (exact + shift) - shift;
-    const float rest = (exact - n0) + (tail * fe + a * log2m); /* |rest| <= 1.04 */
-    const float shifted = rest + shift;
-    const float n1 = shifted - shift;
-    const float f = rest - n1; /* |f| <= 1/2 */
-    const int32_t n = (int32_t)(cgd_bits(shifted) - cgd_bits(shift)) + (int32_t)(cgd_bits(n0 + shift) - cgd_bits(shift));
+    const float shifted = (yh + w) + shift;
+    const float f = (yh - (shifted - shift)) + w;
+    const int32_t n = (int32_t)(cgd_bits(shifted) - cgd_bits(shift));
     /* 2^f = e^(f ln 2), |f ln 2| <= 0.347: the Taylor series to (f ln 2)^7/7!, its coefficients c_k =
        ln2^k / k! taken in f, evaluated in Estrin's pairs (three levels of fused multiply-adds deep, not seven). */
     const float f2 = f * f, f4 = f2 * f2;
@@ -155,10 +156,14 @@ CGD_HD float cgd_powf_poly(float x, float a) {
     /* 2^n in two factors, each a normal float for n in [-149, 128]; the second product rounds once, to a
        subnormal where the result is one. */
     const int32_t half = n / 2;
-    const float r = (q * cgd_exp2i(half)) * cgd_exp2i(n - half);
-    const float special = cgd_pick(x == 0.0f, 0.0f, cgd_pick(x > 0.0f, x, NAN));
-    return cgd_pick(a == 1.0f, x, cgd_pick(regular != 0, r, special));
+    const float r = ((v * q) * cgd_exp2i(half)) * cgd_exp2i(n - half);
+    const int32_t rising = a > 0.0f;
+    const float special = cgd_pick(x == 0.0f, cgd_pick(rising, 0.0f, INFINITY),
+                                   cgd_pick(x > 0.0f, cgd_pick(rising, INFINITY, 0.0f), NAN));
+    return cgd_pick(a == 1.0f, v * x, cgd_pick(regular != 0, r, v * special));
 }
+
+CGD_HD float cgd_powf_poly(float x, float a) { return cgd_powf_times(x, a, 1.0f); }
 #endif
 
 /* Per-call constants in the real type the kernels compute in (real.h). */
@@ -287,6 +292,12 @@ CGD_HD void cgd_diag_update(const cgd_diag_consts *k, const cgd_diag_step_consts
     const cgd_real var = cgd_pick(spread > CGD_R(0.0), spread, CGD_R(0.0)); /* the variance, clamped at 0 */
     /* centered: (eps + var)^a or var^a + eps; raw and belief: (eps + c / bc2)^a or c^a / bc2^a + eps (torch) */
     const cgd_real base = cgd_pick(centered, var, cgd_pick(inside, c * s->inv_bc2, c));
+#if !CGD_F64
+    if (k->metric == CGD_METRIC_POW && inside) { /* force (eps + base)^-a: a product, not a quotient */
+        *p = param - s->step_size * cgd_powf_times(k->eps + base, -k->power, force);
+        return;
+    }
+#endif
     const cgd_real g_power = cgd_metric_power(k->metric, cgd_pick(inside, k->eps + base, base), k->power);
     const cgd_real denom = cgd_pick(inside, g_power, cgd_pick(centered, g_power, g_power * s->inv_bc2_pow) + k->eps);
     *p = param - s->step_size * (force / denom);

@@ -1,5 +1,6 @@
-// The vectorisable x^a of the diagonal metric (kernels/diag_math.h, cgd_powf_poly) against float64 pow: within
-// the stated 4e-7 relative everywhere tried, subnormal inputs and results included, exact at the ends.
+// The vectorisable x^a of the diagonal metric (kernels/diag_math.h, cgd_powf_poly, and v x^a, cgd_powf_times, for
+// the negative exponents of the step's product) against float64 pow: within the stated 4e-7 relative everywhere
+// tried, subnormal inputs and results included, exact at the ends.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -40,6 +41,40 @@ TEST(DiagMath, PowerPolynomialIsWithinItsBoundOfFloat64Pow) {
     }
     EXPECT_LE(worst, 4e-7);
     EXPECT_LE(worst_ulps, 4);
+}
+
+TEST(DiagMath, ScaledNegativePowerKeepsItsBoundAndOverflowsOnlyWhereTheProductDoes) {
+    std::mt19937 rng(12);
+    std::uniform_real_distribution<double> exponent(-149.0, 127.9), mantissa(1.0, 2.0), scale(-40.0, 40.0);
+    double worst = 0.0;
+    int64_t overflowed = 0, underflowed = 0;
+    for (float a : {-0.1f, -0.23f, -0.4f, -0.5f, -0.7f, -0.99f, -0.999999f}) {
+        for (int i = 0; i < 200000; ++i) {
+            const float x = (float)(mantissa(rng) * std::exp2(std::floor(exponent(rng))));
+            const float v = (float)((i % 2 ? -1.0 : 1.0) * mantissa(rng) * std::exp2(std::floor(scale(rng))));
+            if (!(x > 0.0f)) continue;
+            const double want = (double)v * std::pow((double)x, (double)a);
+            const float got = cgd_powf_times(x, a, v);
+            if (std::fabs(want) > 3.4028e38) { /* beyond float: Inf of v's sign, never a finite garbage value */
+                EXPECT_EQ(got, v > 0 ? INFINITY : -INFINITY) << x << " " << a << " " << v;
+                ++overflowed;
+            } else if (std::fabs(want) >= 1.17549435e-38) {
+                const double rel = std::fabs((double)got - want) / std::fabs(want);
+                worst = rel > worst ? rel : worst;
+            } else {
+                /* the relative bound, plus the half subnormal ulp of the one rounding to the subnormal grid */
+                EXPECT_LE(std::fabs((double)got - want), 4e-7 * std::fabs(want) + 7.1e-46) << x << " " << a << " " << v;
+                ++underflowed;
+            }
+        }
+    }
+    EXPECT_LE(worst, 4e-7);
+    EXPECT_GT(overflowed, 0); /* both ends were reached */
+    EXPECT_GT(underflowed, 0);
+    EXPECT_EQ(cgd_powf_times(0.0f, -0.4f, 2.0f), INFINITY);
+    EXPECT_EQ(cgd_powf_times(INFINITY, -0.4f, 2.0f), 0.0f);
+    EXPECT_TRUE(std::isnan(cgd_powf_times(NAN, -0.4f, 2.0f)));
+    EXPECT_TRUE(std::isnan(cgd_powf_times(-2.0f, -0.4f, 2.0f)));
 }
 
 TEST(DiagMath, PowerPolynomialEndsAndSpecialValues) {
