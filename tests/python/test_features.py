@@ -411,3 +411,33 @@ def test_the_cpu_kernels_plain_and_general_copies_agree_bit_for_bit(kw, dtype):
     assert torch.equal(plain_p, general_p)
     for key, value in plain.state[plain_p].items():
         assert torch.equal(value, general.state[general_p][key]), key
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(power=0.4, moment="centered")], ids=["default", "power centered"])
+def test_cpu_results_do_not_depend_on_the_thread_count(kw):
+    """The CPU kernels split tensors into chunks over torch's thread count; every entry is computed alike
+    whichever thread takes it, so 1, 2 and 3 threads give the same bits (and a NaN entry is held back alike)."""
+    torch.manual_seed(5)
+    start = [torch.randn(300_001), torch.randn(7, 9)]
+    grads = [[torch.randn_like(t) for t in start] for _ in range(3)]
+    grads[1][0][123_456] = math.nan
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            params = [torch.nn.Parameter(t.clone()) for t in start]
+            opt = cgd.CGD(params, lr=1e-2, weight_decay=0.1, **kw)
+            for step_grads in grads:
+                for p, g in zip(params, step_grads):
+                    p.grad = g.clone()
+                try:
+                    opt.step()
+                except cgd.NonFiniteGradientError:
+                    pass
+            results.append([p.detach().clone() for p in params] +
+                           [t.clone() for p in params for t in opt.state[p].values()])
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
