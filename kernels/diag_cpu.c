@@ -84,13 +84,7 @@ static int diag_plain(const cgd_diag_consts *k) {
     } while (0)
 #define CGD_BY_METRIC(DT) CGD_DISPATCH_METRIC(k->metric, CGD_BY_MOMENTS, DT)
 
-/* Compiled for the baseline ISA, AVX2 with FMA (x86-64-v3) and AVX-512 (picked at load time by the CPU): the
-   same operations in the same order in each (no contraction; IEEE division, square root and the explicit fused
-   multiply-adds are correctly rounded at any width), so the results are bit-identical whichever runs. The
-   baseline has no FMA instruction: its power polynomial calls fmaf per element, correct but scalar. */
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#endif
+CGD_CPU_CLONES
 static int diag_chunk(cgd_dtype dtype, const cgd_diag_consts *k, const cgd_diag_step_consts *s,
                       const cgd_diag_tensor *t, int scaled, cgd_real grad_scale, int64_t begin, int64_t end) {
     int held = 0;

@@ -13,6 +13,16 @@
    induced norm's deterministic reduction. */
 #define CGD_MT_CHUNK 32768
 
+/* A CPU loop compiled for the baseline ISA, AVX2 with FMA (x86-64-v3) and AVX-512, the copy picked at load time by
+   the CPU: the same operations in the same order in each (no contraction; IEEE division, square root and explicit
+   fused multiply-adds are correctly rounded at any width), so the results are bit-identical whichever runs. The
+   baseline has no FMA instruction: its explicit fused multiply-adds are fmaf calls, correct but scalar. */
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && !defined(__CUDACC__)
+#define CGD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CGD_CPU_CLONES
+#endif
+
 #ifdef __cplusplus
 extern "C" {
 #endif

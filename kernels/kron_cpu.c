@@ -1,50 +1,28 @@
 /*
  * CPU kernel of Kronecker-factored CGD (cgd.h, cgd_kron_step), in the build's real type (real.h). Tensors are
- * independent, so OpenMP threads take whole tensors and the result does not depend on the thread count. Matrix products
- * are plain loops ordered so the innermost loop runs along contiguous rows; the factors' Gram matrices accumulate in
- * double. Every thread allocates scratch for the largest tensor before any tensor steps, so running out of memory
- * changes nothing.
+ * independent, so OpenMP threads take whole tensors and the result does not depend on the thread count. The matrix
+ * products (the factors' Gram updates, the rotations into and out of their eigenbases) are BLAS-3 calls
+ * (blas_cpu.h); a diagonal factor's sums of squares accumulate in double. Every thread allocates scratch for the
+ * largest tensor before any tensor steps, so running out of memory changes nothing.
  */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "blas_cpu.h"
+#include "diag_math.h"
 #include "eigh_cpu.h"
 #include "kernels.h"
 #include "real.h"
 
-/* out = X X^T (left, rows x rows) or X^T X (right, cols x cols) for the row-major rows x cols X; with
-   full = 0 only the diagonal (rows or cols values). out is double: both sides are sums over up to `cols`
-   (or `rows`) products, rounded once. */
-static void gram(const cgd_real *X, int64_t rows, int64_t cols, int left, int full, double *out) {
-    int64_t n = left ? rows : cols;
-    memset(out, 0, (size_t)(full ? n * n : n) * sizeof(double));
-    if (left) {
-        for (int64_t i = 0; i < rows; ++i)
-            for (int64_t k = i; k < (full ? rows : i + 1); ++k) {
-                const cgd_real *a = X + i * cols, *b = X + k * cols;
-                double sum = 0.0;
-                for (int64_t j = 0; j < cols; ++j) sum += (double)a[j] * b[j];
-                out[full ? i * n + k : i] = sum;
-                if (full) out[k * n + i] = sum;
-            }
-        return;
-    }
+/* The diagonal of X X^T (left: rows values) or of X^T X (right: cols values) for the row-major rows x cols X,
+   each a sum rounded once from double. */
+static void gram_diagonal(const cgd_real *X, int64_t rows, int64_t cols, int left, double *out) {
+    memset(out, 0, (size_t)(left ? rows : cols) * sizeof(double));
     for (int64_t i = 0; i < rows; ++i) {
         const cgd_real *x = X + i * cols;
-        for (int64_t j = 0; j < cols; ++j) {
-            double xj = x[j];
-            if (!full) {
-                out[j] += xj * xj;
-                continue;
-            }
-            double *row = out + j * n;
-            for (int64_t l = j; l < cols; ++l) row[l] += xj * x[l];
-        }
+        for (int64_t j = 0; j < cols; ++j) out[left ? i : j] += (double)x[j] * x[j];
     }
-    if (full)
-        for (int64_t j = 0; j < n; ++j)
-            for (int64_t l = j + 1; l < n; ++l) out[l * n + j] = out[j * n + l];
 }
 
 typedef struct side {
@@ -57,9 +35,12 @@ typedef struct side {
 /* Pf <- beta2 Pf + (1 - beta2) Gram(G) for one side. */
 static void update_factor(const side *sd, const cgd_real *g, int64_t rows, int64_t cols, cgd_real beta2, cgd_real w2,
                           double *acc) {
-    gram(g, rows, cols, sd->left, sd->full, acc);
-    int64_t count = sd->full ? sd->n * sd->n : sd->n;
-    for (int64_t e = 0; e < count; ++e) sd->sq[e] = beta2 * sd->sq[e] + w2 * (cgd_real)acc[e];
+    if (sd->full) {
+        cgd_gram_update(sd->left, g, rows, cols, w2, beta2, sd->sq);
+        return;
+    }
+    gram_diagonal(g, rows, cols, sd->left, acc);
+    for (int64_t e = 0; e < sd->n; ++e) sd->sq[e] = beta2 * sd->sq[e] + w2 * (cgd_real)acc[e];
 }
 
 /* Eigendecomposes one side's factor (Pf / bc2, minus Gram(F) when centered) down the failure ladder. The right
@@ -67,14 +48,13 @@ static void update_factor(const side *sd, const cgd_real *g, int64_t rows, int64
 static void refresh_factor(const side *sd, const cgd_real *F, int64_t rows, int64_t cols, const cgd_block_hparams *h,
                            cgd_real inv_bc2, double *acc, cgd_real *C, cgd_eigh_scratch *s, float *counters) {
     const int64_t n = sd->n;
-    if (h->centered) gram(F, rows, cols, sd->left, sd->full, acc);
     int finite = 1;
     if (sd->full) {
-        for (int64_t e = 0; e < n * n; ++e) {
-            C[e] = sd->sq[e] * inv_bc2 - (h->centered ? (cgd_real)acc[e] : 0);
-            finite &= isfinite(C[e]) != 0;
-        }
+        for (int64_t e = 0; e < n * n; ++e) C[e] = sd->sq[e] * inv_bc2;
+        if (h->centered) cgd_gram_update(sd->left, F, rows, cols, -1, 1, C);
+        for (int64_t e = 0; e < n * n; ++e) finite &= isfinite(C[e]) != 0;
     } else {
+        if (h->centered) gram_diagonal(F, rows, cols, sd->left, acc);
         for (int64_t i = 0; i < n; ++i) {
             C[i] = sd->sq[i] * inv_bc2 - (h->centered ? (cgd_real)acc[i] : 0);
             finite &= isfinite(C[i]) != 0;
@@ -122,62 +102,54 @@ static void refresh_factor(const side *sd, const cgd_real *F, int64_t rows, int6
     }
 }
 
-/* out = U^T X (into_basis) or U X, for the rows x cols X and the left side's stored U^T (row k = eigenvector
-   k); a diagonal side's basis is the identity. Row-axpy order keeps the innermost loop on contiguous rows. */
-static void left_rotate(const side *l, const cgd_real *X, int64_t rows, int64_t cols, int into_basis, cgd_real *out) {
-    if (!l->full) {
-        memcpy(out, X, (size_t)(rows * cols) * sizeof(cgd_real));
-        return;
+/* D <- D ./ (eps + mu_i nu_j)^a over the rows x cols D, the eigenvalues clamped at 0: one loop per metric power
+   (diag_math.h's float x^a polynomial for the general one), vectorised for the CPU it runs on. */
+CGD_CPU_CLONES
+static void scale_in_eigenbasis(cgd_real *D, const cgd_real *mus, const cgd_real *nus, int64_t rows, int64_t cols,
+                                cgd_real eps, cgd_real a) {
+    for (int64_t i = 0; i < rows; ++i) {
+        const cgd_real mu = mus[i] > 0 ? mus[i] : 0;
+        cgd_real *restrict d = D + i * cols;
+        const cgd_real *restrict nu = nus;
+#if CGD_F64
+        for (int64_t m = 0; m < cols; ++m) d[m] = d[m] * pow(eps + mu * (nu[m] > 0 ? nu[m] : 0), -a);
+#else
+        if (a == 0.5f)
+            for (int64_t m = 0; m < cols; ++m) d[m] = d[m] / sqrtf(eps + mu * (nu[m] > 0 ? nu[m] : 0));
+        else if (a == 1.0f)
+            for (int64_t m = 0; m < cols; ++m) d[m] = d[m] / (eps + mu * (nu[m] > 0 ? nu[m] : 0));
+        else
+            for (int64_t m = 0; m < cols; ++m) d[m] = cgd_powf_times(eps + mu * (nu[m] > 0 ? nu[m] : 0), -a, d[m]);
+#endif
     }
-    memset(out, 0, (size_t)(rows * cols) * sizeof(cgd_real));
-    for (int64_t k = 0; k < rows; ++k)
-        for (int64_t i = 0; i < rows; ++i) {
-            cgd_real u = l->basis[k * rows + i]; /* U[i][k] */
-            const cgd_real *x = X + (into_basis ? i : k) * cols;
-            cgd_real *o = out + (into_basis ? k : i) * cols;
-            for (int64_t j = 0; j < cols; ++j) o[j] += u * x[j];
-        }
 }
 
-/* D = U [(U^T F V) ./ (eps + mu_i nu_j)^a] V^T, with U^T and V^T stored row by row (row k = eigenvector k). */
+/* D = U [(U^T F V) ./ (eps + mu_i nu_j)^a] V^T, with U^T and V^T stored row by row (row k = eigenvector k): four
+   BLAS products, each skipped for a diagonal side (its basis is the identity). */
 static void precondition(const side *l, const side *r, const cgd_real *F, int64_t rows, int64_t cols,
                          const cgd_block_hparams *h, cgd_real *D, cgd_real *Y) {
     if (h->power == 0.0) {
         memcpy(D, F, (size_t)(rows * cols) * sizeof(cgd_real));
         return;
     }
-    left_rotate(l, F, rows, cols, 1, Y); /* Y = U^T F */
-    /* D = Y V, scaled elementwise in the eigenbasis */
-    for (int64_t i = 0; i < rows; ++i) {
-        const cgd_real *y = Y + i * cols;
-        cgd_real *d = D + i * cols;
-        double mu = l->eig[i] > 0 ? l->eig[i] : 0.0;
-        for (int64_t m = 0; m < cols; ++m) {
-            double sum;
-            if (r->full) {
-                const cgd_real *v = r->basis + m * cols;
-                sum = 0.0;
-                for (int64_t j = 0; j < cols; ++j) sum += (double)y[j] * v[j];
-            } else {
-                sum = y[m];
-            }
-            double nu = r->eig[m] > 0 ? r->eig[m] : 0.0;
-            d[m] = (cgd_real)(sum * pow(h->eps + mu * nu, -h->power));
-        }
-    }
-    left_rotate(l, D, rows, cols, 0, Y); /* rotate back: Y = U D, then D = Y V^T */
-    if (r->full) {
-        memset(D, 0, (size_t)(rows * cols) * sizeof(cgd_real));
-        for (int64_t i = 0; i < rows; ++i)
-            for (int64_t m = 0; m < cols; ++m) {
-                cgd_real y = Y[i * cols + m];
-                const cgd_real *v = r->basis + m * cols;
-                cgd_real *d = D + i * cols;
-                for (int64_t j = 0; j < cols; ++j) d[j] += y * v[j];
-            }
-    } else {
-        memcpy(D, Y, (size_t)(rows * cols) * sizeof(cgd_real));
-    }
+    const int64_t numel = rows * cols;
+    if (l->full) /* Y = U^T F */
+        cgd_gemm(0, 0, rows, cols, rows, 1, l->basis, rows, F, cols, 0, Y, cols);
+    else
+        memcpy(Y, F, (size_t)numel * sizeof(cgd_real));
+    if (r->full) /* D = Y V */
+        cgd_gemm(0, 1, rows, cols, cols, 1, Y, cols, r->basis, cols, 0, D, cols);
+    else
+        memcpy(D, Y, (size_t)numel * sizeof(cgd_real));
+    scale_in_eigenbasis(D, l->eig, r->eig, rows, cols, (cgd_real)h->eps, (cgd_real)h->power);
+    if (l->full) /* Y = U D */
+        cgd_gemm(1, 0, rows, cols, rows, 1, l->basis, rows, D, cols, 0, Y, cols);
+    else
+        memcpy(Y, D, (size_t)numel * sizeof(cgd_real));
+    if (r->full) /* D = Y V^T */
+        cgd_gemm(0, 0, rows, cols, cols, 1, Y, cols, r->basis, cols, 0, D, cols);
+    else
+        memcpy(D, Y, (size_t)numel * sizeof(cgd_real));
 }
 
 /* One thread's scratch, sized for the largest tensor of the call. */
