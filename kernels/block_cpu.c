@@ -1,27 +1,30 @@
 /*
  * CPU kernel of full/block CGD (paper eq 4.9), in the build's real type (real.h): rank-1 EMA updates of each
- * block's M1 and M2, the symmetric eigendecomposition of C through LAPACK (eigh_cpu.h), and the preconditioned
- * step. Blocks are
- * independent, so OpenMP threads take whole blocks and the result does not depend on the thread count.
+ * block's M1 and M2, the symmetric eigendecomposition of C (eigh_cpu.h: blocks up to CGD_JACOBI_MAX_BLOCK by the
+ * batched Jacobi solver, a group of them at once; larger ones, and any it leaves unconverged, by LAPACK), and the
+ * preconditioned step. Blocks are independent, so OpenMP threads take whole groups of blocks and the result does
+ * not depend on the thread count.
  */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "diag_math.h"
 #include "eigh_cpu.h"
 #include "kernels.h"
 #include "real.h"
 
-/* P = sum_k d_k v_k v_k^T, v_k = row k of the column-major eigenvector output, accumulated in double as
-   rank-1 updates of the upper triangle (row-contiguous, so the inner loop vectorises), then mirrored. */
-static void assemble_precond(cgd_real *P, double *acc, const double *vecs_d, const cgd_real *vecs_f,
-                             const double *lambda_d, const cgd_real *lambda_f, int B, double eps, double power) {
+/* P = sum_k d_k v_k v_k^T, v_k = row k of the column-major eigenvector output, d_k the metric's inverse power of
+   eigenvalue k, accumulated in double as rank-1 updates of the upper triangle (row-contiguous, so the inner loop
+   vectorises), then mirrored. */
+CGD_CPU_CLONES
+static void assemble_precond(cgd_real *P, double *acc, const double *vecs_d, const cgd_real *vecs_f, const double *d,
+                             int B) {
     memset(acc, 0, (size_t)B * (size_t)B * sizeof(double));
     for (int k = 0; k < B; ++k) {
-        double d = cgd_inverse_power(lambda_d ? lambda_d[k] : (double)lambda_f[k], eps, power);
         for (int i = 0; i < B; ++i) {
             double vi = vecs_d ? vecs_d[(size_t)k * B + i] : (double)vecs_f[(size_t)k * B + i];
-            double s = d * vi;
+            double s = d[k] * vi;
             double *row = acc + (size_t)i * B;
             if (vecs_d) {
                 const double *v = vecs_d + (size_t)k * B;
@@ -36,27 +39,56 @@ static void assemble_precond(cgd_real *P, double *acc, const double *vecs_d, con
         for (int j = i; j < B; ++j) P[(size_t)i * B + j] = P[(size_t)j * B + i] = (cgd_real)acc[(size_t)i * B + j];
 }
 
+/* d = (eps + max(lambda, 0))^-a for n eigenvalues of the build's real type: in the float32 build the vectorised
+   float power (diag_math.h, within 4e-7 of float64 pow), as the diagonal metric takes it; exact at a = 1/2 and 1. */
+CGD_CPU_CLONES
+static void inverse_powers(const cgd_real *lambda, int64_t n, double eps, double power, double *d) {
+#if CGD_F64
+    for (int64_t k = 0; k < n; ++k) d[k] = cgd_inverse_power(lambda[k], eps, power);
+#else
+    const float e = (float)eps, a = (float)power;
+    if (power == 0.0)
+        for (int64_t k = 0; k < n; ++k) d[k] = 1.0;
+    else if (power == 0.5)
+        for (int64_t k = 0; k < n; ++k) d[k] = 1.0f / sqrtf(e + (lambda[k] > 0 ? lambda[k] : 0));
+    else if (power == 1.0)
+        for (int64_t k = 0; k < n; ++k) d[k] = 1.0f / (e + (lambda[k] > 0 ? lambda[k] : 0));
+    else
+        for (int64_t k = 0; k < n; ++k) d[k] = cgd_powf_times(e + (lambda[k] > 0 ? lambda[k] : 0), -a, 1.0f);
+#endif
+}
+
 /* Refreshes one block's P from C (row-major B x B, symmetric) down the failure ladder of cgd.h. A C holding
    NaN or Inf (the moments themselves overflowed) never reaches LAPACK: it takes the ladder's later rungs. */
-static void refresh_block(const cgd_block_hparams *h, const cgd_real *C, cgd_real *P, cgd_real *eigvals,
+static void refresh_block(const cgd_block_hparams *h, const cgd_real *C, int finite, const cgd_real *jacobi_w,
+                          const cgd_real *jacobi_vecs, const double *jacobi_d, cgd_real *P, cgd_real *eigvals,
                           int32_t *outcome, float *counters_local, cgd_eigh_scratch *s, double *acc) {
     int B = s->n;
     size_t nn = (size_t)B * (size_t)B;
-    int finite = 1;
-    for (size_t e = 0; e < nn; ++e) finite &= isfinite(C[e]) != 0;
-    int solved = finite ? cgd_eigh_solve(C, B, s) : -1;
+    /* A converged Jacobi solution stands for LAPACK's float32 one; otherwise LAPACK's ladder decides. */
+    const cgd_real *vecs = jacobi_w ? jacobi_vecs : s->a, *w = jacobi_w ? jacobi_w : s->w;
+    int solved = !finite ? -1 : jacobi_w ? CGD_BLOCK_FP32 : cgd_eigh_solve(C, B, s);
     if (solved >= 0 && h->power == 0.0) { /* SGD's metric: the identity exactly, not V V^T's rounding of it */
         memset(P, 0, nn * sizeof(cgd_real));
         for (int i = 0; i < B; ++i) P[(size_t)i * B + i] = 1;
     }
+    /* acc holds B doubles past its B^2 for the inverse powers of a LAPACK solution. */
     if (solved == CGD_BLOCK_FP32) {
-        if (h->power != 0.0) assemble_precond(P, acc, NULL, s->a, NULL, s->w, B, h->eps, h->power);
-        memcpy(eigvals, s->w, (size_t)B * sizeof(cgd_real));
+        const double *d = jacobi_d;
+        if (!d) {
+            double *mine = acc + nn;
+            inverse_powers(w, B, h->eps, h->power, mine);
+            d = mine;
+        }
+        if (h->power != 0.0) assemble_precond(P, acc, NULL, vecs, d, B);
+        memcpy(eigvals, w, (size_t)B * sizeof(cgd_real));
         *outcome = CGD_BLOCK_FP32;
         return;
     }
     if (solved == CGD_BLOCK_FP64) {
-        if (h->power != 0.0) assemble_precond(P, acc, s->da, NULL, s->dw, NULL, B, h->eps, h->power);
+        double *d = acc + nn;
+        for (int k = 0; k < B; ++k) d[k] = cgd_inverse_power(s->dw[k], h->eps, h->power);
+        if (h->power != 0.0) assemble_precond(P, acc, s->da, NULL, d, B);
         for (int k = 0; k < B; ++k) eigvals[k] = (cgd_real)s->dw[k];
         *outcome = CGD_BLOCK_FP64;
         counters_local[0] += 1.0f;
@@ -108,20 +140,30 @@ int CGD_NAME(cgd_cpu_block_step)(const cgd_block_hparams *h, cgd_dtype dtype, co
 
     int failed = 0;
     float counters[3] = {0.0f, 0.0f, 0.0f};
+    /* Blocks go in groups of CGD_JACOBI_LANES: small ones are decomposed together by the batched Jacobi solver. */
+    enum { L = CGD_JACOBI_LANES };
+    const int jacobi = h->refresh && B <= CGD_JACOBI_MAX_BLOCK;
+    const int64_t groups = (nb + L - 1) / L;
 #pragma omp parallel
     {
         cgd_eigh_scratch s;
-        cgd_real *C = NULL, *F = NULL;
-        double *acc = NULL;
+        cgd_real *C = NULL, *F = NULL, *jw = NULL;
+        double *acc = NULL, *jd = NULL;
         float local[3] = {0.0f, 0.0f, 0.0f};
         int have_scratch = h->refresh && cgd_eigh_scratch_init(&s, (int)B) == 0;
         int ready = !h->refresh || have_scratch;
         if (h->refresh) {
-            C = cgd_host_alloc((size_t)B * (size_t)B * sizeof(cgd_real));
-            acc = cgd_host_alloc((size_t)B * (size_t)B * sizeof(double));
+            C = cgd_host_alloc((size_t)L * (size_t)B * (size_t)B * sizeof(cgd_real));
+            acc = cgd_host_alloc(((size_t)B * (size_t)B + (size_t)B) * sizeof(double));
             ready = ready && C != NULL && acc != NULL;
         }
-        F = cgd_host_alloc((size_t)B * sizeof(cgd_real));
+        if (jacobi) {
+            /* work (2 L B^2), eigenvalues (L B), eigenvectors (L B^2) */
+            jw = cgd_host_zalloc((size_t)L * (size_t)B * (3 * (size_t)B + 1) * sizeof(cgd_real));
+            jd = cgd_host_alloc((size_t)L * (size_t)B * sizeof(double)); /* the eigenvalues' inverse powers */
+            ready = ready && jw != NULL && jd != NULL;
+        }
+        F = cgd_host_alloc((size_t)L * (size_t)B * sizeof(cgd_real));
         ready = ready && F != NULL;
         if (!ready) {
 #pragma omp atomic write
@@ -130,28 +172,64 @@ int CGD_NAME(cgd_cpu_block_step)(const cgd_block_hparams *h, cgd_dtype dtype, co
 #pragma omp barrier
         if (!failed) {
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t b = 0; b < nb; ++b) {
-                const cgd_real *gb = g + b * B;
-                cgd_real *m1 = (cgd_real *)st->exp_avg + b * B;
-                cgd_real *m2 = (cgd_real *)st->exp_avg_sq + b * B * B;
-                cgd_real *P = (cgd_real *)st->precond + b * B * B;
-                for (int64_t i = 0; i < B; ++i) {
-                    m1[i] = beta1 * m1[i] + w1 * gb[i];
-                    F[i] = m1[i] * inv_bc1;
-                }
-                for (int64_t i = 0; i < B; ++i)
-                    for (int64_t j = 0; j < B; ++j)
-                        m2[i * B + j] = beta2 * m2[i * B + j] + w2 * gb[i] * gb[j];
-                if (h->refresh) {
+            for (int64_t gi = 0; gi < groups; ++gi) {
+                const int64_t first = gi * L;
+                const int count = (int)(nb - first < L ? nb - first : L);
+                const cgd_real *mats[L];
+                int finite[L], converged[L];
+                for (int l = 0; l < count; ++l) {
+                    const int64_t b = first + l;
+                    const cgd_real *gb = g + b * B;
+                    cgd_real *m1 = (cgd_real *)st->exp_avg + b * B;
+                    cgd_real *m2 = (cgd_real *)st->exp_avg_sq + b * B * B;
+                    cgd_real *Fb = F + (int64_t)l * B;
+                    for (int64_t i = 0; i < B; ++i) {
+                        m1[i] = beta1 * m1[i] + w1 * gb[i];
+                        Fb[i] = m1[i] * inv_bc1;
+                    }
                     for (int64_t i = 0; i < B; ++i)
                         for (int64_t j = 0; j < B; ++j)
-                            C[i * B + j] = m2[i * B + j] * inv_bc2 - (h->centered ? F[i] * F[j] : 0);
-                    refresh_block(h, C, P, (cgd_real *)st->eigvals + b * B, &st->outcome[b], local, &s, acc);
+                            m2[i * B + j] = beta2 * m2[i * B + j] + w2 * gb[i] * gb[j];
+                    if (!h->refresh) continue;
+                    cgd_real *Cb = C + (int64_t)l * B * B;
+                    finite[l] = 1;
+                    for (int64_t i = 0; i < B; ++i)
+                        for (int64_t j = 0; j < B; ++j) {
+                            Cb[i * B + j] = m2[i * B + j] * inv_bc2 - (h->centered ? Fb[i] * Fb[j] : 0);
+                            finite[l] &= isfinite(Cb[i * B + j]) != 0;
+                        }
+                    mats[l] = Cb;
                 }
-                for (int64_t i = 0; i < B; ++i) {
-                    double sum = 0.0;
-                    for (int64_t j = 0; j < B; ++j) sum += (double)P[i * B + j] * F[j];
-                    u[b * B + i] = (cgd_real)sum;
+                if (jacobi) {
+                    cgd_real *work = jw, *w = jw + 2 * (size_t)L * B * B, *vecs = w + (size_t)L * B;
+                    for (int l = 0; l < count; ++l)
+                        if (!finite[l]) mats[l] = NULL;
+                    cgd_eigh_jacobi_batch(mats, (int)B, count, work, w, vecs, converged);
+                    inverse_powers(w, (int64_t)count * B, h->eps, h->power, jd);
+                    for (int l = 0; l < count; ++l) {
+                        const int64_t b = first + l;
+                        const int ok = finite[l] && converged[l];
+                        refresh_block(h, C + (int64_t)l * B * B, finite[l], ok ? w + (size_t)l * B : NULL,
+                                      ok ? vecs + (size_t)l * B * B : NULL, ok ? jd + (size_t)l * B : NULL,
+                                      (cgd_real *)st->precond + b * B * B,
+                                      (cgd_real *)st->eigvals + b * B, &st->outcome[b], local, &s, acc);
+                    }
+                } else if (h->refresh) {
+                    for (int l = 0; l < count; ++l) {
+                        const int64_t b = first + l;
+                        refresh_block(h, C + (int64_t)l * B * B, finite[l], NULL, NULL, NULL,
+                                      (cgd_real *)st->precond + b * B * B, (cgd_real *)st->eigvals + b * B,
+                                      &st->outcome[b], local, &s, acc);
+                    }
+                }
+                for (int l = 0; l < count; ++l) {
+                    const int64_t b = first + l;
+                    const cgd_real *P = (cgd_real *)st->precond + b * B * B, *Fb = F + (int64_t)l * B;
+                    for (int64_t i = 0; i < B; ++i) {
+                        double sum = 0.0;
+                        for (int64_t j = 0; j < B; ++j) sum += (double)P[i * B + j] * Fb[j];
+                        u[b * B + i] = (cgd_real)sum;
+                    }
                 }
             }
         }
@@ -161,6 +239,8 @@ int CGD_NAME(cgd_cpu_block_step)(const cgd_block_hparams *h, cgd_dtype dtype, co
         free(C);
         free(acc);
         free(F);
+        free(jw);
+        free(jd);
     }
     if (!failed) {
         const cgd_real lr = (cgd_real)h->lr, decay = (cgd_real)(1.0 - h->lr * h->weight_decay);

@@ -36,6 +36,23 @@ void cgd_eigh_scratch_free(cgd_eigh_scratch *s);
  */
 int cgd_eigh_solve(const cgd_real *C, int n, cgd_eigh_scratch *s);
 
+/* Blocks of at most this side are decomposed by the batched Jacobi solver below, CGD_JACOBI_LANES at a time (one
+   SIMD register of the real type across that many matrices); larger ones by LAPACK. */
+#define CGD_JACOBI_MAX_BLOCK 16
+#define CGD_JACOBI_LANES ((int)(64 / sizeof(cgd_real)))
+#define cgd_eigh_jacobi_batch CGD_NAME(cgd_eigh_jacobi_batch)
+
+/*
+ * Cyclic Jacobi eigendecompositions of `count` <= CGD_JACOBI_LANES symmetric B x B matrices (C[l], row-major,
+ * B <= CGD_JACOBI_MAX_BLOCK) at once, lane l of every vector operation working on matrix l. work holds
+ * 2 B^2 CGD_JACOBI_LANES reals. Writes per matrix its eigenvalues ascending (w + l B) and eigenvectors (vecs + l B^2,
+ * eigenvector k contiguous at k B, LAPACK's column-major layout), and converged[l]: 1 when the off-diagonal part
+ * fell to the real type's rounding of the matrix's norm within the sweep limit, else 0 (the caller then takes
+ * LAPACK's rung). Every given matrix must be finite; a NULL C[l] is skipped (its outputs are not written).
+ */
+void cgd_eigh_jacobi_batch(const cgd_real *const *C, int B, int count, cgd_real *work, cgd_real *w, cgd_real *vecs,
+                           int *converged);
+
 /* (eps + max(lambda, 0))^-a: eigenvalues of a covariance are >= 0, and rounding may push the smallest below. */
 static inline double cgd_inverse_power(double lambda, double eps, double power) {
     return power == 0.0 ? 1.0 : pow(eps + (lambda > 0.0 ? lambda : 0.0), -power);
