@@ -58,15 +58,45 @@ static void inverse_powers(const cgd_real *lambda, int64_t n, double eps, double
 #endif
 }
 
+/* P = V diag(d) V^T for each of a group's `count` Jacobi solutions (vecs: lane l's eigenvector k at l B^2 + k B;
+   d: its inverse powers at l B), summed in the real type across the lanes at once: a block's B terms round about as
+   the double rank-1 sum of assemble_precond does. soa holds (2 B^2 + B) CGD_JACOBI_LANES reals. */
+CGD_CPU_CLONES
+static void assemble_group(const cgd_real *vecs, const double *d, int count, int B, cgd_real *soa, cgd_real *P) {
+    enum { L = CGD_JACOBI_LANES };
+    const size_t nn = (size_t)B * (size_t)B;
+    cgd_real *vs = soa, *sum = soa + nn * L, *dd = sum + nn * L; /* vs: V[k][i] of lane l at (k B + i) L + l */
+    for (size_t e = 0; e < nn; ++e)
+        for (int l = 0; l < L; ++l) vs[e * L + l] = l < count ? vecs[(size_t)l * nn + e] : 0;
+    for (int k = 0; k < B; ++k)
+        for (int l = 0; l < L; ++l) dd[(size_t)k * L + l] = l < count ? (cgd_real)d[(size_t)l * B + k] : 0;
+    for (int i = 0; i < B; ++i)
+        for (int j = i; j < B; ++j) {
+            cgd_real *out = sum + ((size_t)i * B + j) * L;
+            for (int l = 0; l < L; ++l) out[l] = 0;
+            for (int k = 0; k < B; ++k) {
+                const cgd_real *vi = vs + ((size_t)k * B + i) * L, *vj = vs + ((size_t)k * B + j) * L;
+                const cgd_real *dk = dd + (size_t)k * L;
+                for (int l = 0; l < L; ++l) out[l] += dk[l] * vi[l] * vj[l];
+            }
+        }
+    for (int l = 0; l < count; ++l)
+        for (int i = 0; i < B; ++i)
+            for (int j = i; j < B; ++j)
+                P[(size_t)l * nn + (size_t)i * B + j] = P[(size_t)l * nn + (size_t)j * B + i] =
+                    sum[((size_t)i * B + j) * L + l];
+}
+
 /* Refreshes one block's P from C (row-major B x B, symmetric) down the failure ladder of cgd.h. A C holding
    NaN or Inf (the moments themselves overflowed) never reaches LAPACK: it takes the ladder's later rungs. */
 static void refresh_block(const cgd_block_hparams *h, const cgd_real *C, int finite, const cgd_real *jacobi_w,
-                          const cgd_real *jacobi_vecs, const double *jacobi_d, cgd_real *P, cgd_real *eigvals,
-                          int32_t *outcome, float *counters_local, cgd_eigh_scratch *s, double *acc) {
+                          const cgd_real *jacobi_P, cgd_real *P, cgd_real *eigvals, int32_t *outcome,
+                          float *counters_local, cgd_eigh_scratch *s, double *acc) {
     int B = s->n;
     size_t nn = (size_t)B * (size_t)B;
-    /* A converged Jacobi solution stands for LAPACK's float32 one; otherwise LAPACK's ladder decides. */
-    const cgd_real *vecs = jacobi_w ? jacobi_vecs : s->a, *w = jacobi_w ? jacobi_w : s->w;
+    /* A converged Jacobi solution (its P assembled with its group's) stands for LAPACK's float32 one; otherwise
+       LAPACK's ladder decides. */
+    const cgd_real *w = jacobi_w ? jacobi_w : s->w;
     int solved = !finite ? -1 : jacobi_w ? CGD_BLOCK_FP32 : cgd_eigh_solve(C, B, s);
     if (solved >= 0 && h->power == 0.0) { /* SGD's metric: the identity exactly, not V V^T's rounding of it */
         memset(P, 0, nn * sizeof(cgd_real));
@@ -74,13 +104,12 @@ static void refresh_block(const cgd_block_hparams *h, const cgd_real *C, int fin
     }
     /* acc holds B doubles past its B^2 for the inverse powers of a LAPACK solution. */
     if (solved == CGD_BLOCK_FP32) {
-        const double *d = jacobi_d;
-        if (!d) {
-            double *mine = acc + nn;
-            inverse_powers(w, B, h->eps, h->power, mine);
-            d = mine;
+        if (h->power != 0.0 && jacobi_P) {
+            memcpy(P, jacobi_P, nn * sizeof(cgd_real));
+        } else if (h->power != 0.0) {
+            inverse_powers(w, B, h->eps, h->power, acc + nn);
+            assemble_precond(P, acc, NULL, s->a, acc + nn, B);
         }
-        if (h->power != 0.0) assemble_precond(P, acc, NULL, vecs, d, B);
         memcpy(eigvals, w, (size_t)B * sizeof(cgd_real));
         *outcome = CGD_BLOCK_FP32;
         return;
@@ -158,8 +187,9 @@ int CGD_NAME(cgd_cpu_block_step)(const cgd_block_hparams *h, cgd_dtype dtype, co
             ready = ready && C != NULL && acc != NULL;
         }
         if (jacobi) {
-            /* work (2 L B^2), eigenvalues (L B), eigenvectors (L B^2) */
-            jw = cgd_host_zalloc((size_t)L * (size_t)B * (3 * (size_t)B + 1) * sizeof(cgd_real));
+            /* work ((2 B^2 + B) L: the solver's, then the assembly's), eigenvalues (L B), eigenvectors and the
+               assembled P (L B^2 each) */
+            jw = cgd_host_zalloc((size_t)L * (size_t)B * (4 * (size_t)B + 2) * sizeof(cgd_real));
             jd = cgd_host_alloc((size_t)L * (size_t)B * sizeof(double)); /* the eigenvalues' inverse powers */
             ready = ready && jw != NULL && jd != NULL;
         }
@@ -201,23 +231,25 @@ int CGD_NAME(cgd_cpu_block_step)(const cgd_block_hparams *h, cgd_dtype dtype, co
                     mats[l] = Cb;
                 }
                 if (jacobi) {
-                    cgd_real *work = jw, *w = jw + 2 * (size_t)L * B * B, *vecs = w + (size_t)L * B;
+                    cgd_real *work = jw, *w = jw + (2 * (size_t)B + 1) * L * B, *vecs = w + (size_t)L * B;
+                    cgd_real *group_P = vecs + (size_t)L * B * B;
                     for (int l = 0; l < count; ++l)
                         if (!finite[l]) mats[l] = NULL;
                     cgd_eigh_jacobi_batch(mats, (int)B, count, work, w, vecs, converged);
                     inverse_powers(w, (int64_t)count * B, h->eps, h->power, jd);
+                    if (h->power != 0.0) assemble_group(vecs, jd, count, (int)B, work, group_P);
                     for (int l = 0; l < count; ++l) {
                         const int64_t b = first + l;
                         const int ok = finite[l] && converged[l];
                         refresh_block(h, C + (int64_t)l * B * B, finite[l], ok ? w + (size_t)l * B : NULL,
-                                      ok ? vecs + (size_t)l * B * B : NULL, ok ? jd + (size_t)l * B : NULL,
+                                      ok ? group_P + (size_t)l * B * B : NULL,
                                       (cgd_real *)st->precond + b * B * B,
                                       (cgd_real *)st->eigvals + b * B, &st->outcome[b], local, &s, acc);
                     }
                 } else if (h->refresh) {
                     for (int l = 0; l < count; ++l) {
                         const int64_t b = first + l;
-                        refresh_block(h, C + (int64_t)l * B * B, finite[l], NULL, NULL, NULL,
+                        refresh_block(h, C + (int64_t)l * B * B, finite[l], NULL, NULL,
                                       (cgd_real *)st->precond + b * B * B, (cgd_real *)st->eigvals + b * B,
                                       &st->outcome[b], local, &s, acc);
                     }
