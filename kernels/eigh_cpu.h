@@ -38,7 +38,7 @@ int cgd_eigh_solve(const cgd_real *C, int n, cgd_eigh_scratch *s);
 
 /* Blocks of at most this side are decomposed by the batched Jacobi solver below, CGD_JACOBI_LANES at a time (one
    SIMD register of the real type across that many matrices); larger ones by LAPACK. */
-#define CGD_JACOBI_MAX_BLOCK 16
+#define CGD_JACOBI_MAX_BLOCK 32
 #define CGD_JACOBI_LANES ((int)(64 / sizeof(cgd_real)))
 #define cgd_eigh_jacobi_batch CGD_NAME(cgd_eigh_jacobi_batch)
 

@@ -52,7 +52,7 @@ std::vector<double> spectrum(int kind, int B, std::mt19937 &rng) {
 TEST(EighJacobi, KnownSpectraOfEveryServedSideToFloatRounding) {
     std::mt19937 rng(31);
     const int L = CGD_JACOBI_LANES;
-    for (int B : {1, 2, 3, 5, 8, 13, 16}) {
+    for (int B : {1, 2, 3, 5, 8, 13, 16, 24, 32}) {
         for (int count : {L, L - 3}) {
             std::vector<std::vector<float>> mats(count);
             std::vector<std::vector<double>> lambdas(count);
