@@ -1,7 +1,9 @@
 /*
  * CPU kernels of the induced-metric optimizers (cgd.h, cgd_induced_*). The norm is summed in double per chunk of
- * CGD_CPU_INDUCED_CHUNK elements and the chunks are added in order, so the sum does not depend on the number of
- * OpenMP threads.
+ * CGD_CPU_INDUCED_CHUNK elements, each chunk in CGD_INDUCED_LANES interleaved partial sums (element i into sum
+ * i mod lanes, so the loop vectorises while every sum keeps one fixed order) added in order, and the chunks are
+ * added in order, so the sum does not depend on the number of OpenMP threads. Every loop has a copy per metric
+ * (identity or RMS) and per gradient scaling, so none tests them per element.
  */
 #include <stdlib.h>
 
@@ -13,11 +15,60 @@
 
 static int64_t chunks_of(int64_t numel) { return (numel + CGD_CPU_INDUCED_CHUNK - 1) / CGD_CPU_INDUCED_CHUNK; }
 
+#define CGD_INDUCED_LANES 16
+
+/* One chunk's sum of g gamma^-1 g, M2 advanced (RMS): the per-element term is cgd_induced_norm_term with the
+   metric and the scaling fixed by the caller's constants, so each copy is one straight vectorised loop. */
+static inline __attribute__((always_inline)) double norm_range(const cgd_induced_consts *kp,
+                                                                const cgd_induced_step_consts *s, cgd_dtype dtype,
+                                                                const void *grad, cgd_real *m2, int rms, int scaled,
+                                                                cgd_real scale, int64_t begin, int64_t end) {
+    cgd_induced_consts k = *kp;
+    k.rms = rms;
+    double part[CGD_INDUCED_LANES] = {0};
+    cgd_real unused[CGD_INDUCED_LANES] = {0};
+    int64_t i = begin;
+    for (; i + CGD_INDUCED_LANES <= end; i += CGD_INDUCED_LANES)
+        for (int l = 0; l < CGD_INDUCED_LANES; ++l) {
+            cgd_real g = cgd_load_real(dtype, grad, i + l);
+            if (scaled) g = g / scale;
+            part[l] += cgd_induced_norm_term(&k, s, g, rms ? &m2[i + l] : &unused[l]);
+        }
+    for (int l = 0; i < end; ++i, ++l) {
+        cgd_real g = cgd_load_real(dtype, grad, i);
+        if (scaled) g = g / scale;
+        part[l] += cgd_induced_norm_term(&k, s, g, rms ? &m2[i] : &unused[l]);
+    }
+    double acc = 0.0;
+    for (int l = 0; l < CGD_INDUCED_LANES; ++l) acc += part[l];
+    return acc;
+}
+
+CGD_CPU_CLONES
+static double norm_chunk(const cgd_induced_consts *k, const cgd_induced_step_consts *s, cgd_dtype dtype,
+                         const void *grad, cgd_real *m2, int scaled, cgd_real scale, int64_t begin, int64_t end) {
+#define CGD_NORM(DT, RMS) \
+    (scaled ? norm_range(k, s, DT, grad, m2, RMS, 1, scale, begin, end) \
+            : norm_range(k, s, DT, grad, m2, RMS, 0, scale, begin, end))
+#if CGD_F64
+    (void)dtype;
+    return k->rms ? CGD_NORM(CGD_FLOAT64, 1) : CGD_NORM(CGD_FLOAT64, 0);
+#else
+    switch (dtype) {
+    case CGD_FLOAT16: return k->rms ? CGD_NORM(CGD_FLOAT16, 1) : CGD_NORM(CGD_FLOAT16, 0);
+    case CGD_BFLOAT16: return k->rms ? CGD_NORM(CGD_BFLOAT16, 1) : CGD_NORM(CGD_BFLOAT16, 0);
+    default: return k->rms ? CGD_NORM(CGD_FLOAT32, 1) : CGD_NORM(CGD_FLOAT32, 0);
+    }
+#endif
+#undef CGD_NORM
+}
+
 int CGD_NAME(cgd_cpu_induced_norm)(const cgd_induced_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors,
                                    int64_t count, double *sum, const float *grad_scale, const float *skip) {
     if (skip && *skip != 0.0f) return 0;
     const cgd_induced_consts k = cgd_induced_make_consts(h);
     const cgd_real scale = grad_scale ? (cgd_real)*grad_scale : CGD_R(1.0);
+    const int scaled = grad_scale != NULL;
     /* Sized for the largest tensor before any M2 advances, so running out of memory changes nothing. */
     int64_t most = 1;
     for (int64_t ti = 0; ti < count; ++ti) {
@@ -36,13 +87,7 @@ int CGD_NAME(cgd_cpu_induced_norm)(const cgd_induced_hparams *h, cgd_dtype dtype
         for (int64_t c = 0; c < chunks; ++c) {
             int64_t begin = c * CGD_CPU_INDUCED_CHUNK;
             int64_t end = begin + CGD_CPU_INDUCED_CHUNK < t->numel ? begin + CGD_CPU_INDUCED_CHUNK : t->numel;
-            double acc = 0.0;
-            cgd_real unused = 0;
-            for (int64_t i = begin; i < end; ++i) {
-                cgd_real g = cgd_load_real(dtype, t->grad, i) / scale;
-                acc += cgd_induced_norm_term(&k, &s, g, k.rms ? &m2[i] : &unused);
-            }
-            partial[c] = acc;
+            partial[c] = norm_chunk(&k, &s, dtype, t->grad, m2, scaled, scale, begin, end);
         }
         for (int64_t c = 0; c < chunks; ++c) total += partial[c];
     }
@@ -66,14 +111,58 @@ void cgd_cpu_induced_rate(const cgd_induced_metric *m, const double *sum, const 
 }
 #endif
 
+/* One range of the step, the metric, maximize and the scaling fixed by the caller's constants. */
+static inline __attribute__((always_inline)) void step_range(const cgd_induced_consts *kp,
+                                                              const cgd_induced_step_consts *s, cgd_dtype dtype,
+                                                              const cgd_diag_tensor *t, int rms, int maximize,
+                                                              int scaled, cgd_real scale, cgd_real r, int64_t begin,
+                                                              int64_t end) {
+    cgd_induced_consts k = *kp;
+    k.rms = rms;
+    k.maximize = maximize;
+    void *restrict param = t->param;
+    const void *restrict grad = t->grad;
+    cgd_real *restrict m1 = (cgd_real *)t->exp_avg;
+    const cgd_real *restrict m2 = (const cgd_real *)t->exp_avg_sq;
+    for (int64_t i = begin; i < end; ++i) {
+        cgd_real g = cgd_load_real(dtype, grad, i);
+        if (scaled) g = g / scale;
+        cgd_real p = cgd_load_real(dtype, param, i);
+        cgd_store_real(dtype, param, i, cgd_induced_update(&k, s, p, g, &m1[i], rms ? m2[i] : 0, r));
+    }
+}
+
+CGD_CPU_CLONES
+static void step_chunk(const cgd_induced_consts *k, const cgd_induced_step_consts *s, cgd_dtype dtype,
+                       const cgd_diag_tensor *t, int scaled, cgd_real scale, cgd_real r, int64_t begin, int64_t end) {
+#define CGD_STEP_SCALED(DT, RMS, MAX) \
+    (scaled ? step_range(k, s, DT, t, RMS, MAX, 1, scale, r, begin, end) \
+            : step_range(k, s, DT, t, RMS, MAX, 0, scale, r, begin, end))
+#define CGD_STEP(DT)                                                                                     \
+    (k->rms ? (k->maximize ? CGD_STEP_SCALED(DT, 1, 1) : CGD_STEP_SCALED(DT, 1, 0))                    \
+            : (k->maximize ? CGD_STEP_SCALED(DT, 0, 1) : CGD_STEP_SCALED(DT, 0, 0)))
+#if CGD_F64
+    (void)dtype;
+    CGD_STEP(CGD_FLOAT64);
+#else
+    switch (dtype) {
+    case CGD_FLOAT16: CGD_STEP(CGD_FLOAT16); break;
+    case CGD_BFLOAT16: CGD_STEP(CGD_BFLOAT16); break;
+    default: CGD_STEP(CGD_FLOAT32); break;
+    }
+#endif
+#undef CGD_STEP
+#undef CGD_STEP_SCALED
+}
+
 void CGD_NAME(cgd_cpu_induced_step)(const cgd_induced_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors,
                                     int64_t count, const double *rate, const float *grad_scale, const float *skip) {
     if (skip && *skip != 0.0f) return;
     const cgd_induced_consts k = cgd_induced_make_consts(h);
     const cgd_real scale = grad_scale ? (cgd_real)*grad_scale : CGD_R(1.0), r = (cgd_real)*rate;
+    const int scaled = grad_scale != NULL;
     for (int64_t ti = 0; ti < count; ++ti) {
         const cgd_diag_tensor *t = &tensors[ti];
-        cgd_real *m1 = (cgd_real *)t->exp_avg, *m2 = (cgd_real *)t->exp_avg_sq;
         const cgd_induced_step_consts s =
             cgd_induced_make_step_consts(&k, *t->step, k.lr_device ? (cgd_real)*k.lr_device : k.lr);
         const int64_t chunks = chunks_of(t->numel);
@@ -81,11 +170,7 @@ void CGD_NAME(cgd_cpu_induced_step)(const cgd_induced_hparams *h, cgd_dtype dtyp
         for (int64_t c = 0; c < chunks; ++c) {
             int64_t begin = c * CGD_CPU_INDUCED_CHUNK;
             int64_t end = begin + CGD_CPU_INDUCED_CHUNK < t->numel ? begin + CGD_CPU_INDUCED_CHUNK : t->numel;
-            for (int64_t i = begin; i < end; ++i) {
-                cgd_real g = cgd_load_real(dtype, t->grad, i) / scale;
-                cgd_real p = cgd_load_real(dtype, t->param, i);
-                cgd_store_real(dtype, t->param, i, cgd_induced_update(&k, &s, p, g, &m1[i], k.rms ? m2[i] : 0, r));
-            }
+            step_chunk(&k, &s, dtype, t, scaled, scale, r, begin, end);
         }
         *t->step += 1.0;
     }
