@@ -183,14 +183,15 @@ static void scratch_free(scratch *w) {
 }
 
 /* 0 on success; 1 when out of memory (nothing left allocated). */
-static int scratch_init(scratch *w, int64_t numel, int64_t factor_ws, int64_t full_side, int refresh) {
+static int scratch_init(scratch *w, int64_t numel, int64_t factor_ws, int64_t longest_side, int64_t full_side,
+                        int refresh) {
     memset(w, 0, sizeof *w);
     w->g = cgd_host_alloc((size_t)numel * sizeof(cgd_real));
     w->F = cgd_host_alloc((size_t)numel * sizeof(cgd_real));
     w->D = cgd_host_alloc((size_t)numel * sizeof(cgd_real));
     w->Y = cgd_host_alloc((size_t)numel * sizeof(cgd_real));
     w->C = cgd_host_alloc((size_t)factor_ws * sizeof(cgd_real));
-    w->acc = cgd_host_alloc((size_t)factor_ws * sizeof(double));
+    w->acc = cgd_host_alloc((size_t)longest_side * sizeof(double)); /* a diagonal side's sums */
     int ok = w->g && w->F && w->D && w->Y && w->C && w->acc;
     if (ok && refresh && full_side > 0) ok = w->have_eigh = cgd_eigh_scratch_init(&w->eigh, (int)full_side) == 0;
     if (!ok) scratch_free(w);
@@ -234,19 +235,21 @@ int CGD_NAME(cgd_cpu_kron_step)(const cgd_block_hparams *h, cgd_dtype dtype, con
                                 int64_t count, const float *grad_scale, const float *skip) {
     if (skip && *skip != 0) return 0;
     const cgd_real scale = grad_scale ? (cgd_real)*grad_scale : 1;
-    int64_t numel = 1, factor_ws = 1, full_side = 0;
+    int64_t numel = 1, factor_ws = 1, full_side = 0, longest_side = 1;
     for (int64_t i = 0; i < count; ++i) {
         int64_t a, b, c;
         tensor_needs(&tensors[i], &a, &b, &c);
         numel = a > numel ? a : numel;
         factor_ws = b > factor_ws ? b : factor_ws;
         full_side = c > full_side ? c : full_side;
+        const int64_t side = tensors[i].rows > tensors[i].cols ? tensors[i].rows : tensors[i].cols;
+        longest_side = side > longest_side ? side : longest_side;
     }
     int failed = 0;
 #pragma omp parallel
     {
         scratch w;
-        int mine = scratch_init(&w, numel, factor_ws, full_side, h->refresh);
+        int mine = scratch_init(&w, numel, factor_ws, longest_side, full_side, h->refresh);
         if (mine) {
 #pragma omp atomic write
             failed = 1;
