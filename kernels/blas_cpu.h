@@ -25,6 +25,15 @@ void dgemm_(const char *ta, const char *tb, const int *m, const int *n, const in
 #define cgd_blas_gemm sgemm_
 #endif
 
+/* The row-major product below in double whatever the build's type (the block kernel's preconditioner sums in
+   double). */
+static inline void cgd_gemm_f64(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, double alpha,
+                                const double *A, int64_t lda, const double *B, int64_t ldb, double beta, double *C,
+                                int64_t ldc) {
+    const int M = (int)n, N = (int)m, K = (int)k, LA = (int)ldb, LB = (int)lda, LC = (int)ldc;
+    dgemm_(trans_b ? "T" : "N", trans_a ? "T" : "N", &M, &N, &K, &alpha, B, &LA, A, &LB, &beta, C, &LC, 1, 1);
+}
+
 /* C = alpha op(A) op(B) + beta C, all row-major: C is m x n, op(A) m x k, op(B) k x n; op(X) is X^T when its
    flag is set. Sizes fit int: every side is at most 46340 (cgd.h). */
 static inline void cgd_gemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, cgd_real alpha,
