@@ -1,5 +1,6 @@
 /*
- * LAPACK's symmetric eigensolvers behind one call that climbs the first rungs of the failure ladder.
+ * LAPACK's symmetric eigensolvers behind one call that climbs the first rungs of the failure ladder, and the
+ * batched Jacobi solver of small blocks.
  */
 #include "eigh_cpu.h"
 

@@ -1,7 +1,8 @@
 /*
- * The CPU symmetric eigensolver shared by block and Kronecker-factored CGD, in the build's real type (real.h):
+ * The CPU symmetric eigensolvers shared by block and Kronecker-factored CGD, in the build's real type (real.h):
  * LAPACK ssyevd, then dsyevd when float32 fails or returns a non-finite value (the first two rungs of the failure
- * ladder in cgd.h); dsyevd alone for float64 state. Internal.
+ * ladder in cgd.h; dsyevd alone for float64 state), and for small blocks a batched cyclic Jacobi solver that
+ * decomposes a register's worth of them at once, whose unconverged matrices go to LAPACK. Internal.
  */
 #ifndef CGD_EIGH_CPU_H
 #define CGD_EIGH_CPU_H
