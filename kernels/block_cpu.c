@@ -74,8 +74,8 @@ static void inverse_powers(const cgd_real *lambda, int64_t n, double eps, double
 }
 
 /* P = V diag(d) V^T for each of a group's `count` Jacobi solutions (vecs: lane l's eigenvector k at l B^2 + k B;
-   d: its inverse powers at l B), summed in the real type across the lanes at once: a block's B terms round about as
-   the double rank-1 sum of assemble_precond does. soa holds (2 B^2 + B) CGD_JACOBI_LANES reals. */
+   d: its inverse powers at l B), across the lanes at once. Its B <= 32 terms per entry are summed in the real type
+   (the LAPACK path's larger blocks sum in double). soa holds (2 B^2 + B) CGD_JACOBI_LANES reals. */
 CGD_CPU_CLONES
 static void assemble_group(const cgd_real *vecs, const double *d, int count, int B, cgd_real *soa, cgd_real *P) {
     enum { L = CGD_JACOBI_LANES };
