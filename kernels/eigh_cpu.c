@@ -4,6 +4,7 @@
  */
 #include "eigh_cpu.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -100,15 +101,20 @@ int cgd_eigh_solve(const cgd_real *C, int n, cgd_eigh_scratch *s) {
    these sizes from any start. */
 #define CGD_JACOBI_SWEEPS 30
 
-/* Per lane, the sum of a_ij^2 over the strict upper triangle (upper = 1) or over the whole matrix. Inlined into
-   the solver's clones, so it runs at their vector width. */
-static inline __attribute__((always_inline)) void jacobi_squares(const cgd_real *a, int B, int upper, cgd_real *sum) {
+/* Per lane, the sum of (a_ij / scale)^2 over the strict upper triangle (upper = 1) or over the whole matrix, with
+   1 / scale in inv_scale: scaled by the matrix's largest entry, so no square overflows (entries of 1e20 square
+   past float's range) or vanishes. Inlined into the solver's clones, so it runs at their vector width. */
+static inline __attribute__((always_inline)) void jacobi_squares(const cgd_real *a, int B, int upper,
+                                                                 const cgd_real *inv_scale, cgd_real *sum) {
     enum { L = CGD_JACOBI_LANES };
     for (int l = 0; l < L; ++l) sum[l] = 0;
     for (int i = 0; i < B; ++i)
         for (int j = upper ? i + 1 : 0; j < B; ++j) {
             const cgd_real *x = a + ((size_t)i * B + j) * L;
-            for (int l = 0; l < L; ++l) sum[l] += x[l] * x[l];
+            for (int l = 0; l < L; ++l) {
+                const cgd_real y = x[l] * inv_scale[l];
+                sum[l] += y * y;
+            }
         }
 }
 
@@ -128,10 +134,22 @@ void cgd_eigh_jacobi_batch(const cgd_real *const *C, int B, int count, cgd_real 
     /* Converged when the off-diagonal norm is within the rounding of the matrix's: (eps ||A||_F)^2. */
     const cgd_real tol = (cgd_real)(CGD_F64 ? 2.220446049250313e-16 : 1.1920928955078125e-07);
     /* Rotations keep the Frobenius norm: ||A||_F^2 once, the off-diagonal part's each sweep. */
-    cgd_real off[L], all[L];
-    jacobi_squares(a, B, 0, all);
+    cgd_real off[L], all[L], inv_scale[L];
+    for (int l = 0; l < L; ++l) inv_scale[l] = 0;
+    for (size_t e = 0; e < nn; ++e)
+        for (int l = 0; l < L; ++l) {
+            const cgd_real x = a[e * L + l] < 0 ? -a[e * L + l] : a[e * L + l];
+            inv_scale[l] = x > inv_scale[l] ? x : inv_scale[l];
+        }
+    /* 1 / the largest entry, held at the type's largest value where that entry is subnormal */
+    const cgd_real largest = (cgd_real)(CGD_F64 ? DBL_MAX : FLT_MAX);
+    for (int l = 0; l < L; ++l) {
+        const cgd_real r = 1 / inv_scale[l];
+        inv_scale[l] = inv_scale[l] > 0 ? (r < largest ? r : largest) : 1;
+    }
+    jacobi_squares(a, B, 0, inv_scale, all);
     for (int sweep = 0; sweep < CGD_JACOBI_SWEEPS; ++sweep) {
-        jacobi_squares(a, B, 1, off);
+        jacobi_squares(a, B, 1, inv_scale, off);
         int pending = 0;
         for (int l = 0; l < L; ++l) pending |= off[l] > tol * tol * all[l];
         if (!pending) break;
@@ -173,7 +191,7 @@ void cgd_eigh_jacobi_batch(const cgd_real *const *C, int B, int count, cgd_real 
                 }
             }
     }
-    jacobi_squares(a, B, 1, off);
+    jacobi_squares(a, B, 1, inv_scale, off);
     for (int l = 0; l < count; ++l) {
         converged[l] = C[l] && off[l] <= tol * tol * all[l];
         if (!C[l]) continue;

@@ -34,7 +34,8 @@ std::vector<double> orthogonal(int B, std::mt19937 &rng) {
 }
 
 // Spectra that stress the solver: distinct, repeated (a covariance of low rank has many equal zeros), tiny next to
-// large, negative (a centered moment's rounding), and a diagonal matrix (nothing to rotate).
+// large, negative (a centered moment's rounding), at 1e30 and at 1e-35 (the convergence test must neither
+// overflow nor vanish), and a diagonal matrix (nothing to rotate).
 std::vector<double> spectrum(int kind, int B, std::mt19937 &rng) {
     std::uniform_real_distribution<double> u(0.5, 2.0);
     std::vector<double> lambda(B);
@@ -43,7 +44,9 @@ std::vector<double> spectrum(int kind, int B, std::mt19937 &rng) {
         case 0: lambda[k] = u(rng) * (k + 1); break;
         case 1: lambda[k] = k < B / 2 ? 0.0 : 3.0; break;
         case 2: lambda[k] = k == 0 ? 1e3 : 1e-6 * u(rng); break;
-        default: lambda[k] = (k % 2 ? -1.0 : 1.0) * u(rng); break;
+        case 3: lambda[k] = (k % 2 ? -1.0 : 1.0) * u(rng); break;
+        case 4: lambda[k] = 1e30 * u(rng) * (k + 1); break;  /* squares past float's range */
+        default: lambda[k] = 1e-35 * u(rng) * (k + 1); break; /* entries near float's subnormals */
         }
     }
     return lambda;
@@ -59,8 +62,8 @@ TEST(EighJacobi, KnownSpectraOfEveryServedSideToFloatRounding) {
             std::vector<const float *> ptrs(count);
             for (int l = 0; l < count; ++l) {
                 const std::vector<double> q = orthogonal(B, rng);
-                lambdas[l] = spectrum(l % 5 == 4 ? 0 : l % 4, B, rng);
-                const bool diagonal = l % 5 == 4;
+                const bool diagonal = l % 7 == 6;
+                lambdas[l] = spectrum(diagonal ? 0 : l % 6, B, rng);
                 mats[l].resize((size_t)B * B);
                 for (int i = 0; i < B; ++i)
                     for (int j = 0; j < B; ++j) {
