@@ -89,16 +89,7 @@ static int diag_chunk(cgd_dtype dtype, const cgd_diag_consts *k, const cgd_diag_
                       const cgd_diag_tensor *t, int scaled, cgd_real grad_scale, int64_t begin, int64_t end) {
     int held = 0;
     const int plain = diag_plain(k);
-#if CGD_F64
-    (void)dtype;
-    CGD_BY_METRIC(CGD_FLOAT64);
-#else
-    switch (dtype) {
-    case CGD_FLOAT16: CGD_BY_METRIC(CGD_FLOAT16); break;
-    case CGD_BFLOAT16: CGD_BY_METRIC(CGD_BFLOAT16); break;
-    default: CGD_BY_METRIC(CGD_FLOAT32); break;
-    }
-#endif
+    CGD_DISPATCH_DTYPE(dtype, CGD_BY_METRIC);
     return held;
 }
 

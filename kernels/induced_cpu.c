@@ -50,16 +50,11 @@ static double norm_chunk(const cgd_induced_consts *k, const cgd_induced_step_con
 #define CGD_NORM(DT, RMS) \
     (scaled ? norm_range(k, s, DT, grad, m2, RMS, 1, scale, begin, end) \
             : norm_range(k, s, DT, grad, m2, RMS, 0, scale, begin, end))
-#if CGD_F64
-    (void)dtype;
-    return k->rms ? CGD_NORM(CGD_FLOAT64, 1) : CGD_NORM(CGD_FLOAT64, 0);
-#else
-    switch (dtype) {
-    case CGD_FLOAT16: return k->rms ? CGD_NORM(CGD_FLOAT16, 1) : CGD_NORM(CGD_FLOAT16, 0);
-    case CGD_BFLOAT16: return k->rms ? CGD_NORM(CGD_BFLOAT16, 1) : CGD_NORM(CGD_BFLOAT16, 0);
-    default: return k->rms ? CGD_NORM(CGD_FLOAT32, 1) : CGD_NORM(CGD_FLOAT32, 0);
-    }
-#endif
+#define CGD_NORM_OF(DT) sum = k->rms ? CGD_NORM(DT, 1) : CGD_NORM(DT, 0)
+    double sum = 0.0;
+    CGD_DISPATCH_DTYPE(dtype, CGD_NORM_OF);
+    return sum;
+#undef CGD_NORM_OF
 #undef CGD_NORM
 }
 
@@ -141,16 +136,7 @@ static void step_chunk(const cgd_induced_consts *k, const cgd_induced_step_const
 #define CGD_STEP(DT)                                                                                     \
     (k->rms ? (k->maximize ? CGD_STEP_SCALED(DT, 1, 1) : CGD_STEP_SCALED(DT, 1, 0))                    \
             : (k->maximize ? CGD_STEP_SCALED(DT, 0, 1) : CGD_STEP_SCALED(DT, 0, 0)))
-#if CGD_F64
-    (void)dtype;
-    CGD_STEP(CGD_FLOAT64);
-#else
-    switch (dtype) {
-    case CGD_FLOAT16: CGD_STEP(CGD_FLOAT16); break;
-    case CGD_BFLOAT16: CGD_STEP(CGD_BFLOAT16); break;
-    default: CGD_STEP(CGD_FLOAT32); break;
-    }
-#endif
+    CGD_DISPATCH_DTYPE(dtype, CGD_STEP);
 #undef CGD_STEP
 #undef CGD_STEP_SCALED
 }

@@ -88,24 +88,4 @@ template <int DT> static __device__ __forceinline__ void store1(void *base, int6
         static_cast<float *>(base)[i] = (float)v;
 }
 
-/* Expands CALL(DT) with DT the constant cgd_dtype that `dtype` names among those of this build (real.h), so
-   each kernel is instantiated once per parameter dtype the build serves. */
-#if CGD_F64
-#define CGD_DISPATCH_DTYPE(dtype, CALL)                                                                                \
-    do {                                                                                                               \
-        (void)(dtype);                                                                                                 \
-        CALL(CGD_FLOAT64);                                                                                             \
-    } while (0)
-#else
-#define CGD_DISPATCH_DTYPE(dtype, CALL)                                                                                \
-    do {                                                                                                               \
-        if ((dtype) == CGD_FLOAT16)                                                                                    \
-            CALL(CGD_FLOAT16);                                                                                         \
-        else if ((dtype) == CGD_BFLOAT16)                                                                              \
-            CALL(CGD_BFLOAT16);                                                                                        \
-        else                                                                                                           \
-            CALL(CGD_FLOAT32);                                                                                         \
-    } while (0)
-#endif
-
 #endif /* CGD_MULTI_TENSOR_CUH */

@@ -39,6 +39,27 @@ typedef float cgd_real;
 #define cgd_rfma fmaf
 #endif
 
+/* Expands CALL(DT) with DT the constant cgd_dtype that `dtype` names among the parameter dtypes this build serves
+   (float32, float16 and bfloat16; float64 in the float64 build), so each CPU loop and each CUDA kernel is
+   instantiated once per dtype. */
+#if CGD_F64
+#define CGD_DISPATCH_DTYPE(dtype, CALL) \
+    do {                                \
+        (void)(dtype);                  \
+        CALL(CGD_FLOAT64);              \
+    } while (0)
+#else
+#define CGD_DISPATCH_DTYPE(dtype, CALL)   \
+    do {                                  \
+        if ((dtype) == CGD_FLOAT16)       \
+            CALL(CGD_FLOAT16);            \
+        else if ((dtype) == CGD_BFLOAT16) \
+            CALL(CGD_BFLOAT16);           \
+        else                              \
+            CALL(CGD_FLOAT32);            \
+    } while (0)
+#endif
+
 #ifndef __CUDACC__
 /* Element i of a parameter or gradient as the kernel's real type, and back: float64 arrays in the float64
    build, float32/float16/bfloat16 (converted as half_convert.h does) in the other. */
