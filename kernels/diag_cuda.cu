@@ -1,8 +1,8 @@
 /*
  * CUDA kernels: the diagonal CGD step and (float32 build only) the non-finite scan, each over many tensors per
  * launch (see multi_tensor.cuh). The step is one pass over memory: read param, grad, M1, M2; write param, M1,
- * M2, the non-finite guard checked on the way (diag_math.h). Loads and stores are 4 elements wide when a tensor's arrays are aligned for it. Nothing here synchronizes
- * the host; all work goes to the caller's stream.
+ * M2, the non-finite guard checked on the way (diag_math.h). Loads and stores are 4 elements wide when a
+ * tensor's arrays are aligned for it. Nothing here synchronizes the host; all work goes to the caller's stream.
  */
 #include <cuda_runtime.h>
 

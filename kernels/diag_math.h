@@ -48,6 +48,8 @@ typedef uint64_t cgd_real_bits;
 #else
 typedef uint32_t cgd_real_bits;
 #endif
+/* The sign bit: above every magnitude's bits (cgd_magnitude_bits), so a guard threshold of it holds nothing back. */
+#define CGD_SIGN_BIT ((cgd_real_bits)1 << (8 * sizeof(cgd_real_bits) - 1))
 
 /* The bit pattern of a real of the build's type, and back. */
 CGD_HD cgd_real_bits cgd_bits(cgd_real x) {
@@ -91,7 +93,7 @@ CGD_HD cgd_real cgd_pick(int cond, cgd_real a, cgd_real b) {
 
 /* The magnitude bits of x (sign cleared): non-negative IEEE values order as these integers, NaN above Inf. */
 CGD_HD cgd_real_bits cgd_magnitude_bits(cgd_real x) {
-    return cgd_bits(x) & (((cgd_real_bits)1 << (8 * sizeof(cgd_real_bits) - 1)) - 1);
+    return cgd_bits(x) & (CGD_SIGN_BIT - 1);
 }
 
 #if !CGD_F64
@@ -99,9 +101,9 @@ CGD_HD cgd_real_bits cgd_magnitude_bits(cgd_real x) {
 CGD_HD float cgd_exp2i(int32_t k) { return cgd_from_bits((uint32_t)(k + 127) << 23); }
 
 /*
- * v x^a for float x and a in [-1, 1] other than 0, as v 2^(a log2 x) in float arithmetic with fixed polynomials and integer
- * exponent arithmetic: no table, no call and no data-dependent branch, so the compiler vectorises it at the full
- * float width (libm's powf is a call per element). Every choice is integer masking or a pick, not a conditional:
+ * v x^a for float x and a in [-1, 1] other than 0, as v 2^(a log2 x) in float arithmetic with fixed polynomials
+ * and integer exponent arithmetic: no table, no call and no data-dependent branch, so the compiler vectorises it at
+ * the full float width (libm's powf is a call per element). Every choice is integer masking or a pick, not a conditional:
  * a conditional lets the compiler thread the special inputs into a separate path, which the vectoriser refuses.
  *
  * Error against float64 pow: below 4e-7 relative (about 3 float ulps; tested), from
@@ -204,7 +206,7 @@ CGD_HD cgd_diag_consts cgd_diag_make_consts(const cgd_diag_hparams *h) {
     k.beta2_d = h->beta2;
     k.weight_decay_d = h->weight_decay;
     k.lr_device = h->lr_device;
-    k.guard_bits = (cgd_real_bits)1 << (8 * sizeof(cgd_real_bits) - 1); /* set by the caller: cgd_diag_guard_bits */
+    k.guard_bits = CGD_SIGN_BIT; /* no guard; the caller sets cgd_diag_guard_bits */
     k.metric = h->power == 0.0   ? CGD_METRIC_NONE
                : h->power == 0.5 ? CGD_METRIC_SQRT
                : h->power == 1.0 ? CGD_METRIC_ONE
@@ -222,7 +224,7 @@ CGD_HD cgd_diag_consts cgd_diag_make_consts(const cgd_diag_hparams *h) {
 
 /* cgd_diag_consts.guard_bits for these hyperparameters: host code, as cgd_threshold_bits is. */
 static inline cgd_real_bits cgd_diag_guard_bits(const cgd_diag_hparams *h) {
-    if (!h->guard_flags) return (cgd_real_bits)1 << (8 * sizeof(cgd_real_bits) - 1);
+    if (!h->guard_flags) return CGD_SIGN_BIT;
     return (cgd_real_bits)cgd_threshold_bits(CGD_STATE_DTYPE, h->guard_limit > 0.0 ? h->guard_limit : INFINITY);
 }
 

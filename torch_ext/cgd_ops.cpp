@@ -203,8 +203,8 @@ Workspace workspace_for(const Device &device, size_t bytes) {
     return w;
 }
 
-// State tensors of a block, kron or induced step, and the diag step's guard flags: of the given dtype, contiguous, on the parameters' device, of
-// the size the layout needs.
+// State tensors of a block, kron or induced step, and the diag step's guard flags: of the given dtype,
+// contiguous, on the parameters' device, of the size the layout needs.
 void *state_ptr(const char *op, const Tensor &t, const Device &device, ScalarType dtype, int64_t numel,
                 const char *what, int64_t index = -1) {
     const std::string name = index < 0 ? std::string(what) : std::string(what) + "[" + std::to_string(index) + "]";
