@@ -252,29 +252,26 @@ int CGD_NAME(cgd_cpu_block_step)(const cgd_block_hparams *h, cgd_dtype dtype, co
                         }
                     mats[l] = Cb;
                 }
+                /* The group's Jacobi solutions first (their P assembled together), then each block's refresh,
+                   which takes a converged one or goes down LAPACK's ladder. */
+                cgd_real *w = NULL, *group_P = NULL;
                 if (jacobi) {
-                    cgd_real *work = jw, *w = jw + (2 * (size_t)B + 1) * L * B, *vecs = w + (size_t)L * B;
-                    cgd_real *group_P = vecs + (size_t)L * B * B;
+                    cgd_real *work = jw, *vecs;
+                    w = jw + (2 * (size_t)B + 1) * L * B;
+                    vecs = w + (size_t)L * B;
+                    group_P = vecs + (size_t)L * B * B;
                     for (int l = 0; l < count; ++l)
                         if (!finite[l]) mats[l] = NULL;
                     cgd_eigh_jacobi_batch(mats, (int)B, count, work, w, vecs, converged);
                     inverse_powers(w, (int64_t)count * B, h->eps, h->power, jd);
                     if (h->power != 0.0) assemble_group(vecs, jd, count, (int)B, work, group_P);
-                    for (int l = 0; l < count; ++l) {
-                        const int64_t b = first + l;
-                        const int ok = finite[l] && converged[l];
-                        refresh_block(h, C + (int64_t)l * B * B, finite[l], ok ? w + (size_t)l * B : NULL,
-                                      ok ? group_P + (size_t)l * B * B : NULL,
-                                      (cgd_real *)st->precond + b * B * B,
-                                      (cgd_real *)st->eigvals + b * B, &st->outcome[b], local, &s, acc);
-                    }
-                } else if (h->refresh) {
-                    for (int l = 0; l < count; ++l) {
-                        const int64_t b = first + l;
-                        refresh_block(h, C + (int64_t)l * B * B, finite[l], NULL, NULL,
-                                      (cgd_real *)st->precond + b * B * B, (cgd_real *)st->eigvals + b * B,
-                                      &st->outcome[b], local, &s, acc);
-                    }
+                }
+                for (int l = 0; h->refresh && l < count; ++l) {
+                    const int64_t b = first + l;
+                    const int ok = jacobi && finite[l] && converged[l];
+                    refresh_block(h, C + (int64_t)l * B * B, finite[l], ok ? w + (size_t)l * B : NULL,
+                                  ok ? group_P + (size_t)l * B * B : NULL, (cgd_real *)st->precond + b * B * B,
+                                  (cgd_real *)st->eigvals + b * B, &st->outcome[b], local, &s, acc);
                 }
                 for (int l = 0; l < count; ++l) {
                     const int64_t b = first + l;
