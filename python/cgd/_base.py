@@ -219,6 +219,8 @@ class BaseOptimizer(Optimizer):
                 hint = f" {self._DTYPES_HINT}" if p.is_complex() and self._DTYPES_HINT else ""
                 raise ValueError(f"cgd: parameter {self._label(gi, j)} is {p.dtype}; supported parameter dtypes are "
                                  f"{', '.join(most)} and {last}{hint}")
+        if self.capturable:
+            group["lr"] = lr_on_device(group["lr"], group["params"])
 
     def _label(self, gi: int, j: int) -> str:
         """How every message names parameter j of group gi: its name when the group has names, and where it is."""
@@ -233,12 +235,16 @@ class BaseOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Performs one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        return self._step(self._begin(closure))
+
+    def _begin(self, closure: Callable[[], Any] | None) -> Any:
+        """What every step does first: raise for gradient entries the last step held back (cgd.CGD on a GPU), then
+        run the closure, if any, with gradients enabled. Its loss, or None."""
         self.check_nonfinite()
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        return self._step(loss)
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
 
     def _step(self, loss: Any) -> Any:
         raise NotImplementedError

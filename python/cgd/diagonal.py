@@ -16,7 +16,7 @@ import torch
 
 from . import _ops  # noqa: F401  (loads the operator library)
 from ._base import (SUPPORTED_DTYPES, TORCH_ADDED_DEFAULTS, UNUSABLE, BaseOptimizer, NonFiniteGradientError,
-                    lr_on_device, lr_operands, mark_updated, on_device, overflow_limit, smallest_eps, state_dtype)
+                    lr_operands, mark_updated, on_device, overflow_limit, smallest_eps, state_dtype)
 from ._distributed import local, sum_over_shards
 from ._validate import bad, betas_from_tau, in_range, pair, validate_step_size
 
@@ -309,8 +309,6 @@ class CGD(BaseOptimizer):
     def _check_group(self, gi: int, group: dict[str, Any]) -> None:
         validate_group(self._cgd_group(group), zero_eps=self._EPS_AS_TORCH)
         super()._check_group(gi, group)
-        if self.capturable:
-            group["lr"] = lr_on_device(group["lr"], group["params"])
 
     def _step(self, loss: Any) -> Any:
         groups = [self._cgd_group(group) for group in self.param_groups]

@@ -16,7 +16,7 @@ import torch
 
 from . import _ops  # noqa: F401  (loads the operator library)
 from ._distributed import local, mean_over_shards, sum_over_shards
-from ._base import (BaseOptimizer, lr_on_device, lr_operands, mark_updated, on_device, overflow_limit, smallest_eps,
+from ._base import (BaseOptimizer, lr_operands, mark_updated, on_device, overflow_limit, smallest_eps,
                     state_dtype)
 from ._validate import bad, check_lr, choice, in_range, number
 
@@ -95,8 +95,6 @@ class InducedMetric(BaseOptimizer):
     def _check_group(self, gi: int, group: dict[str, Any]) -> None:
         self._validate(group)
         super()._check_group(gi, group)
-        if self.capturable:
-            group["lr"] = lr_on_device(group["lr"], group["params"])
         first = self._first_param()
         for j, p in enumerate(group["params"]):
             if p.device != first.device:
@@ -133,11 +131,8 @@ class InducedMetric(BaseOptimizer):
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
         """One step. ``closure`` re-evaluates the model and returns the loss; ``loss`` passes it directly (the
         log embedding needs one of the two)."""
-        self.check_nonfinite()
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        return self._step(loss)
+        returned = self._begin(closure)
+        return self._step(loss if closure is None else returned)
 
     def _step(self, loss: Any) -> Any:
         work = []  # (group index, group, [(index, param, grad)]) batched by dtype below
