@@ -218,6 +218,9 @@ static cgd_status check_block_hparams(const char *fn, const cgd_block_hparams *h
         return fail(CGD_ERR_INVALID_ARGUMENT,
                     "%s: hparams.eps = 0 with power = %g: a covariance matrix is only semi-definite, so "
                     "(eps I + C)^-a needs eps > 0", fn, h->power);
+    if (h->solver != CGD_SOLVER_EIGH && h->solver != CGD_SOLVER_LANCZOS)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams.solver = %d is not a cgd_block_solver (0: eigh, 1: lanczos)",
+                    fn, (int)h->solver);
     return CGD_OK;
 }
 
@@ -251,6 +254,9 @@ static cgd_status block_workspace(const char *fn, const cgd_block_hparams *hpara
                                   const cgd_block_state *state, cgd_device device, void *stream, size_t *bytes) {
     *bytes = 0;
     if (device == CGD_CPU) return CGD_OK;
+    if (hparams->solver == CGD_SOLVER_LANCZOS)
+        return fail(CGD_ERR_UNSUPPORTED, "%s: hparams.solver = CGD_SOLVER_LANCZOS runs on the CPU only; on CUDA use "
+                    "CGD_SOLVER_EIGH", fn);
     char why[256];
     int e = CGD_BY_REAL(dtype, cgd_cuda_block_workspace)(hparams, state, stream, bytes, why, sizeof why);
     return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : CGD_OK;
@@ -278,7 +284,8 @@ cgd_status cgd_block_step(const cgd_block_hparams *hparams, cgd_dtype dtype, con
     if ((st = check_eps_for_dtype(fn, hparams, dtype))) return st;
     if (count > 0 && !tensors)
         return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors is NULL but count = %lld", fn, (long long)count);
-    if (!state->exp_avg || !state->exp_avg_sq || !state->precond || !state->eigvals || !state->step ||
+    const int needs_p = hparams->solver == CGD_SOLVER_EIGH;
+    if (!state->exp_avg || !state->exp_avg_sq || (needs_p && (!state->precond || !state->eigvals)) || !state->step ||
         !state->outcome || !state->counters)
         return fail(CGD_ERR_INVALID_ARGUMENT, "%s: state.%s is NULL", fn,
                     !state->exp_avg ? "exp_avg" : !state->exp_avg_sq ? "exp_avg_sq" : !state->precond ? "precond"
@@ -320,6 +327,9 @@ static cgd_status check_kron_tensors(const char *fn, const cgd_block_hparams *hp
     cgd_status st;
     if (!hparams) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams is NULL", fn);
     if ((st = check_block_hparams(fn, hparams))) return st;
+    if (hparams->solver != CGD_SOLVER_EIGH)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams.solver = %d; a kron step eigendecomposes its factors "
+                    "(CGD_SOLVER_EIGH = 0)", fn, (int)hparams->solver);
     if ((st = check_common(fn, dtype, device, count))) return st;
     if ((st = check_eps_for_dtype(fn, hparams, dtype))) return st;
     if (count > 0 && !tensors)

@@ -176,11 +176,25 @@ cgd_status cgd_nonfinite_check(cgd_dtype dtype, const void *const *data, const i
  *   p  <- p (1 - lr weight_decay) - lr P F       (decoupled weight decay)
  * Between refreshes the cached P is applied to the new F (the paper's method refreshes every step).
  *
+ * With solver = CGD_SOLVER_LANCZOS (CPU) every step computes the direction (eps I + C)^-a F itself, by Lanczos on
+ * the Krylov space of C and F (iterations of one O(block^2) product with M2 each, in double), instead of an
+ * O(block^3) eigendecomposition: the paper's method at every step without P, and within the eigendecomposition's
+ * accuracy (float32 state: the direction converged to 1e-7 relative, while rounding M2 to float32 already moves
+ * it by more). P and eigvals are then not used (may be NULL), `refresh` is ignored, and a block whose Lanczos run
+ * does not converge within CGD_LANCZOS_MAX_ITER = 256 iterations takes this step's eigendecomposition
+ * (counted in counters[3]), whose failure falls to the diagonal metric.
+ *
  * A refresh that fails (solver error or non-finite output) goes down a ladder and never corrupts the state:
  * the solver in the state's precision -> float64 solver (float32 state on the CPU only: on CUDA it would need a
  * host synchronisation) -> keep the block's previous P -> the diagonal metric diag((eps + max(C_ii, 0))^-a).
  * Each rung is counted.
  * --------------------------------------------------------------------------------------------------------- */
+
+/* How a block step gets its direction (eps I + C)^-a F. */
+typedef enum cgd_block_solver {
+    CGD_SOLVER_EIGH = 0,   /* eigendecompose C on refresh steps, cache P = (eps I + C)^-a */
+    CGD_SOLVER_LANCZOS = 1 /* every step, from C and F directly (CPU only) */
+} cgd_block_solver;
 
 typedef struct cgd_block_hparams {
     double lr;           /* >= 0 */
@@ -192,7 +206,8 @@ typedef struct cgd_block_hparams {
     int32_t centered;
     int32_t bias_correction;
     int32_t maximize;
-    int32_t refresh;     /* 1: eigendecompose C this step; 0: apply the cached P */
+    int32_t refresh;     /* 1: eigendecompose C this step; 0: apply the cached P (CGD_SOLVER_EIGH) */
+    int32_t solver;      /* cgd_block_solver; kron steps take CGD_SOLVER_EIGH only */
 } cgd_block_hparams;
 
 /* A tensor of a block step: its elements occupy [offset, offset + numel) of the blocked vector. Tensors are
@@ -211,7 +226,8 @@ enum {
     CGD_BLOCK_FP32 = 0,    /* the eigensolver of the state's precision (float32, or float64 for float64) */
     CGD_BLOCK_FP64 = 1,    /* float32 state: float32 failed, float64 succeeded */
     CGD_BLOCK_KEPT = 2,    /* the solvers failed: the previous P was kept */
-    CGD_BLOCK_DIAGONAL = 3 /* failed with no previous P: P = diag((eps + max(C_ii, 0))^-a) */
+    CGD_BLOCK_DIAGONAL = 3, /* failed with no previous P: P = diag((eps + max(C_ii, 0))^-a) */
+    CGD_BLOCK_LANCZOS = 4   /* CGD_SOLVER_LANCZOS converged */
 };
 
 /* The state of one block step: arrays of state values (outcome int32, step float64, counters float32) on the
@@ -221,12 +237,13 @@ typedef struct cgd_block_state {
     int64_t nblocks;     /* >= 1 */
     void *exp_avg;       /* M1: nblocks * block */
     void *exp_avg_sq;    /* M2: nblocks * block * block, symmetric, both triangles kept */
-    void *precond;       /* P: nblocks * block * block */
+    void *precond;       /* P: nblocks * block * block (CGD_SOLVER_EIGH) */
     void *eigvals;       /* nblocks * block: eigenvalues of C at the last refresh, ascending (diagonal of C
                             after a diagonal fallback, unchanged after a kept P) */
     double *step;        /* one double: steps taken */
     int32_t *outcome;    /* nblocks: CGD_BLOCK_* of the last refresh; initialise to CGD_BLOCK_NEVER */
-    float *counters;     /* 3 floats, cumulative: float64 retries, kept P, diagonal fallbacks */
+    float *counters;     /* 4 floats, cumulative: float64 retries, kept P, diagonal fallbacks, Lanczos runs that
+                            took the eigendecomposition */
 } cgd_block_state;
 
 /*

@@ -9,6 +9,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "blas_cpu.h"
 #include "diag_math.h"
 #include "eigh_cpu.h"
@@ -160,36 +164,117 @@ static void refresh_block(const cgd_block_hparams *h, const cgd_real *C, int fin
     counters_local[2] += 1.0f;
 }
 
-int CGD_NAME(cgd_cpu_block_step)(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_block_tensor *tensors,
-                                 int64_t count, const cgd_block_state *st, const float *grad_scale, const float *skip) {
-    if (skip && *skip != 0.0f) return 0;
-    const int64_t B = st->block, nb = st->nblocks, length = B * nb;
-    const cgd_real scale = grad_scale ? (cgd_real)*grad_scale : 1;
-    const double t = (double)*st->step + 1.0;
-    const double bc1 = h->bias_correction ? 1.0 - pow(h->beta1, t) : 1.0;
-    const double bc2 = h->bias_correction ? 1.0 - pow(h->beta2, t) : 1.0;
+/* The direction of a block whose Lanczos run did not converge (or met a non-finite value): this step's
+   eigendecomposition of C, then the diagonal metric, as the eigendecomposition path's ladder without a cached P.
+   Its scratch is taken here, on the rare step that needs it; without it the diagonal rung serves. */
+static void lanczos_fallback(const cgd_block_hparams *h, const cgd_real *m2, const cgd_real *F, cgd_real inv_bc2,
+                             int B, cgd_real *u, int32_t *outcome, float *counters) {
+    const size_t nn = (size_t)B * (size_t)B;
+    cgd_real *C = cgd_host_alloc(nn * sizeof(cgd_real));
+    double *d = cgd_host_alloc((size_t)B * sizeof(double)), *t = cgd_host_alloc((size_t)B * sizeof(double));
+    cgd_eigh_scratch s;
+    int solved = -1, have_scratch = C && d && t && cgd_eigh_scratch_init(&s, B) == 0;
+    if (have_scratch) {
+        int finite = 1;
+        for (size_t i = 0; i < (size_t)B; ++i)
+            for (size_t j = 0; j < (size_t)B; ++j) {
+                C[i * B + j] = m2[i * B + j] * inv_bc2 - (h->centered ? F[i] * F[j] : 0);
+                finite &= isfinite(C[i * B + j]) != 0;
+            }
+        solved = finite ? cgd_eigh_solve(C, B, &s) : -1;
+    }
+    if (solved >= 0) {
+        /* u = V diag(d) V^T F in double, V's column k eigenvector k */
+        for (int k = 0; k < B; ++k) {
+            double dot = 0.0;
+            for (int i = 0; i < B; ++i)
+                dot += (solved == CGD_BLOCK_FP64 ? s.da[(size_t)k * B + i] : (double)s.a[(size_t)k * B + i]) * F[i];
+            d[k] = cgd_inverse_power(solved == CGD_BLOCK_FP64 ? s.dw[k] : (double)s.w[k], h->eps, h->power) * dot;
+        }
+        for (int i = 0; i < B; ++i) t[i] = 0.0;
+        for (int k = 0; k < B; ++k)
+            for (int i = 0; i < B; ++i)
+                t[i] += d[k] * (solved == CGD_BLOCK_FP64 ? s.da[(size_t)k * B + i] : (double)s.a[(size_t)k * B + i]);
+        for (int i = 0; i < B; ++i) u[i] = (cgd_real)t[i];
+        *outcome = solved;
+        counters[0] += solved == CGD_BLOCK_FP64 ? 1.0f : 0.0f;
+    } else {
+        for (int i = 0; i < B; ++i) {
+            const double cii = (double)m2[(size_t)i * B + i] * inv_bc2 - (h->centered ? (double)F[i] * F[i] : 0.0);
+            u[i] = isfinite(cii) ? (cgd_real)(cgd_inverse_power(cii, h->eps, h->power) * F[i]) : F[i];
+        }
+        *outcome = CGD_BLOCK_DIAGONAL;
+        counters[2] += 1.0f;
+    }
+    counters[3] += 1.0f;
+    if (have_scratch) cgd_eigh_scratch_free(&s);
+    free(C);
+    free(d);
+    free(t);
+}
+
+/* The moments' update and the direction u of every block by Lanczos (CGD_SOLVER_LANCZOS). With fewer blocks than
+   threads (the full metric: one) a block's products with M2 take all the threads; otherwise each thread takes
+   whole blocks. Either way each entry is computed by the same operations, whatever the thread count. */
+static int lanczos_blocks(const cgd_block_hparams *h, const cgd_block_state *st, const cgd_real *g, cgd_real *u,
+                          cgd_real inv_bc1, cgd_real inv_bc2, float *counters) {
+    const int64_t B = st->block, nb = st->nblocks;
     const cgd_real beta1 = (cgd_real)h->beta1, beta2 = (cgd_real)h->beta2;
     const cgd_real w1 = (cgd_real)(1.0 - h->beta1), w2 = (cgd_real)(1.0 - h->beta2);
-    const cgd_real inv_bc1 = (cgd_real)(1.0 / bc1), inv_bc2 = (cgd_real)(1.0 / bc2);
-
-    /* g: the padded gradient; u: the preconditioned force, both over the whole blocked vector. */
-    cgd_real *g = cgd_host_zalloc((size_t)length * sizeof(cgd_real));
-    cgd_real *u = cgd_host_alloc((size_t)length * sizeof(cgd_real));
-    if (!g || !u) {
-        free(g);
-        free(u);
-        return 1;
-    }
-    for (int64_t i = 0; i < count; ++i) {
-        const cgd_block_tensor *tn = &tensors[i];
-        for (int64_t j = 0; j < tn->numel; ++j) {
-            cgd_real v = cgd_load_real(dtype, tn->grad, j) / scale;
-            g[tn->offset + j] = h->maximize ? -v : v;
-        }
-    }
-
+#ifdef _OPENMP
+    const int inner = nb < omp_get_max_threads();
+#else
+    const int inner = 0;
+#endif
     int failed = 0;
-    float counters[3] = {0.0f, 0.0f, 0.0f};
+#pragma omp parallel if (!inner)
+    {
+        cgd_lanczos_scratch s;
+        float local[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        cgd_real *F = cgd_host_alloc((size_t)B * sizeof(cgd_real));
+        const int have_scratch = cgd_lanczos_scratch_init(&s, (int)B) == 0;
+        if (!have_scratch || !F) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t b = 0; b < nb; ++b) {
+                const cgd_real *gb = g + b * B;
+                cgd_real *m1 = (cgd_real *)st->exp_avg + b * B;
+                cgd_real *m2 = (cgd_real *)st->exp_avg_sq + b * B * B;
+                for (int64_t i = 0; i < B; ++i) {
+                    m1[i] = beta1 * m1[i] + w1 * gb[i];
+                    F[i] = m1[i] * inv_bc1;
+                }
+#pragma omp parallel for schedule(static) if (inner)
+                for (int64_t i = 0; i < B; ++i)
+                    for (int64_t j = 0; j < B; ++j) m2[i * B + j] = beta2 * m2[i * B + j] + w2 * gb[i] * gb[j];
+                const int iters = cgd_lanczos_direction(m2, (double)inv_bc2, F, h->centered, (int)B, h->eps, h->power,
+                                                        inner, &s, u + b * B);
+                if (iters > 0)
+                    st->outcome[b] = CGD_BLOCK_LANCZOS;
+                else
+                    lanczos_fallback(h, m2, F, inv_bc2, (int)B, u + b * B, &st->outcome[b], local);
+            }
+        }
+#pragma omp critical
+        for (int k = 0; k < 4; ++k) counters[k] += local[k];
+        if (have_scratch) cgd_lanczos_scratch_free(&s);
+        free(F);
+    }
+    return failed;
+}
+
+/* The moments' update and the direction u of every block through the eigendecomposition of C on refresh steps
+   and the cached P (CGD_SOLVER_EIGH). */
+static int eigh_blocks(const cgd_block_hparams *h, const cgd_block_state *st, const cgd_real *g, cgd_real *u,
+                       cgd_real inv_bc1, cgd_real inv_bc2, float *counters) {
+    const int64_t B = st->block, nb = st->nblocks;
+    const cgd_real beta1 = (cgd_real)h->beta1, beta2 = (cgd_real)h->beta2;
+    const cgd_real w1 = (cgd_real)(1.0 - h->beta1), w2 = (cgd_real)(1.0 - h->beta2);
+    int failed = 0;
     /* Small blocks go in groups of CGD_JACOBI_LANES, decomposed together by the batched Jacobi solver; larger
        ones (and steps without a refresh) one at a time. */
     enum { L = CGD_JACOBI_LANES };
@@ -293,6 +378,38 @@ int CGD_NAME(cgd_cpu_block_step)(const cgd_block_hparams *h, cgd_dtype dtype, co
         free(jw);
         free(jd);
     }
+    return failed;
+}
+
+int CGD_NAME(cgd_cpu_block_step)(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_block_tensor *tensors,
+                                 int64_t count, const cgd_block_state *st, const float *grad_scale, const float *skip) {
+    if (skip && *skip != 0.0f) return 0;
+    const int64_t B = st->block, nb = st->nblocks, length = B * nb;
+    const cgd_real scale = grad_scale ? (cgd_real)*grad_scale : 1;
+    const double t = (double)*st->step + 1.0;
+    const double bc1 = h->bias_correction ? 1.0 - pow(h->beta1, t) : 1.0;
+    const double bc2 = h->bias_correction ? 1.0 - pow(h->beta2, t) : 1.0;
+    const cgd_real inv_bc1 = (cgd_real)(1.0 / bc1), inv_bc2 = (cgd_real)(1.0 / bc2);
+
+    /* g: the padded gradient; u: the preconditioned force, both over the whole blocked vector. */
+    cgd_real *g = cgd_host_zalloc((size_t)length * sizeof(cgd_real));
+    cgd_real *u = cgd_host_alloc((size_t)length * sizeof(cgd_real));
+    if (!g || !u) {
+        free(g);
+        free(u);
+        return 1;
+    }
+    for (int64_t i = 0; i < count; ++i) {
+        const cgd_block_tensor *tn = &tensors[i];
+        for (int64_t j = 0; j < tn->numel; ++j) {
+            cgd_real v = cgd_load_real(dtype, tn->grad, j) / scale;
+            g[tn->offset + j] = h->maximize ? -v : v;
+        }
+    }
+
+    float counters[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const int failed = h->solver == CGD_SOLVER_LANCZOS ? lanczos_blocks(h, st, g, u, inv_bc1, inv_bc2, counters)
+                                                       : eigh_blocks(h, st, g, u, inv_bc1, inv_bc2, counters);
     if (!failed) {
         const cgd_real lr = (cgd_real)h->lr, decay = (cgd_real)(1.0 - h->lr * h->weight_decay);
         for (int64_t i = 0; i < count; ++i) {
@@ -302,7 +419,7 @@ int CGD_NAME(cgd_cpu_block_step)(const cgd_block_hparams *h, cgd_dtype dtype, co
                 cgd_store_real(dtype, tn->param, j, p * decay - lr * u[tn->offset + j]);
             }
         }
-        for (int k = 0; k < 3; ++k) st->counters[k] += counters[k];
+        for (int k = 0; k < 4; ++k) st->counters[k] += counters[k];
         *st->step += 1.0;
     }
     free(g);

@@ -24,7 +24,7 @@ void cgd_set_cpu_threads(int n) {
     if (openblas_set_num_threads) openblas_set_num_threads(n);
 }
 
-cgd_test_hooks cgd_hooks = {-1, 0};
+cgd_test_hooks cgd_hooks = {-1, 0, 0};
 
 static int allocation_allowed(void) {
     int allowed = 1;

@@ -1,5 +1,6 @@
 /*
- * The CPU symmetric eigensolvers shared by block and Kronecker-factored CGD, in the build's real type (real.h):
+ * The CPU symmetric eigensolvers shared by block and Kronecker-factored CGD, and the Lanczos solver of the
+ * full/block direction, in the build's real type (real.h):
  * LAPACK ssyevd, then dsyevd when float32 fails or returns a non-finite value (the first two rungs of the failure
  * ladder in cgd.h; dsyevd alone for float64 state), and for small blocks a batched cyclic Jacobi solver that
  * decomposes a register's worth of them at once, whose unconverged matrices go to LAPACK. Internal.
@@ -53,6 +54,33 @@ int cgd_eigh_solve(const cgd_real *C, int n, cgd_eigh_scratch *s);
  */
 void cgd_eigh_jacobi_batch(const cgd_real *const *C, int B, int count, cgd_real *work, cgd_real *w, cgd_real *vecs,
                            int *converged);
+
+/* The Lanczos solver of the full/block metric's direction (lanczos_cpu.c): at most this many iterations (basis
+   vectors of n doubles each) before the caller falls back to the eigendecomposition. */
+#define CGD_LANCZOS_MAX_ITER 256
+#define cgd_lanczos_scratch_init CGD_NAME(cgd_lanczos_scratch_init)
+#define cgd_lanczos_scratch_free CGD_NAME(cgd_lanczos_scratch_free)
+#define cgd_lanczos_direction CGD_NAME(cgd_lanczos_direction)
+
+typedef struct cgd_lanczos_scratch {
+    int n, kmax;
+    double *q, *w, *alpha; /* the basis ((kmax + 1) n), two n-vectors, and the small problem's arrays */
+} cgd_lanczos_scratch;
+
+/* For directions of length up to n; 0 on success, 1 when out of memory (nothing left allocated). */
+int cgd_lanczos_scratch_init(cgd_lanczos_scratch *s, int n);
+void cgd_lanczos_scratch_free(cgd_lanczos_scratch *s);
+
+/*
+ * out = (eps I + max(C, 0))^-a f for C = scale M - (centered ? f f^T : 0), M row-major n x n symmetric, n <=
+ * s->n: the eigenvalues of C clamped at 0 as the eigendecomposition path clamps them. Returns the iterations
+ * taken (> 0) once the direction moved by under 1e-7 (float32 state; 1e-10 for float64) relative on two
+ * consecutive checks or the Krylov space became invariant; 0 when s->kmax iterations did not get there (out
+ * not written); -1 on a non-finite value or a failed small solve (out not written). `parallel`: spread the
+ * products with M over the OpenMP threads.
+ */
+int cgd_lanczos_direction(const cgd_real *M, double scale, const cgd_real *f, int centered, int n, double eps,
+                          double power, int parallel, cgd_lanczos_scratch *s, cgd_real *out);
 
 /* (eps + max(lambda, 0))^-a: eigenvalues of a covariance are >= 0, and rounding may push the smallest below. */
 static inline double cgd_inverse_power(double lambda, double eps, double power) {

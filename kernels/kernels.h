@@ -104,10 +104,12 @@ int cgd_cuda_prepare(char *why, int why_size);
 
 /* Fault injection and probes for the C tests (tests/c), never set by the library itself: allocations of the CPU
    kernels' scratch go through cgd_host_alloc, which fails once `host_allocs_before_failure` successes have
-   been used up (negative: never fails); eigh_calls counts calls into the CPU eigensolver. */
+   been used up (negative: never fails); eigh_calls counts calls into the CPU eigensolver; lanczos_iterations, when
+   positive, caps the Lanczos solver's iterations below CGD_LANCZOS_MAX_ITER (to reach its fallback). */
 typedef struct cgd_test_hooks {
     long long host_allocs_before_failure;
     long long eigh_calls;
+    int lanczos_iterations;
 } cgd_test_hooks;
 extern cgd_test_hooks cgd_hooks;
 

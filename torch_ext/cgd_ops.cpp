@@ -361,9 +361,12 @@ cgd_block_hparams matrix_hparams(double lr, double beta1, double beta2, double p
 void block_step(TensorList params, TensorList grads, std::vector<int64_t> offsets, Tensor exp_avg, Tensor exp_avg_sq,
                 Tensor precond, Tensor eigvals, Tensor step, Tensor outcome, Tensor counters, int64_t block,
                 int64_t nblocks, double lr, double beta1, double beta2, double power, double eps, double weight_decay,
-                bool centered, bool bias_correction, bool maximize, bool refresh, std::optional<Tensor> grad_scale,
-                std::optional<Tensor> found_inf) {
+                bool centered, bool bias_correction, bool maximize, bool refresh, std::string solver,
+                std::optional<Tensor> grad_scale, std::optional<Tensor> found_inf) {
     static const char op[] = "cgd::block_step_";
+    CGD_CHECK(solver == "eigh" || solver == "lanczos", "cgd::block_step_: solver = '", solver,
+              "' must be 'eigh' or 'lanczos'");
+    const bool lanczos = solver == "lanczos";
     const size_t n = params.size();
     CGD_CHECK(grads.size() == n && offsets.size() == n, "cgd::block_step_: got ", n, " params, ", grads.size(),
               " grads and ", offsets.size(), " offsets; the lists must have equal lengths");
@@ -392,14 +395,16 @@ void block_step(TensorList params, TensorList grads, std::vector<int64_t> offset
     const ScalarType real = state_type(dtype);
     st.exp_avg = state_ptr(op, exp_avg, device, real, length, "exp_avg");
     st.exp_avg_sq = state_ptr(op, exp_avg_sq, device, real, length * block, "exp_avg_sq");
-    st.precond = state_ptr(op, precond, device, real, length * block, "precond");
-    st.eigvals = state_ptr(op, eigvals, device, real, length, "eigvals");
+    // The Lanczos solver keeps no preconditioner: its P and eigenvalue tensors are empty.
+    st.precond = lanczos ? nullptr : state_ptr(op, precond, device, real, length * block, "precond");
+    st.eigvals = lanczos ? nullptr : state_ptr(op, eigvals, device, real, length, "eigvals");
     st.step = typed_state<double>(op, step, device, ScalarType::Double, 1, "step");
     st.outcome = typed_state<int32_t>(op, outcome, device, ScalarType::Int, nblocks, "outcome");
-    st.counters = typed_state<float>(op, counters, device, ScalarType::Float, 3, "counters");
+    st.counters = typed_state<float>(op, counters, device, ScalarType::Float, 4, "counters");
 
-    const cgd_block_hparams h = matrix_hparams(lr, beta1, beta2, power, eps, weight_decay, centered, bias_correction,
-                                               maximize, refresh);
+    cgd_block_hparams h = matrix_hparams(lr, beta1, beta2, power, eps, weight_decay, centered, bias_correction,
+                                         maximize, refresh);
+    h.solver = lanczos ? CGD_SOLVER_LANCZOS : CGD_SOLVER_EIGH;
     Target target;
     target_for(device, target);
     size_t bytes = 0;
@@ -623,7 +628,7 @@ STABLE_TORCH_LIBRARY(cgd, m) {
           "Tensor(c!) exp_avg_sq, Tensor(d!) precond, Tensor(e!) eigvals, Tensor(f!) step, Tensor(g!) outcome, "
           "Tensor(h!) counters, *, int block, int nblocks, float lr, float beta1, float beta2, float power, "
           "float eps, float weight_decay, bool centered, bool bias_correction, bool maximize, bool refresh, "
-          "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+          "str solver, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
     m.def("kron_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] left_sqs, "
           "Tensor(d!)[] right_sqs, Tensor(e!)[] left_bases, Tensor(f!)[] right_bases, Tensor(g!)[] left_eigs, "
           "Tensor(h!)[] right_eigs, Tensor(i!)[] steps, Tensor(j!)[] outcomes, Tensor(k!)[] counters, *, float lr, "

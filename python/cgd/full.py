@@ -17,11 +17,13 @@ import torch
 from . import _ops  # noqa: F401  (loads the operator library)
 from ._distributed import full, is_dtensor, local, shard_like
 from ._base import BaseOptimizer, mark_updated, on_device, overflow_limit, state_dtype, state_precision
-from ._validate import bad, betas_from_tau, in_range, number, pair, positive_int, validate_step_size
+from ._validate import bad, betas_from_tau, choice, in_range, number, pair, positive_int, validate_step_size
 
 METRICS = ("full", "block", "kron")
 # 0: solved in the state's precision (float32, or float64 for float64 parameters); 1: float32 failed, float64 did not.
-OUTCOMES = {-1: "never", 0: "solved", 1: "float64 retry", 2: "kept previous", 3: "diagonal fallback"}
+OUTCOMES = {-1: "never", 0: "solved", 1: "float64 retry", 2: "kept previous", 3: "diagonal fallback", 4: "lanczos"}
+SOLVERS = ("auto", "eigh", "lanczos")
+_JACOBI_MAX_BLOCK = 32  # kernels/eigh_cpu.h: blocks up to this side are eigendecomposed many at a time
 _PAPER_TAU = (17.1, 15.3)  # Table 2, full CGD
 _MAX_MATRIX = 46340  # capi/cgd.c: n^2 < 2^31
 
@@ -50,12 +52,12 @@ def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def state_bytes(shapes: list, metric: str = "full", block_size: int = 64, max_factor_dim: int = 4096,
-                dtype: torch.dtype = torch.float32) -> int:
+                dtype: torch.dtype = torch.float32, solver: str = "eigh") -> int:
     """Bytes of state FullCGD keeps for tensors of these shapes (or element counts, for "full"/"block") of this
     parameter dtype: state values are 8 bytes for float64 parameters, 4 bytes otherwise (the sizes below are for 4).
 
     full/block: M1 and the eigenvalues (4 bytes per coordinate each), M2 and the preconditioner P (4 * block bytes
-    per coordinate each). kron, per rows x cols tensor: M1 (rows * cols), and per side of n <= max_factor_dim its
+    per coordinate each); with ``solver="lanczos"`` (the effective solver, not "auto") M1 and M2 only. kron, per rows x cols tensor: M1 (rows * cols), and per side of n <= max_factor_dim its
     EMA factor and eigenbasis (n^2 each) and eigenvalues (n); a larger side keeps 2 n values.
     """
     value_bytes = 8 if dtype == torch.float64 else 4
@@ -72,7 +74,9 @@ def state_bytes(shapes: list, metric: str = "full", block_size: int = 64, max_fa
     numels = [n if isinstance(n, int) else math.prod(n) for n in shapes]
     _, block, nblocks = _layout(numels, metric, block_size)
     length = block * nblocks
-    return value_bytes * (2 * length + 2 * length * block + nblocks + 4)
+    if solver == "lanczos":
+        return value_bytes * (length + length * block + nblocks + 5)
+    return value_bytes * (2 * length + 2 * length * block + nblocks + 5)
 
 
 def _effective_rank(clamped: torch.Tensor) -> torch.Tensor:
@@ -99,8 +103,15 @@ class FullCGD(BaseOptimizer):
         C  = S - F F^T   (centered=True; S with centered=False)
         q  <- q - lr (eps I + C)^(-power) F,  through C = V diag(lambda) V^T with lambda clamped at 0
 
-    The eigendecomposition is refreshed every ``refresh_every`` steps (1 = the paper's method); in between the
-    cached ``(eps I + C)^(-power)`` multiplies the current F.
+    ``solver`` says how ``(eps I + C)^(-power) F`` is found. "eigh" eigendecomposes C every ``refresh_every``
+    steps (1 = the paper's method) and in between multiplies the current F by the cached ``(eps I + C)^(-power)``:
+    O(N^3) per refresh. "lanczos" (CPU) computes the direction itself every step by Lanczos on the Krylov space of
+    C and F, in double: each iteration one product with M2, O(N^2), typically 5-40 iterations, converged to 1e-7
+    relative (float32 state) where rounding M2 to float32 already moves the direction further; no cached P, so
+    half the state. A run that needs more than 256 iterations takes that step's eigendecomposition instead
+    (counted, :meth:`solver_stats`). "auto" (default) is "lanczos" on the CPU for blocks larger than 32 (the full
+    metric) with ``refresh_every=1``, and "eigh" otherwise (small blocks are eigendecomposed many at a time; CUDA
+    has batched eigensolvers).
 
     ``metric="kron"`` is the mode for real networks (GPT, ResNet): each tensor, read as a rows x cols matrix G
     (conv weights as out_channels x the rest, vectors as a column), gets C approximated by the Kronecker product
@@ -123,7 +134,8 @@ class FullCGD(BaseOptimizer):
             into blocks of ``block_size``; memory 8 * block_size bytes per parameter) or "kron" (Kronecker factors
             per tensor; memory 8 (rows^2 + cols^2) bytes per matrix).
         block_size: coordinates per block for ``metric="block"``.
-        refresh_every: steps between eigendecompositions.
+        refresh_every: steps between eigendecompositions (solver "eigh").
+        solver: "auto", "eigh" or "lanczos" (full/block metrics; see above).
         max_factor_dim: for ``metric="kron"``, the longest side that gets a full factor (at most 46340).
         centered: use the covariance M2 - M1 M1^T (True, eq 4.9) or the second moment M2.
         bias_correction, m2_init: default is the paper's start M1 = 0, M2 = m2_init * I = I without bias
@@ -138,7 +150,7 @@ class FullCGD(BaseOptimizer):
         max_state_bytes: refuse, before allocating, state larger than this (default: the free memory of the
             device).
 
-    Memory per group of N parameters: ``metric="full"`` 8 N^2 + 8 N bytes; ``metric="block"`` about
+    Memory per group of N parameters: ``metric="full"`` 8 N^2 + 8 N bytes (4 N^2 + 4 N with the Lanczos solver); ``metric="block"`` about
     8 * block_size * N bytes (plus padding of each tensor to a multiple of block_size); ``metric="kron"``
     4 N + 8 (rows^2 + cols^2) per tensor. See :func:`state_bytes`.
     """
@@ -158,6 +170,7 @@ class FullCGD(BaseOptimizer):
         metric: str = "full",
         block_size: int = 64,
         refresh_every: int = 1,
+        solver: str = "auto",
         max_factor_dim: int = 4096,
         centered: bool = True,
         bias_correction: bool = False,
@@ -177,7 +190,7 @@ class FullCGD(BaseOptimizer):
             raise bad("max_state_bytes", max_state_bytes, "must be None (the device's free memory) or an integer "
                        "number of bytes >= 0")
         defaults = dict(lr=lr, betas=pair("betas", betas), power=power, eps=eps, metric=metric, block_size=block_size,
-                        refresh_every=refresh_every, max_factor_dim=max_factor_dim, centered=centered,
+                        refresh_every=refresh_every, solver=solver, max_factor_dim=max_factor_dim, centered=centered,
                         bias_correction=bias_correction, m2_init=m2_init, weight_decay=weight_decay, maximize=maximize)
         self._init_base(params, defaults, nonfinite, capturable=False)
 
@@ -230,13 +243,36 @@ class FullCGD(BaseOptimizer):
         if group["metric"] == "full" and total > _MAX_MATRIX:
             raise bad("metric", "full", f"over {total:,} parameters needs one {total:,}-sided matrix, but the "
                        f"eigensolvers take at most {_MAX_MATRIX} (int32 sizes): use metric='block' or 'kron'")
+        solver = choice("solver", group["solver"], SOLVERS)
+        if solver == "lanczos" and group["metric"] == "kron":
+            raise bad("solver", solver, "applies to metric='full' or 'block'; metric='kron' eigendecomposes its "
+                       "factors (use solver='auto' or 'eigh')")
+        if solver == "lanczos" and group["refresh_every"] != 1:
+            raise bad("solver", solver, f"computes the direction every step, so refresh_every = "
+                       f"{group['refresh_every']} has nothing to cache; use refresh_every=1 or solver='eigh'")
+        devices = {p.device.type for p in group.get("params", ())}
+        if solver == "lanczos" and devices - {"cpu"}:
+            raise bad("solver", solver, f"runs on the CPU only, but the group is on {sorted(devices)}; use "
+                       "solver='auto' or 'eigh' there")
+
+    @staticmethod
+    def _solver(group: dict[str, Any]) -> str:
+        """The solver a full/block group steps with: "auto" takes Lanczos where it beats an eigendecomposition per
+        step (one large block on the CPU, refreshed every step)."""
+        if group["solver"] != "auto":
+            return group["solver"]
+        params = group["params"]
+        side = group["block_size"] if group["metric"] == "block" else sum(p.numel() for p in params)
+        on_cpu = bool(params) and params[0].device.type == "cpu"
+        fits = group["metric"] != "kron" and side > _JACOBI_MAX_BLOCK and group["refresh_every"] == 1
+        return "lanczos" if on_cpu and fits else "eigh"
 
     def _check_memory(self, group: dict[str, Any]) -> None:
         params = group["params"]
         if not params:
             return
         need = state_bytes([p.shape for p in params], group["metric"], group["block_size"], group["max_factor_dim"],
-                           params[0].dtype)
+                           params[0].dtype, self._solver(group))
         limit = self.max_state_bytes if self.max_state_bytes is not None else _available_bytes(params[0].device)
         if need > limit:
             n = sum(p.numel() for p in params)
@@ -333,23 +369,32 @@ class FullCGD(BaseOptimizer):
         params = group["params"]
         state = self.state[params[0]]
         offsets, block, nblocks = _layout([p.numel() for p in params], group["metric"], group["block_size"])
+        device, length = params[0].device, block * nblocks
+        real = dict(dtype=state_dtype(params[0]), device=device)
+        lanczos = self._solver(group) == "lanczos"
         if "precond" not in state:
             self._check_memory(group)
-            device, length = params[0].device, block * nblocks
-            real = dict(dtype=state_dtype(params[0]), device=device)
             state["exp_avg"] = torch.zeros(length, **real)
             m2 = torch.zeros(nblocks, block, block, **real)
             m2.diagonal(dim1=1, dim2=2).fill_(group["m2_init"])  # the paper's M2(0) = I (eq 4.4), scaled
             state["exp_avg_sq"] = m2
-            state["precond"] = torch.zeros(nblocks, block, block, **real)
-            state["eigvals"] = torch.zeros(nblocks, block, **real)
             state["step"] = torch.zeros((), dtype=torch.float64, device=device)
             state["outcome"] = torch.full((nblocks,), -1, dtype=torch.int32, device=device)
-            state["counters"] = torch.zeros(3, dtype=torch.float32, device=device)
+            state["counters"] = torch.zeros(4, dtype=torch.float32, device=device)
             state["calls"] = 0
         elif state["exp_avg_sq"].shape != (nblocks, block, block):
             raise ValueError(f"cgd: the saved state has blocks {tuple(state['exp_avg_sq'].shape)} but this group's "
                              f"layout needs {(nblocks, block, block)}: metric or block_size changed")
+        if state["counters"].numel() == 3:  # saved before the Lanczos solver's counter
+            state["counters"] = torch.cat([state["counters"], state["counters"].new_zeros(1)])
+        # The Lanczos solver keeps no P; a group that moves to the eigendecomposition gets one at its next step,
+        # which then refreshes.
+        if lanczos or "precond" not in state or state["precond"].numel() == 0:
+            size = (0,) if lanczos else (nblocks, block, block)
+            if "precond" not in state or tuple(state["precond"].shape) != size:
+                state["precond"] = torch.zeros(size, **real)
+                state["eigvals"] = torch.zeros((0,) if lanczos else (nblocks, block), **real)
+                state["calls"] = 0
         return state, (offsets, block, nblocks)
 
     def _step_group(self, group, grads, targets, grad_scale, found_inf) -> None:
@@ -361,13 +406,14 @@ class FullCGD(BaseOptimizer):
         device = params[0].device
         refresh = state["calls"] % group["refresh_every"] == 0
         beta1, beta2 = group["betas"]
+        solver = self._solver(group)
         torch.ops.cgd.block_step_(
             targets, grads, offsets, state["exp_avg"], state["exp_avg_sq"], state["precond"], state["eigvals"],
             state["step"], state["outcome"], state["counters"],
             block=block, nblocks=nblocks, lr=number("lr", group["lr"]), beta1=float(beta1), beta2=float(beta2),
             power=float(group["power"]), eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
             centered=bool(group["centered"]), bias_correction=bool(group["bias_correction"]),
-            maximize=bool(group["maximize"]), refresh=refresh,
+            maximize=bool(group["maximize"]), refresh=refresh, solver=solver,
             grad_scale=on_device(grad_scale, device), found_inf=on_device(found_inf, device),
         )
         state["calls"] += 1
@@ -429,18 +475,21 @@ class FullCGD(BaseOptimizer):
     # ---- diagnostics ----
 
     def solver_stats(self) -> dict[str, int]:
-        """Cumulative eigensolver failures over all groups, by the rung of the ladder that caught them."""
-        totals = [0.0, 0.0, 0.0]
+        """Cumulative eigensolver failures over all groups, by the rung of the ladder that caught them, and the
+        Lanczos runs that did not converge in 256 iterations and took that step's eigendecomposition."""
+        totals = [0.0, 0.0, 0.0, 0.0]
         for state in self.state.values():
             if "counters" in state:
-                totals = [a + float(b) for a, b in zip(totals, state["counters"].tolist())]
+                for k, value in enumerate(state["counters"].tolist()):
+                    totals[k] += float(value)
         return {"float64_retries": int(totals[0]), "kept_previous": int(totals[1]),
-                "diagonal_fallbacks": int(totals[2])}
+                "diagonal_fallbacks": int(totals[2]), "lanczos_fallbacks": int(totals[3])}
 
     def metric_spectrum(self, top_k: int = 10) -> list[dict[str, Any]]:
         """Per group, the spectrum of C at the last refresh (the paper's Fig 2, right).
 
-        full/block groups: one dict with ``eigenvalues`` (nblocks x block, descending), ``top`` (the ``top_k``
+        full/block groups: one dict with ``eigenvalues`` (nblocks x block, descending; under the Lanczos solver,
+        which keeps no spectrum, those of the current C, computed here by ``torch.linalg.eigvalsh``), ``top`` (the ``top_k``
         largest per block), ``min``, ``condition`` ((eps + max) / (eps + max(min, 0))), ``effective_rank``
         ((sum lambda)^2 / sum lambda^2 over the clamped eigenvalues), ``outcome`` (how each block's last refresh
         went, see ``cgd.full.OUTCOMES``). Padding coordinates of a block contribute zero eigenvalues.
@@ -464,7 +513,8 @@ class FullCGD(BaseOptimizer):
             state = self.state.get(group["params"][0]) if group["params"] else None
             if not state or "eigvals" not in state:
                 continue
-            lam = state["eigvals"].detach().to("cpu", torch.float64).flip(-1)
+            lam = (self._current_spectrum(group, state) if state["eigvals"].numel() == 0 else
+                   state["eigvals"].detach().to("cpu", torch.float64)).flip(-1)
             clamped = lam.clamp_min(0.0)
             out.append({
                 "group": gi,
@@ -476,6 +526,19 @@ class FullCGD(BaseOptimizer):
                 "outcome": [OUTCOMES[int(o)] for o in state["outcome"].tolist()],
             })
         return out
+
+    @staticmethod
+    def _current_spectrum(group: dict[str, Any], state: dict[str, Any]) -> torch.Tensor:
+        """Eigenvalues (ascending) of each block's C = M2 / bc2 - F F^T (or M2 / bc2) after the last step."""
+        t = float(state["step"])
+        beta1, beta2 = group["betas"]
+        bc1 = 1.0 - beta1**t if group["bias_correction"] and t > 0 else 1.0
+        bc2 = 1.0 - beta2**t if group["bias_correction"] and t > 0 else 1.0
+        m2 = state["exp_avg_sq"].detach().to("cpu", torch.float64) / bc2
+        force = state["exp_avg"].detach().to("cpu", torch.float64).view(m2.shape[0], -1) / bc1
+        if group["centered"]:
+            m2 = m2 - force.unsqueeze(-1) * force.unsqueeze(-2)
+        return torch.linalg.eigvalsh(m2)
 
     def _kron_spectrum(self, gi: int, j: int, top_k: int, eps: float) -> dict[str, Any]:
         state = self.state[self.param_groups[gi]["params"][j]]

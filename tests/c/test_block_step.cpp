@@ -66,7 +66,7 @@ struct Problem {
     std::vector<float> param[2], m1 = std::vector<float>(L, 0.0f), m2 = std::vector<float>(NB * B * B, 0.0f),
                                  precond = std::vector<float>(NB * B * B, 0.0f), eig = std::vector<float>(L, 0.0f);
     double step = 0.0;
-    float counters[3] = {0, 0, 0};
+    float counters[4] = {0, 0, 0, 0};
     int32_t outcome[NB] = {-1, -1, -1};
 };
 
@@ -253,6 +253,55 @@ TEST_P(BlockStep, MatchesFloat64Reference) {
         // Padding never moves: its M1 stays 0.
         for (int i : {5, 6, 7, 11}) EXPECT_EQ(pr.m1[i], 0.0f);
     }
+}
+
+// The Lanczos solver (every step, no P) against the same reference; with its iterations capped at 1 every
+// block takes that step's eigendecomposition instead, counted, to the same result.
+TEST_P(BlockStep, LanczosMatchesFloat64ReferenceAndFallsBackWhenCapped) {
+    if (GetParam() != CGD_CPU) {
+        cgd_block_hparams h = paper_hparams();
+        h.solver = CGD_SOLVER_LANCZOS;
+        size_t need = 0;
+        cgd_block_state st = {B, NB, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+        EXPECT_EQ(cgd_block_workspace_size(&h, CGD_FLOAT32, &st, GetParam(), nullptr, &need), CGD_ERR_UNSUPPORTED);
+        EXPECT_NE(std::string(cgd_last_error()).find("CPU only"), std::string::npos) << cgd_last_error();
+        return;
+    }
+    const Config configs[] = {{"paper", 0.4, 0.0, 1.0, 1, 0, 1}, {"raw a=0.5", 0.5, 0.0, 1.0, 0, 0, 1},
+                              {"adam start", 0.3, 0.0, 0.0, 0, 1, 1}, {"decay", 0.4, 0.1, 1.0, 1, 0, 1},
+                              {"sgd", 0.0, 0.0, 1.0, 1, 0, 1}};
+    for (int capped = 0; capped < 2; ++capped)
+        for (const Config &c : configs) {
+            SCOPED_TRACE(std::string(c.name) + (capped ? ", capped" : ""));
+            cgd_block_hparams h = paper_hparams();
+            h.solver = CGD_SOLVER_LANCZOS;
+            h.power = c.power;
+            h.weight_decay = c.weight_decay;
+            h.centered = c.centered;
+            h.bias_correction = c.bias_correction;
+            Problem pr = make_problem(c.m2_init);
+            Reference ref(B, NB, {kNumel[0], kNumel[1]}, {kOffset[0], kOffset[1]}, {pr.param[0], pr.param[1]},
+                          c.m2_init);
+            cgd_hooks.lanczos_iterations = capped;
+            for (int s = 0; s < 12; ++s) {
+                std::vector<float> g[2] = {gradient(s, 0), gradient(s, 1)};
+                const cgd_status status = run(GetParam(), h, pr, g);
+                ASSERT_EQ(status, CGD_OK) << cgd_last_error();
+                ref.step(h, g);
+                for (int k = 0; k < 2; ++k)
+                    for (int64_t i = 0; i < kNumel[k]; ++i)
+                        ASSERT_NEAR(pr.param[k][i], ref.q[k][i], 2e-4 * (1 + std::fabs(ref.q[k][i])))
+                            << "step " << s << " tensor " << k << " element " << i;
+            }
+            cgd_hooks.lanczos_iterations = 0;
+            // SGD's metric needs no solve; otherwise the capped runs fell back, except block 1's: one real
+            // coordinate, so F spans an invariant space of C and one iteration is exact.
+            const bool solved = c.power == 0.0 || !capped;
+            for (int b = 0; b < NB; ++b)
+                EXPECT_EQ(pr.outcome[b], solved || b == 1 ? CGD_BLOCK_LANCZOS : CGD_BLOCK_FP32) << "block " << b;
+            EXPECT_EQ(pr.counters[3], solved ? 0.0f : 12.0f * (NB - 1));
+            EXPECT_EQ(pr.precond, std::vector<float>(NB * B * B, 0.0f)) << "no P is kept";
+        }
 }
 
 TEST_P(BlockStep, NonzeroSkipChangesNothing) {

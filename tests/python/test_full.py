@@ -58,6 +58,7 @@ def run_against_reference(device, metric, block_size=4, steps=60, refresh_every=
     return worst
 
 
+@pytest.mark.parametrize("solver", ["eigh", "lanczos"])
 @pytest.mark.parametrize("metric", ["full", "block"])
 @pytest.mark.parametrize("kwargs", [
     dict(lr=0.02),                                                       # paper defaults: tau, a = 0.4, M2(0) = I
@@ -66,8 +67,60 @@ def run_against_reference(device, metric, block_size=4, steps=60, refresh_every=
     dict(lr=0.02, power=0.4, weight_decay=0.1),
     dict(lr=0.05, power=0.0),                                            # SGD with an EMA force
 ])
-def test_matches_float64_reference(device, metric, kwargs):
-    run_against_reference(device, metric, **kwargs)
+def test_matches_float64_reference(device, metric, solver, kwargs):
+    if solver == "lanczos" and device != "cpu":
+        pytest.skip("the Lanczos solver runs on the CPU")
+    run_against_reference(device, metric, solver=solver, **kwargs)
+
+
+def _directions(opt, param, grads):
+    """opt's direction (eps I + C)^-a F at each step of a fixed gradient sequence: the parameter is reset to 0
+    before each step, so with lr = 1 it holds exactly minus the direction (no rounding of a difference)."""
+    out = []
+    for g in grads:
+        with torch.no_grad():
+            param.zero_()
+        param.grad = g.float().clone()
+        opt.step()
+        out.append(-param.detach().double().clone())
+    return out
+
+
+@pytest.mark.parametrize("centered", [True, False], ids=["centered", "raw"])
+@pytest.mark.parametrize("start", ["paper", "adam"])
+def test_lanczos_direction_is_as_close_to_eq_4_9_as_the_eigendecomposition(centered, start):
+    """Per step, the relative error of the direction against the float64 eq 4.9 reference: the Lanczos solver's
+    is no larger than the float32 eigendecomposition's, from the ill-conditioned first steps (with Adam's start
+    C has rank t, every other eigenvalue 0, so the metric spans eps^-a to 1) to a full-rank C whose eigenvalues
+    spread over six decades."""
+    n, steps = 120, 150
+    gen = torch.Generator().manual_seed(11)
+    basis = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0]
+    scales = torch.logspace(0, -3, n, dtype=torch.float64)  # gradient covariance spectrum 1 .. 1e-6
+    mean = 0.3 * torch.randn(n, generator=gen, dtype=torch.float64) * scales
+    grads = [mean + basis @ (scales * torch.randn(n, generator=gen, dtype=torch.float64)) for _ in range(steps)]
+    kw = dict(lr=1.0, betas=(0.9, 0.99), power=0.4, centered=centered)
+    kw.update(dict(m2_init=1e-2) if start == "paper" else dict(m2_init=0.0, bias_correction=True))
+    errors = {}
+    for solver in ("eigh", "lanczos"):
+        param = torch.nn.Parameter(torch.zeros(n))
+        opt = cgd.FullCGD([param], solver=solver, **kw)
+        ref = ReferenceFullCGD(torch.zeros(n), [list(range(n))], lr=1.0, beta1=0.9, beta2=0.99, power=0.4,
+                               centered=centered, bias_correction=start == "adam", m2_init=kw["m2_init"])
+        errors[solver] = []
+        for d in _directions(opt, param, grads):
+            ref.q.zero_()
+            expected = -ref.step(grads[len(errors[solver])])
+            errors[solver].append(((d - expected).norm() / expected.norm()).item())
+        assert opt.solver_stats()["lanczos_fallbacks"] == 0
+    if centered and start == "adam":
+        # The first step's C is exactly 0 (bias-corrected, S = F F^T) and both solvers see only its float32
+        # rounding, ~1e-7 |g|^2 >> eps: a direction off by O(1) in either, as the state's precision dictates.
+        assert errors["lanczos"][0] < 1.0 and errors["eigh"][0] < 1.0
+        errors = {k: v[1:] for k, v in errors.items()}
+    worst = {k: max(v) for k, v in errors.items()}
+    assert worst["lanczos"] <= max(worst["eigh"], 1e-6), worst
+    assert sum(errors["lanczos"]) <= sum(errors["eigh"]), worst
 
 
 def test_refresh_every_applies_cached_metric(device):
@@ -125,18 +178,20 @@ def train(model, opt, steps, start=0, device="cpu"):
         opt.step()
 
 
-@pytest.mark.parametrize("metric", ["full", "block"])
-def test_resume_is_bit_identical(device, metric, tmp_path):
+@pytest.mark.parametrize("metric,refresh_every", [("full", 3), ("block", 3), ("full", 1)],
+                         ids=["full eigh", "block eigh", "full lanczos"])
+def test_resume_is_bit_identical(device, metric, refresh_every, tmp_path):
+    kw = dict(lr=0.02, metric=metric, block_size=8, refresh_every=refresh_every)
     a = small_model(device)
-    opt_a = cgd.FullCGD(a.parameters(), lr=0.02, metric=metric, block_size=8, refresh_every=3)
+    opt_a = cgd.FullCGD(a.parameters(), **kw)
     train(a, opt_a, 40, device=device)
 
     b = small_model(device)
-    opt_b = cgd.FullCGD(b.parameters(), lr=0.02, metric=metric, block_size=8, refresh_every=3)
+    opt_b = cgd.FullCGD(b.parameters(), **kw)
     train(b, opt_b, 17, device=device)
     torch.save({"model": b.state_dict(), "opt": opt_b.state_dict()}, tmp_path / "ckpt.pt")
     c = small_model(device)
-    opt_c = cgd.FullCGD(c.parameters(), lr=0.02, metric=metric, block_size=8, refresh_every=3)
+    opt_c = cgd.FullCGD(c.parameters(), **kw)
     saved = torch.load(tmp_path / "ckpt.pt")
     c.load_state_dict(saved["model"])
     opt_c.load_state_dict(saved["opt"])
@@ -153,7 +208,8 @@ def test_failed_refresh_keeps_previous_metric_and_counts_it():
     before = state["precond"].clone()
     state["exp_avg_sq"][1, 0, 1] = state["exp_avg_sq"][1, 1, 0] = float("nan")  # block 1's solve now fails in float32 and float64
     train(model, opt, 1, start=3)
-    assert opt.solver_stats() == {"float64_retries": 0, "kept_previous": 1, "diagonal_fallbacks": 0}
+    assert opt.solver_stats() == {"float64_retries": 0, "kept_previous": 1, "diagonal_fallbacks": 0,
+                                 "lanczos_fallbacks": 0}
     assert torch.equal(state["precond"][1], before[1])
     assert opt.metric_spectrum()[0]["outcome"][1] == "kept previous"
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -174,9 +230,10 @@ def test_failed_first_refresh_falls_back_to_diagonal_metric():
     assert opt.metric_spectrum()[0]["outcome"][0] == "diagonal fallback"
 
 
-def test_metric_spectrum_matches_eigh_of_the_covariance():
+@pytest.mark.parametrize("solver", ["eigh", "lanczos"])
+def test_metric_spectrum_matches_eigh_of_the_covariance(solver):
     model = small_model()
-    opt = cgd.FullCGD(model.parameters(), lr=0.02, tau=(10.0, 10.0))
+    opt = cgd.FullCGD(model.parameters(), lr=0.02, tau=(10.0, 10.0), solver=solver)
     ref = ReferenceFullCGD(flat(model), block_indices(model, "full", 0), lr=0.02, beta1=10 / 11, beta2=10 / 11,
                            power=0.4)
     for x, y in batches(30):
@@ -192,6 +249,44 @@ def test_metric_spectrum_matches_eigh_of_the_covariance():
     assert 1.0 <= spectrum["effective_rank"][0] <= expected.numel()
 
 
+def test_lanczos_on_a_non_finite_covariance_falls_back_to_the_diagonal_metric():
+    model = small_model()
+    opt = cgd.FullCGD(model.parameters(), lr=0.02)
+    train(model, opt, 2)
+    state = opt.state[next(model.parameters())]
+    assert state["precond"].numel() == 0  # the Lanczos solver keeps no P
+    assert opt.metric_spectrum()[0]["outcome"] == ["lanczos"]
+    state["exp_avg_sq"][0, 2, 3] = state["exp_avg_sq"][0, 3, 2] = float("inf")
+    train(model, opt, 1, start=2)
+    assert opt.solver_stats() == {"float64_retries": 0, "kept_previous": 0, "diagonal_fallbacks": 1,
+                                 "lanczos_fallbacks": 1}
+    assert opt.metric_spectrum()[0]["outcome"] == ["diagonal fallback"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_lanczos_results_do_not_depend_on_the_thread_count():
+    """One large block spreads its products with M2 over the threads, many blocks spread over them whole: either
+    way each entry is summed alike, so 1, 2 and 3 threads give the same bits."""
+    gen = torch.Generator().manual_seed(2)
+    grads = [torch.randn(700, generator=gen) for _ in range(4)]
+    before, results = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            params = [torch.nn.Parameter(torch.zeros(700)) for _ in range(2)]
+            opts = [cgd.FullCGD([params[0]], lr=0.1, metric="full"),
+                    cgd.FullCGD([params[1]], lr=0.1, metric="block", block_size=70, solver="lanczos")]
+            for g in grads:
+                for p, opt in zip(params, opts):
+                    p.grad = g.clone()
+                    opt.step()
+            results.append([p.detach().clone() for p in params])
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
 def test_errors_name_the_problem():
     model = small_model()
     with pytest.raises(ValueError, match="metric = 'diagonal'"):
@@ -205,8 +300,16 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="needs .* GiB"):
         cgd.FullCGD(model.parameters(), max_state_bytes=1000)
     big = torch.nn.Parameter(torch.zeros(30_000))
+    with pytest.raises(ValueError, match="metric='full' over 30,000 parameters needs 3.35 GiB"):
+        cgd.FullCGD([big], max_state_bytes=2**30)  # Lanczos: M2 and M1
     with pytest.raises(ValueError, match="metric='full' over 30,000 parameters needs 6.71 GiB"):
-        cgd.FullCGD([big], max_state_bytes=2**30)
+        cgd.FullCGD([big], max_state_bytes=2**30, solver="eigh")  # and P
+    with pytest.raises(ValueError, match="solver = 'qr'"):
+        cgd.FullCGD(model.parameters(), solver="qr")
+    with pytest.raises(ValueError, match="solver = 'lanczos' is invalid: applies to metric='full' or 'block'"):
+        cgd.FullCGD(model.parameters(), metric="kron", solver="lanczos")
+    with pytest.raises(ValueError, match="refresh_every = 4 has nothing to cache"):
+        cgd.FullCGD(model.parameters(), solver="lanczos", refresh_every=4)
     # Past the eigensolvers' side, refused before any allocation whatever memory is allowed.
     with pytest.raises(ValueError, match="over 46,341 parameters needs one 46,341-sided matrix, but the eigensolvers "
                                          "take at most 46340"):

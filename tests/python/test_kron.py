@@ -155,7 +155,8 @@ def test_metric_spectrum_is_the_product_of_the_factor_spectra(device):
     assert torch.allclose(first["top"], expected[:4].cpu())
     assert first["shape"] == (5, 6) and first["outcome"] == ("solved", "solved")
     assert first["effective_rank"] == pytest.approx((expected.sum() ** 2 / (expected**2).sum()).item(), rel=1e-9)
-    assert opt.solver_stats() == {"float64_retries": 0, "kept_previous": 0, "diagonal_fallbacks": 0}
+    assert opt.solver_stats() == {"float64_retries": 0, "kept_previous": 0, "diagonal_fallbacks": 0,
+                                 "lanczos_fallbacks": 0}
 
 
 def test_errors_name_the_parameter():
