@@ -43,42 +43,85 @@ int cgd_lanczos_scratch_init(cgd_lanczos_scratch *s, int n) {
     return 0;
 }
 
-/* y = scale M v - (centered ? f (f . v) : 0) for the row-major n x n M, summed in double over 16 fixed partial
-   sums per row: the same additions in the same order on every CPU clone and thread count. Rows are spread over
-   the threads when `parallel` (a single large block has the machine to itself). */
+/* The dot product of row `row` (float) with v (double) into P partial sums, explicit fused multiply-adds, then
+   added pairwise in a fixed order: the same bits on every CPU clone. Two rows at once share v's loads. */
+enum { CGD_ROW_SUMS = 32 };
+
+static inline __attribute__((always_inline)) double fold(double *part) {
+    for (int width = CGD_ROW_SUMS / 2; width > 0; width /= 2)
+        for (int l = 0; l < width; ++l) part[l] += part[l + width];
+    return part[0];
+}
+
+static inline __attribute__((always_inline)) void row_dots(const cgd_real *r0, const cgd_real *r1, const double *v,
+                                                           int n, double *d0, double *d1) {
+    enum { P = CGD_ROW_SUMS };
+    double a[P] = {0}, b[P] = {0};
+    int j = 0;
+    for (; j + P <= n; j += P)
+        for (int l = 0; l < P; ++l) {
+            a[l] = fma((double)r0[j + l], v[j + l], a[l]);
+            if (r1) b[l] = fma((double)r1[j + l], v[j + l], b[l]);
+        }
+    for (int l = 0; j < n; ++j, ++l) {
+        a[l] = fma((double)r0[j], v[j], a[l]);
+        if (r1) b[l] = fma((double)r1[j], v[j], b[l]);
+    }
+    *d0 = fold(a);
+    if (r1) *d1 = fold(b);
+}
+
+/* y = scale M v - (centered ? f (f . v) : 0) for the row-major n x n M in double: each row summed alike whichever
+   thread takes its pair of rows, so the result does not depend on the thread count. Pairs are spread over the
+   threads when `parallel` (a single large block has the machine to itself). */
 CGD_CPU_CLONES
 static void apply_c(const cgd_real *M, double scale, const cgd_real *f, int centered, int n, const double *v,
                     int parallel, double *y) {
     double fv = 0.0;
     if (centered)
         for (int j = 0; j < n; ++j) fv += (double)f[j] * v[j];
+    const int pairs = (n + 1) / 2;
 #pragma omp parallel for schedule(static) if (parallel)
-    for (int i = 0; i < n; ++i) {
-        const cgd_real *row = M + (size_t)i * (size_t)n;
-        double part[16] = {0};
-        int j = 0;
-        for (; j + 16 <= n; j += 16)
-            for (int l = 0; l < 16; ++l) part[l] += (double)row[j + l] * v[j + l];
-        for (int l = 0; j < n; ++j, ++l) part[l] += (double)row[j] * v[j];
-        double sum = 0.0;
-        for (int l = 0; l < 16; ++l) sum += part[l];
-        y[i] = scale * sum - (centered ? (double)f[i] * fv : 0.0);
+    for (int k = 0; k < pairs; ++k) {
+        const int i = 2 * k;
+        const cgd_real *r0 = M + (size_t)i * (size_t)n;
+        double d0 = 0.0, d1 = 0.0;
+        if (i + 1 < n)
+            row_dots(r0, r0 + n, v, n, &d0, &d1);
+        else
+            row_dots(r0, NULL, v, n, &d0, &d1);
+        y[i] = scale * d0 - (centered ? (double)f[i] * fv : 0.0);
+        if (i + 1 < n) y[i + 1] = scale * d1 - (centered ? (double)f[i + 1] * fv : 0.0);
     }
 }
 
-/* w <- w - Q^T (Q w) over the basis rows 0..k, returning the coefficient of row k (the diagonal entry of T the
-   pass found). */
-static double orthogonalise(const double *q, int k, int n, double *w) {
-    double last = 0.0;
+/* The dot product of two n-vectors in 16 fixed partial sums: vectorised, and the same bits on every CPU clone. */
+static inline __attribute__((always_inline)) double dot16(const double *a, const double *b, int n) {
+    double part[16] = {0};
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; ++l) part[l] += a[i + l] * b[i + l];
+    for (int l = 0; i < n; ++i, ++l) part[l] += a[i] * b[i];
+    double sum = 0.0;
+    for (int l = 0; l < 16; ++l) sum += part[l];
+    return sum;
+}
+
+/* One classical Gram-Schmidt pass, w <- w - Q^T (Q w) over the basis rows 0..k (h: k + 1 doubles), returning
+   the coefficient of row k (the diagonal entry of T the pass found). */
+CGD_CPU_CLONES
+static double orthogonalise(const double *q, int k, int n, double *h, double *w) {
+    for (int r = 0; r <= k; ++r) h[r] = dot16(q + (size_t)r * n, w, n);
     for (int r = 0; r <= k; ++r) {
         const double *qr = q + (size_t)r * n;
-        double h = 0.0;
-        for (int i = 0; i < n; ++i) h += qr[i] * w[i];
-        for (int i = 0; i < n; ++i) w[i] -= h * qr[i];
-        last = h;
+        const double hr = h[r];
+        for (int i = 0; i < n; ++i) w[i] -= hr * qr[i];
     }
-    return last;
+    return h[k];
 }
+
+CGD_CPU_CLONES
+static double norm2(const double *w, int n) { return sqrt(dot16(w, w, n)); }
 
 /* coef = |f| Z h(theta) Z^T e_1 for T_m (alpha, beta) = Z diag(theta) Z^T; 0 on success. */
 static int small_function(cgd_lanczos_scratch *s, int m, double norm_f, double eps, double power, double *coef) {
@@ -104,7 +147,7 @@ int cgd_lanczos_direction(const cgd_real *M, double scale, const cgd_real *f, in
                           double power, int parallel, cgd_lanczos_scratch *s, cgd_real *out) {
     const int k_max = s->kmax;
     double *q = s->q, *w = s->w, *alpha = s->alpha, *beta = alpha + k_max;
-    double *coef = alpha + 6 * (size_t)k_max, *prev = coef + k_max;
+    double *coef = alpha + 6 * (size_t)k_max, *prev = coef + k_max, *h = w + n;
     double norm_f = 0.0;
     for (int i = 0; i < n; ++i) norm_f += (double)f[i] * f[i];
     norm_f = sqrt(norm_f);
@@ -122,18 +165,16 @@ int cgd_lanczos_direction(const cgd_real *M, double scale, const cgd_real *f, in
     for (int k = 0; k < k_max && !done; ++k) {
         double *qk = q + (size_t)k * n;
         apply_c(M, scale, f, centered, n, qk, parallel, w);
-        alpha[k] = orthogonalise(q, k, n, w);
-        alpha[k] += orthogonalise(q, k, n, w);
-        double b = 0.0;
-        for (int i = 0; i < n; ++i) b += w[i] * w[i];
-        b = sqrt(b);
+        alpha[k] = orthogonalise(q, k, n, h, w);
+        alpha[k] += orthogonalise(q, k, n, h, w);
+        const double b = norm2(w, n);
         if (!isfinite(alpha[k]) || !isfinite(b)) return -1;
         beta[k] = b;
         norm_t = fmax(norm_t, fabs(alpha[k]) + b + (k ? beta[k - 1] : 0.0));
         m = k + 1;
         const int invariant = b <= 1e-14 * norm_t || m == n;
-        /* dstev costs O(m^2) per check: every iteration while m is small, then every 8th */
-        if (invariant || m <= 64 || m % 8 == 0 || m == k_max) {
+        /* a check (dstev) costs O(m^2): every iteration while m is small, every 2nd to 64, then every 8th */
+        if (invariant || m <= 16 || (m <= 64 && m % 2 == 0) || m % 8 == 0 || m == k_max) {
             if (small_function(s, m, norm_f, eps, power, coef)) return -1;
             double diff = 0.0, size = 0.0;
             for (int i = 0; i < m; ++i) {
