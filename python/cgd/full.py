@@ -23,7 +23,9 @@ METRICS = ("full", "block", "kron")
 # 0: solved in the state's precision (float32, or float64 for float64 parameters); 1: float32 failed, float64 did not.
 OUTCOMES = {-1: "never", 0: "solved", 1: "float64 retry", 2: "kept previous", 3: "diagonal fallback", 4: "lanczos"}
 SOLVERS = ("auto", "eigh", "lanczos")
-_JACOBI_MAX_BLOCK = 32  # kernels/eigh_cpu.h: blocks up to this side are eigendecomposed many at a time
+# Where Lanczos overtakes the batched Jacobi eigensolver on the CPU (benchmarks/matrix_step_time.py, 0.8M
+# parameters: B = 16 Jacobi 168 ms, Lanczos 266 ms; B = 32 Jacobi 765-956 ms, Lanczos 153 ms).
+_LANCZOS_MIN_BLOCK = 17
 _PAPER_TAU = (17.1, 15.3)  # Table 2, full CGD
 _MAX_MATRIX = 46340  # capi/cgd.c: n^2 < 2^31
 
@@ -109,9 +111,9 @@ class FullCGD(BaseOptimizer):
     C and F, in double: each iteration one product with M2, O(N^2), typically 5-40 iterations, converged to 1e-7
     relative (float32 state) where rounding M2 to float32 already moves the direction further; no cached P, so
     half the state. A run that needs more than 256 iterations takes that step's eigendecomposition instead
-    (counted, :meth:`solver_stats`). "auto" (default) is "lanczos" on the CPU for blocks larger than 32 (the full
-    metric) with ``refresh_every=1``, and "eigh" otherwise (small blocks are eigendecomposed many at a time; CUDA
-    has batched eigensolvers).
+    (counted, :meth:`solver_stats`). "auto" (default) is "lanczos" on the CPU for blocks of 17 or more (and the
+    full metric) with ``refresh_every=1``, and "eigh" otherwise (smaller blocks are eigendecomposed 16 at a time
+    by a batched Jacobi solver, faster there; CUDA has batched eigensolvers).
 
     ``metric="kron"`` is the mode for real networks (GPT, ResNet): each tensor, read as a rows x cols matrix G
     (conv weights as out_channels x the rest, vectors as a column), gets C approximated by the Kronecker product
@@ -264,7 +266,7 @@ class FullCGD(BaseOptimizer):
         params = group["params"]
         side = group["block_size"] if group["metric"] == "block" else sum(p.numel() for p in params)
         on_cpu = bool(params) and params[0].device.type == "cpu"
-        fits = group["metric"] != "kron" and side > _JACOBI_MAX_BLOCK and group["refresh_every"] == 1
+        fits = group["metric"] != "kron" and side >= _LANCZOS_MIN_BLOCK and group["refresh_every"] == 1
         return "lanczos" if on_cpu and fits else "eigh"
 
     def _check_memory(self, group: dict[str, Any]) -> None:

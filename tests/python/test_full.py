@@ -264,6 +264,36 @@ def test_lanczos_on_a_non_finite_covariance_falls_back_to_the_diagonal_metric():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_auto_solver_choice_and_switching_solvers_mid_run():
+    """solver="auto": Lanczos on the CPU for blocks of 17 or more refreshed every step, the eigendecomposition
+    otherwise; a group switched to "eigh" later gets its P at the next step (a refresh), and back again drops it."""
+    def precond_numel(**kw):
+        p = torch.nn.Parameter(torch.randn(40))
+        opt = cgd.FullCGD([p], lr=0.01, metric="block", **kw)
+        p.grad = torch.randn(40)
+        opt.step()
+        return opt.state[p]["precond"].numel()
+    assert precond_numel(block_size=16) == 3 * 16 * 16  # eigh: 40 coordinates in 3 blocks of 16
+    assert precond_numel(block_size=17) == 0
+    assert precond_numel(block_size=17, refresh_every=2) == 3 * 17 * 17
+    model = small_model()
+    opt = cgd.FullCGD(model.parameters(), lr=0.02)
+    twin_model = small_model()
+    twin = cgd.FullCGD(twin_model.parameters(), lr=0.02, solver="eigh")
+    train(model, opt, 3)
+    train(twin_model, twin, 3)
+    opt.param_groups[0]["solver"] = "eigh"
+    train(model, opt, 2, start=3)
+    train(twin_model, twin, 2, start=3)
+    state = opt.state[next(model.parameters())]
+    assert state["precond"].shape == twin.state[next(twin_model.parameters())]["precond"].shape
+    for a, b in zip(model.parameters(), twin_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    opt.param_groups[0]["solver"] = "lanczos"
+    train(model, opt, 1, start=5)
+    assert state["precond"].numel() == 0
+
+
 def test_lanczos_results_do_not_depend_on_the_thread_count():
     """One large block spreads its products with M2 over the threads, many blocks spread over them whole: either
     way each entry is summed alike, so 1, 2 and 3 threads give the same bits."""
