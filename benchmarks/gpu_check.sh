@@ -148,7 +148,7 @@ if [ -z "$NO_GPU" ]; then
     part step_time "$PY" "$ROOT/benchmarks/step_time.py" --device cuda --sizes 1e7 1e8 1e9 --steps 20 \
         --out "$WORK/step_time.md"
     # A short window: block CGD refreshes every step, and no GPU time of it exists yet to size a longer one.
-    part matrix_step_time "$PY" "$ROOT/benchmarks/matrix_step_time.py" --device cuda --shapes gpt2 --window 10 \
+    part matrix_step_time "$PY" "$ROOT/benchmarks/matrix_step_time.py" --device cuda --shapes gpt2 --window 10 --pool 4 \
         --out "$WORK/matrix_step_time.md"
     # Its one argument is the largest n (8, 16, ... up to it). 256 covers block CGD's B <= 64 and the smaller kron
     # factors; from 512 on its host-side set-up (an O(n^3) loop per matrix, 64 matrices) and syevj's 256-matrix
@@ -158,7 +158,7 @@ if [ -z "$NO_GPU" ]; then
 else
     part step_time "$PY" "$ROOT/benchmarks/step_time.py" --device cpu --sizes 1e5 --no-gpt2 --steps 2 \
         --out "$WORK/step_time.md"
-    part matrix_step_time "$PY" "$ROOT/benchmarks/matrix_step_time.py" --device cpu --shapes char-gpt --window 2 \
+    part matrix_step_time "$PY" "$ROOT/benchmarks/matrix_step_time.py" --device cpu --shapes char-gpt --window 2 --pool 4 \
         --only "block B=8" "kron refresh=10" --out "$WORK/matrix_step_time.md"
     skip eigensolvers "dry run: no GPU ($([ -x "$BUILD/eigensolvers_bench" ] && echo "binary built" ||
         echo "binary missing"))"
