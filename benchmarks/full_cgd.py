@@ -110,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "benchmarks/full_cgd.py " + " ".join(argv if argv is not None else sys.argv[1:])
     n = sum(p.numel() for p in mlp().parameters())
     full = lambda solver: lambda p: cgd.FullCGD(p, lr=0.01, solver=solver)  # noqa: E731
-    lines = [f"# Exact full CGD: step time and direction accuracy of its solvers\n",
+    lines = ["# Exact full CGD: step time and direction accuracy of its solvers\n",
              f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, "
              f"{datetime.date.today().isoformat()}, `{command.strip()}`\n",
-             f"## Step time (optimizer step alone, mean ms over the run)\n",
+             "## Step time (optimizer step alone, mean ms over the run)\n",
              "| model | optimizer | steps | ms/step | vs Adam | note |", "|---|---|---|---|---|---|"]
 
     def rows(label, make_model, configs):

@@ -1,4 +1,5 @@
-"""Step time of the matrix metrics of cgd.FullCGD (block and kron) against torch.optim.AdamW, in one process.
+"""Step time of the matrix metrics of cgd.FullCGD (block and kron) against torch.optim.AdamW, and of cgd.Muon
+against torch.optim.Muon on the same matrices (CPU), in one process.
 
 Block mode for B in 8..64 and kron mode for refresh_every in 1..100, on GPT-2 small's parameter list on a GPU
 (124M parameters in 148 tensors) or on a 4-layer, 128-wide character GPT's on a CPU. The time per step is the
@@ -41,12 +42,18 @@ def configurations(gpu: bool) -> list[tuple[str, dict]]:
         rows += [(f"block B={b} {solver}", dict(metric="block", block_size=b, solver=solver))
                  for b in (8, 16, 32, 64) for solver in ("eigh", "lanczos")]
     rows += [(f"kron refresh={k}", dict(metric="kron", refresh_every=k)) for k in (1, 10, 100)]
+    if not gpu:  # the matrices alone (Muon is meant for them), against torch.optim.Muon on the same ones
+        rows += [("torch.optim.Muon", dict(matrices=True)), ("cgd.Muon", dict(matrices=True))]
     return rows
 
 
 def make(name: str, kwargs: dict, params: list, gpu: bool) -> torch.optim.Optimizer:
     if name.startswith("AdamW"):
         return torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if gpu else {"foreach": True}))
+    if name == "torch.optim.Muon":
+        return torch.optim.Muon([p for p in params if p.dim() == 2], lr=1e-3)
+    if name == "cgd.Muon":
+        return cgd.Muon([p for p in params if p.dim() == 2], lr=1e-3, nonfinite="ignore")
     return cgd.FullCGD(params, lr=1e-4, nonfinite="ignore", **kwargs)
 
 
@@ -88,14 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     numel = sum(math.prod(s) for s in shapes)
     where = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     command = "benchmarks/matrix_step_time.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [f"# FullCGD step time: block and kron metrics vs AdamW ({numel / 1e6:.1f}M parameters, "
+    lines = [f"# Matrix-metric step time: FullCGD block and kron, Muon, vs AdamW ({numel / 1e6:.1f}M parameters, "
              f"{len(shapes)} tensors)\n",
              f"{where}, torch {torch.__version__}, {datetime.date.today().isoformat()}, `{command.strip()}`\n",
              "Mean ms per step over whole refresh periods (AdamW: the median of five windows' means); state is "
              f"float32; the steps cycle through {args.pool} independent gradient sets (after one pass unmeasured). "
              "\"vs AdamW\" < 1 is faster.\n",
              "| optimizer | ms/step | vs AdamW | state (GiB) | note |", "|---|---|---|---|---|"]
-    base = None
+    base = muon = None
     for name, kwargs in configurations(gpu):
         if args.only is not None and name not in args.only and not name.startswith("AdamW"):
             continue
@@ -121,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                     if isinstance(v, torch.Tensor))
         base = base or seconds
         note = f"{steps} steps" + (f", solver {opt.solver_stats()}" if isinstance(opt, cgd.FullCGD) else "")
+        if kwargs.get("matrices"):
+            muon = muon or seconds
+            note += f", the {sum(p.dim() == 2 for p in params)} matrices only; {seconds / muon:.2f}x torch.optim.Muon"
         lines.append(f"| {name} | {seconds * 1e3:.2f} | {seconds / base:.2f} | {state / 2**30:.2f} | {note} |")
         print(lines[-1], file=sys.stderr)
         del opt

@@ -396,6 +396,42 @@ cgd_status cgd_kron_step(const cgd_block_hparams *hparams, cgd_dtype dtype, cons
     return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : ok();
 }
 
+cgd_status cgd_muon_step(const cgd_muon_hparams *h, cgd_dtype dtype, const cgd_muon_tensor *tensors,
+                         int64_t count, const float *grad_scale, const float *skip, cgd_device device) {
+    static const char fn[] = "cgd_muon_step";
+    cgd_status st;
+    if (!h) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams is NULL", fn);
+    if ((st = check_range(fn, "lr", h->lr, 0.0, INFINITY, 1))) return st;
+    if ((st = check_range(fn, "momentum", h->momentum, 0.0, 1.0, 1))) return st;
+    if ((st = check_range(fn, "weight_decay", h->weight_decay, 0.0, INFINITY, 1))) return st;
+    if (!(h->eps > 0.0) || !isfinite(h->eps))
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams.eps = %g must be finite and > 0", fn, h->eps);
+    if (!isfinite(h->ns_a) || !isfinite(h->ns_b) || !isfinite(h->ns_c))
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams.ns_a, ns_b, ns_c = %g, %g, %g must be finite", fn, h->ns_a,
+                    h->ns_b, h->ns_c);
+    if (h->ns_steps < 0 || h->ns_steps >= 100)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams.ns_steps = %d is outside [0, 100)", fn, (int)h->ns_steps);
+    if (h->scale != CGD_MUON_ORIGINAL && h->scale != CGD_MUON_MATCH_RMS_ADAMW)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams.scale = %d is not a cgd_muon_scale", fn, (int)h->scale);
+    if ((st = check_common(fn, dtype, device, count))) return st;
+    if (device != CGD_CPU)
+        return fail(CGD_ERR_UNSUPPORTED, "%s: runs on the CPU only for now (no CUDA kernel yet)", fn);
+    if (count > 0 && !tensors)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors is NULL but count = %lld", fn, (long long)count);
+    for (int64_t i = 0; i < count; ++i) {
+        const cgd_muon_tensor *t = &tensors[i];
+        if (t->rows < 1 || t->cols < 1 || t->rows > CGD_MAX_MATRIX || t->cols > CGD_MAX_MATRIX)
+            return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors[%lld] is %lld x %lld; each side must be in [1, %d]", fn,
+                        (long long)i, (long long)t->rows, (long long)t->cols, CGD_MAX_MATRIX);
+        if (!t->param || !t->grad || !t->momentum)
+            return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors[%lld].%s is NULL", fn, (long long)i,
+                        !t->param ? "param" : !t->grad ? "grad" : "momentum");
+    }
+    if (CGD_BY_REAL(dtype, cgd_cpu_muon_step)(h, dtype, tensors, count, grad_scale, skip))
+        return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the scratch space; nothing changed", fn);
+    return ok();
+}
+
 static cgd_status check_induced(const char *fn, const cgd_induced_hparams *h, cgd_dtype dtype,
                                 const cgd_diag_tensor *tensors, int64_t count, cgd_device device, int need_param) {
     cgd_status st;

@@ -322,6 +322,50 @@ cgd_status cgd_kron_step(const cgd_block_hparams *hparams, cgd_dtype dtype, cons
                          size_t workspace_bytes, cgd_device device, void *stream);
 
 /* ---------------------------------------------------------------------------------------------------------
+ * Muon as a CGD step (Jordan et al. 2024; torch.optim.Muon): the force F is the momentum EMA and the metric
+ * (F F^T)^(1/2) its own outer product's square root, so the direction (F F^T)^(-1/2) F is F's orthogonalisation
+ * U V^T (F = U S V^T), approximated as Muon does by Newton-Schulz iterations. Per rows x cols matrix G (a conv
+ * kernel as out_channels x the rest), with mu = momentum:
+ *   B <- B + (1 - mu) (G - B)                  (torch's lerp: the EMA of the gradients)
+ *   F = G + mu (B - G) (nesterov), else B
+ *   X = F / max(||F||_F, eps), transposed when rows > cols so that X X^T is the smaller Gram matrix
+ *   ns_steps times:  A = X X^T,  X <- a X + (b A + c A A) X
+ *   p <- p (1 - lr weight_decay) - lr s X       s = sqrt(max(1, rows / cols)) (CGD_MUON_ORIGINAL) or
+ *                                                   0.2 sqrt(max(rows, cols)) (CGD_MUON_MATCH_RMS_ADAMW)
+ * With ns_bf16 every product's inputs and result, the normalisation and X are rounded to bfloat16 as
+ * torch.optim.Muon computes them (in float32 arithmetic between roundings); else all in the state's precision.
+ * The products are BLAS gemm calls, one tensor per OpenMP thread. CPU only for now.
+ * --------------------------------------------------------------------------------------------------------- */
+
+typedef enum cgd_muon_scale {
+    CGD_MUON_ORIGINAL = 0,       /* Keller Jordan's sqrt(max(1, rows / cols)) */
+    CGD_MUON_MATCH_RMS_ADAMW = 1 /* Moonshot's 0.2 sqrt(max(rows, cols)) */
+} cgd_muon_scale;
+
+typedef struct cgd_muon_hparams {
+    double lr;           /* >= 0 */
+    double momentum;     /* [0, 1) */
+    double weight_decay; /* >= 0, decoupled */
+    double ns_a, ns_b, ns_c;
+    double eps;          /* > 0 */
+    int32_t ns_steps;    /* [0, 100) */
+    int32_t nesterov;
+    int32_t scale;       /* cgd_muon_scale */
+    int32_t ns_bf16;
+} cgd_muon_hparams;
+
+typedef struct cgd_muon_tensor {
+    void *param;         /* rows * cols elements of the call's dtype, row-major */
+    const void *grad;
+    void *momentum;      /* B: rows * cols state values */
+    int64_t rows, cols;  /* >= 1 each, each <= 46340 */
+} cgd_muon_tensor;
+
+/* One Muon step over `count` matrices. grad_scale and skip as in cgd_diag_step. */
+cgd_status cgd_muon_step(const cgd_muon_hparams *hparams, cgd_dtype dtype, const cgd_muon_tensor *tensors,
+                         int64_t count, const float *grad_scale, const float *skip, cgd_device device);
+
+/* ---------------------------------------------------------------------------------------------------------
  * Induced (pull-back) metric (the induced-metric paper, Algorithms 1 and 2 and its RMS variant): the metric of the loss surface
  * embedded in one more dimension, g = gamma + xi grad grad^T, inverted by Sherman-Morrison. The step of every
  * parameter is scaled by one number r_t that depends on all parameters, so a step is three calls:

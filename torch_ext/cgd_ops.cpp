@@ -481,6 +481,59 @@ void kron_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
                                target.device, target.stream));
 }
 
+// One Muon step: per matrix, the momentum buffer is its rows x cols view (which fixes rows and cols).
+void muon_step(TensorList params, TensorList grads, TensorList momentum_buffers, double lr, double momentum,
+               double weight_decay, double ns_a, double ns_b, double ns_c, double eps, int64_t ns_steps, bool nesterov,
+               std::string adjust_lr_fn, bool ns_bf16, std::optional<Tensor> grad_scale,
+               std::optional<Tensor> found_inf) {
+    static const char op[] = "cgd::muon_step_";
+    const size_t n = params.size();
+    CGD_CHECK(grads.size() == n && momentum_buffers.size() == n, op, ": got ", n, " params, ", grads.size(),
+              " grads and ", momentum_buffers.size(), " momentum_buffers; the lists must have equal lengths");
+    CGD_CHECK(adjust_lr_fn == "original" || adjust_lr_fn == "match_rms_adamw", op, ": adjust_lr_fn = '",
+              adjust_lr_fn, "' must be 'original' or 'match_rms_adamw'");
+    CGD_CHECK(ns_steps >= 0 && ns_steps < 100, op, ": ns_steps = ", ns_steps, " must be in [0, 100)");
+    if (n == 0) return;
+    const Device device = params[0].device();
+    const cgd_dtype dtype = to_cgd_dtype(params[0], "params", 0);
+    std::vector<cgd_muon_tensor> tensors(n);
+    for (size_t i = 0; i < n; ++i) {
+        const Tensor &p = params[i];
+        to_cgd_dtype(p, "params", i);
+        CGD_CHECK(same(p.device(), device) && p.scalar_type() == params[0].scalar_type(), op, ": params[", i, "] is ",
+                  p.scalar_type(), " on ", device_name(p.device()), " but params[0] is ", params[0].scalar_type(),
+                  " on ", device_name(device), "; one call steps tensors of one dtype on one device");
+        CGD_CHECK(p.is_contiguous(), op, ": params[", i, "] with strides ", list(p.strides()),
+                  " is not contiguous; Muon reads it as a row-major matrix");
+        check_like(grads[i], p, p.scalar_type(), "grads", i);
+        const Tensor &b = momentum_buffers[i];
+        CGD_CHECK(b.dim() == 2 && b.numel() == p.numel(), op, ": momentum_buffers[", i,
+                  "] must be the rows x cols matrix of params[", i, "] (", p.numel(), " elements), got sizes ",
+                  list(b.sizes()));
+        const int64_t rows = b.size(0), cols = b.size(1);
+        tensors[i] = cgd_muon_tensor{p.mutable_data_ptr(), grads[i].const_data_ptr(),
+                                     state_ptr(op, b, device, state_type(dtype), rows * cols, "momentum_buffers",
+                                               static_cast<int64_t>(i)),
+                                     rows, cols};
+    }
+    cgd_muon_hparams h{};
+    h.lr = lr;
+    h.momentum = momentum;
+    h.weight_decay = weight_decay;
+    h.ns_a = ns_a;
+    h.ns_b = ns_b;
+    h.ns_c = ns_c;
+    h.eps = eps;
+    h.ns_steps = static_cast<int32_t>(ns_steps);
+    h.nesterov = nesterov;
+    h.scale = adjust_lr_fn == "match_rms_adamw" ? CGD_MUON_MATCH_RMS_ADAMW : CGD_MUON_ORIGINAL;
+    h.ns_bf16 = ns_bf16;
+    Target target;
+    target_for(device, target);
+    check_status(cgd_muon_step(&h, dtype, tensors.data(), static_cast<int64_t>(n), grad_scale_ptr(grad_scale, device),
+                               optional_scalar(found_inf, device, "found_inf"), target.device));
+}
+
 // Induced-metric ops: the per-list tensors of cgd_induced_norm / cgd_induced_step (param and exp_avg only for the
 // step, exp_avg_sq only for the RMS metric).
 cgd_induced_gamma to_gamma(const std::string &gamma) {
@@ -629,6 +682,9 @@ STABLE_TORCH_LIBRARY(cgd, m) {
           "Tensor(h!) counters, *, int block, int nblocks, float lr, float beta1, float beta2, float power, "
           "float eps, float weight_decay, bool centered, bool bias_correction, bool maximize, bool refresh, "
           "str solver, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+    m.def("muon_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, *, float lr, "
+          "float momentum, float weight_decay, float ns_a, float ns_b, float ns_c, float eps, int ns_steps, "
+          "bool nesterov, str adjust_lr_fn, bool ns_bf16, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
     m.def("kron_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] left_sqs, "
           "Tensor(d!)[] right_sqs, Tensor(e!)[] left_bases, Tensor(f!)[] right_bases, Tensor(g!)[] left_eigs, "
           "Tensor(h!)[] right_eigs, Tensor(i!)[] steps, Tensor(j!)[] outcomes, Tensor(k!)[] counters, *, float lr, "
@@ -655,6 +711,7 @@ STABLE_TORCH_LIBRARY_IMPL(cgd, CompositeExplicitAutograd, m) {
     m.impl("diag_step_", TORCH_BOX(&diag_step));
     m.impl("block_step_", TORCH_BOX(&block_step));
     m.impl("kron_step_", TORCH_BOX(&kron_step));
+    m.impl("muon_step_", TORCH_BOX(&muon_step));
     m.impl("induced_norm_", TORCH_BOX(&induced_norm));
     m.impl("induced_rate_", TORCH_BOX(&induced_rate));
     m.impl("induced_step_", TORCH_BOX(&induced_step));

@@ -8,6 +8,7 @@
 from ._ops import BUILD_INFO
 from .full import FullCGD
 from .induced import InducedMetric
+from .muon import Muon
 from ._base import NonFiniteGradientError
 from ._validate import beta_to_tau, tau_to_beta
 from .diagonal import CGD
@@ -25,6 +26,7 @@ __all__ = [
     "AdamW",
     "Ballistic",
     "InducedMetric",
+    "Muon",
     "NonFiniteGradientError",
     "RMSprop",
     "beta_to_tau",

@@ -101,6 +101,16 @@ def _block_step_fake(params, grads, offsets, exp_avg, *state, **hyperparameters)
     return None
 
 
+@torch.library.register_fake("cgd::muon_step_")
+def _muon_step_fake(params, grads, momentum_buffers, **hyperparameters) -> None:
+    for name, tensors in (("grads", grads), ("momentum_buffers", momentum_buffers)):
+        for i, (t, p) in enumerate(zip(tensors, params)):
+            if t.device != p.device:
+                raise ValueError(f"cgd: {name}[{i}] is on {t.device} but params[{i}] is on {p.device}")
+    _scalars_beside(params, hyperparameters)
+    return None
+
+
 @torch.library.register_fake("cgd::kron_step_")
 def _kron_step_fake(params, grads, *state_lists, **hyperparameters) -> None:
     for i, (g, p) in enumerate(zip(grads, params)):
