@@ -71,9 +71,24 @@ static inline __attribute__((always_inline)) void row_dots(const cgd_real *r0, c
     if (r1) *d1 = fold(b);
 }
 
+/* Rows i and i + 1 (when i + 1 < n) of y = scale M v - (centered ? f fv : 0). */
+static inline __attribute__((always_inline)) void apply_pair(const cgd_real *M, double scale, const cgd_real *f,
+                                                             int centered, double fv, int n, const double *v, int i,
+                                                             double *y) {
+    const cgd_real *r0 = M + (size_t)i * (size_t)n;
+    double d0 = 0.0, d1 = 0.0;
+    if (i + 1 < n)
+        row_dots(r0, r0 + n, v, n, &d0, &d1);
+    else
+        row_dots(r0, NULL, v, n, &d0, &d1);
+    y[i] = scale * d0 - (centered ? (double)f[i] * fv : 0.0);
+    if (i + 1 < n) y[i + 1] = scale * d1 - (centered ? (double)f[i + 1] * fv : 0.0);
+}
+
 /* y = scale M v - (centered ? f (f . v) : 0) for the row-major n x n M in double: each row summed alike whichever
    thread takes its pair of rows, so the result does not depend on the thread count. Pairs are spread over the
-   threads when `parallel` (a single large block has the machine to itself). */
+   threads when `parallel` (a single large block has the machine to itself); otherwise no OpenMP region is
+   entered (its set-up would cost as much as a small block's product). */
 CGD_CPU_CLONES
 static void apply_c(const cgd_real *M, double scale, const cgd_real *f, int centered, int n, const double *v,
                     int parallel, double *y) {
@@ -81,17 +96,11 @@ static void apply_c(const cgd_real *M, double scale, const cgd_real *f, int cent
     if (centered)
         for (int j = 0; j < n; ++j) fv += (double)f[j] * v[j];
     const int pairs = (n + 1) / 2;
-#pragma omp parallel for schedule(static) if (parallel)
-    for (int k = 0; k < pairs; ++k) {
-        const int i = 2 * k;
-        const cgd_real *r0 = M + (size_t)i * (size_t)n;
-        double d0 = 0.0, d1 = 0.0;
-        if (i + 1 < n)
-            row_dots(r0, r0 + n, v, n, &d0, &d1);
-        else
-            row_dots(r0, NULL, v, n, &d0, &d1);
-        y[i] = scale * d0 - (centered ? (double)f[i] * fv : 0.0);
-        if (i + 1 < n) y[i + 1] = scale * d1 - (centered ? (double)f[i + 1] * fv : 0.0);
+    if (parallel) {
+#pragma omp parallel for schedule(static)
+        for (int k = 0; k < pairs; ++k) apply_pair(M, scale, f, centered, fv, n, v, 2 * k, y);
+    } else {
+        for (int k = 0; k < pairs; ++k) apply_pair(M, scale, f, centered, fv, n, v, 2 * k, y);
     }
 }
 
@@ -173,8 +182,9 @@ int cgd_lanczos_direction(const cgd_real *M, double scale, const cgd_real *f, in
         norm_t = fmax(norm_t, fabs(alpha[k]) + b + (k ? beta[k - 1] : 0.0));
         m = k + 1;
         const int invariant = b <= 1e-14 * norm_t || m == n;
-        /* a check (dstev) costs O(m^2): every iteration while m is small, every 2nd to 64, then every 8th */
-        if (invariant || m <= 16 || (m <= 64 && m % 2 == 0) || m % 8 == 0 || m == k_max) {
+        /* a check (dstev) costs O(m^2), as much as a small block's product: every iteration to 4, every 2nd to
+           64, then every 8th */
+        if (invariant || m <= 4 || (m <= 64 && m % 2 == 0) || m % 8 == 0 || m == k_max) {
             if (small_function(s, m, norm_f, eps, power, coef)) return -1;
             double diff = 0.0, size = 0.0;
             for (int i = 0; i < m; ++i) {
