@@ -6,6 +6,7 @@
 """
 
 from ._ops import BUILD_INFO
+from .combined import Combined, split_parameters
 from .full import FullCGD
 from .induced import InducedMetric
 from .muon import Muon
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BUILD_INFO",
     "CGD",
+    "Combined",
     "FullCGD",
     "SGD",
     "AdaBelief",
@@ -30,5 +32,6 @@ __all__ = [
     "NonFiniteGradientError",
     "RMSprop",
     "beta_to_tau",
+    "split_parameters",
     "tau_to_beta",
 ]
