@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, make in optimizers(args.lr, args.weight_decay, device).items():
         for seed in range(args.seeds):
             runs.setdefault(name, []).append(
-                tasks.train(make_task(args, device, seed), make, steps, eval_every=max(1, steps // 10), sync=sync))
+                tasks.train(make_task(args, device, seed), lambda m, make=make: make(list(m.parameters())), steps,
+                            eval_every=max(1, steps // 10), sync=sync))
         print(f"  {name}: done", file=sys.stderr)
 
     metric = "test_acc" if args.task == "digits" else "val_ppl"

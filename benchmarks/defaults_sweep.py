@@ -64,7 +64,7 @@ def main() -> int:
             for lr in args.lrs:
                 values = []
                 for seed in range(args.seeds):
-                    h = tasks.train(make_task(seed), lambda p, lr=lr, make=make: make(p, lr), steps)
+                    h = tasks.train(make_task(seed), lambda m, lr=lr, make=make: make(list(m.parameters()), lr), steps)
                     values.append(float("nan") if h.diverged else h.evals[-1][1][key])
                 mean = statistics.fmean(values)
                 cells.append(f"{mean:.4f}")

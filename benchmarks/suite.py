@@ -15,7 +15,8 @@ the chosen value. Reported: final validation loss (and accuracy) mean and spread
 (wall-clock until the validation loss first reaches AdamW's mean final one), optimizer ms per step.
 
 Optimizers: AdamW (fused on a GPU), Muon (torch.optim.Muon on the 2-D hidden weights, AdamW at lr 1e-3 on the
-rest: embeddings, the first and last layer, biases, norms, conv kernels), diagonal CGD (cgd.CGD), block CGD
+rest: embeddings, the output head, biases, norms, conv kernels; cgd.split_parameters), cgd.Muon the same way
+(conv kernels included, as out_channels x rest matrices), diagonal CGD (cgd.CGD), block CGD
 (cgd.FullCGD, block 16, eigenbasis refreshed every 10 steps), Kronecker CGD (cgd.FullCGD metric="kron", refresh
 every 10 steps), and the induced RMS metric (cgd.InducedMetric, xi = 1 / number of parameters, the paper's
 suggestion).
@@ -57,51 +58,40 @@ BUDGET = {
 
 # ---- optimizers ----
 
-class WithAdamW:
-    """Muon on the hidden 2-D weights and AdamW on everything else, stepped together (Muon's intended use)."""
+def optimizer_grid(gpu: bool) -> dict[str, tuple[tuple[float, ...], Callable[[torch.nn.Module, float], object]]]:
+    """Per optimizer, its lr grid and a factory of (model, lr): the Muon rows split the model's parameters as
+    Muon is meant to be used (cgd.split_parameters: hidden matrices to Muon, the rest to AdamW at lr 1e-3)."""
+    def with_adamw(muon_cls):
+        def make(model, lr):
+            hidden, rest = cgd.split_parameters(model)
+            if muon_cls is torch.optim.Muon:
+                hidden_2d = [p for p in hidden if p.dim() == 2]
+                rest += [p for p in hidden if p.dim() != 2]  # torch.optim.Muon refuses conv kernels
+                hidden = hidden_2d
+            if not hidden:
+                raise ValueError("not applicable: torch.optim.Muon takes 2-D weights and this model's hidden "
+                                 "weights are conv kernels (4-D)")
+            return cgd.Combined(muon_cls(hidden, lr=lr, weight_decay=0.01),
+                                torch.optim.AdamW(rest, lr=1e-3, weight_decay=0.01, fused=gpu or None))
+        return make
 
-    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
-        self.parts = [muon, adamw]
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for opt in self.parts:
-            opt.zero_grad(set_to_none=set_to_none)
-
-    def step(self) -> None:
-        for opt in self.parts:
-            opt.step()
-
-
-def muon_split(params: list[torch.nn.Parameter]) -> tuple[list, list]:
-    """Hidden matrices (every 2-D weight but the first and the last, i.e. not the input layer or embedding and not
-    the output head) for Muon; the rest for AdamW."""
-    matrices = [i for i, p in enumerate(params) if p.dim() == 2]
-    hidden = set(matrices[1:-1])
-    return [p for i, p in enumerate(params) if i in hidden], [p for i, p in enumerate(params) if i not in hidden]
-
-
-def optimizer_grid(gpu: bool) -> dict[str, tuple[tuple[float, ...], Callable[[list, float], object]]]:
-    def muon(params, lr):
-        hidden, rest = muon_split(params)
-        if not hidden:
-            raise ValueError("not applicable: torch.optim.Muon takes 2-D weights and this model's hidden weights "
-                             "are conv kernels (4-D)")
-        return WithAdamW(torch.optim.Muon(hidden, lr=lr, weight_decay=0.01),
-                         torch.optim.AdamW(rest, lr=1e-3, weight_decay=0.01, fused=gpu or None))
-
-    def induced(params, lr):
-        n = sum(p.numel() for p in params)
-        return cgd.InducedMetric(params, lr=lr, gamma="rms", xi=1.0 / n, weight_decay=0.01)
+    def induced(model, lr):
+        n = sum(p.numel() for p in model.parameters())
+        return cgd.InducedMetric(model.parameters(), lr=lr, gamma="rms", xi=1.0 / n, weight_decay=0.01)
 
     adam_scale = (3e-4, 1e-3, 3e-3, 1e-2)
+    muon_scale = (3e-3, 1e-2, 3e-2, 1e-1)
     return {
-        "AdamW": (adam_scale, lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.01, fused=gpu or None)),
-        "Muon + AdamW": ((3e-3, 1e-2, 3e-2, 1e-1), muon),
-        "CGD diagonal": (adam_scale, lambda p, lr: cgd.CGD(p, lr=lr, weight_decay=0.01)),
-        "CGD block 16": ((1e-3, 3e-3, 1e-2, 3e-2), lambda p, lr: cgd.FullCGD(
-            p, lr=lr, metric="block", block_size=16, refresh_every=10, weight_decay=0.01, nonfinite="ignore")),
-        "CGD kron": ((1e-3, 3e-3, 1e-2, 3e-2), lambda p, lr: cgd.FullCGD(
-            p, lr=lr, metric="kron", refresh_every=10, weight_decay=0.01, nonfinite="ignore")),
+        "AdamW": (adam_scale, lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01,
+                                                               fused=gpu or None)),
+        "Muon + AdamW": (muon_scale, with_adamw(torch.optim.Muon)),
+        "cgd.Muon + AdamW": (muon_scale, with_adamw(cgd.Muon)),
+        "CGD diagonal": (adam_scale, lambda m, lr: cgd.CGD(m.parameters(), lr=lr, weight_decay=0.01)),
+        "CGD block 16": ((1e-3, 3e-3, 1e-2, 3e-2), lambda m, lr: cgd.FullCGD(
+            m.parameters(), lr=lr, metric="block", block_size=16, refresh_every=10, weight_decay=0.01,
+            nonfinite="ignore")),
+        "CGD kron": ((1e-3, 3e-3, 1e-2, 3e-2), lambda m, lr: cgd.FullCGD(
+            m.parameters(), lr=lr, metric="kron", refresh_every=10, weight_decay=0.01, nonfinite="ignore")),
         "Induced RMS": (adam_scale, induced),
     }
 
@@ -177,11 +167,13 @@ class _ImageModel:
         return self.evaluate(lambda x: model(self.image(x)))
 
 
-def make_task(name: str, device, seed: int, scale: str, data: str | None) -> tasks.Task:
+def make_task(name: str, device, seed: int, scale: str, data: str | None, gpt: str = "small") -> tasks.Task:
     if name == "mlp":
         return tasks.digits(device, seed=seed, hidden=128 if scale == "cpu" else 512)
     if name == "cnn":
         return digits_images(device, seed, scale)
+    if scale == "cpu" and gpt == "paper":  # the paper's model, at a CPU's context and batch
+        return tasks.shakespeare(data, device, seed=seed, block=64, batch_size=16)
     if scale == "cpu":  # a 2-core CPU affords 36 runs of a small GPT, not of the paper's
         return tasks.shakespeare(data, device, seed=seed, block=32, batch_size=16, layers=2, heads=2, width=64)
     return tasks.shakespeare(data, device, seed=seed, block=256, batch_size=64)
@@ -223,8 +215,8 @@ def real_model(name: str, args, device, gpu: bool, lines: list[str]) -> None:
             continue
         trials = []
         for lr in lrs:
-            r = train_run(make_task(name, device, 0, args.scale, args.data), lambda p, lr=lr: factory(p, lr), steps,
-                          every, gpu)
+            r = train_run(make_task(name, device, 0, args.scale, args.data, args.gpt),
+                          lambda m, lr=lr: factory(m, lr), steps, every, gpu)
             trials.append((lr, r))
             print(f"{name} {opt_name} lr={lr:g}: {r.get('failed') or loss_of(r['final'])}", file=sys.stderr)
         ok = [(lr, r) for lr, r in trials if "failed" not in r]
@@ -232,13 +224,15 @@ def real_model(name: str, args, device, gpu: bool, lines: list[str]) -> None:
             chosen[opt_name] = (float("nan"), [trials[0][1]])
             continue
         lr, first = min(ok, key=lambda t: loss_of(t[1]["final"]))
-        runs = [first] + [train_run(make_task(name, device, s, args.scale, args.data),
-                                    lambda p, lr=lr: factory(p, lr), steps, every, gpu) for s in SEEDS[1:]]
+        runs = [first] + [train_run(make_task(name, device, s, args.scale, args.data, args.gpt),
+                                    lambda m, lr=lr: factory(m, lr), steps, every, gpu) for s in SEEDS[1:]]
         chosen[opt_name] = (lr, runs)
     good = {k: [r for r in runs if "failed" not in r] for k, (_, runs) in chosen.items()}
     target = statistics.mean(loss_of(r["final"]) for r in good.get("AdamW", [])) if good.get("AdamW") else None
     title = {"mlp": "MLP on digits", "cnn": "ResNet-style CNN on digits",
-             "gpt": "character GPT on TinyShakespeare" + (" (2 layers, 64 wide)" if args.scale == "cpu" else "")}
+             "gpt": "character GPT on TinyShakespeare" + (
+                 "" if args.scale != "cpu" else " (4 layers, 128 wide, context 64)" if args.gpt == "paper"
+                 else " (2 layers, 64 wide)")}
     lines += [f"\n## {title[name]} ({steps} steps, evaluation every {every})\n",
               "| optimizer | lr grid | chosen lr | final val loss (mean ± sd over seeds) | best seed | accuracy "
               "| time to AdamW's loss (s) | optimizer ms/step |", "|---|---|---|---|---|---|---|---|"]
@@ -331,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimizers", nargs="*", default=None, help="only these real-model optimizers")
     parser.add_argument("--data", default=None, help="TinyShakespeare text for the gpt part")
     parser.add_argument("--steps", type=int, default=None, help="override every real-model step budget")
+    parser.add_argument("--gpt", choices=("small", "paper"), default="small",
+                        help="CPU scale's GPT: 2 layers, 64 wide, context 32 (small), or the induced-metric "
+                             "paper's 4 layers, 4 heads, 128 wide at context 64 (paper)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)

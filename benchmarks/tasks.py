@@ -152,12 +152,13 @@ class History:
     diverged: bool = False
 
 
-def train(task: Task, make_optimizer: Callable[[list], torch.optim.Optimizer], steps: int, eval_every: int = 0,
-          sync: Callable[[], None] = lambda: None) -> History:
-    """Trains a fresh model; records the training loss every step and held-out metrics every eval_every steps.
-    `sync` (torch.cuda.synchronize on a GPU) makes the optimizer timing honest."""
+def train(task: Task, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer], steps: int,
+          eval_every: int = 0, sync: Callable[[], None] = lambda: None) -> History:
+    """Trains a fresh model (make_optimizer gets the model, so it can split its parameters); records the training
+    loss every step and held-out metrics every eval_every steps. `sync` (torch.cuda.synchronize on a GPU) makes
+    the optimizer timing honest."""
     model = task.make_model()
-    opt = make_optimizer(list(model.parameters()))
+    opt = make_optimizer(model)
     h = History()
     start = time.perf_counter()
     for step in range(steps):
