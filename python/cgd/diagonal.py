@@ -370,6 +370,64 @@ class CGD(BaseOptimizer):
                 "to apply them as torch.optim does"
             )
 
+    def noise_scale(self, batch_size: int | None = None) -> dict[str, Any]:
+        r"""The simple gradient noise scale ``B_simple = tr(Sigma) / |G|^2`` (McCandlish et al. 2018, "An
+        empirical model of large-batch training"), from the moments the step already keeps: computed here, on
+        demand, with no cost to the step (one read of M1 and M2 and a host synchronisation per call).
+
+        With the bias-corrected EMAs ``F = M1 / (1 - beta1^t)`` and ``S = (M2 - beta2^t m2_init) / (1 - beta2^t)``
+        of the mini-batch gradients g (mean G, covariance Sigma_B per coordinate), ``E[S] = G^2 + sigma^2`` and
+        ``E[F^2] = G^2 + r sigma^2`` with ``r = sum w^2 / (sum w)^2 = (1 - beta1)(1 + beta1^t) / ((1 + beta1)(1 -
+        beta1^t))`` the EMA's inverse effective sample count, so ``sigma^2 = (S - F^2) / (1 - r)`` and
+        ``G^2 = F^2 - r sigma^2`` are unbiased, summed over the coordinates. Their ratio is the noise scale in
+        mini-batches (times ``batch_size`` when given: in examples, McCandlish's B_simple).
+
+        What it assumes: G constant over the EMA's window (about ``1 / (1 - beta2)`` steps for S); a drifting G
+        counts as noise, so early in training, or with a long beta2, it reads high. A ratio of estimates, it is
+        noisy where ``|G|^2`` is small (inf where the estimate of ``|G|^2`` is <= 0).
+
+        Under FSDP2 it sums what the calling rank holds (its shards): gather the state first for the model's.
+
+        Returns ``{"model": value, "groups": [value or None, ...], "params": {label: value}}``; a group is None
+        when its moments are not an EMA of g and of g^2 (``heavy_ball``, ``beta1 = 0``, ``power = 0`` or
+        ``moment="belief"``) or no parameter has taken two steps yet.
+        """
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise bad("batch_size", batch_size, "must be None or a positive integer")
+        unit = float(batch_size or 1)
+        ratio = lambda var, g2: unit * var / g2 if g2 > 0.0 else float("inf")  # noqa: E731
+        out: dict[str, Any] = {"model": None, "groups": [], "params": {}}
+        model = [0.0, 0.0]
+        for gi, raw_group in enumerate(self.param_groups):
+            group = self._cgd_group(raw_group)
+            beta1, beta2 = (float(b) for b in group["betas"])
+            usable = (not group["heavy_ball"] and beta1 > 0.0 and group["power"] != 0.0
+                      and group["moment"] in ("raw", "centered"))
+            sums = [0.0, 0.0]
+            for j, p in enumerate(raw_group["params"]):
+                state = self.state.get(p, {})
+                t = float(state["step"]) if "step" in state else 0.0
+                if not usable or "exp_avg" not in state or "exp_avg_sq" not in state or t < 2:
+                    continue
+                m1, m2 = (torch.view_as_real(x) if x.is_complex() else x.double()
+                          for x in (local(state["exp_avg"]), local(state["exp_avg_sq"])))
+                force = m1 / (1.0 - beta1**t)
+                second = (m2 - beta2**t * float(group["m2_init"])) / (1.0 - beta2**t)
+                r = (1.0 - beta1) * (1.0 + beta1**t) / ((1.0 + beta1) * (1.0 - beta1**t))
+                var = float(((second - force**2) / (1.0 - r)).sum())
+                g2 = float((force**2).sum()) - r * var
+                out["params"][self._label(gi, j)] = ratio(var, g2)
+                sums[0] += var
+                sums[1] += g2
+            seen = usable and any(self._label(gi, j) in out["params"] for j in range(len(raw_group["params"])))
+            out["groups"].append(ratio(*sums) if seen else None)
+            model[0] += sums[0]
+            model[1] += sums[1]
+        if out["params"]:
+            out["model"] = ratio(*model)
+        return out
+
     def _gather(self, gi: int, group: dict[str, Any]) -> list[_Batch]:
         need_m1, m2_key = _state_kinds(group)
         batches: dict[tuple[Any, ...], _Batch] = {}
