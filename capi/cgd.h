@@ -53,7 +53,8 @@ typedef enum cgd_device { CGD_CPU = 0, CGD_CUDA = 1 } cgd_device;
 typedef enum cgd_moment {
     /* C = M2, the EMA of g^2 (RMSProp, Adam; paper eq 4.1). */
     CGD_MOMENT_RAW = 0,
-    /* C = M2 - M1^2 with M2 the EMA of g^2: the variance of paper eq 4.8, clamped at 0. */
+    /* C = M2 - M1^2 with M2 the EMA of g^2: the variance of paper eq 4.8, clamped at 0. With bias correction
+       the first step's variance is exactly 0 (M2 / bc2 = g^2 = (M1 / bc1)^2): that step takes C = M2 / bc2. */
     CGD_MOMENT_CENTERED = 1,
     /* C = S, S <- beta2 S + (1 - beta2)(g - M1)^2 + eps: AdaBelief's own variance estimator (Zhuang et al.
        2020, Algorithm 2), kept in the exp_avg_sq slot. */
@@ -171,7 +172,8 @@ cgd_status cgd_nonfinite_check(cgd_dtype dtype, const void *const *data, const i
  *   g  <- grad / grad_scale, negated if maximize; 0 at padding coordinates (see cgd_block_tensor)
  *   M1 <- beta1 M1 + (1 - beta1) g                F = M1 / (1 - beta1^t)   (bias_correction, else M1)
  *   M2 <- beta2 M2 + (1 - beta2) g g^T            S = M2 / (1 - beta2^t)   (bias_correction, else M2)
- *   C  <- S - F F^T (centered) or S
+ *   C  <- S - F F^T (centered) or S; with bias_correction the first step's S - F F^T is exactly 0 (S = g g^T,
+ *         F = g), so that step takes C = S (the centered estimate needs a second gradient)
  *   on a refresh step: C = V diag(lambda) V^T,  P <- V diag((eps + max(lambda, 0))^-a) V^T
  *   p  <- p (1 - lr weight_decay) - lr P F       (decoupled weight decay)
  * Between refreshes the cached P is applied to the new F (the paper's method refreshes every step).
@@ -274,7 +276,8 @@ cgd_status cgd_block_step(const cgd_block_hparams *hparams, cgd_dtype dtype, con
  * weight as out_channels x the rest). Per tensor, with F = M1 (/ (1 - beta1^t)) as in a block step:
  *   M1 <- beta1 M1 + (1 - beta1) G
  *   Pl <- beta2 Pl + (1 - beta2) G G^T   (rows x rows)      Pr <- beta2 Pr + (1 - beta2) G^T G   (cols x cols)
- *   L  = Pl / bc2 - F F^T,  R = Pr / bc2 - F^T F   (centered; Pl / bc2 and Pr / bc2 otherwise)
+ *   L  = Pl / bc2 - F F^T,  R = Pr / bc2 - F^T F   (centered, from a bias-corrected run's second step on; Pl / bc2
+ *                                                    and Pr / bc2 otherwise)
  * L and R are the two partial traces of the full metric's C = M2 - vec(F) vec(F)^T, and C ~ (L (x) R) / tr(R)
  * is the Kronecker product with exactly those partial traces (equal to C whenever C is a Kronecker product).
  * Its eigenvectors are u_i (x) v_j and its eigenvalues mu_i nu_j / tr(R), so, with L = U diag(mu) U^T and

@@ -189,6 +189,7 @@ typedef struct cgd_diag_step_consts {
     cgd_real inv_bc2;      /* 1 / (1 - beta2^t) */
     cgd_real inv_bc2_pow;  /* 1 / (1 - beta2^t)^power: scales C^power when eps sits outside (torch's Adam divides;
                               the product is within an ulp of that quotient and spares the divider) */
+    cgd_real mean_weight;  /* 1, or 0 on a bias-corrected first step, whose centered variance has no data */
 } cgd_diag_step_consts;
 
 CGD_HD cgd_diag_consts cgd_diag_make_consts(const cgd_diag_hparams *h) {
@@ -243,6 +244,10 @@ CGD_HD cgd_diag_step_consts cgd_diag_make_step_consts(const cgd_diag_consts *k, 
     s.inv_bc1 = (cgd_real)(1.0 / bc1);
     s.inv_bc2 = (cgd_real)(1.0 / bc2);
     s.inv_bc2_pow = (cgd_real)(1.0 / pow(bc2, (double)k->power));
+    /* With bias correction the first step's M2 / bc2 is g^2 and its F is g, so the variance g^2 - g^2 is exactly
+       0 and the step would be lr eps^-a g: the centered metric takes the second moment itself until a second
+       gradient gives the variance something to measure. */
+    s.mean_weight = k->bias_correction && steps_taken == 0.0 ? CGD_R(0.0) : CGD_R(1.0);
     return s;
 }
 
@@ -290,7 +295,7 @@ CGD_HD void cgd_diag_update(const cgd_diag_consts *k, const cgd_diag_step_consts
                                 k->beta2 * *m2 + k->one_minus_beta2 * g * g);
     *m2 = c;
     const cgd_real mean = avg * s->inv_bc1;
-    const cgd_real spread = c * s->inv_bc2 - mean * mean;
+    const cgd_real spread = c * s->inv_bc2 - s->mean_weight * (mean * mean);
     const cgd_real var = cgd_pick(spread > CGD_R(0.0), spread, CGD_R(0.0)); /* the variance, clamped at 0 */
     /* centered: (eps + var)^a or var^a + eps; raw and belief: (eps + c / bc2)^a or c^a / bc2^a + eps (torch) */
     const cgd_real base = cgd_pick(centered, var, cgd_pick(inside, c * s->inv_bc2, c));

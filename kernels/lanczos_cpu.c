@@ -30,7 +30,8 @@ int cgd_lanczos_scratch_init(cgd_lanczos_scratch *s, int n) {
     memset(s, 0, sizeof *s);
     s->n = n;
     s->kmax = n < CGD_LANCZOS_MAX_ITER ? n : CGD_LANCZOS_MAX_ITER;
-    if (cgd_hooks.lanczos_iterations > 0 && cgd_hooks.lanczos_iterations < s->kmax) s->kmax = cgd_hooks.lanczos_iterations;
+    if (cgd_hooks.lanczos_iterations > 0 && cgd_hooks.lanczos_iterations < s->kmax)
+        s->kmax = cgd_hooks.lanczos_iterations;
     const size_t k = (size_t)s->kmax;
     s->q = cgd_host_alloc((k + 1) * (size_t)n * sizeof(double));
     s->w = cgd_host_alloc(2 * (size_t)n * sizeof(double));

@@ -198,7 +198,8 @@ class CGD(BaseOptimizer):
         M2 <- beta2 * M2 + (1 - beta2) * g^2        C = M2 / (1 - beta2^t)   (moment="raw")
         q  <- q - lr * F / (eps + C)^power          (eps_inside=True, the paper's eq 5.1)
 
-    ``moment="centered"`` uses the variance C = M2/(1-beta2^t) - F^2 (paper eq 4.8), ``moment="belief"`` the
+    ``moment="centered"`` uses the variance C = M2/(1-beta2^t) - F^2 (paper eq 4.8; a bias-corrected first step,
+    whose variance is exactly 0, takes C = M2/(1-beta2^t)), ``moment="belief"`` the
     AdaBelief estimator S <- beta2 S + (1 - beta2)(g - M1)^2 + eps. ``eps_inside=False`` gives torch's
     C^power + eps. ``bias_correction=False, m2_init=1.0`` is the paper's initial condition M1 = 0, M2 = 1.
 

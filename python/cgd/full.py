@@ -59,7 +59,8 @@ def state_bytes(shapes: list, metric: str = "full", block_size: int = 64, max_fa
     parameter dtype: state values are 8 bytes for float64 parameters, 4 bytes otherwise (the sizes below are for 4).
 
     full/block: M1 and the eigenvalues (4 bytes per coordinate each), M2 and the preconditioner P (4 * block bytes
-    per coordinate each); with ``solver="lanczos"`` (the effective solver, not "auto") M1 and M2 only. kron, per rows x cols tensor: M1 (rows * cols), and per side of n <= max_factor_dim its
+    per coordinate each); with ``solver="lanczos"`` (the effective solver, not "auto") M1 and M2 only. kron, per
+    rows x cols tensor: M1 (rows * cols), and per side of n <= max_factor_dim its
     EMA factor and eigenbasis (n^2 each) and eigenvalues (n); a larger side keeps 2 n values.
     """
     value_bytes = 8 if dtype == torch.float64 else 4
@@ -141,8 +142,8 @@ class FullCGD(BaseOptimizer):
         max_factor_dim: for ``metric="kron"``, the longest side that gets a full factor (at most 46340).
         centered: use the covariance M2 - M1 M1^T (True, eq 4.9) or the second moment M2.
         bias_correction, m2_init: default is the paper's start M1 = 0, M2 = m2_init * I = I without bias
-            correction: with Adam's start (m2_init=0, bias_correction=True) the first step's covariance is exactly
-            0 and the first step is lr * eps^-power times the gradient.
+            correction. With Adam's start (m2_init=0, bias_correction=True) the first step's covariance is exactly
+            0, so that step takes C = S (the raw moment) instead of stepping lr * eps^-power times the gradient.
         weight_decay: decoupled weight decay.
         maximize: ascend.
         nonfinite: what a NaN or Inf gradient (or one too large to square in the state) does: "raise" (default:
@@ -152,9 +153,9 @@ class FullCGD(BaseOptimizer):
         max_state_bytes: refuse, before allocating, state larger than this (default: the free memory of the
             device).
 
-    Memory per group of N parameters: ``metric="full"`` 8 N^2 + 8 N bytes (4 N^2 + 4 N with the Lanczos solver); ``metric="block"`` about
-    8 * block_size * N bytes (plus padding of each tensor to a multiple of block_size); ``metric="kron"``
-    4 N + 8 (rows^2 + cols^2) per tensor. See :func:`state_bytes`.
+    Memory per group of N parameters: ``metric="full"`` 8 N^2 + 8 N bytes (4 N^2 + 4 N with the Lanczos solver);
+    ``metric="block"`` about 8 * block_size * N bytes (plus padding of each tensor to a multiple of block_size);
+    ``metric="kron"`` 4 N + 8 (rows^2 + cols^2) per tensor. See :func:`state_bytes`.
     """
 
     _INT_KEYS = ("outcome",)
@@ -491,8 +492,8 @@ class FullCGD(BaseOptimizer):
         """Per group, the spectrum of C at the last refresh (the paper's Fig 2, right).
 
         full/block groups: one dict with ``eigenvalues`` (nblocks x block, descending; under the Lanczos solver,
-        which keeps no spectrum, those of the current C, computed here by ``torch.linalg.eigvalsh``), ``top`` (the ``top_k``
-        largest per block), ``min``, ``condition`` ((eps + max) / (eps + max(min, 0))), ``effective_rank``
+        which keeps no spectrum, those of the current C, computed here by ``torch.linalg.eigvalsh``), ``top`` (the
+        ``top_k`` largest per block), ``min``, ``condition`` ((eps + max) / (eps + max(min, 0))), ``effective_rank``
         ((sum lambda)^2 / sum lambda^2 over the clamped eigenvalues), ``outcome`` (how each block's last refresh
         went, see ``cgd.full.OUTCOMES``). Padding coordinates of a block contribute zero eigenvalues.
 

@@ -564,8 +564,9 @@ cgd_status step_flat(cgd_device device, cgd_diag_hparams h, Flat &f, std::vector
     return cgd_diag_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, device, nullptr);
 }
 
-// Both back ends round every product and sum as diag_math.h writes them (no fused multiply-add): the first
-// centered, bias-corrected step is bit-for-bit this float32 sequence, whose variance c / bc2 - mean^2 is a
+// Both back ends round every product and sum as diag_math.h writes them (no fused multiply-add). Two
+// bias-corrected centered steps of one gradient, each bit for bit the float32 sequence below: the first takes the
+// second moment itself (its variance g^2 - g^2 would be exactly 0); the second's variance c / bc2 - mean^2 is a
 // rounding residual of either sign that the clamp at 0 and eps then absorb. A contracted fma(-mean, mean, c / bc2)
 // keeps a different residual, up to ulp(g^2) / 2, which at eps = 1e-8 moves the step by a large factor.
 TEST_P(DiagStep, CenteredStepRoundsAsWritten) {
@@ -579,24 +580,26 @@ TEST_P(DiagStep, CenteredStepRoundsAsWritten) {
     Flat f{normal_vector(rng, n), std::vector<float>(n, 0.0f), std::vector<float>(n, 0.0f)};
     std::vector<float> g(n);
     for (float &x : g) x = normal(rng) * std::pow(10.0f, decade(rng));
-    const Flat start = f;
-    ASSERT_EQ(step_flat(GetParam(), h, f, g), CGD_OK) << cgd_last_error();
-    const double bc1 = 1.0 - std::pow(h.beta1, 1.0), bc2 = 1.0 - std::pow(h.beta2, 1.0);
-    const float step_size = (float)((double)(float)h.lr / bc1), inv_bc1 = (float)(1.0 / bc1),
-                inv_bc2 = (float)(1.0 / bc2);
-    const float beta1 = (float)h.beta1, beta2 = (float)h.beta2, w1 = (float)h.grad_weight;
-    const float w2 = (float)(1.0 - h.beta2), eps = (float)h.eps;
     size_t zero_variance = 0;
-    for (size_t i = 0; i < n; ++i) {
-        const float avg = beta1 * start.m1[i] + w1 * g[i];
-        const float c = beta2 * start.m2[i] + w2 * g[i] * g[i];
-        const float mean = avg * inv_bc1;
-        const float var = std::fmax(c * inv_bc2 - mean * mean, 0.0f);
-        zero_variance += var == 0.0f;
-        const float p = start.p[i] - step_size * (avg / std::sqrt(eps + var));
-        ASSERT_EQ(f.m1[i], avg) << i;
-        ASSERT_EQ(f.m2[i], c) << i;
-        ASSERT_EQ(f.p[i], p) << "element " << i << ", g = " << g[i];
+    for (int t = 1; t <= 2; ++t) {
+        const Flat start = f;
+        ASSERT_EQ(step_flat(GetParam(), h, f, g), CGD_OK) << cgd_last_error();
+        const double bc1 = 1.0 - std::pow(h.beta1, (double)t), bc2 = 1.0 - std::pow(h.beta2, (double)t);
+        const float step_size = (float)((double)(float)h.lr / bc1), inv_bc1 = (float)(1.0 / bc1),
+                    inv_bc2 = (float)(1.0 / bc2);
+        const float beta1 = (float)h.beta1, beta2 = (float)h.beta2, w1 = (float)h.grad_weight;
+        const float w2 = (float)(1.0 - h.beta2), eps = (float)h.eps, mean_weight = t == 1 ? 0.0f : 1.0f;
+        for (size_t i = 0; i < n; ++i) {
+            const float avg = beta1 * start.m1[i] + w1 * g[i];
+            const float c = beta2 * start.m2[i] + w2 * g[i] * g[i];
+            const float mean = avg * inv_bc1;
+            const float var = std::fmax(c * inv_bc2 - mean_weight * (mean * mean), 0.0f);
+            if (t == 2) zero_variance += var == 0.0f;
+            const float p = start.p[i] - step_size * (avg / std::sqrt(eps + var));
+            ASSERT_EQ(f.m1[i], avg) << i;
+            ASSERT_EQ(f.m2[i], c) << i;
+            ASSERT_EQ(f.p[i], p) << "step " << t << ", element " << i << ", g = " << g[i];
+        }
     }
     EXPECT_GT(zero_variance, 0u);
 }

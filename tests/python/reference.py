@@ -64,7 +64,9 @@ class ReferenceCGD:
             else:
                 self.m2[i] = h.beta2 * self.m2[i] + (1 - h.beta2) * g * g
                 c = self.m2[i] / bc2
-                if h.moment == "centered":
+                # With bias correction the first step's variance g^2 - g^2 is exactly 0: it takes the second
+                # moment itself until a second gradient gives the variance data.
+                if h.moment == "centered" and not (h.bias_correction and self.t == 1):
                     c = torch.clamp(c - (self.m1[i] / bc1) ** 2, min=0.0)
             if h.power == 0:  # G(x) = 1: SGD (eq 4.5), whatever eps
                 metric = 1.0

@@ -42,7 +42,7 @@ class ReferenceFullCGD:
             self.m2[k] = self.beta2 * self.m2[k] + (1 - self.beta2) * torch.outer(gb, gb)
             if (self.t - 1) % self.refresh_every == 0:
                 c = self.m2[k] / bc2
-                if self.centered:
+                if self.centered and not (self.bias_correction and self.t == 1):  # C = S - F F^T = 0 at t = 1
                     c = c - torch.outer(force[idx], force[idx])
                 lam, v = torch.linalg.eigh(c)
                 self.inverse_metric[k] = v @ torch.diag((self.eps + lam.clamp_min(0.0)) ** -self.power) @ v.T

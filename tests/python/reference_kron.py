@@ -43,7 +43,8 @@ class ReferenceKronCGD:
 
     def _factor(self, p: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
         bc2 = 1 - self.beta2**self.t if self.bias_correction else 1.0
-        c = p / bc2 - (gram if self.centered else 0.0)
+        centered = self.centered and not (self.bias_correction and self.t == 1)  # the first step's is exactly 0
+        c = p / bc2 - (gram if centered else 0.0)
         return torch.diag(c.diagonal().clamp_min(0.0)) if c.shape[0] > self.max_factor_dim else _clamped(c)
 
     def step(self, grad: torch.Tensor) -> torch.Tensor:

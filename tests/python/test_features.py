@@ -441,3 +441,20 @@ def test_cpu_results_do_not_depend_on_the_thread_count(kw):
         torch.set_num_threads(before)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: cgd.CGD(p, lr=1e-3, moment="centered"),
+    lambda p: cgd.FullCGD(p, lr=1e-3, bias_correction=True, m2_init=0.0),
+    lambda p: cgd.FullCGD(p, lr=1e-3, metric="kron", bias_correction=True, m2_init=0.0),
+], ids=["CGD", "FullCGD full", "FullCGD kron"])
+def test_centered_first_step_with_adams_start_is_adam_sized(make):
+    """With bias correction the first step's variance is exactly 0 (S = g^2 = F^2), which once made the step
+    lr eps^-a g, 10^3..10^4 times Adam's. The first step takes the second moment instead: |step| ~ lr |g|^(1 - 2a)
+    per coordinate, about lr for gradients of order 1."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(4, 6))
+    opt = make([p])
+    p.grad = torch.randn(4, 6)
+    opt.step()
+    assert p.detach().abs().max().item() < 10 * 1e-3

@@ -22,6 +22,7 @@ def small_model(device="cpu", dtype=torch.float32) -> torch.nn.Module:
     dict(lr=0.02),                                                       # paper's full-CGD tau and a = 0.4
     dict(lr=0.01, power=0.5, centered=False),
     dict(lr=0.005, betas=(0.9, 0.99), power=0.25, bias_correction=True, m2_init=0.0, centered=False),
+    dict(lr=0.005, betas=(0.9, 0.99), power=0.4, eps=1e-6, bias_correction=True, m2_init=0.0),  # Adam's start
     dict(lr=0.02, weight_decay=0.1, refresh_every=4),
     dict(lr=0.02, max_factor_dim=5),                                     # the 5 x 6 weight's right side diagonal
     dict(lr=0.05, power=0.0),

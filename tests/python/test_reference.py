@@ -22,6 +22,11 @@ CASES = [
      Hyper(lr=0.02, beta1=17.1 / 18.1, beta2=15.3 / 16.3, power=0.40, moment="centered", bias_correction=False,
            m2_init=1.0)),
     ("default", dict(lr=1e-3), Hyper(lr=1e-3, beta1=0.9, beta2=0.999, power=0.5)),
+    # The variance with Adam's start: its first step takes the second moment (the variance is exactly 0 there;
+    # that step would be 250 lr g at this eps). eps 1e-6 keeps later near-zero variances, whose float32
+    # cancellation the float64 reference does not share, from amplifying rounding by eps^-a.
+    ("centered_adam_start", dict(lr=1e-3, power=0.4, eps=1e-6, moment="centered"),
+     Hyper(lr=1e-3, beta1=0.9, beta2=0.999, power=0.4, eps=1e-6, moment="centered")),
     ("power_0.23_eps_outside_l2", dict(lr=3e-3, power=0.23, eps_inside=False, weight_decay=0.01,
                                        decoupled_weight_decay=False),
      Hyper(lr=3e-3, beta1=0.9, beta2=0.999, power=0.23, eps_inside=False, weight_decay=0.01,
