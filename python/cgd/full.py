@@ -24,7 +24,8 @@ METRICS = ("full", "block", "kron")
 OUTCOMES = {-1: "never", 0: "solved", 1: "float64 retry", 2: "kept previous", 3: "diagonal fallback", 4: "lanczos"}
 SOLVERS = ("auto", "eigh", "lanczos")
 # Where Lanczos overtakes the batched Jacobi eigensolver on the CPU (benchmarks/matrix_step_time.py, 0.8M
-# parameters: B = 16 Jacobi 168 ms, Lanczos 266 ms; B = 32 Jacobi 765-956 ms, Lanczos 153 ms).
+# parameters: B = 8 Jacobi 68 ms, Lanczos 264 ms; B = 16 within run-to-run noise, 162-266 ms against 168-185 ms;
+# B = 32 Jacobi 1,468 ms, Lanczos 111 ms).
 _LANCZOS_MIN_BLOCK = 17
 _PAPER_TAU = (17.1, 15.3)  # Table 2, full CGD
 _MAX_MATRIX = 46340  # capi/cgd.c: n^2 < 2^31
