@@ -15,6 +15,7 @@ import torch
 
 from . import _ops  # noqa: F401  (loads the operator library)
 from ._base import BaseOptimizer, mark_updated, on_device, overflow_limit, state_dtype
+from ._distributed import full, is_dtensor, local, shard_like
 from ._validate import bad, check_lr, choice, in_range, number
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
@@ -52,7 +53,9 @@ class Muon(BaseOptimizer):
         nonfinite: "raise" (default), "skip" or "ignore", as for ``cgd.FullCGD``.
 
     The momentum buffer (``momentum_buffer``, torch's name and shape) is float32 for bf16/fp16 parameters and
-    float64 for float64 ones. CPU only for now.
+    float64 for float64 ones. Under DDP nothing is special; under FSDP2 every rank gathers each matrix's gradient,
+    computes the same update and keeps the whole momentum buffer (the orthogonalisation couples a whole matrix),
+    then steps its own shard. CPU only for now.
     """
 
     _step_supports_amp_scaling = True
@@ -103,7 +106,9 @@ class Muon(BaseOptimizer):
         work = []
         for gi, group in enumerate(self.param_groups):
             self._validate(group)
-            items = self._gradients(gi, group)
+            # FSDP2: the orthogonalisation needs whole matrices, so every rank gathers each gradient and computes
+            # the same update (and keeps the same whole momentum buffer), then steps its own shard.
+            items = [(j, p, full(g)) for j, p, g in self._gradients(gi, group)]
             if items:
                 work.append((gi, group, items))
         skip = self._skip_flag(lambda: [([(gi, j) for j, _, _ in items], [g for _, _, g in items],
@@ -113,9 +118,12 @@ class Muon(BaseOptimizer):
         for _, group, items in work:
             for dtype in sorted({p.dtype for _, p, _ in items}, key=str):  # one kernel call per dtype
                 chosen = [(p, g) for _, p, g in items if p.dtype == dtype]
-                device = chosen[0][0].device
-                # The kernel reads a row-major matrix: a parameter in another layout steps through a dense copy.
-                targets = [p if p.is_contiguous() else p.contiguous() for p, _ in chosen]
+                device = local(chosen[0][0]).device
+                # The kernel reads a row-major matrix: a parameter in another layout steps through a dense copy, and
+                # a DTensor through a zero stand-in of its whole shape that receives -lr s X (zero times the decay
+                # stays zero), added to the shard below.
+                targets = [torch.zeros(p.shape, dtype=p.dtype, device=device) if is_dtensor(p)
+                           else p if p.is_contiguous() else p.contiguous() for p, _ in chosen]
                 a, b, c = (float(x) for x in group["ns_coefficients"])
                 torch.ops.cgd.muon_step_(
                     targets, [g.contiguous() for _, g in chosen], [self._buffer(p) for p, _ in chosen],
@@ -125,8 +133,15 @@ class Muon(BaseOptimizer):
                     adjust_lr_fn=group["adjust_lr_fn"] or "original",
                     ns_bf16=group["ns_precision"] == "bfloat16",
                     grad_scale=on_device(scale, device), found_inf=on_device(skip, device))
+                decay = 1.0 - number("lr", group["lr"]) * float(group["weight_decay"])
                 for (p, _), target in zip(chosen, targets):
-                    if target is not p:
+                    if is_dtensor(p):
+                        shard = local(p)
+                        stepped = shard * decay + shard_like(target, p)
+                        if skip is not None:  # a skipped step leaves the shard alone, without a host sync
+                            stepped = torch.where(skip.to(shard.device) != 0, shard, stepped)
+                        shard.copy_(stepped)
+                    elif target is not p:
                         p.copy_(target)
         mark_updated(p for _, _, items in work for _, p, _ in items)
         return loss
@@ -134,8 +149,8 @@ class Muon(BaseOptimizer):
     def _buffer(self, p: torch.Tensor) -> torch.Tensor:
         """p's momentum buffer (torch's name and shape), as the rows x cols matrix the kernel reads."""
         state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros(p.shape, dtype=state_dtype(p), device=p.device)
+        if "momentum_buffer" not in state:  # whole, also for a DTensor: every rank keeps the same buffer
+            state["momentum_buffer"] = torch.zeros(p.shape, dtype=state_dtype(p), device=local(p).device)
         return state["momentum_buffer"].view(_matrix_shape(tuple(p.shape)))
 
     def _required_state(self, group: dict[str, Any], j: int, saved: dict[str, Any]) -> tuple[str, ...]:
