@@ -413,6 +413,12 @@ cgd_status cgd_muon_step(const cgd_muon_hparams *h, cgd_dtype dtype, const cgd_m
         return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams.ns_steps = %d is outside [0, 100)", fn, (int)h->ns_steps);
     if (h->scale != CGD_MUON_ORIGINAL && h->scale != CGD_MUON_MATCH_RMS_ADAMW)
         return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams.scale = %d is not a cgd_muon_scale", fn, (int)h->scale);
+    if (h->solver != CGD_MUON_NEWTON_SCHULZ && h->solver != CGD_MUON_EIGH)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams.solver = %d is not a cgd_muon_solver", fn, (int)h->solver);
+    if ((st = check_range(fn, "power", h->power, 0.0, 1.0, 0))) return st;
+    if (h->solver == CGD_MUON_NEWTON_SCHULZ && h->power != 0.5)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams.power = %g needs solver = CGD_MUON_EIGH (Newton-Schulz "
+                    "iterates to the power 1/2 only)", fn, h->power);
     if ((st = check_common(fn, dtype, device, count))) return st;
     if (device != CGD_CPU)
         return fail(CGD_ERR_UNSUPPORTED, "%s: runs on the CPU only for now (no CUDA kernel yet)", fn);
@@ -423,9 +429,9 @@ cgd_status cgd_muon_step(const cgd_muon_hparams *h, cgd_dtype dtype, const cgd_m
         if (t->rows < 1 || t->cols < 1 || t->rows > CGD_MAX_MATRIX || t->cols > CGD_MAX_MATRIX)
             return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors[%lld] is %lld x %lld; each side must be in [1, %d]", fn,
                         (long long)i, (long long)t->rows, (long long)t->cols, CGD_MAX_MATRIX);
-        if (!t->param || !t->grad || !t->momentum)
+        if (!t->param || !t->grad || !t->momentum || (h->solver == CGD_MUON_EIGH && !t->failures))
             return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors[%lld].%s is NULL", fn, (long long)i,
-                        !t->param ? "param" : !t->grad ? "grad" : "momentum");
+                        !t->param ? "param" : !t->grad ? "grad" : !t->momentum ? "momentum" : "failures");
     }
     if (CGD_BY_REAL(dtype, cgd_cpu_muon_step)(h, dtype, tensors, count, grad_scale, skip))
         return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the scratch space; nothing changed", fn);

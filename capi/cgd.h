@@ -337,6 +337,10 @@ cgd_status cgd_kron_step(const cgd_block_hparams *hparams, cgd_dtype dtype, cons
  *                                                   0.2 sqrt(max(rows, cols)) (CGD_MUON_MATCH_RMS_ADAMW)
  * With ns_bf16 every product's inputs and result, the normalisation and X are rounded to bfloat16 as
  * torch.optim.Muon computes them (in float32 arithmetic between roundings); else all in the state's precision.
+ * With solver = CGD_MUON_EIGH the iteration is replaced by CGD's metric of the force's outer product at any
+ * power a: X <- (eps I + X X^T)^-a X through the eigendecomposition of the smaller Gram matrix X X^T = W diag(l)
+ * W^T (a = 1/2: Muon's exact orthogonalisation, which Newton-Schulz approximates); a failed eigendecomposition
+ * (float32, then float64) leaves X as it is, the identity metric, counted in the tensor's counter.
  * The products are BLAS gemm calls, one tensor per OpenMP thread. CPU only for now.
  * --------------------------------------------------------------------------------------------------------- */
 
@@ -344,6 +348,11 @@ typedef enum cgd_muon_scale {
     CGD_MUON_ORIGINAL = 0,       /* Keller Jordan's sqrt(max(1, rows / cols)) */
     CGD_MUON_MATCH_RMS_ADAMW = 1 /* Moonshot's 0.2 sqrt(max(rows, cols)) */
 } cgd_muon_scale;
+
+typedef enum cgd_muon_solver {
+    CGD_MUON_NEWTON_SCHULZ = 0, /* ns_steps quintic iterations: a = 1/2 only */
+    CGD_MUON_EIGH = 1           /* the eigendecomposition of X X^T: any power in [0, 1] */
+} cgd_muon_solver;
 
 typedef struct cgd_muon_hparams {
     double lr;           /* >= 0 */
@@ -355,6 +364,8 @@ typedef struct cgd_muon_hparams {
     int32_t nesterov;
     int32_t scale;       /* cgd_muon_scale */
     int32_t ns_bf16;
+    int32_t solver;      /* cgd_muon_solver */
+    double power;        /* a in [0, 1]: 0.5 unless solver = CGD_MUON_EIGH */
 } cgd_muon_hparams;
 
 typedef struct cgd_muon_tensor {
@@ -362,6 +373,7 @@ typedef struct cgd_muon_tensor {
     const void *grad;
     void *momentum;      /* B: rows * cols state values */
     int64_t rows, cols;  /* >= 1 each, each <= 46340 */
+    float *failures;     /* one float, cumulative: failed eigendecompositions (CGD_MUON_EIGH; else may be NULL) */
 } cgd_muon_tensor;
 
 /* One Muon step over `count` matrices. grad_scale and skip as in cgd_diag_step. */

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "blas_cpu.h"
+#include "eigh_cpu.h"
 #include "kernels.h"
 #include "real.h"
 
@@ -51,6 +52,37 @@ static void newton_schulz(const cgd_muon_hparams *h, cgd_real *X, cgd_real *Y, c
     }
 }
 
+/* X (m x n, m <= n) <- (eps I + X X^T)^-a X through X X^T = E^T diag(l) E (row k of E eigenvector k). A and G
+   hold m^2 reals, Y m n, d m doubles. A failed eigendecomposition leaves X, counted in *failures. */
+static void eigen_power(const cgd_muon_hparams *h, cgd_real *X, cgd_real *Y, cgd_real *A, cgd_real *G, double *d,
+                        int64_t m, int64_t n, cgd_eigh_scratch *s, float *failures) {
+    const size_t mn = (size_t)m * (size_t)n;
+    double sum = 0.0;
+    for (size_t i = 0; i < mn; ++i) sum += (double)X[i] * X[i];
+    const double norm = sqrt(sum) > h->eps ? sqrt(sum) : h->eps; /* Muon's normalisation: the lr means the same */
+    for (size_t i = 0; i < mn; ++i) X[i] = (cgd_real)(X[i] / norm);
+    cgd_gemm(0, 1, m, m, n, 1, X, n, X, n, 0, A, m); /* A = X X^T */
+    const int solved = cgd_eigh_solve(A, (int)m, s);
+    if (solved < 0) {
+        *failures += 1.0f;
+        return;
+    }
+    /* E: LAPACK's column-major eigenvectors are the rows of a row-major matrix; Y <- diag(d) E */
+    const cgd_real *E = solved == CGD_BLOCK_FP64 ? A : s->a;
+    for (int64_t k = 0; k < m; ++k) {
+        const double lambda = solved == CGD_BLOCK_FP64 ? s->dw[k] : (double)s->w[k];
+        d[k] = cgd_inverse_power(lambda, h->eps, h->power);
+        for (int64_t i = 0; i < m; ++i) {
+            const double e = solved == CGD_BLOCK_FP64 ? s->da[k * m + i] : (double)s->a[k * m + i];
+            if (solved == CGD_BLOCK_FP64) A[k * m + i] = (cgd_real)e;
+            Y[k * m + i] = (cgd_real)(d[k] * e);
+        }
+    }
+    cgd_gemm(1, 0, m, m, m, 1, E, m, Y, m, 0, G, m); /* G = E^T diag(d) E */
+    cgd_gemm(0, 0, m, n, m, 1, G, m, X, n, 0, Y, n); /* Y = G X */
+    memcpy(X, Y, mn * sizeof(cgd_real));
+}
+
 int CGD_NAME(cgd_cpu_muon_step)(const cgd_muon_hparams *h, cgd_dtype dtype, const cgd_muon_tensor *tensors,
                                 int64_t count, const float *grad_scale, const float *skip) {
     if (skip && *skip != 0.0f) return 0;
@@ -66,9 +98,13 @@ int CGD_NAME(cgd_cpu_muon_step)(const cgd_muon_hparams *h, cgd_dtype dtype, cons
     int failed = 0;
 #pragma omp parallel if (count > 1)
     {
-        /* X, Y: largest reals each; A, G: side^2 each */
+        /* X, Y: largest reals each; A, G: side^2 each; the eigen route's solver scratch and side doubles */
         cgd_real *X = cgd_host_alloc((2 * (size_t)largest + 2 * (size_t)side * (size_t)side) * sizeof(cgd_real));
-        if (!X) {
+        const int eigen = h->solver == CGD_MUON_EIGH && side > 0;
+        cgd_eigh_scratch es;
+        double *d = eigen ? cgd_host_alloc((size_t)side * sizeof(double)) : NULL;
+        const int have_es = eigen && cgd_eigh_scratch_init(&es, (int)side) == 0;
+        if (!X || (eigen && (!d || !have_es))) {
 #pragma omp atomic write
             failed = 1;
         }
@@ -87,7 +123,10 @@ int CGD_NAME(cgd_cpu_muon_step)(const cgd_muon_hparams *h, cgd_dtype dtype, cons
                     const cgd_real f = h->nesterov ? lerp(g, buf[e], mu) : buf[e];
                     X[tall ? (e % Cc) * R + e / Cc : e] = f;
                 }
-                newton_schulz(h, X, Y, A, G, tall ? Cc : R, tall ? R : Cc);
+                if (eigen)
+                    eigen_power(h, X, Y, A, G, d, tall ? Cc : R, tall ? R : Cc, &es, t->failures);
+                else
+                    newton_schulz(h, X, Y, A, G, tall ? Cc : R, tall ? R : Cc);
                 const double ratio = h->scale == CGD_MUON_MATCH_RMS_ADAMW
                                          ? 0.2 * sqrt((double)(R > Cc ? R : Cc))
                                          : sqrt(fmax(1.0, (double)R / (double)Cc));
@@ -99,6 +138,8 @@ int CGD_NAME(cgd_cpu_muon_step)(const cgd_muon_hparams *h, cgd_dtype dtype, cons
             }
         }
         free(X);
+        free(d);
+        if (have_es) cgd_eigh_scratch_free(&es);
     }
     return failed;
 }

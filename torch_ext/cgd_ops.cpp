@@ -482,10 +482,10 @@ void kron_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
 }
 
 // One Muon step: per matrix, the momentum buffer is its rows x cols view (which fixes rows and cols).
-void muon_step(TensorList params, TensorList grads, TensorList momentum_buffers, double lr, double momentum,
-               double weight_decay, double ns_a, double ns_b, double ns_c, double eps, int64_t ns_steps, bool nesterov,
-               std::string adjust_lr_fn, bool ns_bf16, std::optional<Tensor> grad_scale,
-               std::optional<Tensor> found_inf) {
+void muon_step(TensorList params, TensorList grads, TensorList momentum_buffers, TensorList failures, double lr,
+               double momentum, double weight_decay, double ns_a, double ns_b, double ns_c, double eps,
+               int64_t ns_steps, bool nesterov, std::string adjust_lr_fn, bool ns_bf16, std::string solver,
+               double power, std::optional<Tensor> grad_scale, std::optional<Tensor> found_inf) {
     static const char op[] = "cgd::muon_step_";
     const size_t n = params.size();
     CGD_CHECK(grads.size() == n && momentum_buffers.size() == n, op, ": got ", n, " params, ", grads.size(),
@@ -493,6 +493,11 @@ void muon_step(TensorList params, TensorList grads, TensorList momentum_buffers,
     CGD_CHECK(adjust_lr_fn == "original" || adjust_lr_fn == "match_rms_adamw", op, ": adjust_lr_fn = '",
               adjust_lr_fn, "' must be 'original' or 'match_rms_adamw'");
     CGD_CHECK(ns_steps >= 0 && ns_steps < 100, op, ": ns_steps = ", ns_steps, " must be in [0, 100)");
+    CGD_CHECK(solver == "newton_schulz" || solver == "eigh", op, ": solver = '", solver,
+              "' must be 'newton_schulz' or 'eigh'");
+    const bool eigen = solver == "eigh";
+    CGD_CHECK(failures.size() == (eigen ? n : 0), op, ": got ", failures.size(), " failure counters for ", n,
+              " params (one each with solver 'eigh', none otherwise)");
     if (n == 0) return;
     const Device device = params[0].device();
     const cgd_dtype dtype = to_cgd_dtype(params[0], "params", 0);
@@ -514,7 +519,10 @@ void muon_step(TensorList params, TensorList grads, TensorList momentum_buffers,
         tensors[i] = cgd_muon_tensor{p.mutable_data_ptr(), grads[i].const_data_ptr(),
                                      state_ptr(op, b, device, state_type(dtype), rows * cols, "momentum_buffers",
                                                static_cast<int64_t>(i)),
-                                     rows, cols};
+                                     rows, cols,
+                                     eigen ? typed_state<float>(op, failures[i], device, ScalarType::Float, 1,
+                                                                "failures", static_cast<int64_t>(i))
+                                           : nullptr};
     }
     cgd_muon_hparams h{};
     h.lr = lr;
@@ -528,6 +536,8 @@ void muon_step(TensorList params, TensorList grads, TensorList momentum_buffers,
     h.nesterov = nesterov;
     h.scale = adjust_lr_fn == "match_rms_adamw" ? CGD_MUON_MATCH_RMS_ADAMW : CGD_MUON_ORIGINAL;
     h.ns_bf16 = ns_bf16;
+    h.solver = eigen ? CGD_MUON_EIGH : CGD_MUON_NEWTON_SCHULZ;
+    h.power = power;
     Target target;
     target_for(device, target);
     check_status(cgd_muon_step(&h, dtype, tensors.data(), static_cast<int64_t>(n), grad_scale_ptr(grad_scale, device),
@@ -682,9 +692,10 @@ STABLE_TORCH_LIBRARY(cgd, m) {
           "Tensor(h!) counters, *, int block, int nblocks, float lr, float beta1, float beta2, float power, "
           "float eps, float weight_decay, bool centered, bool bias_correction, bool maximize, bool refresh, "
           "str solver, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
-    m.def("muon_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, *, float lr, "
-          "float momentum, float weight_decay, float ns_a, float ns_b, float ns_c, float eps, int ns_steps, "
-          "bool nesterov, str adjust_lr_fn, bool ns_bf16, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+    m.def("muon_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] failures, *, "
+          "float lr, float momentum, float weight_decay, float ns_a, float ns_b, float ns_c, float eps, int ns_steps, "
+          "bool nesterov, str adjust_lr_fn, bool ns_bf16, str solver, float power, Tensor? grad_scale=None, "
+          "Tensor? found_inf=None) -> ()");
     m.def("kron_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] left_sqs, "
           "Tensor(d!)[] right_sqs, Tensor(e!)[] left_bases, Tensor(f!)[] right_bases, Tensor(g!)[] left_eigs, "
           "Tensor(h!)[] right_eigs, Tensor(i!)[] steps, Tensor(j!)[] outcomes, Tensor(k!)[] counters, *, float lr, "

@@ -102,8 +102,8 @@ def _block_step_fake(params, grads, offsets, exp_avg, *state, **hyperparameters)
 
 
 @torch.library.register_fake("cgd::muon_step_")
-def _muon_step_fake(params, grads, momentum_buffers, **hyperparameters) -> None:
-    for name, tensors in (("grads", grads), ("momentum_buffers", momentum_buffers)):
+def _muon_step_fake(params, grads, momentum_buffers, failures, **hyperparameters) -> None:
+    for name, tensors in (("grads", grads), ("momentum_buffers", momentum_buffers), ("failures", failures)):
         for i, (t, p) in enumerate(zip(tensors, params)):
             if t.device != p.device:
                 raise ValueError(f"cgd: {name}[{i}] is on {t.device} but params[{i}] is on {p.device}")

@@ -20,6 +20,7 @@ from ._validate import bad, check_lr, choice, in_range, number
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 NS_PRECISIONS = ("bfloat16", "float32")
+SOLVERS = ("newton_schulz", "eigh")
 # torch.optim.Muon's quintic Newton-Schulz coefficients (torch 2.11, after Keller Jordan's Muon).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -50,6 +51,11 @@ class Muon(BaseOptimizer):
         ns_precision: "bfloat16" (default): the iteration rounds every product, the normalisation and X to
             bfloat16 as torch.optim.Muon computes it, so the two agree to bfloat16 rounding; "float32": all in
             the state's precision (float64 for float64 parameters).
+        power, solver: CGD's knob on Muon. The direction is ``(eps I + X X^T)^(-power) X`` for the normalised
+            force X: ``power=0.5`` with ``solver="newton_schulz"`` (default) is Muon; ``solver="eigh"`` computes it
+            exactly through the eigendecomposition of the smaller Gram matrix X X^T, at any power in [0, 1] (0.5:
+            the exact orthogonalisation U V^T that Newton-Schulz approximates; 0: the normalised momentum). A
+            failed eigendecomposition (float32, then float64) keeps X, counted in :meth:`solver_stats`.
         nonfinite: "raise" (default), "skip" or "ignore", as for ``cgd.FullCGD``.
 
     The momentum buffer (``momentum_buffer``, torch's name and shape) is float32 for bf16/fp16 parameters and
@@ -59,14 +65,16 @@ class Muon(BaseOptimizer):
     """
 
     _step_supports_amp_scaling = True
+    _FLOAT32_KEYS = ("failures",)
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
                  eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None, *,
-                 ns_precision: str = "bfloat16", nonfinite: str | None = None) -> None:
+                 ns_precision: str = "bfloat16", power: float = 0.5, solver: str = "newton_schulz",
+                 nonfinite: str | None = None) -> None:
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
-                        ns_precision=ns_precision)
+                        ns_precision=ns_precision, power=power, solver=solver)
         self._init_base(params, defaults, nonfinite, capturable=False)
 
     def _check_group(self, gi: int, group: dict[str, Any]) -> None:
@@ -101,6 +109,9 @@ class Muon(BaseOptimizer):
         if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
             raise bad("adjust_lr_fn", group["adjust_lr_fn"], f"must be one of {ADJUST_LR_FNS}")
         choice("ns_precision", group["ns_precision"], NS_PRECISIONS)
+        power = in_range("power", group["power"], 0.0, 1.0, hi_open=False)
+        if choice("solver", group["solver"], SOLVERS) == "newton_schulz" and power != 0.5:
+            raise bad("power", group["power"], "needs solver='eigh': Newton-Schulz iterates to the power 1/2 only")
 
     def _step(self, loss: Any) -> Any:
         work = []
@@ -125,13 +136,16 @@ class Muon(BaseOptimizer):
                 targets = [torch.zeros(p.shape, dtype=p.dtype, device=device) if is_dtensor(p)
                            else p if p.is_contiguous() else p.contiguous() for p, _ in chosen]
                 a, b, c = (float(x) for x in group["ns_coefficients"])
+                eigen = group["solver"] == "eigh"
                 torch.ops.cgd.muon_step_(
                     targets, [g.contiguous() for _, g in chosen], [self._buffer(p) for p, _ in chosen],
+                    [self._failures(p) for p, _ in chosen] if eigen else [],
                     lr=number("lr", group["lr"]), momentum=float(group["momentum"]),
                     weight_decay=float(group["weight_decay"]), ns_a=a, ns_b=b, ns_c=c, eps=float(group["eps"]),
                     ns_steps=int(group["ns_steps"]), nesterov=bool(group["nesterov"]),
                     adjust_lr_fn=group["adjust_lr_fn"] or "original",
-                    ns_bf16=group["ns_precision"] == "bfloat16",
+                    ns_bf16=group["ns_precision"] == "bfloat16", solver=group["solver"],
+                    power=float(group["power"]),
                     grad_scale=on_device(scale, device), found_inf=on_device(skip, device))
                 decay = 1.0 - number("lr", group["lr"]) * float(group["weight_decay"])
                 for (p, _), target in zip(chosen, targets):
@@ -152,6 +166,16 @@ class Muon(BaseOptimizer):
         if "momentum_buffer" not in state:  # whole, also for a DTensor: every rank keeps the same buffer
             state["momentum_buffer"] = torch.zeros(p.shape, dtype=state_dtype(p), device=local(p).device)
         return state["momentum_buffer"].view(_matrix_shape(tuple(p.shape)))
+
+    def _failures(self, p: torch.Tensor) -> torch.Tensor:
+        state = self.state[p]
+        if "failures" not in state:
+            state["failures"] = torch.zeros(1, dtype=torch.float32, device=local(p).device)
+        return state["failures"]
+
+    def solver_stats(self) -> dict[str, int]:
+        """Cumulative failed eigendecompositions of solver="eigh" (each kept its step's X)."""
+        return {"eigh_failures": int(sum(float(s["failures"].sum()) for s in self.state.values() if "failures" in s))}
 
     def _required_state(self, group: dict[str, Any], j: int, saved: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",)

@@ -52,6 +52,7 @@ cgd_muon_hparams defaults() {
     h.eps = 1e-7;
     h.ns_steps = 5;
     h.nesterov = 1;
+    h.power = 0.5;
     return h;
 }
 
@@ -106,6 +107,14 @@ TEST(MuonStep, NonzeroSkipChangesNothingAndBadArgumentsAreNamed) {
     h = defaults();
     h.scale = 7;
     EXPECT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, CGD_CPU), CGD_ERR_INVALID_ARGUMENT);
+    h = defaults();
+    h.power = 0.4;
+    EXPECT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, CGD_CPU), CGD_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(cgd_last_error()).find("needs solver = CGD_MUON_EIGH"), std::string::npos)
+        << cgd_last_error();
+    h.solver = CGD_MUON_EIGH;
+    EXPECT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, CGD_CPU), CGD_ERR_INVALID_ARGUMENT)
+        << "the eigen route needs a failure counter";
     h = defaults();
     t.rows = 0;
     EXPECT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, CGD_CPU), CGD_ERR_INVALID_ARGUMENT);

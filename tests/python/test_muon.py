@@ -85,6 +85,39 @@ def test_float32_iteration_matches_float64_reference(shape):
     torch.testing.assert_close(w.detach().double(), expected, rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("power", [0.5, 0.25, 1.0, 0.0])
+@pytest.mark.parametrize("shape", [(12, 30), (30, 12)])
+def test_eigh_solver_gives_cgds_metric_of_the_force_at_any_power(shape, power):
+    """solver="eigh": p - lr s (eps I + X X^T)^-a X for the normalised force X, against float64 eigh (the wide
+    orientation's Gram matrix, as the kernel takes it); a = 1/2 is the exact orthogonalisation U V^T."""
+    torch.manual_seed(4)
+    w = torch.nn.Parameter(torch.randn(shape))
+    start = w.detach().double().clone()
+    g = torch.randn(shape)
+    opt = cgd.Muon([w], lr=0.05, weight_decay=0.0, solver="eigh", power=power)
+    w.grad = g.clone()
+    opt.step()
+    mu = 0.95
+    force = g.double() + mu * ((1 - mu) * g.double() - g.double())
+    x = force.T if shape[0] > shape[1] else force
+    x = x / x.norm()
+    lam, vecs = torch.linalg.eigh(x @ x.T)
+    direction = vecs @ torch.diag((1e-7 + lam.clamp_min(0)) ** -power) @ vecs.T @ x
+    direction = direction.T if shape[0] > shape[1] else direction
+    scale = max(1.0, shape[0] / shape[1]) ** 0.5
+    torch.testing.assert_close(w.detach().double(), start - 0.05 * scale * direction, rtol=0, atol=2e-6)
+    if power == 0.5:
+        u, _, vh = torch.linalg.svd(force)
+        k = min(shape)
+        torch.testing.assert_close(direction, u[:, :k] @ vh[:k], rtol=0, atol=1e-5)
+    assert opt.solver_stats() == {"eigh_failures": 0}
+
+
+def test_newton_schulz_takes_power_one_half_only():
+    with pytest.raises(ValueError, match="power = 0.3 is invalid: needs solver='eigh'"):
+        cgd.Muon([torch.nn.Parameter(torch.zeros(3, 4))], power=0.3)
+
+
 def test_conv_kernel_steps_as_its_out_channels_by_rest_matrix():
     torch.manual_seed(2)
     kernel = torch.nn.Parameter(torch.randn(8, 3, 3, 3) * 0.1)
