@@ -357,6 +357,12 @@ class FullCGD(BaseOptimizer):
         side = group["block_size"] if group["metric"] == "block" else sum(p.numel() for p in params)
         return [overflow_limit(params[j], side) for j in js]
 
+    def _translate_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A FullCGD state dict saved before the solver option existed loads with the default, solver="auto"."""
+        if all("metric" in g and "solver" not in g for g in state_dict["param_groups"]):
+            state_dict = {**state_dict, "param_groups": [{**g, "solver": "auto"} for g in state_dict["param_groups"]]}
+        return super()._translate_state_dict(state_dict)
+
     _BLOCK_KEYS = ("exp_avg", "exp_avg_sq", "precond", "eigvals", "step", "outcome", "counters", "calls")
     _KRON_KEYS = ("exp_avg", "left_sq", "right_sq", "left_basis", "right_basis", "left_eig", "right_eig", "step",
                   "outcome", "counters")

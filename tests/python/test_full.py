@@ -290,6 +290,25 @@ def test_auto_solver_choice_and_switching_solvers_mid_run():
     assert state["precond"].numel() == 0
 
 
+def test_a_state_dict_from_before_the_solver_option_loads():
+    """Saved without the solver key (it ran the eigendecomposition) and with 3 counters: it loads and steps."""
+    model = small_model()
+    opt = cgd.FullCGD(model.parameters(), lr=0.02, solver="eigh")
+    train(model, opt, 2)
+    sd = copy.deepcopy(opt.state_dict())
+    for group in sd["param_groups"]:
+        del group["solver"]
+    for state in sd["state"].values():
+        if "counters" in state:
+            state["counters"] = state["counters"][:3].clone()
+    resumed = cgd.FullCGD(model.parameters(), lr=0.02)
+    resumed.load_state_dict(sd)
+    assert resumed.param_groups[0]["solver"] == "auto"
+    train(model, resumed, 1, start=2)
+    assert resumed.state[next(model.parameters())]["counters"].numel() == 4
+    assert resumed.solver_stats()["lanczos_fallbacks"] == 0
+
+
 def test_lanczos_results_do_not_depend_on_the_thread_count():
     """One large block spreads its products with M2 over the threads, many blocks spread over them whole: either
     way each entry is summed alike, so 1, 2 and 3 threads give the same bits."""
