@@ -9,9 +9,10 @@ Parts (``--parts``, default all):
                   without it): the induced-metric paper's 4 layers, 4 heads, 128 wide at GPU scale, 2 layers,
                   2 heads, 64 wide at CPU scale
 
-Real-model protocol, the same for every optimizer: a learning-rate grid of 4 values around the optimizer's own
-usual scale (listed in the report), seed 0, full step budget, chosen by final validation loss; then seeds 0..2 at
-the chosen value. Reported: final validation loss (and accuracy) mean and spread, the best seed, time-to-target
+Real-model protocol, the same for every optimizer: a learning-rate grid of 7 values half a decade apart around
+the optimizer's own usual scale, widened by half a decade past an end while the best rate sits there (up to 3
+times; the rates tried are listed in the report), seed 0, full step budget, chosen by final validation loss;
+then seeds 0..2 at the chosen value. Reported: final validation loss (and accuracy) mean and spread, the best seed, time-to-target
 (wall-clock until the validation loss first reaches AdamW's mean final one), optimizer ms per step.
 
 Optimizers: AdamW (fused on a GPU), Muon (torch.optim.Muon on the 2-D hidden weights, AdamW at lr 1e-3 on the
@@ -58,6 +59,39 @@ BUDGET = {
 
 # ---- optimizers ----
 
+def log_grid(center: float, points: int = 7, step: float = 10**0.5) -> tuple[float, ...]:
+    """`points` learning rates spaced by `step` (half a decade), centred on an optimizer's usual rate."""
+    return tuple(float(f"{center * step ** (k - points // 2):.3g}") for k in range(points))
+
+
+def choose_lr(run: Callable[[float], dict], grid: tuple[float, ...], widen: int = 3
+              ) -> tuple[float, dict, dict[float, dict]]:
+    """Runs `run(lr)` (a train_run result) over the grid and, while the lowest final loss sits at an end of the
+    rates tried, one rate further past that end (half a decade; at most `widen` times): so the chosen rate is not
+    at an edge unless the grid was widened `widen` times or the next rate failed. Returns the chosen rate (nan if
+    every run failed), its run and every trial by rate."""
+    trials = {lr: run(lr) for lr in grid}
+    ratio = grid[1] / grid[0] if len(grid) > 1 else 10**0.5
+    for _ in range(widen):
+        ok = {lr: r for lr, r in trials.items() if "failed" not in r}
+        if not ok:
+            break
+        best = min(ok, key=lambda lr: loss_of(ok[lr]["final"]))
+        if best == min(trials):
+            new = float(f"{best / ratio:.3g}")
+        elif best == max(trials):
+            new = float(f"{best * ratio:.3g}")
+        else:
+            break
+        trials[new] = run(new)
+    ok = {lr: r for lr, r in trials.items() if "failed" not in r}
+    if not ok:
+        first = min(trials)
+        return float("nan"), trials[first], dict(sorted(trials.items()))
+    best = min(ok, key=lambda lr: loss_of(ok[lr]["final"]))
+    return best, ok[best], dict(sorted(trials.items()))
+
+
 def optimizer_grid(gpu: bool) -> dict[str, tuple[tuple[float, ...], Callable[[torch.nn.Module, float], object]]]:
     """Per optimizer, its lr grid and a factory of (model, lr): the Muon rows split the model's parameters as
     Muon is meant to be used (cgd.split_parameters: hidden matrices to Muon, the rest to AdamW at lr 1e-3)."""
@@ -79,18 +113,18 @@ def optimizer_grid(gpu: bool) -> dict[str, tuple[tuple[float, ...], Callable[[to
         n = sum(p.numel() for p in model.parameters())
         return cgd.InducedMetric(model.parameters(), lr=lr, gamma="rms", xi=1.0 / n, weight_decay=0.01)
 
-    adam_scale = (3e-4, 1e-3, 3e-3, 1e-2)
-    muon_scale = (3e-3, 1e-2, 3e-2, 1e-1)
+    adam_scale = log_grid(1e-3)
+    muon_scale = log_grid(1e-2)
     return {
         "AdamW": (adam_scale, lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01,
                                                                fused=gpu or None)),
         "Muon + AdamW": (muon_scale, with_adamw(torch.optim.Muon)),
         "cgd.Muon + AdamW": (muon_scale, with_adamw(cgd.Muon)),
         "CGD diagonal": (adam_scale, lambda m, lr: cgd.CGD(m.parameters(), lr=lr, weight_decay=0.01)),
-        "CGD block 16": ((1e-3, 3e-3, 1e-2, 3e-2), lambda m, lr: cgd.FullCGD(
+        "CGD block 16": (log_grid(3e-3), lambda m, lr: cgd.FullCGD(
             m.parameters(), lr=lr, metric="block", block_size=16, refresh_every=10, weight_decay=0.01,
             nonfinite="ignore")),
-        "CGD kron": ((1e-3, 3e-3, 1e-2, 3e-2), lambda m, lr: cgd.FullCGD(
+        "CGD kron": (log_grid(3e-3), lambda m, lr: cgd.FullCGD(
             m.parameters(), lr=lr, metric="kron", refresh_every=10, weight_decay=0.01, nonfinite="ignore")),
         "Induced RMS": (adam_scale, induced),
     }
@@ -210,20 +244,21 @@ def real_model(name: str, args, device, gpu: bool, lines: list[str]) -> None:
         steps, every = args.steps, max(1, args.steps // 4)
     grid = optimizer_grid(gpu)
     chosen: dict[str, tuple[float, list[dict]]] = {}
+    tried: dict[str, tuple[float, ...]] = {}
     for opt_name, (lrs, factory) in grid.items():
         if args.optimizers and opt_name not in args.optimizers:
             continue
-        trials = []
-        for lr in lrs:
+        def one(lr, factory=factory, opt_name=opt_name):
             r = train_run(make_task(name, device, 0, args.scale, args.data, args.gpt),
-                          lambda m, lr=lr: factory(m, lr), steps, every, gpu)
-            trials.append((lr, r))
+                          lambda m: factory(m, lr), steps, every, gpu)
             print(f"{name} {opt_name} lr={lr:g}: {r.get('failed') or loss_of(r['final'])}", file=sys.stderr)
-        ok = [(lr, r) for lr, r in trials if "failed" not in r]
-        if not ok:
-            chosen[opt_name] = (float("nan"), [trials[0][1]])
+            return r
+
+        lr, first, trials = choose_lr(one, lrs)
+        tried[opt_name] = tuple(trials)
+        if lr != lr:  # every rate failed
+            chosen[opt_name] = (lr, [first])
             continue
-        lr, first = min(ok, key=lambda t: loss_of(t[1]["final"]))
         runs = [first] + [train_run(make_task(name, device, s, args.scale, args.data, args.gpt),
                                     lambda m, lr=lr: factory(m, lr), steps, every, gpu) for s in SEEDS[1:]]
         chosen[opt_name] = (lr, runs)
@@ -238,7 +273,7 @@ def real_model(name: str, args, device, gpu: bool, lines: list[str]) -> None:
               "| time to AdamW's loss (s) | optimizer ms/step |", "|---|---|---|---|---|---|---|---|"]
     for opt_name, (lr, runs) in chosen.items():
         ok = good[opt_name]
-        lrs = ", ".join(f"{x:g}" for x in grid[opt_name][0])
+        lrs = ", ".join(f"{x:g}" for x in tried[opt_name])
         if not ok:
             lines.append(f"| {opt_name} | {lrs} | – | failed: {runs[0].get('failed')} | | | | |")
             continue
@@ -338,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "./run.sh suite " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [f"# Benchmark suite, {args.scale} scale\n",
              f"{where}, torch {torch.__version__}, {datetime.date.today().isoformat()}, `{command.strip()}`\n",
-             "Protocol: see the docstring of benchmarks/suite.py (4-point lr grid per optimizer on seed 0, then "
+             "Protocol: see the docstring of benchmarks/suite.py (7-point lr grid per optimizer on seed 0, widened "
+             "while the best rate sits at an end, then "
              f"seeds {SEEDS} at the chosen lr; time-to-target is wall-clock to AdamW's mean final loss)."]
     t0 = time.perf_counter()
     for part in args.parts:

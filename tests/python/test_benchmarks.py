@@ -95,3 +95,23 @@ def test_suite_writes_every_part(tmp_path):
     assert report.count("| CGD kron |") == 3 and "not applicable: torch.optim.Muon takes 2-D" in report
     for task in ("mlp", "cnn", "gpt"):
         assert (tmp_path / f"suite_cpu_{task}.png").stat().st_size > 1000
+
+
+def test_lr_grid_is_seven_points_and_widens_until_the_choice_is_inside():
+    assert suite.log_grid(1e-3) == (3.16e-05, 0.0001, 0.000316, 0.001, 0.00316, 0.01, 0.0316)
+    calls = []
+
+    def run(lr, best=0.3):  # a loss with its minimum at lr = 0.3, past the grid's upper end
+        calls.append(lr)
+        if lr > 2.0:
+            return {"failed": "diverged"}
+        return {"final": {"val_loss": (math.log10(lr) - math.log10(best)) ** 2}}
+
+    lr, result, trials = suite.choose_lr(run, suite.log_grid(1e-3))
+    assert lr == 0.316 and result["final"]["val_loss"] < 1e-3
+    assert list(trials) == sorted(trials) and max(trials) == 1.0  # widened to 0.1, 0.316, 1.0, then stopped
+    assert len(calls) == 7 + 3
+    lr, _, trials = suite.choose_lr(lambda x: run(x, best=1e-6), suite.log_grid(1e-3), widen=2)
+    assert lr == min(trials) and len(trials) == 9  # at the lower end after the widening budget: reported as such
+    lr, result, _ = suite.choose_lr(lambda x: {"failed": "diverged"}, (1e-3, 1e-2))
+    assert lr != lr and result == {"failed": "diverged"}
