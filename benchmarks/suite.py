@@ -12,8 +12,9 @@ Parts (``--parts``, default all):
 Real-model protocol, the same for every optimizer: a learning-rate grid of 7 values half a decade apart around
 the optimizer's own usual scale, widened by half a decade past an end while the best rate sits there (up to 3
 times; the rates tried are listed in the report), seed 0, full step budget, chosen by final validation loss;
-then seeds 0..2 at the chosen value. Reported: final validation loss (and accuracy) mean and spread, the best seed, time-to-target
-(wall-clock until the validation loss first reaches AdamW's mean final one), optimizer ms per step.
+then seeds 0..2 at the chosen value. Reported: final validation loss (and accuracy) mean and spread, the best
+seed, time-to-target (wall-clock until the validation loss first reaches AdamW's mean final one), optimizer ms
+per step.
 
 Optimizers: AdamW (fused on a GPU), Muon (torch.optim.Muon on the 2-D hidden weights, AdamW at lr 1e-3 on the
 rest: embeddings, the output head, biases, norms, conv kernels; cgd.split_parameters), cgd.Muon the same way
