@@ -384,9 +384,8 @@ static int eigh_blocks(const cgd_block_hparams *h, const cgd_block_state *st, co
 int CGD_NAME(cgd_cpu_block_step)(const cgd_block_hparams *hp, cgd_dtype dtype, const cgd_block_tensor *tensors,
                                  int64_t count, const cgd_block_state *st, const float *grad_scale, const float *skip) {
     if (skip && *skip != 0.0f) return 0;
-    /* A bias-corrected first step's covariance S - F F^T = g g^T - g g^T is exactly 0: it takes S (cgd.h). */
     cgd_block_hparams centered_now = *hp;
-    centered_now.centered = hp->centered && !(hp->bias_correction && *st->step == 0.0);
+    centered_now.centered = hp->centered && cgd_variance_has_data(hp->bias_correction, *st->step);
     const cgd_block_hparams *h = &centered_now;
     const int64_t B = st->block, nb = st->nblocks, length = B * nb;
     const cgd_real scale = grad_scale ? (cgd_real)*grad_scale : 1;

@@ -84,7 +84,7 @@ __global__ void second_moment_kernel(cgd_real *m2, const cgd_real *g, int64_t B,
 __global__ void build_c_kernel(cgd_real *A, const cgd_real *m2, const cgd_real *F, int64_t B, int64_t first, int64_t n,
                                const double *step, double beta2_d, int bias_correction, int centered) {
     cgd_real inv_bc2 = bias_correction ? (cgd_real)(1.0 / (1.0 - pow(beta2_d, *step + 1.0))) : CGD_R(1.0);
-    centered = centered && !(bias_correction && *step == 0.0); /* a bias-corrected first step takes S (cgd.h) */
+    centered = centered && cgd_variance_has_data(bias_correction, *step);
     int64_t total = n * B * B;
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
         int64_t b = first + e / (B * B), r = e % (B * B), i = r / B, j = r % B;
@@ -158,7 +158,7 @@ __global__ void commit_kernel(cgd_real *P, const cgd_real *Pn, const cgd_real *l
         return;
     }
     cgd_real inv_bc2 = bias_correction ? (cgd_real)(1.0 / (1.0 - pow(beta2_d, *step + 1.0))) : CGD_R(1.0);
-    centered = centered && !(bias_correction && *step == 0.0);
+    centered = centered && cgd_variance_has_data(bias_correction, *step);
     for (int64_t e = threadIdx.x; e < B * B; e += blockDim.x) {
         int64_t i = e / B, j = e % B;
         cgd_real value = CGD_R(0.0);

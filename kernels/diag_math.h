@@ -244,10 +244,8 @@ CGD_HD cgd_diag_step_consts cgd_diag_make_step_consts(const cgd_diag_consts *k, 
     s.inv_bc1 = (cgd_real)(1.0 / bc1);
     s.inv_bc2 = (cgd_real)(1.0 / bc2);
     s.inv_bc2_pow = (cgd_real)(1.0 / pow(bc2, (double)k->power));
-    /* With bias correction the first step's M2 / bc2 is g^2 and its F is g, so the variance g^2 - g^2 is exactly
-       0 and the step would be lr eps^-a g: the centered metric takes the second moment itself until a second
-       gradient gives the variance something to measure. */
-    s.mean_weight = k->bias_correction && steps_taken == 0.0 ? CGD_R(0.0) : CGD_R(1.0);
+    /* Without data the variance would be exactly 0 and the step lr eps^-a g: the second moment itself instead. */
+    s.mean_weight = cgd_variance_has_data(k->bias_correction, steps_taken) ? CGD_R(1.0) : CGD_R(0.0);
     return s;
 }
 

@@ -33,6 +33,12 @@ extern "C" {
 #define CGD_KERNELS_HD static inline
 #endif
 
+/* Whether the centered variance has data yet: a bias-corrected first step's S - F F^T is exactly 0 (S = g g^T,
+   F = g), so until a second gradient the centered metrics take S itself (cgd.h). steps_taken: before this step. */
+CGD_KERNELS_HD int cgd_variance_has_data(int bias_correction, double steps_taken) {
+    return !bias_correction || steps_taken != 0.0;
+}
+
 /* M1 must be stored when it is an average (beta1 > 0) or when the metric subtracts it; M2 when there is a metric. */
 CGD_KERNELS_HD int cgd_diag_needs_m1(const cgd_diag_hparams *h) {
     return h->beta1 > 0.0 || (h->power != 0.0 && h->moment != CGD_MOMENT_RAW);

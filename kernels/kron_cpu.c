@@ -203,9 +203,8 @@ static int scratch_init(scratch *w, int64_t numel, int64_t factor_ws, int64_t lo
 /* One tensor's whole step, in the thread's scratch. */
 static void kron_tensor_step(const cgd_block_hparams *hp, cgd_dtype dtype, const cgd_kron_tensor *tn, cgd_real scale,
                              scratch *w, float *counters) {
-    /* A bias-corrected first step's factors minus Gram(F) are exactly 0: it takes the raw factors (cgd.h). */
     cgd_block_hparams centered_now = *hp;
-    centered_now.centered = hp->centered && !(hp->bias_correction && *tn->step == 0.0);
+    centered_now.centered = hp->centered && cgd_variance_has_data(hp->bias_correction, *tn->step);
     const cgd_block_hparams *h = &centered_now;
     const int64_t rows = tn->rows, cols = tn->cols, numel = rows * cols;
     const double t = *tn->step + 1.0;

@@ -90,7 +90,7 @@ __global__ void ema_kernel(cgd_real *state, const cgd_real *fresh, int64_t n, cg
 __global__ void build_factor_kernel(cgd_real *A, cgd_real *cdiag, const cgd_real *sq, int64_t n, int full, int centered,
                                     double beta2_d, int bias_correction, const double *step) {
     cgd_real inv_bc2 = inv_bias(beta2_d, step, bias_correction);
-    centered = centered && !(bias_correction && *step == 0.0); /* a bias-corrected first step takes Pf (cgd.h) */
+    centered = centered && cgd_variance_has_data(bias_correction, *step);
     int64_t total = full ? n * n : n;
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
         cgd_real c = sq[e] * inv_bc2 + (centered ? A[e] : CGD_R(0.0));

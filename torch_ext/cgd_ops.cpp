@@ -342,6 +342,28 @@ const double *optional_loss(const std::optional<Tensor> &t, const Device &device
     return t->const_data_ptr<double>();
 }
 
+// params[i] of a block, kron or Muon step: of a supported dtype, of params[0]'s device and dtype, contiguous (the
+// kernels read the parameter in its logical, row-major order; `layout` says why to the user), with grads[i] like it.
+cgd_dtype check_step_param(const char *op, TensorList params, TensorList grads, size_t i, const Device &device,
+                           const char *layout) {
+    const Tensor &p = params[i];
+    const cgd_dtype dtype = to_cgd_dtype(p, "params", i);
+    CGD_CHECK(same(p.device(), device) && p.scalar_type() == params[0].scalar_type(), op, ": params[", i, "] is ",
+              p.scalar_type(), " on ", device_name(p.device()), " but params[0] is ", params[0].scalar_type(), " on ",
+              device_name(device), "; one call steps tensors of one dtype on one device");
+    CGD_CHECK(p.is_contiguous(), op, ": params[", i, "] with strides ", list(p.strides()), " is not contiguous; ",
+              layout);
+    check_like(grads[i], p, p.scalar_type(), "grads", i);
+    return dtype;
+}
+
+// The rows x cols matrix `view` (entry i of the list `what`) through which a kron or Muon step reads params[i].
+void check_matrix_view(const char *op, const Tensor &view, const Tensor &p, const char *what, size_t i) {
+    CGD_CHECK(view.dim() == 2 && view.numel() == p.numel(), op, ": ", what, "[", i,
+              "] must be the rows x cols matrix of params[", i, "] (", p.numel(), " elements), got sizes ",
+              list(view.sizes()));
+}
+
 cgd_block_hparams matrix_hparams(double lr, double beta1, double beta2, double power, double eps, double weight_decay,
                                  bool centered, bool bias_correction, bool maximize, bool refresh) {
     cgd_block_hparams h{};
@@ -377,15 +399,8 @@ void block_step(TensorList params, TensorList grads, std::vector<int64_t> offset
     cgd_dtype dtype = CGD_FLOAT32;
     for (size_t i = 0; i < n; ++i) {
         const Tensor &p = params[i];
-        dtype = to_cgd_dtype(p, "params", i);
-        CGD_CHECK(same(p.device(), device) && p.scalar_type() == params[0].scalar_type(), "cgd::block_step_: params[",
-                  i, "] is ", p.scalar_type(), " on ", device_name(p.device()), " but params[0] is ",
-                  params[0].scalar_type(), " on ", device_name(device),
-                  "; one call steps tensors of one dtype on one device");
         // Blocks follow the parameter's logical (row-major) order, so a block means the same on every layout.
-        CGD_CHECK(p.is_contiguous(), "cgd::block_step_: params[", i, "] with strides ", list(p.strides()),
-                  " is not contiguous; full/block metrics need contiguous parameters");
-        check_like(grads[i], p, p.scalar_type(), "grads", i);
+        dtype = check_step_param(op, params, grads, i, device, "full/block metrics need contiguous parameters");
         tensors[i] = cgd_block_tensor{p.mutable_data_ptr(), grads[i].const_data_ptr(), p.numel(), offsets[i]};
     }
     const int64_t length = block * nblocks;
@@ -435,16 +450,8 @@ void kron_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
     std::vector<cgd_kron_tensor> tensors(n);
     for (size_t i = 0; i < n; ++i) {
         const Tensor &p = params[i];
-        to_cgd_dtype(p, "params", i);
-        CGD_CHECK(same(p.device(), device) && p.scalar_type() == params[0].scalar_type(), op, ": params[", i, "] is ",
-                  p.scalar_type(), " on ", device_name(p.device()), " but params[0] is ", params[0].scalar_type(),
-                  " on ", device_name(device), "; one call steps tensors of one dtype on one device");
-        CGD_CHECK(p.is_contiguous(), op, ": params[", i, "] with strides ", list(p.strides()),
-                  " is not contiguous; the Kronecker metric reads it as a row-major matrix");
-        check_like(grads[i], p, p.scalar_type(), "grads", i);
-        CGD_CHECK(exp_avgs[i].dim() == 2 && exp_avgs[i].numel() == p.numel(), op, ": exp_avgs[", i,
-                  "] must be the rows x cols matrix of params[", i, "] (", p.numel(), " elements), got sizes ",
-                  list(exp_avgs[i].sizes()));
+        check_step_param(op, params, grads, i, device, "the Kronecker metric reads it as a row-major matrix");
+        check_matrix_view(op, exp_avgs[i], p, "exp_avgs", i);
         const int64_t rows = exp_avgs[i].size(0), cols = exp_avgs[i].size(1);
         const bool lf = left_bases[i].numel() > 0, rf = right_bases[i].numel() > 0;
         const int64_t k = static_cast<int64_t>(i);
@@ -504,17 +511,9 @@ void muon_step(TensorList params, TensorList grads, TensorList momentum_buffers,
     std::vector<cgd_muon_tensor> tensors(n);
     for (size_t i = 0; i < n; ++i) {
         const Tensor &p = params[i];
-        to_cgd_dtype(p, "params", i);
-        CGD_CHECK(same(p.device(), device) && p.scalar_type() == params[0].scalar_type(), op, ": params[", i, "] is ",
-                  p.scalar_type(), " on ", device_name(p.device()), " but params[0] is ", params[0].scalar_type(),
-                  " on ", device_name(device), "; one call steps tensors of one dtype on one device");
-        CGD_CHECK(p.is_contiguous(), op, ": params[", i, "] with strides ", list(p.strides()),
-                  " is not contiguous; Muon reads it as a row-major matrix");
-        check_like(grads[i], p, p.scalar_type(), "grads", i);
+        check_step_param(op, params, grads, i, device, "Muon reads it as a row-major matrix");
         const Tensor &b = momentum_buffers[i];
-        CGD_CHECK(b.dim() == 2 && b.numel() == p.numel(), op, ": momentum_buffers[", i,
-                  "] must be the rows x cols matrix of params[", i, "] (", p.numel(), " elements), got sizes ",
-                  list(b.sizes()));
+        check_matrix_view(op, b, p, "momentum_buffers", i);
         const int64_t rows = b.size(0), cols = b.size(1);
         tensors[i] = cgd_muon_tensor{p.mutable_data_ptr(), grads[i].const_data_ptr(),
                                      state_ptr(op, b, device, state_type(dtype), rows * cols, "momentum_buffers",

@@ -64,6 +64,16 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_dtensor(t) else t
 
 
+def step_shard(p: torch.Tensor, whole_step: torch.Tensor, decay: float, skip: torch.Tensor | None) -> None:
+    """p's local shard <- shard * decay + its part of `whole_step`, the step every rank computed alike from
+    gathered gradients; left alone, without a host synchronisation, where `skip` is nonzero."""
+    shard = local(p)
+    stepped = shard * decay + shard_like(whole_step, p)
+    if skip is not None:
+        stepped = torch.where(skip.to(shard.device) != 0, shard, stepped)
+    shard.copy_(stepped)
+
+
 def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """This rank's shard of `whole` (identical on every rank) in `like`'s placements: a local slice, no
     communication."""

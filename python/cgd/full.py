@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import _ops  # noqa: F401  (loads the operator library)
-from ._distributed import full, is_dtensor, local, shard_like
+from ._distributed import full, is_dtensor, step_shard
 from ._base import BaseOptimizer, mark_updated, on_device, overflow_limit, state_dtype, state_precision
 from ._validate import bad, betas_from_tau, choice, in_range, number, pair, positive_int, validate_step_size
 
@@ -329,13 +329,8 @@ class FullCGD(BaseOptimizer):
         full direction from the same gathered gradients, so the shards stay one consistent tensor."""
         decay = 1.0 - number("lr", group["lr"]) * float(group["weight_decay"])
         for p, target in zip(group["params"], targets):
-            if not is_dtensor(p) or p.grad is None:
-                continue
-            shard, mine = local(p), shard_like(target, p)
-            stepped = shard * decay + mine
-            if found_inf is not None:  # a skipped step leaves the shard alone, without a host sync
-                stepped = torch.where(found_inf.to(shard.device) != 0, shard, stepped)
-            shard.copy_(stepped)
+            if is_dtensor(p) and p.grad is not None:
+                step_shard(p, target, decay, found_inf)
 
     def _nonfinite_checks(self, work: list[tuple[int, dict[str, Any], list, list]]) -> list[tuple]:
         """The gradients for the non-finite policy (BaseOptimizer._skip_flag). They are whole on every rank

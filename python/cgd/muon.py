@@ -15,7 +15,7 @@ import torch
 
 from . import _ops  # noqa: F401  (loads the operator library)
 from ._base import BaseOptimizer, mark_updated, on_device, overflow_limit, state_dtype
-from ._distributed import full, is_dtensor, local, shard_like
+from ._distributed import full, is_dtensor, local, step_shard
 from ._validate import bad, check_lr, choice, in_range, number
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
@@ -150,11 +150,7 @@ class Muon(BaseOptimizer):
                 decay = 1.0 - number("lr", group["lr"]) * float(group["weight_decay"])
                 for (p, _), target in zip(chosen, targets):
                     if is_dtensor(p):
-                        shard = local(p)
-                        stepped = shard * decay + shard_like(target, p)
-                        if skip is not None:  # a skipped step leaves the shard alone, without a host sync
-                            stepped = torch.where(skip.to(shard.device) != 0, shard, stepped)
-                        shard.copy_(stepped)
+                        step_shard(p, target, decay, skip)
                     elif target is not p:
                         p.copy_(target)
         mark_updated(p for _, _, items in work for _, p, _ in items)

@@ -224,30 +224,36 @@ struct Config {
     int centered, bias_correction, refresh_every;
 };
 
+// h with config c's options, stepped 12 times (refreshed every c.refresh_every) from c's start in pr, each step's
+// parameters asserted against the float64 reference. Callers return on HasFatalFailure().
+void step_against_reference(cgd_device device, cgd_block_hparams h, const Config &c, Problem &pr) {
+    h.power = c.power;
+    h.weight_decay = c.weight_decay;
+    h.centered = c.centered;
+    h.bias_correction = c.bias_correction;
+    pr = make_problem(c.m2_init);
+    Reference ref(B, NB, {kNumel[0], kNumel[1]}, {kOffset[0], kOffset[1]}, {pr.param[0], pr.param[1]}, c.m2_init);
+    for (int s = 0; s < 12; ++s) {
+        std::vector<float> g[2] = {gradient(s, 0), gradient(s, 1)};
+        h.refresh = s % c.refresh_every == 0;
+        ASSERT_EQ(run(device, h, pr, g), CGD_OK) << cgd_last_error();
+        ref.step(h, g);
+        for (int k = 0; k < 2; ++k)
+            for (int64_t i = 0; i < kNumel[k]; ++i)
+                ASSERT_NEAR(pr.param[k][i], ref.q[k][i], 2e-4 * (1 + std::fabs(ref.q[k][i])))
+                    << "step " << s << " tensor " << k << " element " << i;
+    }
+}
+
 TEST_P(BlockStep, MatchesFloat64Reference) {
     const Config configs[] = {{"paper", 0.4, 0.0, 1.0, 1, 0, 1},   {"raw a=0.5", 0.5, 0.0, 1.0, 0, 0, 1},
                               {"adam start", 0.3, 0.0, 0.0, 0, 1, 1}, {"decay", 0.4, 0.1, 1.0, 1, 0, 1},
                               {"refresh 3", 0.4, 0.0, 1.0, 1, 0, 3},  {"sgd", 0.0, 0.0, 1.0, 1, 0, 1}};
     for (const Config &c : configs) {
         SCOPED_TRACE(c.name);
-        cgd_block_hparams h = paper_hparams();
-        h.power = c.power;
-        h.weight_decay = c.weight_decay;
-        h.centered = c.centered;
-        h.bias_correction = c.bias_correction;
-        Problem pr = make_problem(c.m2_init);
-        Reference ref(B, NB, {kNumel[0], kNumel[1]}, {kOffset[0], kOffset[1]}, {pr.param[0], pr.param[1]},
-                      c.m2_init);
-        for (int s = 0; s < 12; ++s) {
-            std::vector<float> g[2] = {gradient(s, 0), gradient(s, 1)};
-            h.refresh = s % c.refresh_every == 0;
-            ASSERT_EQ(run(GetParam(), h, pr, g), CGD_OK) << cgd_last_error();
-            ref.step(h, g);
-            for (int k = 0; k < 2; ++k)
-                for (int64_t i = 0; i < kNumel[k]; ++i)
-                    ASSERT_NEAR(pr.param[k][i], ref.q[k][i], 2e-4 * (1 + std::fabs(ref.q[k][i])))
-                        << "step " << s << " tensor " << k << " element " << i;
-        }
+        Problem pr;
+        step_against_reference(GetParam(), paper_hparams(), c, pr);
+        if (HasFatalFailure()) return;
         EXPECT_EQ(pr.step, 12.0f);
         for (int b = 0; b < NB; ++b) EXPECT_EQ(pr.outcome[b], CGD_BLOCK_FP32);
         // Padding never moves: its M1 stays 0.
@@ -275,25 +281,11 @@ TEST_P(BlockStep, LanczosMatchesFloat64ReferenceAndFallsBackWhenCapped) {
             SCOPED_TRACE(std::string(c.name) + (capped ? ", capped" : ""));
             cgd_block_hparams h = paper_hparams();
             h.solver = CGD_SOLVER_LANCZOS;
-            h.power = c.power;
-            h.weight_decay = c.weight_decay;
-            h.centered = c.centered;
-            h.bias_correction = c.bias_correction;
-            Problem pr = make_problem(c.m2_init);
-            Reference ref(B, NB, {kNumel[0], kNumel[1]}, {kOffset[0], kOffset[1]}, {pr.param[0], pr.param[1]},
-                          c.m2_init);
+            Problem pr;
             cgd_hooks.lanczos_iterations = capped;
-            for (int s = 0; s < 12; ++s) {
-                std::vector<float> g[2] = {gradient(s, 0), gradient(s, 1)};
-                const cgd_status status = run(GetParam(), h, pr, g);
-                ASSERT_EQ(status, CGD_OK) << cgd_last_error();
-                ref.step(h, g);
-                for (int k = 0; k < 2; ++k)
-                    for (int64_t i = 0; i < kNumel[k]; ++i)
-                        ASSERT_NEAR(pr.param[k][i], ref.q[k][i], 2e-4 * (1 + std::fabs(ref.q[k][i])))
-                            << "step " << s << " tensor " << k << " element " << i;
-            }
+            step_against_reference(GetParam(), h, c, pr);
             cgd_hooks.lanczos_iterations = 0;
+            if (HasFatalFailure()) return;
             // SGD's metric needs no solve; otherwise the capped runs fell back, except block 1's: one real
             // coordinate, so F spans an invariant space of C and one iteration is exact.
             const bool solved = c.power == 0.0 || !capped;
