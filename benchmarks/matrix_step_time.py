@@ -1,7 +1,8 @@
-"""Step time of the matrix metrics of cgd.FullCGD (block and kron) against torch.optim.AdamW, and of cgd.Muon
-against torch.optim.Muon on the same matrices (CPU), in one process.
+"""Step time of the matrix metrics of cgd.FullCGD (block, kron, eigenbasis) against torch.optim.AdamW, and of
+cgd.Muon against torch.optim.Muon on the same matrices (CPU), in one process.
 
-Block mode for B in 8..64 and kron mode for refresh_every in 1..100, on GPT-2 small's parameter list on a GPU
+Block mode for B in 8..64, kron mode and (CPU) the eigenbasis metric with SOAP's settings for refresh_every in
+1..100, on GPT-2 small's parameter list on a GPU
 (124M parameters in 148 tensors) or on a 4-layer, 128-wide character GPT's on a CPU. The time per step is the
 mean over a window of steps that holds whole refresh periods, so refreshes are amortised as in training.
 "vs AdamW" divides by AdamW's step time in the same run (fused on a GPU, foreach on a CPU). Configurations
@@ -42,6 +43,9 @@ def configurations(gpu: bool) -> list[tuple[str, dict]]:
         rows += [(f"block B={b} {solver}", dict(metric="block", block_size=b, solver=solver))
                  for b in (8, 16, 32, 64) for solver in ("eigh", "lanczos")]
     rows += [(f"kron refresh={k}", dict(metric="kron", refresh_every=k)) for k in (1, 10, 100)]
+    if not gpu:  # CPU only for now
+        rows += [(f"eigenbasis refresh={k}", dict(metric="eigenbasis", refresh_every=k, power=0.5, centered=False,
+                                                   bias_correction=True, m2_init=0.0)) for k in (1, 10, 100)]
     if not gpu:  # the matrices alone (Muon is meant for them), against torch.optim.Muon on the same ones
         rows += [("torch.optim.Muon", dict(matrices=True)), ("cgd.Muon", dict(matrices=True))]
     return rows
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     numel = sum(math.prod(s) for s in shapes)
     where = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     command = "benchmarks/matrix_step_time.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [f"# Matrix-metric step time: FullCGD block and kron, Muon, vs AdamW ({numel / 1e6:.1f}M parameters, "
+    lines = [f"# Matrix-metric step time: FullCGD block, kron and eigenbasis, Muon, vs AdamW ({numel / 1e6:.1f}M parameters, "
              f"{len(shapes)} tensors)\n",
              f"{where}, torch {torch.__version__}, {datetime.date.today().isoformat()}, `{command.strip()}`\n",
              "Mean ms per step over whole refresh periods (AdamW: the median of five windows' means); state is "

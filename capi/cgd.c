@@ -323,7 +323,7 @@ cgd_status cgd_block_step(const cgd_block_hparams *hparams, cgd_dtype dtype, con
    anything, reads the sizes and flags only (check_pointers = 0). */
 static cgd_status check_kron_tensors(const char *fn, const cgd_block_hparams *hparams, cgd_dtype dtype,
                                      const cgd_kron_tensor *tensors, int64_t count, cgd_device device,
-                                     int check_pointers) {
+                                     int check_pointers, int eigenbasis) {
     cgd_status st;
     if (!hparams) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams is NULL", fn);
     if ((st = check_block_hparams(fn, hparams))) return st;
@@ -350,7 +350,7 @@ static cgd_status check_kron_tensors(const char *fn, const cgd_block_hparams *hp
                               : (t->left_full && !t->left_basis) ? "left_basis"
                               : (t->right_full && !t->right_basis) ? "right_basis" : !t->left_eig ? "left_eig"
                               : !t->right_eig ? "right_eig" : !t->step ? "step" : !t->outcome ? "outcome"
-                              : !t->counters ? "counters" : NULL;
+                              : !t->counters ? "counters" : (eigenbasis && !t->rotated_sq) ? "rotated_sq" : NULL;
         if (missing) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors[%lld].%s is NULL", fn, (long long)i, missing);
     }
     return CGD_OK;
@@ -371,7 +371,7 @@ cgd_status cgd_kron_workspace_size(const cgd_block_hparams *hparams, cgd_dtype d
     static const char fn[] = "cgd_kron_workspace_size";
     cgd_status st;
     if (!bytes) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: bytes is NULL", fn);
-    if ((st = check_kron_tensors(fn, hparams, dtype, tensors, count, device, 0))) return st;
+    if ((st = check_kron_tensors(fn, hparams, dtype, tensors, count, device, 0, 0))) return st;
     if ((st = kron_workspace(fn, hparams, dtype, tensors, count, device, stream, bytes))) return st;
     return ok();
 }
@@ -382,7 +382,7 @@ cgd_status cgd_kron_step(const cgd_block_hparams *hparams, cgd_dtype dtype, cons
     static const char fn[] = "cgd_kron_step";
     cgd_status st;
     size_t needed = 0;
-    if ((st = check_kron_tensors(fn, hparams, dtype, tensors, count, device, 1))) return st;
+    if ((st = check_kron_tensors(fn, hparams, dtype, tensors, count, device, 1, 0))) return st;
     if ((st = kron_workspace(fn, hparams, dtype, tensors, count, device, stream, &needed))) return st;
     if ((st = check_workspace(fn, workspace, workspace_bytes, needed))) return st;
     if (device == CGD_CPU) {
@@ -394,6 +394,18 @@ cgd_status cgd_kron_step(const cgd_block_hparams *hparams, cgd_dtype dtype, cons
     int e = CGD_BY_REAL(dtype, cgd_cuda_kron_step)(hparams, dtype, tensors, count, grad_scale, skip, workspace, stream,
                                                    why, sizeof why);
     return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : ok();
+}
+
+cgd_status cgd_eigenbasis_step(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_kron_tensor *tensors,
+                               int64_t count, const float *grad_scale, const float *skip, cgd_device device) {
+    static const char fn[] = "cgd_eigenbasis_step";
+    cgd_status st;
+    if ((st = check_kron_tensors(fn, hparams, dtype, tensors, count, device, 1, 1))) return st;
+    if (device != CGD_CPU)
+        return fail(CGD_ERR_UNSUPPORTED, "%s: runs on the CPU only for now (no CUDA kernel yet)", fn);
+    if (CGD_BY_REAL(dtype, cgd_cpu_eigenbasis_step)(hparams, dtype, tensors, count, grad_scale, skip))
+        return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the scratch space; nothing changed", fn);
+    return ok();
 }
 
 cgd_status cgd_muon_step(const cgd_muon_hparams *h, cgd_dtype dtype, const cgd_muon_tensor *tensors,

@@ -308,6 +308,8 @@ typedef struct cgd_kron_tensor {
     double *step;         /* one double: steps taken */
     int32_t *outcome;     /* 2: CGD_BLOCK_* of the left and right factor's last refresh; start at CGD_BLOCK_NEVER */
     float *counters;      /* 3 floats, cumulative as in cgd_block_state */
+    void *rotated_sq;     /* cgd_eigenbasis_step only: V, rows * cols, the second moment's diagonal in the
+                             eigenbasis (NULL for cgd_kron_step) */
 } cgd_kron_tensor;
 
 /* Bytes of workspace a cgd_kron_step of these tensors needs on `device` (as cgd_block_workspace_size; the
@@ -323,6 +325,29 @@ cgd_status cgd_kron_workspace_size(const cgd_block_hparams *hparams, cgd_dtype d
 cgd_status cgd_kron_step(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_kron_tensor *tensors,
                          int64_t count, const float *grad_scale, const float *skip, void *workspace,
                          size_t workspace_bytes, cgd_device device, void *stream);
+
+/* ---------------------------------------------------------------------------------------------------------
+ * CGD in the Kronecker eigenbasis: the kron step's factors give only the basis, U (x) V, and the metric is
+ * diagonal in that basis with its own moments, as SOAP keeps Adam's (Vyas et al. 2024, arXiv 2409.11321). Per
+ * rows x cols tensor, with Pl, Pr, F, bias corrections and the centered rule as in cgd_kron_step, and L, R the
+ * factors a kron step eigendecomposes:
+ *   G' = U^T G V,  F' = U^T F V,      V' <- beta2 V' + (1 - beta2) G'.^2   (rotated_sq)
+ *   C' = V' / bc2 - F'.^2 (centered) or V' / bc2, clamped at 0
+ *   D  = U [ F' ./ (eps + C')^a ] V^T,      p <- p (1 - lr wd) - lr D
+ * The basis is the one the factors had before this step's gradient (SOAP's order): a tensor's first step adds
+ * G to Pl, Pr and eigendecomposes them (the kron ladder: float64 retry, then the identity); every later step
+ * adds G after the update, and `refresh` then moves each full side's basis one power iteration, U <- qr(L U)
+ * with U's columns first ordered by their Rayleigh quotients u^T L u, descending, and V' permuted with them
+ * (SOAP's refresh); a non-finite L keeps the old basis (counted as kept). A side that is not full has the
+ * identity basis and no factor (Pl, Pr and the eigenvalue arrays of that side are not touched), so a tensor
+ * with neither is diagonal CGD. After a refresh the eigenvalue arrays hold the quotients, descending. With
+ * a = 1/2, raw moments, Adam's start and eps -> 0 this is SOAP.
+ * --------------------------------------------------------------------------------------------------------- */
+
+/* One eigenbasis step over `count` tensors (every cgd_kron_tensor field used, rotated_sq included). CPU only
+   for now: no workspace. grad_scale and skip as in cgd_diag_step. */
+cgd_status cgd_eigenbasis_step(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_kron_tensor *tensors,
+                               int64_t count, const float *grad_scale, const float *skip, cgd_device device);
 
 /* ---------------------------------------------------------------------------------------------------------
  * Muon as a CGD step (Jordan et al. 2024; torch.optim.Muon): the force F is the momentum EMA and the metric

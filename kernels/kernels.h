@@ -69,6 +69,8 @@ CGD_KERNELS_HD int cgd_diag_needs_m2(const cgd_diag_hparams *h) { return h->powe
                                const float *skip, void *workspace, void *stream, char *why, int why_size);             \
     int cgd_cpu_kron_step##S(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tensors,              \
                              int64_t count, const float *grad_scale, const float *skip);                               \
+    int cgd_cpu_eigenbasis_step##S(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tensors,        \
+                                   int64_t count, const float *grad_scale, const float *skip);                         \
     int cgd_cuda_kron_workspace##S(const cgd_block_hparams *h, const cgd_kron_tensor *tensors, int64_t count,          \
                                    void *stream, size_t *bytes, char *why, int why_size);                              \
     int cgd_cuda_kron_step##S(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tensors,             \

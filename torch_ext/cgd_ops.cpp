@@ -431,23 +431,25 @@ void block_step(TensorList params, TensorList grads, std::vector<int64_t> offset
                                 target.device, target.stream));
 }
 
-// One Kronecker-factored step: per tensor, exp_avg is its rows x cols matrix view (which fixes rows and cols);
-// an empty basis tensor marks that side as diagonal.
-void kron_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorList left_sqs, TensorList right_sqs,
-               TensorList left_bases, TensorList right_bases, TensorList left_eigs, TensorList right_eigs,
-               TensorList steps, TensorList outcomes, TensorList counters, double lr, double beta1, double beta2,
-               double power, double eps, double weight_decay, bool centered, bool bias_correction, bool maximize,
-               bool refresh, std::optional<Tensor> grad_scale, std::optional<Tensor> found_inf) {
-    static const char op[] = "cgd::kron_step_";
+// The tensors of a Kronecker-factored or eigenbasis step: per tensor, exp_avg is its rows x cols matrix view (which
+// fixes rows and cols); an empty basis tensor marks that side as diagonal. rotated_sqs: the eigenbasis metric's V'.
+std::vector<cgd_kron_tensor> kron_tensors(const char *op, TensorList params, TensorList grads, TensorList exp_avgs,
+                                          TensorList left_sqs, TensorList right_sqs, TensorList left_bases,
+                                          TensorList right_bases, TensorList left_eigs, TensorList right_eigs,
+                                          TensorList steps, TensorList outcomes, TensorList counters,
+                                          const TensorList *rotated_sqs) {
     const size_t n = params.size();
     for (const TensorList *list_ : {&grads, &exp_avgs, &left_sqs, &right_sqs, &left_bases, &right_bases, &left_eigs,
                                     &right_eigs, &steps, &outcomes, &counters})
         CGD_CHECK(list_->size() == n, op, ": got ", n, " params but a state list of ", list_->size(),
                   "; every list needs one entry per parameter");
-    if (n == 0) return;
+    CGD_CHECK(!rotated_sqs || rotated_sqs->size() == n, op, ": got ", n, " params but ",
+              rotated_sqs ? rotated_sqs->size() : 0, " rotated_sqs; every list needs one entry per parameter");
+    std::vector<cgd_kron_tensor> tensors(n);
+    if (n == 0) return tensors;
     const Device device = params[0].device();
     const cgd_dtype dtype = to_cgd_dtype(params[0], "params", 0);
-    std::vector<cgd_kron_tensor> tensors(n);
+    const ScalarType real = state_type(dtype);
     for (size_t i = 0; i < n; ++i) {
         const Tensor &p = params[i];
         check_step_param(op, params, grads, i, device, "the Kronecker metric reads it as a row-major matrix");
@@ -462,7 +464,6 @@ void kron_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
         t.cols = cols;
         t.left_full = lf;
         t.right_full = rf;
-        const ScalarType real = state_type(dtype);
         t.exp_avg = state_ptr(op, exp_avgs[i], device, real, rows * cols, "exp_avgs", k);
         t.left_sq = state_ptr(op, left_sqs[i], device, real, lf ? rows * rows : rows, "left_sqs", k);
         t.right_sq = state_ptr(op, right_sqs[i], device, real, rf ? cols * cols : cols, "right_sqs", k);
@@ -473,19 +474,55 @@ void kron_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
         t.step = typed_state<double>(op, steps[i], device, ScalarType::Double, 1, "steps", k);
         t.outcome = typed_state<int32_t>(op, outcomes[i], device, ScalarType::Int, 2, "outcomes", k);
         t.counters = typed_state<float>(op, counters[i], device, ScalarType::Float, 3, "counters", k);
+        if (rotated_sqs)
+            t.rotated_sq = state_ptr(op, (*rotated_sqs)[i], device, real, rows * cols, "rotated_sqs", k);
     }
+    return tensors;
+}
+
+void kron_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorList left_sqs, TensorList right_sqs,
+               TensorList left_bases, TensorList right_bases, TensorList left_eigs, TensorList right_eigs,
+               TensorList steps, TensorList outcomes, TensorList counters, double lr, double beta1, double beta2,
+               double power, double eps, double weight_decay, bool centered, bool bias_correction, bool maximize,
+               bool refresh, std::optional<Tensor> grad_scale, std::optional<Tensor> found_inf) {
+    const std::vector<cgd_kron_tensor> tensors =
+        kron_tensors("cgd::kron_step_", params, grads, exp_avgs, left_sqs, right_sqs, left_bases, right_bases,
+                     left_eigs, right_eigs, steps, outcomes, counters, nullptr);
+    if (tensors.empty()) return;
+    const Device device = params[0].device();
+    const cgd_dtype dtype = to_cgd_dtype(params[0], "params", 0);
     const cgd_block_hparams h = matrix_hparams(lr, beta1, beta2, power, eps, weight_decay, centered, bias_correction,
                                                maximize, refresh);
     Target target;
     target_for(device, target);
     size_t bytes = 0;
-    check_status(cgd_kron_workspace_size(&h, dtype, tensors.data(), static_cast<int64_t>(n), target.device,
-                                         target.stream, &bytes));
+    const int64_t n = static_cast<int64_t>(tensors.size());
+    check_status(cgd_kron_workspace_size(&h, dtype, tensors.data(), n, target.device, target.stream, &bytes));
     const Workspace workspace = workspace_for(device, bytes);
-    check_status(cgd_kron_step(&h, dtype, tensors.data(), static_cast<int64_t>(n),
-                               grad_scale_ptr(grad_scale, device),
+    check_status(cgd_kron_step(&h, dtype, tensors.data(), n, grad_scale_ptr(grad_scale, device),
                                optional_scalar(found_inf, device, "found_inf"), workspace.data, workspace.bytes,
                                target.device, target.stream));
+}
+
+void eigenbasis_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorList left_sqs,
+                     TensorList right_sqs, TensorList left_bases, TensorList right_bases, TensorList left_eigs,
+                     TensorList right_eigs, TensorList rotated_sqs, TensorList steps, TensorList outcomes,
+                     TensorList counters, double lr, double beta1, double beta2, double power, double eps,
+                     double weight_decay, bool centered, bool bias_correction, bool maximize, bool refresh,
+                     std::optional<Tensor> grad_scale, std::optional<Tensor> found_inf) {
+    const std::vector<cgd_kron_tensor> tensors =
+        kron_tensors("cgd::eigenbasis_step_", params, grads, exp_avgs, left_sqs, right_sqs, left_bases, right_bases,
+                     left_eigs, right_eigs, steps, outcomes, counters, &rotated_sqs);
+    if (tensors.empty()) return;
+    const Device device = params[0].device();
+    const cgd_dtype dtype = to_cgd_dtype(params[0], "params", 0);
+    const cgd_block_hparams h = matrix_hparams(lr, beta1, beta2, power, eps, weight_decay, centered, bias_correction,
+                                               maximize, refresh);
+    Target target;
+    target_for(device, target);
+    check_status(cgd_eigenbasis_step(&h, dtype, tensors.data(), static_cast<int64_t>(tensors.size()),
+                                     grad_scale_ptr(grad_scale, device),
+                                     optional_scalar(found_inf, device, "found_inf"), target.device));
 }
 
 // One Muon step: per matrix, the momentum buffer is its rows x cols view (which fixes rows and cols).
@@ -700,6 +737,12 @@ STABLE_TORCH_LIBRARY(cgd, m) {
           "Tensor(h!)[] right_eigs, Tensor(i!)[] steps, Tensor(j!)[] outcomes, Tensor(k!)[] counters, *, float lr, "
           "float beta1, float beta2, float power, float eps, float weight_decay, bool centered, "
           "bool bias_correction, bool maximize, bool refresh, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+    m.def("eigenbasis_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] left_sqs, "
+          "Tensor(d!)[] right_sqs, Tensor(e!)[] left_bases, Tensor(f!)[] right_bases, Tensor(g!)[] left_eigs, "
+          "Tensor(h!)[] right_eigs, Tensor(i!)[] rotated_sqs, Tensor(j!)[] steps, Tensor(k!)[] outcomes, "
+          "Tensor(l!)[] counters, *, float lr, float beta1, float beta2, float power, float eps, "
+          "float weight_decay, bool centered, bool bias_correction, bool maximize, bool refresh, "
+          "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
     m.def("induced_norm_(Tensor[] grads, Tensor(a!)[] exp_avg_sqs, Tensor[] steps, Tensor(b!) sum, *, str gamma, "
           "float beta_rms, float eps, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
     m.def("induced_rate_(Tensor sum, Tensor(a!) norm_ema, Tensor(b!) norm_step, Tensor(c!) rate, *, float xi, "
@@ -721,6 +764,7 @@ STABLE_TORCH_LIBRARY_IMPL(cgd, CompositeExplicitAutograd, m) {
     m.impl("diag_step_", TORCH_BOX(&diag_step));
     m.impl("block_step_", TORCH_BOX(&block_step));
     m.impl("kron_step_", TORCH_BOX(&kron_step));
+    m.impl("eigenbasis_step_", TORCH_BOX(&eigenbasis_step));
     m.impl("muon_step_", TORCH_BOX(&muon_step));
     m.impl("induced_norm_", TORCH_BOX(&induced_norm));
     m.impl("induced_rate_", TORCH_BOX(&induced_rate));

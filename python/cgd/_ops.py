@@ -111,6 +111,7 @@ def _muon_step_fake(params, grads, momentum_buffers, failures, **hyperparameters
     return None
 
 
+@torch.library.register_fake("cgd::eigenbasis_step_")
 @torch.library.register_fake("cgd::kron_step_")
 def _kron_step_fake(params, grads, *state_lists, **hyperparameters) -> None:
     for i, (g, p) in enumerate(zip(grads, params)):

@@ -19,7 +19,9 @@ from ._distributed import full, is_dtensor, step_shard
 from ._base import BaseOptimizer, mark_updated, on_device, overflow_limit, state_dtype, state_precision
 from ._validate import bad, betas_from_tau, choice, in_range, number, pair, positive_int, validate_step_size
 
-METRICS = ("full", "block", "kron")
+METRICS = ("full", "block", "kron", "eigenbasis")
+# Metrics whose state is per tensor, read as a matrix (the rest lay a group out as one blocked vector).
+_FACTORED = ("kron", "eigenbasis")
 # 0: solved in the state's precision (float32, or float64 for float64 parameters); 1: float32 failed, float64 did not.
 OUTCOMES = {-1: "never", 0: "solved", 1: "float64 retry", 2: "kept previous", 3: "diagonal fallback", 4: "lanczos"}
 SOLVERS = ("auto", "eigh", "lanczos")
@@ -46,6 +48,15 @@ def _layout(numels: list[int], metric: str, block_size: int) -> tuple[list[int],
     return offsets, block_size, max(total // block_size, 1)
 
 
+def _full_sides(shape: tuple[int, ...], metric: str, max_factor_dim: int) -> tuple[bool, bool]:
+    """Which sides of a tensor's matrix get a full factor: those of at most max_factor_dim; for the eigenbasis
+    metric none of a vector's (as SOAP leaves 1-D tensors to Adam), so a vector there is diagonal CGD."""
+    if metric == "eigenbasis" and len(shape) < 2:
+        return False, False
+    rows, cols = _matrix_shape(shape)
+    return rows <= max_factor_dim, cols <= max_factor_dim
+
+
 def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     """The rows x cols matrix the Kronecker metric reads a tensor as: a conv weight is out_channels x the rest, a
     vector (or scalar) is a column, so its left factor is its full covariance."""
@@ -62,18 +73,20 @@ def state_bytes(shapes: list, metric: str = "full", block_size: int = 64, max_fa
     full/block: M1 and the eigenvalues (4 bytes per coordinate each), M2 and the preconditioner P (4 * block bytes
     per coordinate each); with ``solver="lanczos"`` (the effective solver, not "auto") M1 and M2 only. kron, per
     rows x cols tensor: M1 (rows * cols), and per side of n <= max_factor_dim its
-    EMA factor and eigenbasis (n^2 each) and eigenvalues (n); a larger side keeps 2 n values.
+    EMA factor and eigenbasis (n^2 each) and eigenvalues (n); a larger side keeps 2 n values. eigenbasis: as kron,
+    plus the rotated second moment (rows * cols), with no full factor for a vector.
     """
     value_bytes = 8 if dtype == torch.float64 else 4
-    if metric == "kron":
+    if metric in _FACTORED:
         total = 0
         for shape in shapes:
-            rows, cols = _matrix_shape((shape,) if isinstance(shape, int) else tuple(shape))
+            shape = (shape,) if isinstance(shape, int) else tuple(shape)
+            rows, cols = _matrix_shape(shape)
             if rows * cols == 0:
                 continue
-            total += rows * cols + 6
-            for n in (rows, cols):
-                total += 2 * n * n + n if n <= max_factor_dim else 2 * n
+            total += rows * cols * (2 if metric == "eigenbasis" else 1) + 6
+            for n, full_side in zip((rows, cols), _full_sides(shape, metric, max_factor_dim)):
+                total += 2 * n * n + n if full_side else 2 * n
         return value_bytes * total
     numels = [n if isinstance(n, int) else math.prod(n) for n in shapes]
     _, block, nblocks = _layout(numels, metric, block_size)
@@ -124,6 +137,19 @@ class FullCGD(BaseOptimizer):
     README's derivation); it equals full mode whenever the gradients' covariance is a Kronecker product. A side
     longer than ``max_factor_dim`` keeps only the diagonal of its factor.
 
+    ``metric="eigenbasis"`` (CPU for now) takes only the basis ``U (x) V`` from those factors' eigenvectors and
+    keeps C's diagonal in that basis as its own EMA, ``V' <- beta2 V' + (1 - beta2) (U^T G V)^2``, so the metric
+    is exact wherever the eigenvectors of C are Kronecker products, whatever its eigenvalues::
+
+        F' = U^T F V,   C' = V' / bc2 - F'^2 (centered) or V' / bc2,   q <- q - lr U [F' / (eps + C')^power] V^T
+
+    A tensor's first step eigendecomposes its factors; after every ``refresh_every``-th step each basis moves
+    by one power iteration, ``U <- qr(L U)``, its vectors ordered by ``u^T L u`` with ``V'`` following them, as
+    SOAP does (Vyas et al. 2024). Vectors (and sides over ``max_factor_dim``) have the identity basis, so they
+    step as diagonal CGD. SOAP is ``power=0.5, centered=False, bias_correction=True, m2_init=0`` with its
+    ``refresh_every=10``, ``betas=(0.95, 0.95)``, ``weight_decay=0.01`` and ``eps`` small (ours sits inside the
+    power: ``eps=1e-16`` is SOAP's 1e-8 added to the square root, to first order).
+
     Args:
         params: parameters or parameter groups. All parameters of a group must share device and dtype (float32,
             float16 or bfloat16 with float32 state and maths, or float64 with float64 state and maths) and have
@@ -135,12 +161,14 @@ class FullCGD(BaseOptimizer):
         power: the exponent a in [0, 1]; default 0.4, the paper's tuned full-CGD value (Table 2).
         eps: regulariser, > 0.
         metric: "full" (one matrix over the whole group: exact; memory grows as N^2), "block" (each tensor cut
-            into blocks of ``block_size``; memory 8 * block_size bytes per parameter) or "kron" (Kronecker factors
-            per tensor; memory 8 (rows^2 + cols^2) bytes per matrix).
+            into blocks of ``block_size``; memory 8 * block_size bytes per parameter), "kron" (Kronecker factors
+            per tensor; memory 8 (rows^2 + cols^2) bytes per matrix) or "eigenbasis" (the kron factors' basis with
+            a diagonal metric in it; 4 bytes per parameter more than kron).
         block_size: coordinates per block for ``metric="block"``.
-        refresh_every: steps between eigendecompositions (solver "eigh").
+        refresh_every: steps between eigendecompositions (solver "eigh"), or between the eigenbasis metric's
+            basis refreshes.
         solver: "auto", "eigh" or "lanczos" (full/block metrics; see above).
-        max_factor_dim: for ``metric="kron"``, the longest side that gets a full factor (at most 46340).
+        max_factor_dim: for ``metric="kron"`` and ``"eigenbasis"``, the longest side that gets a full factor (at most 46340).
         centered: use the covariance M2 - M1 M1^T (True, eq 4.9) or the second moment M2.
         bias_correction, m2_init: default is the paper's start M1 = 0, M2 = m2_init * I = I without bias
             correction. With Adam's start (m2_init=0, bias_correction=True) the first step's covariance is exactly
@@ -248,13 +276,16 @@ class FullCGD(BaseOptimizer):
             raise bad("metric", "full", f"over {total:,} parameters needs one {total:,}-sided matrix, but the "
                        f"eigensolvers take at most {_MAX_MATRIX} (int32 sizes): use metric='block' or 'kron'")
         solver = choice("solver", group["solver"], SOLVERS)
-        if solver == "lanczos" and group["metric"] == "kron":
-            raise bad("solver", solver, "applies to metric='full' or 'block'; metric='kron' eigendecomposes its "
-                       "factors (use solver='auto' or 'eigh')")
+        if solver == "lanczos" and group["metric"] in _FACTORED:
+            raise bad("solver", solver, f"applies to metric='full' or 'block'; metric={group['metric']!r} "
+                       "eigendecomposes its factors (use solver='auto' or 'eigh')")
         if solver == "lanczos" and group["refresh_every"] != 1:
             raise bad("solver", solver, f"computes the direction every step, so refresh_every = "
                        f"{group['refresh_every']} has nothing to cache; use refresh_every=1 or solver='eigh'")
         devices = {p.device.type for p in group.get("params", ())}
+        if group["metric"] == "eigenbasis" and devices - {"cpu"}:
+            raise bad("metric", "eigenbasis", f"runs on the CPU only for now, but the group is on {sorted(devices)}; "
+                       "use metric='kron' or cgd.Muon there")
         if solver == "lanczos" and devices - {"cpu"}:
             raise bad("solver", solver, f"runs on the CPU only, but the group is on {sorted(devices)}; use "
                        "solver='auto' or 'eigh' there")
@@ -268,7 +299,7 @@ class FullCGD(BaseOptimizer):
         params = group["params"]
         side = group["block_size"] if group["metric"] == "block" else sum(p.numel() for p in params)
         on_cpu = bool(params) and params[0].device.type == "cpu"
-        fits = group["metric"] != "kron" and side >= _LANCZOS_MIN_BLOCK and group["refresh_every"] == 1
+        fits = group["metric"] not in _FACTORED and side >= _LANCZOS_MIN_BLOCK and group["refresh_every"] == 1
         return "lanczos" if on_cpu and fits else "eigh"
 
     def _check_memory(self, group: dict[str, Any]) -> None:
@@ -297,7 +328,7 @@ class FullCGD(BaseOptimizer):
             present = self._gradients(gi, group)
             if not present:
                 continue
-            if len(present) != len(params) and group["metric"] != "kron":
+            if len(present) != len(params) and group["metric"] not in _FACTORED:
                 have = {j for j, _, _ in present}
                 missing = [self._label(gi, j) for j in range(len(params)) if j not in have]
                 raise RuntimeError(f"cgd: FullCGD couples a group's parameters, but {', '.join(missing)} got no "
@@ -347,7 +378,7 @@ class FullCGD(BaseOptimizer):
         worth of gradient squares; an eigenvalue of a block's covariance sums the block's (all coordinates of the
         group for the full metric)."""
         params = group["params"]
-        if group["metric"] == "kron":
+        if group["metric"] in _FACTORED:
             return [overflow_limit(params[j], max(_matrix_shape(tuple(params[j].shape)))) for j in js]
         side = group["block_size"] if group["metric"] == "block" else sum(p.numel() for p in params)
         return [overflow_limit(params[j], side) for j in js]
@@ -361,13 +392,15 @@ class FullCGD(BaseOptimizer):
     _BLOCK_KEYS = ("exp_avg", "exp_avg_sq", "precond", "eigvals", "step", "outcome", "counters", "calls")
     _KRON_KEYS = ("exp_avg", "left_sq", "right_sq", "left_basis", "right_basis", "left_eig", "right_eig", "step",
                   "outcome", "counters")
+    _EIGENBASIS_KEYS = _KRON_KEYS[:7] + ("rotated_sq",) + _KRON_KEYS[7:]
 
     def _required_state(self, group: dict[str, Any], j: int, saved: dict[str, Any]) -> tuple[str, ...]:
-        # full/block: the group's state lives under its first parameter; kron: each tensor's own, and the group's
-        # refresh count ("calls") under the first parameter, which may hold nothing else.
-        if group["metric"] != "kron":
+        # full/block: the group's state lives under its first parameter; kron/eigenbasis: each tensor's own, and
+        # the group's refresh count ("calls") under the first parameter, which may hold nothing else.
+        if group["metric"] not in _FACTORED:
             return self._BLOCK_KEYS if j == 0 else ()
-        return self._KRON_KEYS + (("calls",) if j == 0 else ()) if set(saved) - {"calls"} else ("calls",)
+        keys = self._EIGENBASIS_KEYS if group["metric"] == "eigenbasis" else self._KRON_KEYS
+        return keys + (("calls",) if j == 0 else ()) if set(saved) - {"calls"} else ("calls",)
 
     def _group_state(self, group: dict[str, Any]) -> tuple[dict[str, Any], tuple[list[int], int, int]]:
         """The group's block state, kept under its first parameter so state_dict() saves it, and its layout."""
@@ -403,7 +436,7 @@ class FullCGD(BaseOptimizer):
         return state, (offsets, block, nblocks)
 
     def _step_group(self, group, grads, targets, grad_scale, found_inf) -> None:
-        if group["metric"] == "kron":
+        if group["metric"] in _FACTORED:
             self._step_kron(group, grads, targets, grad_scale, found_inf)
             return
         params = group["params"]
@@ -425,19 +458,25 @@ class FullCGD(BaseOptimizer):
 
     def _kron_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
         """One tensor's Kronecker state; a side of n <= max_factor_dim gets n x n matrices, a longer one vectors
-        and an empty basis. M2(0) = m2_init * I has the partial traces m2_init * cols * I and m2_init * rows * I."""
+        and an empty basis. M2(0) = m2_init * I has the partial traces m2_init * cols * I and m2_init * rows * I,
+        and in any orthonormal basis the diagonal m2_init (the eigenbasis metric's rotated second moment)."""
         state = self.state[p]
         rows, cols = _matrix_shape(tuple(p.shape))
+        eigenbasis = group["metric"] == "eigenbasis"
         if "left_sq" in state:
             if tuple(state["exp_avg"].shape) != (rows, cols):
                 raise ValueError(f"cgd: the saved state of {tuple(state['exp_avg'].shape)} does not match the "
                                  f"parameter's {rows} x {cols} matrix")
+            if eigenbasis != ("rotated_sq" in state):
+                raise ValueError("cgd: the saved state is of metric "
+                                 f"{'kron' if eigenbasis else 'eigenbasis'!r} but this group has {group['metric']!r}")
             return state
         real = dict(dtype=state_dtype(p), device=p.device)
         init = float(group["m2_init"])
         state["exp_avg"] = torch.zeros(rows, cols, **real)
-        for side, n, other in (("left", rows, cols), ("right", cols, rows)):
-            if n <= group["max_factor_dim"]:
+        sides = _full_sides(tuple(p.shape), group["metric"], group["max_factor_dim"])
+        for (side, n, other), full_side in zip((("left", rows, cols), ("right", cols, rows)), sides):
+            if full_side:
                 state[f"{side}_sq"] = torch.eye(n, **real).mul_(init * other)
                 state[f"{side}_basis"] = torch.eye(n, **real)
             else:
@@ -447,6 +486,8 @@ class FullCGD(BaseOptimizer):
         # (eps + m2_init)^power I: mu = m2_init * cols and the normalised nu = 1 / cols give mu nu = m2_init.
         state["left_eig"] = torch.full((rows,), init * cols, **real)
         state["right_eig"] = torch.full((cols,), 1.0 / cols, **real)
+        if eigenbasis:
+            state["rotated_sq"] = torch.full((rows, cols), init, **real)
         state["step"] = torch.zeros((), dtype=torch.float64, device=p.device)
         state["outcome"] = torch.full((2,), -1, dtype=torch.int32, device=p.device)
         state["counters"] = torch.zeros(3, dtype=torch.float32, device=p.device)
@@ -461,14 +502,19 @@ class FullCGD(BaseOptimizer):
         if fresh:
             self._check_memory(group)
         states = [self._kron_state(group, p) for p, _ in live]
-        # The schedule is the group's; a tensor whose first step falls between refreshes refreshes anyway.
         calls = self.state[group["params"][0]].setdefault("calls", 0)
-        refresh = calls % group["refresh_every"] == 0 or fresh
+        if group["metric"] == "eigenbasis":
+            # SOAP's schedule: a basis moves after every refresh_every-th step, and a tensor's first step builds its
+            # own (in the kernel).
+            refresh = (calls + 1) % group["refresh_every"] == 0
+            keys, op = self._EIGENBASIS_KEYS, torch.ops.cgd.eigenbasis_step_
+        else:
+            # The schedule is the group's; a tensor whose first step falls between refreshes refreshes anyway.
+            refresh = calls % group["refresh_every"] == 0 or fresh
+            keys, op = self._KRON_KEYS, torch.ops.cgd.kron_step_
         device = live[0][0].device
         beta1, beta2 = group["betas"]
-        keys = ("exp_avg", "left_sq", "right_sq", "left_basis", "right_basis", "left_eig", "right_eig", "step",
-                "outcome", "counters")
-        torch.ops.cgd.kron_step_(
+        op(
             [stand_in[id(p)] for p, _ in live], [g for _, g in live], *([st[k] for st in states] for k in keys),
             lr=number("lr", group["lr"]), beta1=float(beta1), beta2=float(beta2), power=float(group["power"]),
             eps=float(group["eps"]), weight_decay=float(group["weight_decay"]), centered=bool(group["centered"]),
@@ -503,14 +549,18 @@ class FullCGD(BaseOptimizer):
         (rows, cols), and ``top``, ``min``, ``condition``, ``effective_rank`` of C's eigenvalues mu_i nu_j (the
         products of the factors' clamped spectra; the effective rank of a Kronecker product is the product of
         the factors' effective ranks) and ``outcome`` (left, right).
+
+        eigenbasis groups: as kron, with C's eigenvalues those the metric uses, the entries of
+        ``C' = V' / bc2 (- F'^2 when centered)`` in the current basis (computed here from the state).
         """
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise bad("top_k", top_k, "must be an integer >= 0")
         out = []
         for gi, group in enumerate(self.param_groups):
             eps = float(group["eps"])
-            if group["metric"] == "kron":
-                tensors = [self._kron_spectrum(gi, j, top_k, eps) for j, p in enumerate(group["params"])
+            if group["metric"] in _FACTORED:
+                spectrum = self._kron_spectrum if group["metric"] == "kron" else self._eigenbasis_spectrum
+                tensors = [spectrum(gi, j, top_k, eps) for j, p in enumerate(group["params"])
                            if "left_eig" in self.state.get(p, {})]
                 if tensors:
                     out.append({"group": gi, "tensors": tensors})
@@ -544,6 +594,32 @@ class FullCGD(BaseOptimizer):
         if group["centered"]:
             m2 = m2 - force.unsqueeze(-1) * force.unsqueeze(-2)
         return torch.linalg.eigvalsh(m2)
+
+    def _eigenbasis_spectrum(self, gi: int, j: int, top_k: int, eps: float) -> dict[str, Any]:
+        group = self.param_groups[gi]
+        state = self.state[group["params"][j]]
+        t = float(state["step"])
+        beta1, beta2 = group["betas"]
+        bc1 = 1.0 - beta1**t if group["bias_correction"] and t > 0 else 1.0
+        bc2 = 1.0 - beta2**t if group["bias_correction"] and t > 0 else 1.0
+        c = state["rotated_sq"].detach().to("cpu", torch.float64) / bc2
+        if group["centered"]:
+            force = state["exp_avg"].detach().to("cpu", torch.float64) / bc1
+            for side, dim in (("left", 0), ("right", 1)):
+                basis = state[f"{side}_basis"].detach().to("cpu", torch.float64)  # row k = basis vector k
+                if basis.numel():
+                    force = basis @ force if dim == 0 else force @ basis.T
+            c = c - force**2
+        lam = c.clamp_min(0.0).flatten().sort(descending=True).values
+        return {
+            "param": self._label(gi, j),
+            "shape": tuple(state["exp_avg"].shape),
+            "top": lam[:top_k],
+            "min": float(lam[-1]),
+            "condition": (eps + float(lam[0])) / (eps + float(lam[-1])),
+            "effective_rank": float(_effective_rank(lam)),
+            "outcome": tuple(OUTCOMES[int(o)] for o in state["outcome"].tolist()),
+        }
 
     def _kron_spectrum(self, gi: int, j: int, top_k: int, eps: float) -> dict[str, Any]:
         state = self.state[self.param_groups[gi]["params"][j]]

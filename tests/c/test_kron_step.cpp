@@ -1,7 +1,8 @@
 // The C API's Kronecker-factored step (cgd_kron_step) on the CPU and, when a GPU is present, on CUDA: it must
 // equal the full-covariance step (cgd_block_step with one block, itself checked against a float64 reference in
 // test_block_step.cpp) whenever the covariance is a Kronecker product, equal block size 1 for a vector with a
-// diagonal factor, honour skip, climb the failure ladder, and name bad arguments.
+// diagonal factor, honour skip, climb the failure ladder, and name bad arguments; and the eigenbasis step's first
+// step against the polar factor it must equal, and its argument checks.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -232,6 +233,95 @@ TEST(KronStepErrors, ArgumentsAreNamedWithTheirValue) {
     k.rbasis.clear(); // right_full but no basis
     EXPECT_EQ(run_kron(CGD_CPU, hparams(), k, g), CGD_ERR_INVALID_ARGUMENT);
     EXPECT_NE(std::string(cgd_last_error()).find("tensors[0].right_basis is NULL"), std::string::npos);
+}
+
+// The eigenbasis metric's pointers into a host Kron (CPU only, so no mirror), with V' in `rotated`.
+cgd_kron_tensor eigenbasis_tensor(Kron &k, const std::vector<float> &g, std::vector<float> &rotated) {
+    cgd_kron_tensor t{};
+    t.param = k.param.data();
+    t.grad = g.data();
+    t.rows = k.rows;
+    t.cols = k.cols;
+    t.left_full = k.left_full;
+    t.right_full = k.right_full;
+    t.exp_avg = k.m1.data();
+    t.left_sq = k.lsq.data();
+    t.right_sq = k.rsq.data();
+    t.left_basis = k.lbasis.empty() ? nullptr : k.lbasis.data();
+    t.right_basis = k.rbasis.empty() ? nullptr : k.rbasis.data();
+    t.left_eig = k.leig.data();
+    t.right_eig = k.reig.data();
+    t.step = &k.step;
+    t.outcome = k.outcome;
+    t.counters = k.counters;
+    t.rotated_sq = rotated.data();
+    return t;
+}
+
+// The first step of the eigenbasis metric from Adam's start with a = 1/2 and raw moments rotates G into the
+// bases of G G^T and G^T G, its singular vectors, where G' = diag(s): the step is U diag(s / sqrt(eps + s^2)) V^T
+// = G (G^T G + eps I)^(-1/2), which tends to the polar factor U V^T of G (Muon's direction) as eps -> 0. eps sits
+// well above the rounding of G' off its diagonal (~1e-6 s), which Adam's first step would otherwise turn into
+// signs. The reference takes the inverse square root by the coupled Newton iteration Y <- Y T, Z <- T Z,
+// T = (3 I - Z Y) / 2 (Z -> (A / c)^(-1/2)) in double, which shares nothing with the kernel's eigensolvers.
+TEST(EigenbasisStep, FirstStepFromAdamsStartOrthogonalisesTheGradient) {
+    std::mt19937 rng(21);
+    const int64_t n = 4;
+    Kron k = make_kron(n, n, 1, 1, 0.0f, std::vector<float>(n * n, 0.0f));
+    std::vector<float> g = normal_vector(rng, n * n);
+    for (int64_t e = 0; e < n * n; ++e) g[e] = 0.3f * g[e] + (e % (n + 1) == 0 ? 2.0f : 0.0f); // s in ~[1, 3]
+    std::vector<float> rotated(n * n, 0.0f);
+    cgd_block_hparams h = hparams();
+    h.centered = 0;
+    h.bias_correction = 1;
+    h.eps = 1e-2;
+    h.lr = 1.0;
+    h.refresh = 0;
+    const cgd_kron_tensor t = eigenbasis_tensor(k, g, rotated);
+    ASSERT_EQ(cgd_eigenbasis_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, CGD_CPU), CGD_OK) << cgd_last_error();
+    auto product = [n](const std::vector<double> &a, const std::vector<double> &b) {
+        std::vector<double> c(n * n, 0.0);
+        for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < n; ++j)
+                for (int64_t m = 0; m < n; ++m) c[i * n + j] += a[i * n + m] * b[m * n + j];
+        return c;
+    };
+    std::vector<double> x(g.begin(), g.end()), xt(n * n), y, z(n * n, 0.0);
+    for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < n; ++j) xt[j * n + i] = x[i * n + j];
+    y = product(xt, x); // A = G^T G + eps I, scaled by c = tr(A) so that the iteration converges
+    double c = 0.0;
+    for (int64_t i = 0; i < n; ++i) c += (y[i * n + i] += h.eps);
+    for (double &v : y) v /= c;
+    for (int64_t i = 0; i < n; ++i) z[i * n + i] = 1.0;
+    for (int it = 0; it < 100; ++it) {
+        std::vector<double> tm = product(z, y);
+        for (int64_t e = 0; e < n * n; ++e) tm[e] = ((e % (n + 1) == 0 ? 3.0 : 0.0) - tm[e]) / 2.0;
+        y = product(y, tm);
+        z = product(tm, z);
+    }
+    const std::vector<double> d = product(x, z); // G (A / c)^(-1/2) = sqrt(c) G A^(-1/2)
+    for (int64_t e = 0; e < n * n; ++e) EXPECT_NEAR(k.param[e], -d[e] / std::sqrt(c), 1e-4) << "entry " << e;
+    EXPECT_EQ(k.outcome[0], CGD_BLOCK_FP32);
+    EXPECT_EQ(k.outcome[1], CGD_BLOCK_FP32);
+    EXPECT_EQ(k.step, 1.0);
+}
+
+TEST(EigenbasisStep, ArgumentsAreNamedAndCudaIsRefused) {
+    std::mt19937 rng(22);
+    Kron k = make_kron(3, 4, 1, 1, 1.0f, normal_vector(rng, 12));
+    const std::vector<float> g = normal_vector(rng, 12);
+    std::vector<float> rotated(12, 1.0f);
+    const cgd_block_hparams h = hparams();
+    cgd_kron_tensor t = eigenbasis_tensor(k, g, rotated);
+    t.rotated_sq = nullptr;
+    EXPECT_EQ(cgd_eigenbasis_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, CGD_CPU), CGD_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(cgd_last_error()).find("cgd_eigenbasis_step: tensors[0].rotated_sq is NULL"),
+              std::string::npos);
+    t.rotated_sq = rotated.data();
+    EXPECT_EQ(cgd_eigenbasis_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, CGD_CUDA), CGD_ERR_UNSUPPORTED);
+    EXPECT_NE(std::string(cgd_last_error()).find("CPU only"), std::string::npos);
+    EXPECT_EQ(k.step, 0.0); // refused calls change nothing
 }
 
 } // namespace
