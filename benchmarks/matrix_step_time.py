@@ -46,6 +46,7 @@ def configurations(gpu: bool) -> list[tuple[str, dict]]:
     if not gpu:  # CPU only for now
         rows += [(f"eigenbasis refresh={k}", dict(metric="eigenbasis", refresh_every=k, power=0.5, centered=False,
                                                    bias_correction=True, m2_init=0.0)) for k in (1, 10, 100)]
+        rows += [("pytorch_optimizer SOAP refresh=10", dict(refresh_every=10, soap=True))]  # in Python, for scale
     if not gpu:  # the matrices alone (Muon is meant for them), against torch.optim.Muon on the same ones
         rows += [("torch.optim.Muon", dict(matrices=True)), ("cgd.Muon", dict(matrices=True))]
     return rows
@@ -56,6 +57,10 @@ def make(name: str, kwargs: dict, params: list, gpu: bool) -> torch.optim.Optimi
         return torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if gpu else {"foreach": True}))
     if name == "torch.optim.Muon":
         return torch.optim.Muon([p for p in params if p.dim() == 2], lr=1e-3)
+    if kwargs.get("soap"):
+        from pytorch_optimizer import SOAP
+
+        return SOAP(params, lr=1e-4, precondition_frequency=kwargs["refresh_every"])
     if name == "cgd.Muon":
         return cgd.Muon([p for p in params if p.dim() == 2], lr=1e-3, nonfinite="ignore")
     return cgd.FullCGD(params, lr=1e-4, nonfinite="ignore", **kwargs)

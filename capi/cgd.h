@@ -297,7 +297,7 @@ typedef struct cgd_kron_tensor {
     int64_t rows, cols;   /* >= 1 each */
     int32_t left_full;    /* 1: the left factor is a full rows x rows matrix; 0: its diagonal only */
     int32_t right_full;   /* the same for the right factor (cols) */
-    void *exp_avg;        /* M1: rows * cols */
+    void *exp_avg;        /* M1: rows * cols (cgd_eigenbasis_step: U^T M1 V) */
     void *left_sq;        /* Pl: rows * rows when left_full, else its diagonal (rows) */
     void *right_sq;       /* Pr: cols * cols when right_full, else cols */
     void *left_basis;     /* U^T: rows * rows, row k = eigenvector k (the column-major U LAPACK and cuSOLVER
@@ -332,6 +332,7 @@ cgd_status cgd_kron_step(const cgd_block_hparams *hparams, cgd_dtype dtype, cons
  * rows x cols tensor, with Pl, Pr, F, bias corrections and the centered rule as in cgd_kron_step, and L, R the
  * factors a kron step eigendecomposes:
  *   G' = U^T G V,  F' = U^T F V,      V' <- beta2 V' + (1 - beta2) G'.^2   (rotated_sq)
+ *   (exp_avg holds M1 in the eigenbasis, U^T M1 V, updated from G'; a refresh carries it into the new basis)
  *   C' = V' / bc2 - F'.^2 (centered) or V' / bc2, clamped at 0
  *   D  = U [ F' ./ (eps + C')^a ] V^T,      p <- p (1 - lr wd) - lr D
  * The basis is the one the factors had before this step's gradient (SOAP's order): a tensor's first step adds

@@ -46,13 +46,13 @@ static void update_factor(const side *sd, const cgd_real *g, int64_t rows, int64
     for (int64_t e = 0; e < sd->n; ++e) sd->sq[e] = beta2 * sd->sq[e] + w2 * (cgd_real)acc[e];
 }
 
-/* C = Pf / bc2, minus Gram(F) when centered, for a full side; 1 when every entry is finite. */
-static int full_factor(const side *sd, const cgd_real *F, int64_t rows, int64_t cols, int centered, cgd_real inv_bc2,
-                       cgd_real *C) {
+/* C = Pf / bc2, minus Gram(s M) when centered (s M = F), for a full side; 1 when every entry is finite. */
+static int full_factor(const side *sd, const cgd_real *M, cgd_real s, int64_t rows, int64_t cols, int centered,
+                       cgd_real inv_bc2, cgd_real *C) {
     const int64_t n = sd->n;
     int finite = 1;
     for (int64_t e = 0; e < n * n; ++e) C[e] = sd->sq[e] * inv_bc2;
-    if (centered) cgd_gram_update(sd->left, F, rows, cols, -1, 1, C);
+    if (centered) cgd_gram_update(sd->left, M, rows, cols, -s * s, 1, C);
     for (int64_t e = 0; e < n * n; ++e) finite &= isfinite(C[e]) != 0;
     return finite;
 }
@@ -66,7 +66,7 @@ static void refresh_factor(const side *sd, const cgd_real *F, int64_t rows, int6
     const int64_t n = sd->n;
     int finite = 1;
     if (sd->full) {
-        finite = full_factor(sd, F, rows, cols, h->centered, inv_bc2, C);
+        finite = full_factor(sd, F, 1, rows, cols, h->centered, inv_bc2, C);
     } else {
         if (h->centered) gram_diagonal(F, rows, cols, sd->left, acc);
         for (int64_t i = 0; i < n; ++i) {
@@ -259,22 +259,23 @@ static int scratch_init(scratch *w, int64_t numel, int64_t factor_ws, int64_t lo
     return !ok;
 }
 
-/* What every step of both metrics starts with: the centered rule, bias corrections, the two sides, and g and
-   F = M1 (/ bc1) in scratch after the M1 update. */
+/* What every step of both metrics starts with: the centered rule, bias corrections, the two sides, and g in
+   scratch; with `force`, M1's update and F = M1 (/ bc1) in scratch too. */
 typedef struct tensor_start {
     cgd_block_hparams h;
     side l, r;
-    cgd_real inv_bc2;
+    cgd_real inv_bc1, inv_bc2;
 } tensor_start;
 
 static void start_tensor(const cgd_block_hparams *hp, cgd_dtype dtype, const cgd_kron_tensor *tn, cgd_real scale,
-                         scratch *w, tensor_start *ts) {
+                         int force, scratch *w, tensor_start *ts) {
     ts->h = *hp;
     ts->h.centered = hp->centered && cgd_variance_has_data(hp->bias_correction, *tn->step);
     const cgd_block_hparams *h = &ts->h;
     const int64_t rows = tn->rows, cols = tn->cols, numel = rows * cols;
     const double t = *tn->step + 1.0;
     const cgd_real inv_bc1 = h->bias_correction ? (cgd_real)(1.0 / (1.0 - pow(h->beta1, t))) : 1;
+    ts->inv_bc1 = inv_bc1;
     ts->inv_bc2 = h->bias_correction ? (cgd_real)(1.0 / (1.0 - pow(h->beta2, t))) : 1;
     ts->l = (side){1, tn->left_full, rows, (cgd_real *)tn->left_sq, (cgd_real *)tn->left_basis,
                    (cgd_real *)tn->left_eig, &tn->outcome[0]};
@@ -285,6 +286,7 @@ static void start_tensor(const cgd_block_hparams *hp, cgd_dtype dtype, const cgd
     for (int64_t e = 0; e < numel; ++e) {
         cgd_real v = cgd_load_real(dtype, tn->grad, e) / scale;
         g[e] = h->maximize ? -v : v;
+        if (!force) continue;
         m1[e] = beta1 * m1[e] + w1 * g[e];
         F[e] = m1[e] * inv_bc1;
     }
@@ -302,7 +304,7 @@ static void finish_tensor(const cgd_block_hparams *h, cgd_dtype dtype, const cgd
 static void kron_tensor_step(const cgd_block_hparams *hp, cgd_dtype dtype, const cgd_kron_tensor *tn, cgd_real scale,
                              scratch *w, float *counters) {
     tensor_start ts;
-    start_tensor(hp, dtype, tn, scale, w, &ts);
+    start_tensor(hp, dtype, tn, scale, 1, w, &ts);
     const cgd_block_hparams *h = &ts.h;
     const int64_t rows = tn->rows, cols = tn->cols;
     const cgd_real beta2 = (cgd_real)h->beta2, w2 = (cgd_real)(1.0 - h->beta2);
@@ -343,11 +345,11 @@ static void initial_basis(const side *sd, const cgd_real *F, int64_t rows, int64
    columns first put in descending order of their Rayleigh quotients u_k^T L u_k and V' (rows x cols) permuted
    with them, so each entry of V' stays with its basis vector. A non-finite L, or a QR whose result is not
    finite, keeps the old basis (counted). */
-static void power_refresh(const side *sd, const cgd_real *F, int64_t rows, int64_t cols, const cgd_block_hparams *h,
-                          cgd_real inv_bc2, cgd_real *V, scratch *w, float *counters) {
+static void power_refresh(const side *sd, const cgd_real *m1, cgd_real inv_bc1, int64_t rows, int64_t cols,
+                          const cgd_block_hparams *h, cgd_real inv_bc2, cgd_real *V, scratch *w, float *counters) {
     const int64_t n = sd->n;
     cgd_real *C = w->C, *Y = w->Q;
-    int finite = full_factor(sd, F, rows, cols, h->centered, inv_bc2, C);
+    int finite = full_factor(sd, m1, inv_bc1, rows, cols, h->centered, inv_bc2, C);
     if (finite) {
         cgd_gemm(0, 0, n, n, n, 1, sd->basis, n, C, n, 0, Y, n); /* row k = (L u_k)^T: L is symmetric */
         for (int64_t k = 0; k < n; ++k) {
@@ -412,37 +414,50 @@ static void scale_by_moments(cgd_real *restrict D, const cgd_real *restrict V, i
 #endif
 }
 
-/* One tensor's whole eigenbasis step (cgd.h), in the thread's scratch. */
+/* One tensor's whole eigenbasis step (cgd.h), in the thread's scratch. M1 is kept in the eigenbasis (exp_avg holds
+   U^T M1 V), so F' needs no rotation of its own: a step is three two-sided products (G in, the direction out, and
+   the factors' Gram updates), where rotating M1 each step would make it four. A refresh carries M1 into the new
+   basis through the original one. */
 static void eigenbasis_tensor_step(const cgd_block_hparams *hp, cgd_dtype dtype, const cgd_kron_tensor *tn,
                                    cgd_real scale, scratch *w, float *counters) {
+    const int first = tn->outcome[0] == CGD_BLOCK_NEVER && tn->outcome[1] == CGD_BLOCK_NEVER;
     tensor_start ts;
-    start_tensor(hp, dtype, tn, scale, w, &ts);
+    /* The first step forms M1 and F in the original space: the basis is built from them before anything rotates. */
+    start_tensor(hp, dtype, tn, scale, first, w, &ts);
     const cgd_block_hparams *h = &ts.h;
     const int64_t rows = tn->rows, cols = tn->cols, numel = rows * cols;
+    const cgd_real beta1 = (cgd_real)h->beta1, w1 = (cgd_real)(1.0 - h->beta1);
     const cgd_real beta2 = (cgd_real)h->beta2, w2 = (cgd_real)(1.0 - h->beta2);
     const side *l = &ts.l, *r = &ts.r;
-    cgd_real *V = (cgd_real *)tn->rotated_sq, *D = w->D;
-    const int first = *l->outcome == CGD_BLOCK_NEVER && *r->outcome == CGD_BLOCK_NEVER;
+    cgd_real *V = (cgd_real *)tn->rotated_sq, *m1 = (cgd_real *)tn->exp_avg, *D = w->D;
     if (first) {
         if (l->full) update_factor(l, w->g, rows, cols, beta2, w2, w->acc);
         if (r->full) update_factor(r, w->g, rows, cols, beta2, w2, w->acc);
         initial_basis(l, w->F, rows, cols, h, ts.inv_bc2, w, counters);
         initial_basis(r, w->F, rows, cols, h, ts.inv_bc2, w, counters);
+        memcpy(D, m1, (size_t)numel * sizeof(cgd_real));
+        rotate(l, r, D, rows, cols, 1, m1, w->Y);
     }
-    rotate(l, r, w->g, rows, cols, 1, D, w->Y);
-    for (int64_t e = 0; e < numel; ++e) V[e] = beta2 * V[e] + w2 * (D[e] * D[e]);
+    rotate(l, r, w->g, rows, cols, 1, D, w->Y); /* G' */
+    for (int64_t e = 0; e < numel; ++e) {
+        V[e] = beta2 * V[e] + w2 * (D[e] * D[e]);
+        if (!first) m1[e] = beta1 * m1[e] + w1 * D[e];
+        D[e] = m1[e] * ts.inv_bc1; /* F' */
+    }
     if (!first) { /* the basis stays this step's: the factors may take G now */
         if (l->full) update_factor(l, w->g, rows, cols, beta2, w2, w->acc);
         if (r->full) update_factor(r, w->g, rows, cols, beta2, w2, w->acc);
     }
-    rotate(l, r, w->F, rows, cols, 1, D, w->Y);
     if (h->power != 0.0)
         scale_by_moments(D, V, numel, ts.inv_bc2, h->centered, (cgd_real)h->eps, (cgd_real)h->power);
     rotate(l, r, D, rows, cols, 0, D, w->Y);
     finish_tensor(h, dtype, tn, D);
-    if (!first && h->refresh) {
-        if (l->full) power_refresh(l, w->F, rows, cols, h, ts.inv_bc2, V, w, counters);
-        if (r->full) power_refresh(r, w->F, rows, cols, h, ts.inv_bc2, V, w, counters);
+    if (!first && h->refresh && (l->full || r->full)) {
+        cgd_real *orig = w->F;
+        rotate(l, r, m1, rows, cols, 0, orig, w->Y); /* M1 in the original space */
+        if (l->full) power_refresh(l, orig, ts.inv_bc1, rows, cols, h, ts.inv_bc2, V, w, counters);
+        if (r->full) power_refresh(r, orig, ts.inv_bc1, rows, cols, h, ts.inv_bc2, V, w, counters);
+        rotate(l, r, orig, rows, cols, 1, m1, w->Y);
     }
 }
 

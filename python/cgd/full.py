@@ -139,7 +139,8 @@ class FullCGD(BaseOptimizer):
 
     ``metric="eigenbasis"`` (CPU for now) takes only the basis ``U (x) V`` from those factors' eigenvectors and
     keeps C's diagonal in that basis as its own EMA, ``V' <- beta2 V' + (1 - beta2) (U^T G V)^2``, so the metric
-    is exact wherever the eigenvectors of C are Kronecker products, whatever its eigenvalues::
+    is exact wherever the eigenvectors of C are Kronecker products, whatever its eigenvalues (the state's
+    ``exp_avg`` is M1 in that basis, ``U^T M1 V``, which saves a rotation per step)::
 
         F' = U^T F V,   C' = V' / bc2 - F'^2 (centered) or V' / bc2,   q <- q - lr U [F' / (eps + C')^power] V^T
 
@@ -603,13 +604,8 @@ class FullCGD(BaseOptimizer):
         bc1 = 1.0 - beta1**t if group["bias_correction"] and t > 0 else 1.0
         bc2 = 1.0 - beta2**t if group["bias_correction"] and t > 0 else 1.0
         c = state["rotated_sq"].detach().to("cpu", torch.float64) / bc2
-        if group["centered"]:
-            force = state["exp_avg"].detach().to("cpu", torch.float64) / bc1
-            for side, dim in (("left", 0), ("right", 1)):
-                basis = state[f"{side}_basis"].detach().to("cpu", torch.float64)  # row k = basis vector k
-                if basis.numel():
-                    force = basis @ force if dim == 0 else force @ basis.T
-            c = c - force**2
+        if group["centered"]:  # exp_avg is M1 in the eigenbasis already
+            c = c - (state["exp_avg"].detach().to("cpu", torch.float64) / bc1) ** 2
         lam = c.clamp_min(0.0).flatten().sort(descending=True).values
         return {
             "param": self._label(gi, j),
