@@ -9,19 +9,24 @@ Parts (``--parts``, default all):
                   without it): the induced-metric paper's 4 layers, 4 heads, 128 wide at GPU scale, 2 layers,
                   2 heads, 64 wide at CPU scale
 
-Real-model protocol, the same for every optimizer: a learning-rate grid of 7 values half a decade apart around
-the optimizer's own usual scale, widened by half a decade past an end while the best rate sits there (up to 3
-times; the rates tried are listed in the report), seed 0, full step budget, chosen by final validation loss;
-then seeds 0..2 at the chosen value. Reported: final validation loss (and accuracy) mean and spread, the best
-seed, time-to-target (wall-clock until the validation loss first reaches AdamW's mean final one), optimizer ms
-per step.
+Real-model protocol, the same for every optimizer: 7 tuning runs on seed 0 at the full step budget, chosen by
+final validation loss, then seeds 0..2 at the chosen setting. The 7 runs are a learning-rate grid of 7 values
+half a decade apart around the optimizer's own usual scale or, for a CGD mode with knobs, 5 of those rates and,
+at the best of them, its two alternative power/beta2 settings (the same budget); the rate is widened by half a
+decade past an end while the best sits there (up to 3 more runs, for everyone alike; every setting tried is
+listed in the report). Every run: linear warmup over 5% of the steps, then a cosine to 10% of the rate (every
+parameter group); on the GPT, gradient norms clipped at 1.0 as GPT training scripts do. Reported: final
+validation loss (and accuracy) mean and spread, the best seed, steps and wall-clock until the validation loss
+first reaches AdamW's mean final one, optimizer ms per step. Finished runs are cached (--cache), so a stopped
+suite resumes; long runs show a progress bar with the running training loss.
 
 Optimizers: AdamW (fused on a GPU), Muon (torch.optim.Muon on the 2-D hidden weights, AdamW at lr 1e-3 on the
 rest: embeddings, the output head, biases, norms, conv kernels; cgd.split_parameters), cgd.Muon the same way
-(conv kernels included, as out_channels x rest matrices), diagonal CGD (cgd.CGD), block CGD
-(cgd.FullCGD, block 16, eigenbasis refreshed every 10 steps), Kronecker CGD (cgd.FullCGD metric="kron", refresh
-every 10 steps), and the induced RMS metric (cgd.InducedMetric, xi = 1 / number of parameters, the paper's
-suggestion).
+(conv kernels included, as out_channels x rest matrices), SOAP (pytorch_optimizer's, refresh every 10 steps),
+diagonal CGD (cgd.CGD; knobs power 0.4, beta2 0.99), block CGD (cgd.FullCGD, block 16, eigenbasis refreshed
+every 10 steps), Kronecker CGD (cgd.FullCGD metric="kron", refresh every 10 steps), CGD in the Kronecker
+eigenbasis (metric="eigenbasis" at SOAP's settings; CPU only for now), each matrix metric with knobs power 0.4
+and 0.25, and the induced RMS metric (cgd.InducedMetric, xi = 1 / number of parameters, the paper's suggestion).
 
     ./run.sh suite                                   # CPU scale, or GPU scale on a GPU
     ./run.sh suite --parts gpt --data ../shared/data/tinyshakespeare.txt --scale gpu
@@ -33,6 +38,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
+import json
+import os
 import pathlib
 import statistics
 import sys
@@ -49,6 +57,7 @@ import tasks  # noqa: E402
 import cgd  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+CACHE = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "torch-cgd" / "suite-runs"
 SEEDS = (0, 1, 2)
 
 # Steps per run and evaluation interval, per task and scale.
@@ -93,9 +102,32 @@ def choose_lr(run: Callable[[float], dict], grid: tuple[float, ...], widen: int 
     return best, ok[best], dict(sorted(trials.items()))
 
 
-def optimizer_grid(gpu: bool) -> dict[str, tuple[tuple[float, ...], Callable[[torch.nn.Module, float], object]]]:
-    """Per optimizer, its lr grid and a factory of (model, lr): the Muon rows split the model's parameters as
-    Muon is meant to be used (cgd.split_parameters: hidden matrices to Muon, the rest to AdamW at lr 1e-3)."""
+def choose_setting(run: Callable[[float, dict], dict], grid: tuple[float, ...], knobs: tuple[dict, ...] = (),
+                   widen: int = 3) -> tuple[tuple[float, dict], dict, dict[str, dict]]:
+    """The tuning of one optimizer within the same number of runs for everyone: without knobs, choose_lr over the
+    grid; with them (a CGD mode's alternative power or beta2 settings), choose_lr over the grid less one point per
+    knob (its ends dropped alternately), then each knob at the chosen rate. Returns the chosen (lr, knob), its
+    run and every trial by label."""
+    knob_label = lambda knob: ", ".join(f"{k}={v:g}" for k, v in knob.items())  # noqa: E731
+    inner = grid
+    for k in range(len(knobs)):
+        inner = inner[1:] if k % 2 == 0 else inner[:-1]
+    lr, first, by_lr = choose_lr(lambda x: run(x, {}), inner, widen)
+    trials = {f"{x:g}": r for x, r in by_lr.items()}
+    best = ((lr, {}), first)
+    for knob in knobs if lr == lr else ():
+        r = run(lr, knob)
+        trials[f"{lr:g} ({knob_label(knob)})"] = r
+        if "failed" not in r and ("failed" in best[1] or loss_of(r["final"]) < loss_of(best[1]["final"])):
+            best = ((lr, knob), r)
+    return best[0], best[1], trials
+
+
+def optimizer_grid(gpu: bool) -> dict[str, tuple[tuple[float, ...], Callable[..., object], tuple[dict, ...]]]:
+    """Per optimizer, its lr grid, a factory of (model, lr, **knob) and its knobs (CGD's power/beta2
+    alternatives, tuned within the same run budget, see choose_setting): the Muon rows split the model's
+    parameters as Muon is meant to be used (cgd.split_parameters: hidden matrices to Muon, the rest to AdamW at
+    lr 1e-3)."""
     def with_adamw(muon_cls):
         def make(model, lr):
             hidden, rest = cgd.split_parameters(model)
@@ -114,20 +146,37 @@ def optimizer_grid(gpu: bool) -> dict[str, tuple[tuple[float, ...], Callable[[to
         n = sum(p.numel() for p in model.parameters())
         return cgd.InducedMetric(model.parameters(), lr=lr, gamma="rms", xi=1.0 / n, weight_decay=0.01)
 
+    def soap(model, lr):
+        from pytorch_optimizer import SOAP
+
+        return SOAP(model.parameters(), lr=lr, weight_decay=0.01, precondition_frequency=10)
+
+    def diagonal(model, lr, beta2=0.999, **knob):
+        return cgd.CGD(model.parameters(), lr=lr, betas=(0.9, beta2), weight_decay=0.01, **knob)
+
+    def matrix(metric, **fixed):
+        def make(model, lr, beta2=None, **knob):
+            betas = {} if beta2 is None else {"betas": (fixed.get("betas", (0.9, 0.999))[0], beta2)}
+            return cgd.FullCGD(model.parameters(), lr=lr, metric=metric, refresh_every=10, weight_decay=0.01,
+                               nonfinite="ignore", **{**fixed, **betas, **knob})
+        return make
+
     adam_scale = log_grid(1e-3)
     muon_scale = log_grid(1e-2)
+    powers = ({"power": 0.4}, {"power": 0.25})
+    # SOAP's own settings (Vyas et al. 2024), in the eigenbasis metric: a = 1/2, raw, Adam's start.
+    soap_like = dict(power=0.5, centered=False, bias_correction=True, m2_init=0.0, betas=(0.95, 0.95), eps=1e-16)
     return {
         "AdamW": (adam_scale, lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01,
-                                                               fused=gpu or None)),
-        "Muon + AdamW": (muon_scale, with_adamw(torch.optim.Muon)),
-        "cgd.Muon + AdamW": (muon_scale, with_adamw(cgd.Muon)),
-        "CGD diagonal": (adam_scale, lambda m, lr: cgd.CGD(m.parameters(), lr=lr, weight_decay=0.01)),
-        "CGD block 16": (log_grid(3e-3), lambda m, lr: cgd.FullCGD(
-            m.parameters(), lr=lr, metric="block", block_size=16, refresh_every=10, weight_decay=0.01,
-            nonfinite="ignore")),
-        "CGD kron": (log_grid(3e-3), lambda m, lr: cgd.FullCGD(
-            m.parameters(), lr=lr, metric="kron", refresh_every=10, weight_decay=0.01, nonfinite="ignore")),
-        "Induced RMS": (adam_scale, induced),
+                                                               fused=gpu or None), ()),
+        "Muon + AdamW": (muon_scale, with_adamw(torch.optim.Muon), ()),
+        "cgd.Muon + AdamW": (muon_scale, with_adamw(cgd.Muon), ()),
+        "SOAP": (log_grid(3e-3), soap, ()),
+        "CGD diagonal": (adam_scale, diagonal, ({"power": 0.4}, {"beta2": 0.99})),
+        "CGD block 16": (log_grid(3e-3), matrix("block", block_size=16), powers),
+        "CGD kron": (log_grid(3e-3), matrix("kron"), powers),
+        "CGD eigenbasis": (log_grid(3e-3), matrix("eigenbasis", **soap_like), powers),
+        "Induced RMS": (adam_scale, induced, ()),
     }
 
 
@@ -216,10 +265,10 @@ def make_task(name: str, device, seed: int, scale: str, data: str | None, gpt: s
 
 # ---- runs ----
 
-def train_run(task: tasks.Task, make, steps: int, every: int, gpu: bool) -> dict:
+def train_run(task: tasks.Task, make, steps: int, every: int, gpu: bool, label: str | None = None) -> dict:
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     try:
-        h = tasks.train(task, make, steps, eval_every=every, sync=sync)
+        h = tasks.train(task, make, steps, eval_every=every, sync=sync, schedule=True, progress=label)
     except (RuntimeError, ValueError) as error:  # e.g. a non-finite gradient refused
         return {"failed": str(error).splitlines()[0][:120]}
     if h.diverged or not h.evals:
@@ -228,10 +277,40 @@ def train_run(task: tasks.Task, make, steps: int, every: int, gpu: bool) -> dict
             "opt_ms": 1e3 * h.optimizer_seconds / max(len(h.steps), 1)}
 
 
+class RunCache:
+    """Finished runs by their full description (task, scale, model, steps, optimizer, lr, knob, seed and the
+    protocol's version), one JSON file each, so an interrupted suite resumes where it stopped. A run is cached
+    whatever its outcome; change PROTOCOL (or pass --no-cache) when what a run computes changes."""
+
+    PROTOCOL = "2026-12-01 warmup-cosine clip"
+
+    def __init__(self, root: pathlib.Path | None) -> None:
+        self.root = root
+        if root is not None:
+            root.mkdir(parents=True, exist_ok=True)
+
+    def run(self, key: dict, compute: Callable[[], dict]) -> dict:
+        if self.root is None:
+            return compute()
+        text = json.dumps({**key, "protocol": self.PROTOCOL}, sort_keys=True)
+        path = self.root / (hashlib.sha256(text.encode()).hexdigest()[:24] + ".json")
+        if path.exists():
+            return json.loads(path.read_text())["result"]
+        result = compute()
+        path.write_text(json.dumps({"key": json.loads(text), "result": result}))
+        return result
+
+
 def time_to(run: dict, target: float) -> float | None:
+    step = steps_to(run, target)
+    return None if step is None else run["seconds"][step - 1]
+
+
+def steps_to(run: dict, target: float) -> int | None:
+    """The first evaluation step whose held-out loss is at or below `target` (evaluation granularity)."""
     for step, metrics in run["evals"]:
-        if metrics.get("val_loss", metrics.get("test_loss")) <= target:
-            return run["seconds"][step - 1]
+        if loss_of(metrics) <= target:
+            return step
     return None
 
 
@@ -244,25 +323,29 @@ def real_model(name: str, args, device, gpu: bool, lines: list[str]) -> None:
     if args.steps:
         steps, every = args.steps, max(1, args.steps // 4)
     grid = optimizer_grid(gpu)
-    chosen: dict[str, tuple[float, list[dict]]] = {}
-    tried: dict[str, tuple[float, ...]] = {}
-    for opt_name, (lrs, factory) in grid.items():
+    chosen: dict[str, tuple[str, list[dict]]] = {}
+    tried: dict[str, list[str]] = {}
+    cache = RunCache(None if args.no_cache else args.cache)
+    for opt_name, (lrs, factory, knobs) in grid.items():
         if args.optimizers and opt_name not in args.optimizers:
             continue
-        def one(lr, factory=factory, opt_name=opt_name):
-            r = train_run(make_task(name, device, 0, args.scale, args.data, args.gpt),
-                          lambda m: factory(m, lr), steps, every, gpu)
-            print(f"{name} {opt_name} lr={lr:g}: {r.get('failed') or loss_of(r['final'])}", file=sys.stderr)
+
+        def one(lr, knob, seed=0, factory=factory, opt_name=opt_name):
+            label = f"{name} {opt_name} lr={lr:g}" + "".join(f" {k}={v:g}" for k, v in knob.items()) + f" seed {seed}"
+            key = dict(task=name, scale=args.scale, gpt=args.gpt, steps=steps, every=every, optimizer=opt_name,
+                       lr=lr, knob=knob, seed=seed, device=device.type)
+            r = cache.run(key, lambda: train_run(make_task(name, device, seed, args.scale, args.data, args.gpt),
+                                                 lambda m: factory(m, lr, **knob), steps, every, gpu, label))
+            print(f"{label}: {r.get('failed') or loss_of(r['final'])}", file=sys.stderr)
             return r
 
-        lr, first, trials = choose_lr(one, lrs)
-        tried[opt_name] = tuple(trials)
+        (lr, knob), first, trials = choose_setting(one, lrs, knobs)
+        tried[opt_name] = list(trials)
+        setting = f"{lr:g}" + "".join(f", {k}={v:g}" for k, v in knob.items())
         if lr != lr:  # every rate failed
-            chosen[opt_name] = (lr, [first])
+            chosen[opt_name] = ("–", [first])
             continue
-        runs = [first] + [train_run(make_task(name, device, s, args.scale, args.data, args.gpt),
-                                    lambda m, lr=lr: factory(m, lr), steps, every, gpu) for s in SEEDS[1:]]
-        chosen[opt_name] = (lr, runs)
+        chosen[opt_name] = (setting, [first] + [one(lr, knob, seed) for seed in SEEDS[1:]])
     good = {k: [r for r in runs if "failed" not in r] for k, (_, runs) in chosen.items()}
     target = statistics.mean(loss_of(r["final"]) for r in good.get("AdamW", [])) if good.get("AdamW") else None
     title = {"mlp": "MLP on digits", "cnn": "ResNet-style CNN on digits",
@@ -270,23 +353,27 @@ def real_model(name: str, args, device, gpu: bool, lines: list[str]) -> None:
                  "" if args.scale != "cpu" else " (4 layers, 128 wide, context 64)" if args.gpt == "paper"
                  else " (2 layers, 64 wide)")}
     lines += [f"\n## {title[name]} ({steps} steps, evaluation every {every})\n",
-              "| optimizer | lr grid | chosen lr | final val loss (mean ± sd over seeds) | best seed | accuracy "
-              "| time to AdamW's loss (s) | optimizer ms/step |", "|---|---|---|---|---|---|---|---|"]
-    for opt_name, (lr, runs) in chosen.items():
+              "| optimizer | settings tried (seed 0) | chosen | final val loss (mean ± sd over seeds) | best seed "
+              "| accuracy | steps to AdamW's loss | time to it (s) | optimizer ms/step |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for opt_name, (setting, runs) in chosen.items():
         ok = good[opt_name]
-        lrs = ", ".join(f"{x:g}" for x in tried[opt_name])
+        settings = "; ".join(tried[opt_name])
         if not ok:
-            lines.append(f"| {opt_name} | {lrs} | – | failed: {runs[0].get('failed')} | | | | |")
+            lines.append(f"| {opt_name} | {settings} | – | failed: {runs[0].get('failed')} | | | | | |")
             continue
         losses = [loss_of(r["final"]) for r in ok]
         acc = [r["final"]["test_acc"] for r in ok if "test_acc" in r["final"]]
-        times = [time_to(r, target) for r in ok] if target is not None else []
-        reached = [t for t in times if t is not None]
+        steps_hit = [steps_to(r, target) for r in ok] if target is not None else []
+        hit = [x for x in steps_hit if x is not None]
+        reached = [t for t in ([time_to(r, target) for r in ok] if target is not None else []) if t is not None]
         sd = statistics.stdev(losses) if len(losses) > 1 else 0.0
         acc_cell = f"{100 * statistics.mean(acc):.1f}%" if acc else "–"
-        time_cell = f"{statistics.mean(reached):.1f} ({len(reached)}/{len(ok)} seeds)" if reached else "not reached"
-        lines.append(f"| {opt_name} | {lrs} | {lr:g} | {statistics.mean(losses):.4f} ± {sd:.4f} | {min(losses):.4f} "
-                     f"| {acc_cell} | {time_cell} | {statistics.mean(r['opt_ms'] for r in ok):.2f} |")
+        steps_cell = f"{statistics.mean(hit):.0f} ({len(hit)}/{len(ok)} seeds)" if hit else "not reached"
+        time_cell = f"{statistics.mean(reached):.1f}" if reached else "–"
+        lines.append(f"| {opt_name} | {settings} | {setting} | {statistics.mean(losses):.4f} ± {sd:.4f} "
+                     f"| {min(losses):.4f} | {acc_cell} | {steps_cell} | {time_cell} "
+                     f"| {statistics.mean(r['opt_ms'] for r in ok):.2f} |")
     plot(name, good, args)
     lines.append(f"\n![{name}](suite_{args.scale}_{name}.png)\n")
 
@@ -365,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU scale's GPT: 2 layers, 64 wide, context 32 (small), or the induced-metric "
                              "paper's 4 layers, 4 heads, 128 wide at context 64 (paper)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--cache", type=pathlib.Path, default=CACHE,
+                        help=f"finished runs, kept so that a stopped suite resumes (default {CACHE})")
+    parser.add_argument("--no-cache", action="store_true", help="neither read nor write the run cache")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -374,9 +464,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "./run.sh suite " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [f"# Benchmark suite, {args.scale} scale\n",
              f"{where}, torch {torch.__version__}, {datetime.date.today().isoformat()}, `{command.strip()}`\n",
-             "Protocol: see the docstring of benchmarks/suite.py (7-point lr grid per optimizer on seed 0, widened "
-             "while the best rate sits at an end, then "
-             f"seeds {SEEDS} at the chosen lr; time-to-target is wall-clock to AdamW's mean final loss)."]
+             "Protocol: see the docstring of benchmarks/suite.py (7 runs per optimizer on seed 0: a 7-point lr "
+             "grid, or for a CGD mode 5 rates and its two power/beta2 alternatives at the best; widened while the "
+             f"best rate sits at an end; then seeds {SEEDS} at the chosen setting; warmup + cosine schedule, "
+             "gradient clipping at 1.0 on the GPT; steps/time-to-target: to AdamW's mean final loss)."]
     t0 = time.perf_counter()
     for part in args.parts:
         if part == "rosenbrock":

@@ -23,6 +23,7 @@ class Task:
     batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # step -> (inputs, targets), same for everyone
     loss: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
     evaluate: Callable[[torch.nn.Module], dict[str, float]]  # held-out metrics
+    clip: float | None = None  # gradient-norm clipping, as the model's usual training scripts do
 
 
 # ---- digits ----
@@ -137,7 +138,7 @@ def shakespeare(path: str, device: str | torch.device, seed: int = 0, batch_size
         mean = sum(losses) / len(losses)
         return {"val_loss": mean, "val_ppl": math.exp(mean)}
 
-    return Task("shakespeare", make_model, batch, loss, evaluate)
+    return Task("shakespeare", make_model, batch, loss, evaluate, clip=1.0)  # GPT scripts clip at norm 1
 
 
 # ---- the loop ----
@@ -152,14 +153,38 @@ class History:
     diverged: bool = False
 
 
+def warmup_cosine(steps: int, warmup: float = 0.05, floor: float = 0.1) -> Callable[[int], float]:
+    """The learning-rate factor of GPT training scripts: linear warmup over the first `warmup` of the steps, then
+    a cosine from 1 down to `floor` at the last step."""
+    ramp = max(1, round(warmup * steps))
+
+    def factor(step: int) -> float:
+        if step < ramp:
+            return (step + 1) / ramp
+        done = (step - ramp) / max(1, steps - 1 - ramp)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+
+    return factor
+
+
 def train(task: Task, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer], steps: int,
-          eval_every: int = 0, sync: Callable[[], None] = lambda: None) -> History:
+          eval_every: int = 0, sync: Callable[[], None] = lambda: None, schedule: bool = False,
+          progress: str | None = None) -> History:
     """Trains a fresh model (make_optimizer gets the model, so it can split its parameters); records the training
     loss every step and held-out metrics every eval_every steps. `sync` (torch.cuda.synchronize on a GPU) makes
-    the optimizer timing honest."""
+    the optimizer timing honest. `schedule`: warmup_cosine on every parameter group's lr. The task's `clip`, if
+    set, clips the gradient norm before each step (outside the optimizer's timing). `progress`: a tqdm bar with
+    that label and the running training loss."""
     model = task.make_model()
     opt = make_optimizer(model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps)) if schedule else None
     h = History()
+    bar = None
+    if progress is not None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, desc=progress, leave=False, mininterval=2.0, dynamic_ncols=True)
+    running = None
     start = time.perf_counter()
     for step in range(steps):
         x, y = task.batch(step)
@@ -170,11 +195,19 @@ def train(task: Task, make_optimizer: Callable[[torch.nn.Module], torch.optim.Op
             h.diverged = True
             break
         loss.backward()
+        if task.clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), task.clip)
         sync()
         t0 = time.perf_counter()
         opt.step()
         sync()
         h.optimizer_seconds += time.perf_counter() - t0
+        if scheduler is not None:
+            scheduler.step()
+        if bar is not None:
+            running = value if running is None else 0.95 * running + 0.05 * value
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4f}", refresh=False)
         h.steps.append(step + 1)
         h.train_loss.append(value)
         h.seconds.append(time.perf_counter() - start)
@@ -182,6 +215,8 @@ def train(task: Task, make_optimizer: Callable[[torch.nn.Module], torch.optim.Op
             model.eval()
             h.evals.append((step + 1, task.evaluate(model)))
             model.train()
+    if bar is not None:
+        bar.close()
     if not h.evals and not h.diverged:
         h.evals.append((len(h.steps), task.evaluate(model)))
     return h

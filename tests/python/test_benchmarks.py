@@ -85,16 +85,33 @@ def test_low_dim_writes_table_and_plot(tmp_path):
 def test_suite_writes_every_part(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("To be, or not to be, that is the question.\n" * 40)
-    assert suite.main(["--device", "cpu", "--scale", "cpu", "--parts", "rosenbrock", "mlp", "cnn", "gpt", "--steps",
-                       "2", "--optimizers", "AdamW", "Muon + AdamW", "CGD kron", "--data", str(text),
-                       "--out", str(tmp_path)]) == 0
+    argv = ["--device", "cpu", "--scale", "cpu", "--parts", "rosenbrock", "mlp", "cnn", "gpt", "--steps", "2",
+            "--optimizers", "AdamW", "Muon + AdamW", "CGD kron", "CGD eigenbasis", "SOAP", "--data", str(text),
+            "--out", str(tmp_path), "--cache", str(tmp_path / "cache")]
+    assert suite.main(argv) == 0
     report = (tmp_path / "suite_cpu.md").read_text()
     assert "| CGD (full) |" in report and "| AdaBelief |" in report  # the paper's Table 1 rows
     for task in ("MLP on digits", "ResNet-style CNN", "character GPT"):
         assert f"## {task}" in report
     assert report.count("| CGD kron |") == 3 and "not applicable: torch.optim.Muon takes 2-D" in report
+    assert report.count("| CGD eigenbasis |") == 3 and report.count("| SOAP |") == 3
+    assert "0.00316 (power=0.4); 0.00316 (power=0.25)" in report or "(power=0.4)" in report  # the knob runs
     for task in ("mlp", "cnn", "gpt"):
         assert (tmp_path / f"suite_cpu_{task}.png").stat().st_size > 1000
+    # Every run is cached: a second suite over the same runs trains nothing and writes the same tables.
+    cached = sorted((tmp_path / "cache").glob("*.json"))
+    assert len(cached) >= 3 * 5 * (7 + 2)
+    calls = []
+    real = suite.train_run
+    suite.train_run = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        assert suite.main(argv[:-4] + ["--out", str(tmp_path / "again"), "--cache", str(tmp_path / "cache")]) == 0
+    finally:
+        suite.train_run = real
+    assert calls == []
+    again = (tmp_path / "again" / "suite_cpu.md").read_text()
+    strip = lambda text: [line for line in text.splitlines()[2:] if "|" in line and "Rosenbrock" not in line]  # noqa
+    assert [line.split("|")[1:6] for line in strip(again)] == [line.split("|")[1:6] for line in strip(report)]
 
 
 def test_lr_grid_is_seven_points_and_widens_until_the_choice_is_inside():
@@ -115,3 +132,18 @@ def test_lr_grid_is_seven_points_and_widens_until_the_choice_is_inside():
     assert lr == min(trials) and len(trials) == 9  # at the lower end after the widening budget: reported as such
     lr, result, _ = suite.choose_lr(lambda x: {"failed": "diverged"}, (1e-3, 1e-2))
     assert lr != lr and result == {"failed": "diverged"}
+
+
+def test_a_cgd_mode_tunes_its_knobs_within_the_same_seven_runs():
+    calls = []
+
+    def run(lr, knob):  # best at lr = 1e-3 with power 0.25
+        calls.append((lr, dict(knob)))
+        return {"final": {"val_loss": (math.log10(lr) + 3) ** 2 + (knob.get("power", 0.5) - 0.25) ** 2}}
+
+    (lr, knob), result, trials = suite.choose_setting(run, suite.log_grid(1e-3), ({"power": 0.4}, {"power": 0.25}))
+    assert (lr, knob) == (1e-3, {"power": 0.25}) and len(calls) == 7
+    assert [c[0] for c in calls[:5]] == list(suite.log_grid(1e-3)[1:-1])  # the grid less an end each
+    assert list(trials)[-2:] == ["0.001 (power=0.4)", "0.001 (power=0.25)"]
+    (lr, knob), _, _ = suite.choose_setting(run, suite.log_grid(1e-3))
+    assert knob == {} and lr == 1e-3
