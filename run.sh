@@ -2,7 +2,7 @@
 # torch-cgd's one entry point. It installs what it needs (Debian build packages when missing, Python packages
 # into a virtual environment outside the clone), builds with CMake, then runs the command:
 #
-#   ./run.sh compare [args]   short training comparison: CGD vs Adam vs AdamW (on the GPU when there is one)
+#   ./run.sh compare [args]   main job: CGD's matrix modes vs AdamW and Muon on a character GPT (GPU when there is one)
 #   ./run.sh test             build, then every test: GoogleTest (C/CUDA layer), and pytest (Python layer) against
 #                             a wheel of this clone installed into a fresh virtual environment
 #   ./run.sh build            configure and build only

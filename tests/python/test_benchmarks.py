@@ -21,24 +21,38 @@ import suite  # noqa: E402
 
 
 def test_compare_writes_table_and_plot(tmp_path, capsys):
-    assert compare.main(["--steps", "12", "--seeds", "2", "--device", "cpu", "--out", str(tmp_path)]) == 0
-    report = (tmp_path / "compare_digits_cpu.md").read_text()
-    for name in ("cgd.CGD", "torch.optim.Adam", "torch.optim.AdamW"):
+    assert compare.main(["--task", "mlp", "--steps", "12", "--seeds", "2", "--device", "cpu", "--out",
+                         str(tmp_path)]) == 0
+    report = (tmp_path / "compare_mlp_cpu.md").read_text()
+    for name in ("AdamW", "Muon + AdamW", "cgd.Muon + AdamW", "CGD eigenbasis", "CGD diagonal"):
         assert f"| {name} |" in report
-    assert (tmp_path / "compare_digits_cpu.png").stat().st_size > 1000
+    assert "reached the lowest validation loss of the CGD modes" in report
+    assert (tmp_path / "compare_mlp_cpu.png").stat().st_size > 1000
 
 
-def test_compare_shakespeare_needs_data(tmp_path):
+def test_compare_gpt_needs_data(tmp_path):
     with pytest.raises(SystemExit, match="--data"):
-        compare.main(["--task", "shakespeare", "--steps", "2", "--out", str(tmp_path)])
+        compare.main(["--task", "gpt", "--data", str(tmp_path / "absent.txt"), "--steps", "2", "--out",
+                      str(tmp_path)])
 
 
-def test_compare_shakespeare_tiny(tmp_path):
+def test_compare_gpt_tiny(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("To be, or not to be, that is the question.\n" * 40)
-    assert compare.main(["--task", "shakespeare", "--data", str(text), "--steps", "3", "--seeds", "1",
-                         "--device", "cpu", "--out", str(tmp_path)]) == 0
-    assert "val_ppl" in (tmp_path / "compare_shakespeare_cpu.md").read_text()
+    assert compare.main(["--data", str(text), "--steps", "3", "--seeds", "1", "--device", "cpu", "--optimizers",
+                         "AdamW", "CGD eigenbasis", "--out", str(tmp_path)]) == 0
+    assert "val loss" in (tmp_path / "compare_gpt_cpu.md").read_text()
+
+
+def test_compare_verdict_says_what_the_numbers_mean():
+    baselines = {"AdamW": (2.10, 0.01), "Muon + AdamW": (1.98, 0.01)}
+    win = compare.verdict({**baselines, "CGD eigenbasis": (1.90, 0.01), "CGD diagonal": (2.1, 0.02)})
+    assert win.startswith("CGD eigenbasis reached") and "below Muon + AdamW (1.980)" in win
+    assert win.endswith("A CGD mode wins here.")
+    level = compare.verdict({**baselines, "cgd.Muon + AdamW": (1.985, 0.01)})
+    assert "level with Muon + AdamW" in level and "below AdamW" in level
+    assert level.endswith("No CGD mode beats both baselines here.")
+    assert compare.verdict(baselines).startswith("No CGD row finished")
 
 
 def test_step_time_reports_every_optimizer(tmp_path):
