@@ -24,7 +24,7 @@ def test_compare_writes_table_and_plot(tmp_path, capsys):
     assert compare.main(["--task", "mlp", "--steps", "12", "--seeds", "2", "--device", "cpu", "--out",
                          str(tmp_path)]) == 0
     report = (tmp_path / "compare_mlp_cpu.md").read_text()
-    for name in ("AdamW", "Muon + AdamW", "cgd.Muon + AdamW", "CGD eigenbasis", "CGD diagonal"):
+    for name in ("AdamW", "Muon + AdamW", "cgd.Muon + AdamW", "CGD eigenbasis"):
         assert f"| {name} |" in report
     assert "reached the lowest validation loss of the CGD modes" in report
     assert (tmp_path / "compare_mlp_cpu.png").stat().st_size > 1000
@@ -46,7 +46,7 @@ def test_compare_gpt_tiny(tmp_path):
 
 def test_compare_verdict_says_what_the_numbers_mean():
     baselines = {"AdamW": (2.10, 0.01), "Muon + AdamW": (1.98, 0.01)}
-    win = compare.verdict({**baselines, "CGD eigenbasis": (1.90, 0.01), "CGD diagonal": (2.1, 0.02)})
+    win = compare.verdict({**baselines, "CGD eigenbasis": (1.90, 0.01), "cgd.Muon + AdamW": (1.99, 0.02)})
     assert win.startswith("CGD eigenbasis reached") and "below Muon + AdamW (1.980)" in win
     assert win.endswith("A CGD mode wins here.")
     level = compare.verdict({**baselines, "cgd.Muon + AdamW": (1.985, 0.01)})
@@ -109,7 +109,7 @@ def test_suite_writes_every_part(tmp_path):
         assert f"## {task}" in report
     assert report.count("| CGD kron |") == 3 and "not applicable: torch.optim.Muon takes 2-D" in report
     assert report.count("| CGD eigenbasis |") == 3 and report.count("| SOAP |") == 3
-    assert "0.00316 (power=0.4); 0.00316 (power=0.25)" in report or "(power=0.4)" in report  # the knob runs
+    assert "(power=0.5); " in report and "(power=0.4); " in report  # the kron and eigenbasis knob runs
     for task in ("mlp", "cnn", "gpt"):
         assert (tmp_path / f"suite_cpu_{task}.png").stat().st_size > 1000
     # Every run is cached: a second suite over the same runs trains nothing and writes the same tables.
