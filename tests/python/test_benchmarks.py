@@ -22,7 +22,7 @@ import suite  # noqa: E402
 
 def test_compare_writes_table_and_plot(tmp_path, capsys):
     assert compare.main(["--task", "mlp", "--steps", "12", "--seeds", "2", "--device", "cpu", "--out",
-                         str(tmp_path)]) == 0
+                         str(tmp_path), "--optimizers", *compare.LEARNING_RATES["mlp"]]) == 0
     report = (tmp_path / "compare_mlp_cpu.md").read_text()
     for name in ("AdamW", "Muon + AdamW", "cgd.Muon + AdamW", "CGD eigenbasis"):
         assert f"| {name} |" in report
@@ -42,6 +42,11 @@ def test_compare_gpt_tiny(tmp_path):
     assert compare.main(["--data", str(text), "--steps", "3", "--seeds", "1", "--device", "cpu", "--optimizers",
                          "AdamW", "CGD eigenbasis", "--out", str(tmp_path)]) == 0
     assert "val loss" in (tmp_path / "compare_gpt_cpu.md").read_text()
+
+
+def test_compare_names_an_unknown_row(tmp_path):
+    with pytest.raises(SystemExit, match="no such row"):
+        compare.main(["--task", "mlp", "--optimizers", "Adam", "--out", str(tmp_path)])
 
 
 def test_compare_verdict_says_what_the_numbers_mean():
