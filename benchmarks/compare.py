@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {n: spread(v) for n, v in final.items() if v}
     target = summary["AdamW"][0] if "AdamW" in summary else None
     held_out = "val loss" if task == "gpt" else "test loss"
-    rows = ["| optimizer | lr | final " + held_out + " (mean ± sd) | steps to AdamW's final loss | optimizer ms/step |",
+    rows = [f"| optimizer | lr | final {held_out} (mean ± sd) | steps to AdamW's final loss | optimizer ms/step |",
             "|---|---|---|---|---|"]
     for name, hs in runs.items():
         ok = [h for h in hs if not h.diverged]

@@ -169,7 +169,8 @@ class FullCGD(BaseOptimizer):
         refresh_every: steps between eigendecompositions (solver "eigh"), or between the eigenbasis metric's
             basis refreshes.
         solver: "auto", "eigh" or "lanczos" (full/block metrics; see above).
-        max_factor_dim: for ``metric="kron"`` and ``"eigenbasis"``, the longest side that gets a full factor (at most 46340).
+        max_factor_dim: for ``metric="kron"`` and ``"eigenbasis"``, the longest side that gets a full factor (at
+            most 46340).
         centered: use the covariance M2 - M1 M1^T (True, eq 4.9) or the second moment M2.
         bias_correction, m2_init: default is the paper's start M1 = 0, M2 = m2_init * I = I without bias
             correction. With Adam's start (m2_init=0, bias_correction=True) the first step's covariance is exactly
