@@ -16,7 +16,7 @@ import torch
 from . import _ops  # noqa: F401  (loads the operator library)
 from ._base import BaseOptimizer, mark_updated, on_device, overflow_limit, state_dtype
 from ._distributed import full, is_dtensor, local, step_shard
-from ._validate import bad, check_lr, choice, in_range, number
+from ._validate import bad, check_lr, choice, in_range, number, tau_to_beta
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 NS_PRECISIONS = ("bfloat16", "float32")
@@ -56,6 +56,8 @@ class Muon(BaseOptimizer):
             exactly through the eigendecomposition of the smaller Gram matrix X X^T, at any power in [0, 1] (0.5:
             the exact orthogonalisation U V^T that Newton-Schulz approximates; 0: the normalised momentum). A
             failed eigendecomposition (float32, then float64) keeps X, counted in :meth:`solver_stats`.
+        tau: the force's timescale in steps, CGD's way of giving the momentum: ``momentum = tau / (1 + tau)``
+            (tau = 19 is the default 0.95); pass either this or ``momentum``.
         nonfinite: "raise" (default), "skip" or "ignore", as for ``cgd.FullCGD``.
 
     The momentum buffer (``momentum_buffer``, torch's name and shape) is float32 for bf16/fp16 parameters and
@@ -71,7 +73,11 @@ class Muon(BaseOptimizer):
                  nesterov: bool = True, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
                  eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None, *,
                  ns_precision: str = "bfloat16", power: float = 0.5, solver: str = "newton_schulz",
-                 nonfinite: str | None = None) -> None:
+                 tau: float | None = None, nonfinite: str | None = None) -> None:
+        if tau is not None:
+            if momentum != 0.95:
+                raise bad("tau", tau, f"pass either tau or momentum (got momentum = {momentum!r} too)")
+            momentum = tau_to_beta(tau)
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
                         ns_precision=ns_precision, power=power, solver=solver)

@@ -193,3 +193,13 @@ def test_resume_is_bit_identical(tmp_path):
     opt2.load_state_dict(saved["opt"])
     train(resumed, opt2, grads[4:])
     assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
+
+
+def test_tau_gives_the_momentum_and_is_exclusive_with_it():
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    assert cgd.Muon([w], tau=19.0).param_groups[0]["momentum"] == pytest.approx(0.95)
+    assert cgd.Muon([w], tau=9.0).param_groups[0]["momentum"] == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="tau"):
+        cgd.Muon([w], tau=9.0, momentum=0.9)
+    with pytest.raises(ValueError, match="tau"):
+        cgd.Muon([w], tau=-1.0)
