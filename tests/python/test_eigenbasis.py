@@ -241,3 +241,46 @@ def test_opcheck_eigenbasis_step():
     hyper = dict(lr=0.01, beta1=0.9, beta2=0.99, power=0.5, eps=1e-8, weight_decay=0.0, centered=True,
                  bias_correction=False, maximize=False, refresh=True)
     torch.library.opcheck(torch.ops.cgd.eigenbasis_step_.default, args, hyper)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_parameters_keep_float32_state(dtype):
+    model, reference = net(dtype), net()
+    make = lambda m: cgd.FullCGD(m.parameters(), metric="eigenbasis", lr=3e-3, refresh_every=3,  # noqa: E731
+                                 **SOAP_LIKE)
+    opt, ref_opt = make(model), make(reference)
+    for x, y in data(10):
+        for m, o, xx in ((model, opt, x.to(dtype)), (reference, ref_opt, x)):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(xx).float(), y).backward()
+            o.step()
+    moved = 0.0
+    for p, q, s in zip(model.parameters(), reference.parameters(), net().parameters()):
+        expected = {"step": torch.float64, "outcome": torch.int32}
+        assert all(v.dtype == expected.get(k, torch.float32) for k, v in opt.state[p].items()
+                   if isinstance(v, torch.Tensor))
+        assert (p.float() - q).abs().max().item() < 0.01  # measured 0.003 (fp16), 0.004 (bf16)
+        moved = max(moved, (q - s).abs().max().item())
+    assert moved > 0.02  # the comparison is not between two models that stood still
+
+
+def test_grad_scaler_steps_as_unscaled_and_skips_an_overflow():
+    model, reference = net(), net()
+    make = lambda m: cgd.FullCGD(m.parameters(), metric="eigenbasis", lr=3e-3, refresh_every=2)  # noqa: E731
+    opt, ref_opt = make(model), make(reference)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for i, (x, y) in enumerate(data(6)):
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+        if i == 3:  # an overflow: the scaler skips the step, the reference does not take it either
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+            continue
+        torch.nn.functional.mse_loss(reference(x), y).backward()
+        scaler.step(opt)
+        scaler.update()
+        ref_opt.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert (p - q).abs().max().item() < 1e-5
