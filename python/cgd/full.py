@@ -78,16 +78,17 @@ def state_bytes(shapes: list, metric: str = "full", block_size: int = 64, max_fa
     """
     value_bytes = 8 if dtype == torch.float64 else 4
     if metric in _FACTORED:
-        total = 0
+        total = fixed = 0
         for shape in shapes:
             shape = (shape,) if isinstance(shape, int) else tuple(shape)
             rows, cols = _matrix_shape(shape)
             if rows * cols == 0:
                 continue
-            total += rows * cols * (2 if metric == "eigenbasis" else 1) + 6
+            total += rows * cols * (2 if metric == "eigenbasis" else 1)
+            fixed += 8 + 2 * 4 + 3 * 4  # the float64 step, two int32 outcomes, three float32 counters
             for n, full_side in zip((rows, cols), _full_sides(shape, metric, max_factor_dim)):
                 total += 2 * n * n + n if full_side else 2 * n
-        return value_bytes * total
+        return value_bytes * total + fixed
     numels = [n if isinstance(n, int) else math.prod(n) for n in shapes]
     _, block, nblocks = _layout(numels, metric, block_size)
     length = block * nblocks
@@ -186,7 +187,8 @@ class FullCGD(BaseOptimizer):
 
     Memory per group of N parameters: ``metric="full"`` 8 N^2 + 8 N bytes (4 N^2 + 4 N with the Lanczos solver);
     ``metric="block"`` about 8 * block_size * N bytes (plus padding of each tensor to a multiple of block_size);
-    ``metric="kron"`` 4 N + 8 (rows^2 + cols^2) per tensor. See :func:`state_bytes`.
+    ``metric="kron"`` 4 N + 8 (rows^2 + cols^2) per tensor; ``metric="eigenbasis"`` 8 N + 8 (rows^2 + cols^2) per
+    matrix (8 N for a vector). See :func:`state_bytes`.
     """
 
     _INT_KEYS = ("outcome",)

@@ -284,3 +284,15 @@ def test_grad_scaler_steps_as_unscaled_and_skips_an_overflow():
         ref_opt.step()
     for p, q in zip(model.parameters(), reference.parameters()):
         assert (p - q).abs().max().item() < 1e-5
+
+
+def test_state_bytes_is_what_the_state_holds():
+    model = net()
+    opt = cgd.FullCGD(model.parameters(), metric="eigenbasis", lr=3e-3, max_factor_dim=4)
+    for x, y in data(1):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    held = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+               if isinstance(v, torch.Tensor))
+    predicted = cgd.full.state_bytes([p.shape for p in model.parameters()], "eigenbasis", max_factor_dim=4)
+    assert held == predicted
