@@ -36,6 +36,13 @@ def test_compare_gpt_needs_data(tmp_path):
                       str(tmp_path)])
 
 
+def test_compare_without_the_corpus_runs_the_mlp(tmp_path, capsys):
+    assert compare.main(["--data", str(tmp_path / "absent.txt"), "--steps", "3", "--seeds", "1", "--device", "cpu",
+                         "--optimizers", "AdamW", "CGD eigenbasis", "--out", str(tmp_path)]) == 0
+    assert "no corpus at" in capsys.readouterr().err
+    assert "MLP on the digits" in (tmp_path / "compare_mlp_cpu.md").read_text()
+
+
 def test_compare_gpt_tiny(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("To be, or not to be, that is the question.\n" * 40)
