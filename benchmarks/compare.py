@@ -1,13 +1,13 @@
 """The main job: the optimizers this package is for, side by side on a model where the evidence says they matter.
 
 AdamW and Muon (torch.optim.Muon on the hidden matrices, AdamW on the rest) against the CGD mode the suite found
-best, CGD in the Kronecker eigenbasis at SOAP's settings (cgd.FullCGD metric="eigenbasis"); cgd.Muon (Muon's
-step as a CGD step in the C core) on request. The task is the induced-metric
-paper's character GPT (4 layers, 4 heads, 128 wide) on TinyShakespeare at context 64 with batch 16 (context 256,
-batch 64 on a GPU), 300 steps; without the corpus (--data, default ../shared/data/tinyshakespeare.txt beside the
-clone) the digits MLP. Every optimizer runs at the learning rate benchmarks/suite.py chose for it on that task
-(LEARNING_RATES, from the committed suite reports) with the suite's protocol: warmup + cosine, gradient clipping
-at 1.0 on the GPT, the same batches and initial weights for everyone. Prints and writes a Markdown table (final
+best, CGD in the Kronecker eigenbasis at SOAP's settings (cgd.FullCGD metric="eigenbasis"); cgd.Muon (Muon's step as
+a CGD step in the C core) on request. The task is the induced-metric paper's character GPT (4 layers, 4 heads, 128
+wide) on TinyShakespeare at context 64 with batch 16 (context 256, batch 64 on a GPU), 300 steps; without the corpus
+(--data, default ../shared/data/tinyshakespeare.txt beside the clone) the digits MLP (128 wide; 512 on a GPU) — both
+suite.make_task's. Every optimizer runs at the learning rate benchmarks/suite.py chose for it on that task
+(LEARNING_RATES, from the committed suite reports) with the suite's protocol: warmup + cosine, gradient clipping at
+1.0 on the GPT, the same batches and initial weights for everyone. Prints and writes a Markdown table (final
 validation loss, mean ± sd over seeds; steps to AdamW's mean final loss; optimizer ms per step), a plot of the
 validation curves, and one line saying what the result means. CPU by default, the GPU when there is one.
 
@@ -43,14 +43,6 @@ CGD_ROWS = ("cgd.Muon + AdamW", "CGD eigenbasis")
 # The rows run by default: the baselines and the best CGD mode, so that the job stays within five minutes of a
 # 2-core CPU with the build (cgd.Muon, level with torch.optim.Muon in every report, by --optimizers).
 DEFAULT_ROWS = ("AdamW", "Muon + AdamW", "CGD eigenbasis")
-
-
-def make_task(task: str, data: pathlib.Path | None, device: torch.device, seed: int) -> tasks.Task:
-    if task == "mlp":
-        return tasks.digits(device, seed=seed)
-    if device.type == "cuda":
-        return tasks.shakespeare(str(data), device, seed=seed, block=256, batch_size=64)
-    return tasks.shakespeare(str(data), device, seed=seed, block=64, batch_size=16)
 
 
 def spread(values: list[float]) -> tuple[float, float]:
@@ -111,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         make = factories[name][1]
         for seed in range(args.seeds):
             try:
-                h = tasks.train(make_task(task, args.data, device, seed), lambda m, make=make, lr=lr: make(m, lr),
+                # The suite's task at this device's scale, so the rates it chose apply.
+                h = tasks.train(suite.make_task(task, device, seed, "gpu" if gpu else "cpu", str(args.data), "paper"),
+                                lambda m, make=make, lr=lr: make(m, lr),
                                 steps, eval_every=every, sync=sync, schedule=True, progress=f"{name} seed {seed}")
             except (RuntimeError, ValueError) as error:  # e.g. a CPU-only mode given CUDA tensors
                 print(f"  {name}: {str(error).splitlines()[0]}", file=sys.stderr)

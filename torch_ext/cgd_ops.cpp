@@ -480,28 +480,39 @@ std::vector<cgd_kron_tensor> kron_tensors(const char *op, TensorList params, Ten
     return tensors;
 }
 
+// Steps the tensors of kron_tensors (of params' device and dtype) by the kron call, with its workspace, or by the
+// eigenbasis call.
+void run_factored(const std::vector<cgd_kron_tensor> &tensors, TensorList params, const cgd_block_hparams &h,
+                  bool eigenbasis, const std::optional<Tensor> &grad_scale, const std::optional<Tensor> &found_inf) {
+    if (tensors.empty()) return;
+    const Device device = params[0].device();
+    const cgd_dtype dtype = to_cgd_dtype(params[0], "params", 0);
+    const int64_t n = static_cast<int64_t>(tensors.size());
+    Target target;
+    target_for(device, target);
+    const float *scale = grad_scale_ptr(grad_scale, device);
+    const float *skip = optional_scalar(found_inf, device, "found_inf");
+    if (eigenbasis) {
+        check_status(cgd_eigenbasis_step(&h, dtype, tensors.data(), n, scale, skip, target.device));
+        return;
+    }
+    size_t bytes = 0;
+    check_status(cgd_kron_workspace_size(&h, dtype, tensors.data(), n, target.device, target.stream, &bytes));
+    const Workspace workspace = workspace_for(device, bytes);
+    check_status(cgd_kron_step(&h, dtype, tensors.data(), n, scale, skip, workspace.data, workspace.bytes,
+                               target.device, target.stream));
+}
+
 void kron_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorList left_sqs, TensorList right_sqs,
                TensorList left_bases, TensorList right_bases, TensorList left_eigs, TensorList right_eigs,
                TensorList steps, TensorList outcomes, TensorList counters, double lr, double beta1, double beta2,
                double power, double eps, double weight_decay, bool centered, bool bias_correction, bool maximize,
                bool refresh, std::optional<Tensor> grad_scale, std::optional<Tensor> found_inf) {
-    const std::vector<cgd_kron_tensor> tensors =
-        kron_tensors("cgd::kron_step_", params, grads, exp_avgs, left_sqs, right_sqs, left_bases, right_bases,
-                     left_eigs, right_eigs, steps, outcomes, counters, nullptr);
-    if (tensors.empty()) return;
-    const Device device = params[0].device();
-    const cgd_dtype dtype = to_cgd_dtype(params[0], "params", 0);
-    const cgd_block_hparams h = matrix_hparams(lr, beta1, beta2, power, eps, weight_decay, centered, bias_correction,
-                                               maximize, refresh);
-    Target target;
-    target_for(device, target);
-    size_t bytes = 0;
-    const int64_t n = static_cast<int64_t>(tensors.size());
-    check_status(cgd_kron_workspace_size(&h, dtype, tensors.data(), n, target.device, target.stream, &bytes));
-    const Workspace workspace = workspace_for(device, bytes);
-    check_status(cgd_kron_step(&h, dtype, tensors.data(), n, grad_scale_ptr(grad_scale, device),
-                               optional_scalar(found_inf, device, "found_inf"), workspace.data, workspace.bytes,
-                               target.device, target.stream));
+    run_factored(kron_tensors("cgd::kron_step_", params, grads, exp_avgs, left_sqs, right_sqs, left_bases,
+                              right_bases, left_eigs, right_eigs, steps, outcomes, counters, nullptr),
+                 params, matrix_hparams(lr, beta1, beta2, power, eps, weight_decay, centered, bias_correction,
+                                        maximize, refresh),
+                 false, grad_scale, found_inf);
 }
 
 void eigenbasis_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorList left_sqs,
@@ -510,19 +521,11 @@ void eigenbasis_step(TensorList params, TensorList grads, TensorList exp_avgs, T
                      TensorList counters, double lr, double beta1, double beta2, double power, double eps,
                      double weight_decay, bool centered, bool bias_correction, bool maximize, bool refresh,
                      std::optional<Tensor> grad_scale, std::optional<Tensor> found_inf) {
-    const std::vector<cgd_kron_tensor> tensors =
-        kron_tensors("cgd::eigenbasis_step_", params, grads, exp_avgs, left_sqs, right_sqs, left_bases, right_bases,
-                     left_eigs, right_eigs, steps, outcomes, counters, &rotated_sqs);
-    if (tensors.empty()) return;
-    const Device device = params[0].device();
-    const cgd_dtype dtype = to_cgd_dtype(params[0], "params", 0);
-    const cgd_block_hparams h = matrix_hparams(lr, beta1, beta2, power, eps, weight_decay, centered, bias_correction,
-                                               maximize, refresh);
-    Target target;
-    target_for(device, target);
-    check_status(cgd_eigenbasis_step(&h, dtype, tensors.data(), static_cast<int64_t>(tensors.size()),
-                                     grad_scale_ptr(grad_scale, device),
-                                     optional_scalar(found_inf, device, "found_inf"), target.device));
+    run_factored(kron_tensors("cgd::eigenbasis_step_", params, grads, exp_avgs, left_sqs, right_sqs, left_bases,
+                              right_bases, left_eigs, right_eigs, steps, outcomes, counters, &rotated_sqs),
+                 params, matrix_hparams(lr, beta1, beta2, power, eps, weight_decay, centered, bias_correction,
+                                        maximize, refresh),
+                 true, grad_scale, found_inf);
 }
 
 // One Muon step: per matrix, the momentum buffer is its rows x cols view (which fixes rows and cols).

@@ -104,6 +104,16 @@ def _effective_rank(clamped: torch.Tensor) -> torch.Tensor:
                        torch.zeros_like(square_sum))
 
 
+def _bias_corrections(group: dict[str, Any], state: dict[str, Any]) -> tuple[float, float]:
+    """(1 - beta1^t, 1 - beta2^t) after the state's t steps with bias correction, else (1, 1): what the last step
+    divided M1 and M2 by."""
+    t = float(state["step"])
+    if not group["bias_correction"] or t <= 0:
+        return 1.0, 1.0
+    beta1, beta2 = group["betas"]
+    return 1.0 - beta1**t, 1.0 - beta2**t
+
+
 def _available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -589,10 +599,7 @@ class FullCGD(BaseOptimizer):
     @staticmethod
     def _current_spectrum(group: dict[str, Any], state: dict[str, Any]) -> torch.Tensor:
         """Eigenvalues (ascending) of each block's C = M2 / bc2 - F F^T (or M2 / bc2) after the last step."""
-        t = float(state["step"])
-        beta1, beta2 = group["betas"]
-        bc1 = 1.0 - beta1**t if group["bias_correction"] and t > 0 else 1.0
-        bc2 = 1.0 - beta2**t if group["bias_correction"] and t > 0 else 1.0
+        bc1, bc2 = _bias_corrections(group, state)
         m2 = state["exp_avg_sq"].detach().to("cpu", torch.float64) / bc2
         force = state["exp_avg"].detach().to("cpu", torch.float64).view(m2.shape[0], -1) / bc1
         if group["centered"]:
@@ -602,10 +609,7 @@ class FullCGD(BaseOptimizer):
     def _eigenbasis_spectrum(self, gi: int, j: int, top_k: int, eps: float) -> dict[str, Any]:
         group = self.param_groups[gi]
         state = self.state[group["params"][j]]
-        t = float(state["step"])
-        beta1, beta2 = group["betas"]
-        bc1 = 1.0 - beta1**t if group["bias_correction"] and t > 0 else 1.0
-        bc2 = 1.0 - beta2**t if group["bias_correction"] and t > 0 else 1.0
+        bc1, bc2 = _bias_corrections(group, state)
         c = state["rotated_sq"].detach().to("cpu", torch.float64) / bc2
         if group["centered"]:  # exp_avg is M1 in the eigenbasis already
             c = c - (state["exp_avg"].detach().to("cpu", torch.float64) / bc1) ** 2

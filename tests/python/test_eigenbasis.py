@@ -229,12 +229,18 @@ def test_errors_name_the_parameter_and_the_metric():
             cgd.FullCGD([torch.nn.Parameter(torch.randn(3, 3, device="cuda"))], metric="eigenbasis")
 
 
-def test_opcheck_eigenbasis_step():
+def stepped_once() -> tuple[Net, cgd.FullCGD]:
+    """The net after one eigenbasis step with a left-only factor for the wide weight, its gradients kept."""
     model = net()
     opt = cgd.FullCGD(model.parameters(), metric="eigenbasis", lr=3e-3, max_factor_dim=4)
     for x, y in data(1):
         torch.nn.functional.mse_loss(model(x), y).backward()
     opt.step()
+    return model, opt
+
+
+def test_opcheck_eigenbasis_step():
+    model, opt = stepped_once()
     params = list(model.parameters())
     states = [opt.state[p] for p in params]
     args = (params, [p.grad for p in params], *([st[k] for st in states] for k in cgd.FullCGD._EIGENBASIS_KEYS))
@@ -287,11 +293,7 @@ def test_grad_scaler_steps_as_unscaled_and_skips_an_overflow():
 
 
 def test_state_bytes_is_what_the_state_holds():
-    model = net()
-    opt = cgd.FullCGD(model.parameters(), metric="eigenbasis", lr=3e-3, max_factor_dim=4)
-    for x, y in data(1):
-        torch.nn.functional.mse_loss(model(x), y).backward()
-    opt.step()
+    model, opt = stepped_once()
     held = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
                if isinstance(v, torch.Tensor))
     predicted = cgd.full.state_bytes([p.shape for p in model.parameters()], "eigenbasis", max_factor_dim=4)
