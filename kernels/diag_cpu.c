@@ -77,7 +77,7 @@ static int diag_plain(const cgd_diag_consts *k) {
 #define CGD_BY_PLAIN(DT, METRIC, IN) (plain ? CGD_BY_M1(DT, METRIC, IN, 1) : CGD_BY_M1(DT, METRIC, IN, 0))
 #define CGD_BY_MOMENTS(DT, METRIC)                                                                             \
     do {                                                                                                       \
-        if (METRIC == CGD_METRIC_NONE || k->eps_inside)                                                        \
+        if (METRIC == CGD_METRIC_NONE || METRIC == CGD_METRIC_POW_NORMAL || k->eps_inside)                     \
             held = CGD_BY_PLAIN(DT, METRIC, 1);                                                                \
         else                                                                                                   \
             held = CGD_BY_PLAIN(DT, METRIC, 0);                                                                \

@@ -28,8 +28,11 @@
 #define CGD_HD static inline
 #endif
 
-/* How G = (...)^power is evaluated: the common powers get exact fast paths. */
-enum { CGD_METRIC_NONE = 0, CGD_METRIC_SQRT = 1, CGD_METRIC_POW = 2, CGD_METRIC_ONE = 3 };
+/* How G = (...)^power is evaluated: the common powers get exact fast paths, and any other power with eps inside
+   (eps >= FLT_MIN, power <= CGD_POW_NORMAL_MAX) the cheaper of the two polynomial ones (cgd_powf_times_normal). */
+/* The largest a for cgd_powf_times_normal: x^-a of a normal x then lies in [2^-125.5, 2^125.5], itself normal. */
+#define CGD_POW_NORMAL_MAX 0.98
+enum { CGD_METRIC_NONE = 0, CGD_METRIC_SQRT = 1, CGD_METRIC_POW = 2, CGD_METRIC_ONE = 3, CGD_METRIC_POW_NORMAL = 4 };
 
 /* Expands CALL(X, M) with M the constant CGD_METRIC_* that `metric` holds: the kernels keep one copy per metric,
    so no element tests it (and the compilers see one straight path to vectorise or unroll). */
@@ -39,6 +42,7 @@ enum { CGD_METRIC_NONE = 0, CGD_METRIC_SQRT = 1, CGD_METRIC_POW = 2, CGD_METRIC_
         case CGD_METRIC_NONE: CALL(X, CGD_METRIC_NONE); break;                                                \
         case CGD_METRIC_SQRT: CALL(X, CGD_METRIC_SQRT); break;                                                \
         case CGD_METRIC_ONE: CALL(X, CGD_METRIC_ONE); break;                                                  \
+        case CGD_METRIC_POW_NORMAL: CALL(X, CGD_METRIC_POW_NORMAL); break;                                    \
         default: CALL(X, CGD_METRIC_POW); break;                                                              \
         }                                                                                                      \
     } while (0)
@@ -101,22 +105,62 @@ CGD_HD cgd_real_bits cgd_magnitude_bits(cgd_real x) {
 CGD_HD float cgd_exp2i(int32_t k) { return cgd_from_bits((uint32_t)(k + 127) << 23); }
 
 /*
- * v x^a for float x and a in [-1, 1] other than 0, as v 2^(a log2 x) in float arithmetic with fixed polynomials
- * and integer exponent arithmetic: no table, no call and no data-dependent branch, so the compiler vectorises it at
- * the full float width (libm's powf is a call per element). Every choice is integer masking or a pick, not a conditional:
- * a conditional lets the compiler thread the special inputs into a separate path, which the vectoriser refuses.
+ * x^a = q 2^n for the bits of a positive normal float x (exponent field 1..254) and a in [-1, 1]: the core of the
+ * two functions below, which differ only in what inputs they admit and in how they apply 2^n. e_adjust is
+ * subtracted from x's exponent (a caller that scaled a subnormal into the normal range passes the scaling's
+ * power). q lies within [2^-1/2, 2^1/2] to the polynomials' error; n is the integer nearest a log2 x. Bits of
+ * other values give finite garbage, never a trap: the callers replace it.
  *
- * Error against float64 pow: below 4e-7 relative (about 3 float ulps; tested), from
- *   log2 m (m in [sqrt(1/2), sqrt(2))): a polynomial, |error| <= 2.2e-8 plus the rounding of its evaluation;
- *   a e with e the integer exponent, the largest term (|a e| <= 149): kept exactly as a float pair, so the
- *   fraction f of y = a log2 x carries only the rounding of a log2 m and of one sum (about 6e-8 absolute);
- *   2^f: the Taylor series to z^7/7! (truncation 6e-9) rounded in float (about 1.5e-7); the final scaling by
- *   2^n rounds once (v q is scaled, so v x^a overflows or goes subnormal only where it is so: the metric step
- *   multiplies by x^-a, with no division). cgd_powf_poly is v = 1. a = 1 returns v x; x = 0 gives 0 (a > 0)
- *   or +Inf (a < 0), +Inf gives +Inf or 0, NaN or x < 0 gives NaN, each times v, as powf.
- * The polynomials use explicit fused multiply-adds (cgd_rfma: one rounding, IEEE on every back end, so the CPU
- * copies and the GPU still agree bit for bit): the loop around this is bound by the latency of its dependency
- * chain, which a separate multiply and add would double.
+ * x = 2^k m with m in [sqrt(1/2), sqrt(2)): adding 1.0f's bits less sqrt(1/2)'s carries into the exponent exactly
+ * when the mantissa is at least sqrt(2)'s, so k and m come from integer operations alone. log2 m = u P(u),
+ * u = m - 1 (exact) in [sqrt(1/2) - 1, sqrt(2) - 1]: P of degree 8, a least-squares fit on Chebyshev nodes of
+ * that interval, within 2.2e-8 of log2 m with its coefficients in float, evaluated in Estrin's pairs (no
+ * division: the divider is the slowest unit the loop uses). y = a e + a log2 m = n + f: a e = yh + yl exactly (the
+ * fused multiply-add returns the product's rounding error), so n comes from yh + w, w = a log2 m + yl, and
+ * f = (yh - n) + w rounds once (yh - n is exact), |f| <= 1/2 plus that rounding. 2^f = e^(f ln 2),
+ * |f ln 2| <= 0.347: the Taylor series to (f ln 2)^7/7!, its coefficients c_k = ln2^k / k! taken in float, in
+ * Estrin's pairs (three levels of fused multiply-adds deep, not seven).
+ */
+CGD_HD float cgd_pow2_split(uint32_t bits, int32_t e_adjust, float a, int32_t *n_out) {
+    const int32_t k = (int32_t)((bits + (0x3f800000u - 0x3f3504f3u)) >> 23) - 127;
+    const float m = cgd_from_bits(bits - ((uint32_t)k << 23));
+    const int32_t e = k - e_adjust;
+    const float u = m - 1.0f, u2 = u * u, u4 = u2 * u2;
+    const float l01 = cgd_rfma(-0.7213473916f, u, 1.442694902f), l23 = cgd_rfma(-0.3607062101f, u, 0.4809235036f);
+    const float l45 = cgd_rfma(-0.2387827337f, u, 0.2876248062f), l67 = cgd_rfma(-0.2088673115f, u, 0.2178854942f);
+    const float l03 = cgd_rfma(l23, u2, l01), l47 = cgd_rfma(l67, u2, l45);
+    const float log2m = u * cgd_rfma(0.1224903390f * u4, u4, cgd_rfma(l47, u4, l03));
+    const float fe = (float)e;
+    const float yh = a * fe, yl = cgd_rfma(a, fe, -yh);
+    const float w = cgd_rfma(a, log2m, yl);
+    const float shift = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer held in the low bits */
+    const float shifted = (yh + w) + shift;
+    const float f = (yh - (shifted - shift)) + w;
+    *n_out = (int32_t)(cgd_bits(shifted) - cgd_bits(shift));
+    const float f2 = f * f, f4 = f2 * f2;
+    const float p01 = cgd_rfma(0.693147181f, f, 1.0f), p23 = cgd_rfma(0.0555041087f, f, 0.240226507f);
+    const float p45 = cgd_rfma(0.00133335581f, f, 0.00961812911f);
+    const float p67 = cgd_rfma(1.52527338e-5f, f, 1.54035304e-4f);
+    return cgd_rfma(cgd_rfma(p67, f2, p45), f4, cgd_rfma(p23, f2, p01));
+}
+
+/*
+ * v x^a for float x and a in [-1, 1] other than 0, as v 2^(a log2 x) in float arithmetic with fixed polynomials
+ * and integer exponent arithmetic (cgd_pow2_split): no table, no call and no data-dependent branch, so the
+ * compiler vectorises it at the full float width (libm's powf is a call per element). Every choice is integer
+ * masking or a pick, not a conditional: a conditional lets the compiler thread the special inputs into a separate
+ * path, which the vectoriser refuses.
+ *
+ * Error against float64 pow: below 4e-7 relative (about 3 float ulps; tested), from log2 m's polynomial (2.2e-8
+ * plus the rounding of its evaluation), the rounding of a log2 m and of one sum in f (about 6e-8 absolute: a e,
+ * the largest term, |a e| <= 149, is kept exactly as a float pair), 2^f's truncation (6e-9) and float rounding
+ * (about 1.5e-7); the final scaling by 2^n rounds once (v q is scaled in two factors, each a normal float for n
+ * in [-149, 128], so v x^a overflows or goes subnormal only where it is so: the metric step multiplies by x^-a,
+ * with no division). cgd_powf_poly is v = 1. a = 1 returns v x; x = 0 gives 0 (a > 0) or +Inf (a < 0), +Inf
+ * gives +Inf or 0, NaN or x < 0 gives NaN, each times v, as powf. The polynomials use explicit fused
+ * multiply-adds (cgd_rfma: one rounding, IEEE on every back end, so the CPU copies and the GPU still agree bit
+ * for bit): the loop around this is bound by the latency of its dependency chain, which a separate multiply and
+ * add would double.
  */
 CGD_HD float cgd_powf_times(float x, float a, float v) {
     const uint32_t regular = (uint32_t)0 - (uint32_t)((x > 0.0f) & (x < (float)INFINITY));
@@ -125,38 +169,8 @@ CGD_HD float cgd_powf_times(float x, float a, float v) {
     const float scaled = cgd_pick(tiny, x * 16777216.0f, x);
     /* Irregular inputs compute on 1 and are replaced at the end. */
     const uint32_t bits = (cgd_bits(scaled) & regular) | (cgd_bits(1.0f) & ~regular);
-    /* x = 2^k m with m in [sqrt(1/2), sqrt(2)): adding 1.0f's bits less sqrt(1/2)'s carries into the exponent
-       exactly when the mantissa is at least sqrt(2)'s, so k and m come from integer operations alone. */
-    const int32_t k = (int32_t)((bits + (0x3f800000u - 0x3f3504f3u)) >> 23) - 127;
-    const float m = cgd_from_bits(bits - ((uint32_t)k << 23));
-    const int32_t e = k - (tiny & (int32_t)(regular & 1u)) * 24;
-    /* log2 m = u P(u), u = m - 1 (exact) in [sqrt(1/2) - 1, sqrt(2) - 1]: P of degree 8, a least-squares fit
-       on Chebyshev nodes of that interval, within 2.2e-8 of log2 m with its coefficients in float; evaluated in
-       Estrin's pairs. No division: the divider is the slowest unit the loop uses. */
-    const float u = m - 1.0f, u2 = u * u, u4 = u2 * u2;
-    const float l01 = cgd_rfma(-0.7213473916f, u, 1.442694902f), l23 = cgd_rfma(-0.3607062101f, u, 0.4809235036f);
-    const float l45 = cgd_rfma(-0.2387827337f, u, 0.2876248062f), l67 = cgd_rfma(-0.2088673115f, u, 0.2178854942f);
-    const float l03 = cgd_rfma(l23, u2, l01), l47 = cgd_rfma(l67, u2, l45);
-    const float log2m = u * cgd_rfma(0.1224903390f * u4, u4, cgd_rfma(l47, u4, l03));
-    /* y = a e + a log2 m = n + f: a e = yh + yl exactly (the fused multiply-add returns the product's rounding
-       error), so n, the integer nearest y, comes from yh + w, w = a log2 m + yl, and f = (yh - n) + w rounds once
-       (yh - n is exact), |f| <= 1/2 plus that rounding. */
-    const float fe = (float)e;
-    const float yh = a * fe, yl = cgd_rfma(a, fe, -yh);
-    const float w = cgd_rfma(a, log2m, yl);
-    const float shift = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer held in the low bits */
-    const float shifted = (yh + w) + shift;
-    const float f = (yh - (shifted - shift)) + w;
-    const int32_t n = (int32_t)(cgd_bits(shifted) - cgd_bits(shift));
-    /* 2^f = e^(f ln 2), |f ln 2| <= 0.347: the Taylor series to (f ln 2)^7/7!, its coefficients c_k =
-       ln2^k / k! taken in f, evaluated in Estrin's pairs (three levels of fused multiply-adds deep, not seven). */
-    const float f2 = f * f, f4 = f2 * f2;
-    const float p01 = cgd_rfma(0.693147181f, f, 1.0f), p23 = cgd_rfma(0.0555041087f, f, 0.240226507f);
-    const float p45 = cgd_rfma(0.00133335581f, f, 0.00961812911f);
-    const float p67 = cgd_rfma(1.52527338e-5f, f, 1.54035304e-4f);
-    const float q = cgd_rfma(cgd_rfma(p67, f2, p45), f4, cgd_rfma(p23, f2, p01));
-    /* 2^n in two factors, each a normal float for n in [-149, 128]; the second product rounds once, to a
-       subnormal where the result is one. */
+    int32_t n;
+    const float q = cgd_pow2_split(bits, (tiny & (int32_t)(regular & 1u)) * 24, a, &n);
     const int32_t half = n / 2;
     const float r = ((v * q) * cgd_exp2i(half)) * cgd_exp2i(n - half);
     const int32_t rising = a > 0.0f;
@@ -166,6 +180,22 @@ CGD_HD float cgd_powf_times(float x, float a, float v) {
 }
 
 CGD_HD float cgd_powf_poly(float x, float a) { return cgd_powf_times(x, a, 1.0f); }
+
+/*
+ * v x^-a, as cgd_powf_times(x, -a, v) to the same bound, for x a normal float, +Inf or NaN (never 0, negative or
+ * subnormal) and a in (0, CGD_POW_NORMAL_MAX]: what the diagonal metric with eps inside evaluates, x = eps + C >=
+ * eps >= FLT_MIN (C >= 0). Those limits make x^-a a normal float, so 2^n goes into q's exponent field by one integer
+ * addition and v times it rounds once, where the general function needs a subnormal prescale, two scaling factors
+ * and a ladder of special cases: about a third fewer operations. +Inf gives 0 times v, NaN gives NaN.
+ */
+CGD_HD float cgd_powf_times_normal(float x, float a, float v) {
+    int32_t n;
+    const float q = cgd_pow2_split(cgd_bits(x), 0, -a, &n);
+    const float r = v * cgd_from_bits(cgd_bits(q) + ((uint32_t)n << 23));
+    /* A negative x (only from a state no step writes) gives NaN, not a finite value. */
+    const int32_t normal = (x >= 1.17549435e-38f) & (x < (float)INFINITY);
+    return cgd_pick(normal, r, v * cgd_pick(x == (float)INFINITY, 0.0f, NAN));
+}
 #endif
 
 /* Per-call constants in the real type the kernels compute in (real.h). */
@@ -211,7 +241,9 @@ CGD_HD cgd_diag_consts cgd_diag_make_consts(const cgd_diag_hparams *h) {
     k.metric = h->power == 0.0   ? CGD_METRIC_NONE
                : h->power == 0.5 ? CGD_METRIC_SQRT
                : h->power == 1.0 ? CGD_METRIC_ONE
-                                 : CGD_METRIC_POW;
+               : CGD_F64 == 0 && h->eps_inside && h->eps >= 1.17549435e-38 && h->power <= CGD_POW_NORMAL_MAX
+                   ? CGD_METRIC_POW_NORMAL
+                   : CGD_METRIC_POW;
     k.moment = h->moment;
     k.eps_inside = h->eps_inside != 0;
     k.bias_correction = h->bias_correction != 0;
@@ -298,7 +330,11 @@ CGD_HD void cgd_diag_update(const cgd_diag_consts *k, const cgd_diag_step_consts
     /* centered: (eps + var)^a or var^a + eps; raw and belief: (eps + c / bc2)^a or c^a / bc2^a + eps (torch) */
     const cgd_real base = cgd_pick(centered, var, cgd_pick(inside, c * s->inv_bc2, c));
 #if !CGD_F64
-    if (k->metric == CGD_METRIC_POW && inside) { /* force (eps + base)^-a: a product, not a quotient */
+    if (k->metric == CGD_METRIC_POW_NORMAL) { /* force (eps + base)^-a: a product, not a quotient */
+        *p = param - s->step_size * cgd_powf_times_normal(k->eps + base, k->power, force);
+        return;
+    }
+    if (k->metric == CGD_METRIC_POW && inside) {
         *p = param - s->step_size * cgd_powf_times(k->eps + base, -k->power, force);
         return;
     }

@@ -77,6 +77,41 @@ TEST(DiagMath, ScaledNegativePowerKeepsItsBoundAndOverflowsOnlyWhereTheProductDo
     EXPECT_TRUE(std::isnan(cgd_powf_times(-2.0f, -0.4f, 2.0f)));
 }
 
+TEST(DiagMath, NormalInputNegativePowerKeepsTheBoundOverItsWholeDomain) {
+    // cgd_powf_times_normal: x from FLT_MIN to FLT_MAX, a up to CGD_POW_NORMAL_MAX, v over 80 binades
+    std::mt19937 rng(13);
+    std::uniform_real_distribution<double> exponent(-126.0, 127.9), mantissa(1.0, 2.0), scale(-40.0, 40.0);
+    double worst = 0.0;
+    int64_t overflowed = 0, underflowed = 0;
+    for (float a : {0.1f, 0.23f, 0.4f, 0.7f, 0.9f, (float)CGD_POW_NORMAL_MAX}) {
+        for (int i = 0; i < 200000; ++i) {
+            const float x = (float)(mantissa(rng) * std::exp2(std::floor(exponent(rng))));
+            const float v = (float)((i % 2 ? -1.0 : 1.0) * mantissa(rng) * std::exp2(std::floor(scale(rng))));
+            const double want = (double)v * std::pow((double)x, -(double)a);
+            const float got = cgd_powf_times_normal(x, a, v);
+            if (std::fabs(want) > 3.4028e38) {
+                EXPECT_EQ(got, v > 0 ? INFINITY : -INFINITY) << x << " " << a << " " << v;
+                ++overflowed;
+            } else if (std::fabs(want) >= 1.17549435e-38) {
+                const double rel = std::fabs((double)got - want) / std::fabs(want);
+                worst = rel > worst ? rel : worst;
+            } else {
+                EXPECT_LE(std::fabs((double)got - want), 4e-7 * std::fabs(want) + 7.1e-46) << x << " " << a << " " << v;
+                ++underflowed;
+            }
+        }
+    }
+    EXPECT_LE(worst, 4e-7);
+    EXPECT_GT(overflowed, 0);
+    EXPECT_GT(underflowed, 0);
+    const float largest = (float)CGD_POW_NORMAL_MAX;
+    for (float x : {1.17549435e-38f, 1.0f, 3.4028235e38f}) // the domain's ends: x^-a itself stays normal
+        EXPECT_NEAR(cgd_powf_times_normal(x, largest, 1.0f) / std::pow((double)x, -(double)largest), 1.0, 4e-7) << x;
+    EXPECT_EQ(cgd_powf_times_normal(INFINITY, 0.4f, 2.0f), 0.0f);
+    EXPECT_TRUE(std::isnan(cgd_powf_times_normal(NAN, 0.4f, 2.0f)));
+    EXPECT_TRUE(std::isnan(cgd_powf_times_normal(-2.0f, 0.4f, 2.0f))); // no finite value from a negative moment
+}
+
 TEST(DiagMath, PowerPolynomialEndsAndSpecialValues) {
     for (float x : {1e-45f, 1.17549435e-38f, 1.0f, 3.0e38f})
         EXPECT_EQ(cgd_powf_poly(x, 1.0f), x) << x; // a = 1 returns x exactly
