@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import pathlib
+import random
 import statistics
 import sys
 import time
@@ -121,7 +122,8 @@ def stream_bandwidth(device: torch.device, clock: Clock, nbytes: int) -> tuple[f
 def measure(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device, clock: Clock,
             steps: int, peak_bw: float) -> list[dict]:
     """Every optimizer steps the same parameters; the timed steps go round the optimizers in turn (one step
-    each per round), so a slow moment of a shared machine falls on all of them alike. Median per optimizer."""
+    each per round, in a shuffled order), so a slow moment of a shared machine falls on all of them alike. Median
+    per optimizer."""
     gen = torch.Generator(device=device).manual_seed(0)
     params = [torch.randn(s, generator=gen, device=device).to(dtype) for s in shapes]
     grads = [torch.randn(s, generator=gen, device=device).to(dtype) * 1e-3 for s in shapes]
@@ -138,9 +140,14 @@ def measure(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.dev
         except (RuntimeError, ValueError) as error:  # e.g. torch's fused AdamW refusing a dtype
             rows[name] = {"optimizer": name, "error": str(error).splitlines()[0]}
     samples = {name: [] for name in live}
+    # A fixed order would give each row the same predecessor every round (the one after fused AdamW found the
+    # caches coldest and read 30% slower on host time than the same code further down): shuffled per round.
+    order = random.Random(0)
     for _ in range(steps):
-        for name, opt in live.items():
-            samples[name].append(clock.time(opt.step, 1))
+        names = list(live)
+        order.shuffle(names)
+        for name in names:
+            samples[name].append(clock.time(live[name].step, 1))
     for name in optimizers(device):
         if name in rows:
             continue
@@ -198,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
              f"by it. Median of {steps} steps. "
              "\"vs AdamW\" is the step time over fused AdamW's (foreach where fused refuses), \"vs torch\" a "
              "preset's over the torch optimizer it replaces (fused where torch has one, else foreach); < 1 is "
-             "faster. The steps go round all optimizers in turn, one each per round. Bytes per parameter: "
-             "param read and written, gradient read, and each float32 state tensor read and written.\n",
+             "faster. The steps go round all optimizers in turn, one each per round, in a shuffled order each "
+             "round. Bytes per parameter: param read and written, gradient read, and each float32 state tensor "
+             "read and written.\n",
              "| parameters | params (M) | optimizer | ms/step | bytes/param | GB/s | of peak | vs AdamW | vs torch |",
              "|---|---|---|---|---|---|---|---|---|"]
     for title, shapes in cases:

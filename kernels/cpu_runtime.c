@@ -1,7 +1,7 @@
 /*
- * What the CPU kernels share at run time: their thread count, and their heap scratch, taken through one pair of
- * functions so the C tests can make an allocation fail (cgd_test_hooks in kernels.h) and check that a step that
- * cannot get its scratch changes nothing.
+ * What the CPU kernels share at run time: their thread count, the split of a call's chunks among its threads, and
+ * their heap scratch, taken through one pair of functions so the C tests can make an allocation fail
+ * (cgd_test_hooks in kernels.h) and check that a step that cannot get its scratch changes nothing.
  */
 #include <stdlib.h>
 
@@ -22,6 +22,15 @@ void cgd_set_cpu_threads(int n) {
     omp_set_num_threads(n);
 #endif
     if (openblas_set_num_threads) openblas_set_num_threads(n);
+}
+
+cgd_cpu_share cgd_cpu_my_share(void) {
+    cgd_cpu_share share = {0, 1};
+#ifdef _OPENMP
+    share.id = omp_get_thread_num();
+    share.threads = omp_get_num_threads();
+#endif
+    return share;
 }
 
 cgd_test_hooks cgd_hooks = {-1, 0, 0};

@@ -1,8 +1,8 @@
 /*
- * CPU kernels: the diagonal CGD step (one pass over memory per tensor, the non-finite guard fused into it; large
- * tensors are split into chunks that OpenMP threads take in parallel) and, in the float32 build only, the
- * non-finite scan. Elementwise, so results do not depend on the thread count and a resumed run is bit-identical
- * to an uninterrupted one.
+ * CPU kernels: the diagonal CGD step (one pass over memory per tensor, the non-finite guard fused into it; each
+ * call's tensors are split into chunks that the threads of one OpenMP region share, cgd_cpu_share) and, in the
+ * float32 build only, the non-finite scan. Elementwise, so results do not depend on the thread count and a resumed
+ * run is bit-identical to an uninterrupted one.
  */
 #include <stddef.h>
 
@@ -106,52 +106,89 @@ void CGD_NAME(cgd_cpu_diag_step)(const cgd_diag_hparams *h, cgd_dtype dtype, con
     const cgd_diag_consts *k = &kc;
     const int scaled = grad_scale != NULL;
     const cgd_real scale = scaled ? *grad_scale : 1;
+    int64_t elements = 0;
     for (int64_t ti = 0; ti < count; ++ti) {
-        const cgd_diag_tensor *t = &tensors[ti];
-        cgd_diag_step_consts s = cgd_diag_make_step_consts(k, *t->step, k->lr_device ? *k->lr_device : k->lr);
-        int64_t chunks = (t->numel + CGD_CPU_CHUNK - 1) / CGD_CPU_CHUNK;
-        int held = 0;
-#pragma omp parallel for schedule(static) reduction(| : held) if (chunks > 1)
-        for (int64_t c = 0; c < chunks; ++c) {
-            int64_t begin = c * CGD_CPU_CHUNK;
-            int64_t end = begin + CGD_CPU_CHUNK < t->numel ? begin + CGD_CPU_CHUNK : t->numel;
-            held |= diag_chunk(dtype, k, &s, t, scaled, scale, begin, end);
-        }
-        if (flags) flags[ti] = held;
-        *t->step += 1.0;
+        elements += tensors[ti].numel;
+        if (flags) flags[ti] = 0;
     }
+#pragma omp parallel if (elements >= CGD_CPU_PARALLEL_MIN)
+    {
+        const cgd_cpu_share share = cgd_cpu_my_share();
+        int64_t first = 0; /* the call's number of this tensor's chunk 0 */
+        for (int64_t ti = 0; ti < count; ++ti) {
+            const cgd_diag_tensor *t = &tensors[ti];
+            const int64_t chunks = (t->numel + CGD_CPU_CHUNK - 1) / CGD_CPU_CHUNK;
+            int held = 0;
+            int64_t c = cgd_cpu_first_chunk(share, first);
+            if (c < chunks) {
+                const cgd_diag_step_consts s =
+                    cgd_diag_make_step_consts(k, *t->step, k->lr_device ? *k->lr_device : k->lr);
+                for (; c < chunks; c += share.threads) {
+                    const int64_t begin = c * CGD_CPU_CHUNK;
+                    const int64_t end = begin + CGD_CPU_CHUNK < t->numel ? begin + CGD_CPU_CHUNK : t->numel;
+                    held |= diag_chunk(dtype, k, &s, t, scaled, scale, begin, end);
+                }
+            }
+            if (held && flags) {
+#pragma omp atomic write
+                flags[ti] = 1;
+            }
+            first += chunks;
+        }
+    }
+    /* After the region: every chunk read its tensor's count before any advanced. */
+    for (int64_t ti = 0; ti < count; ++ti) *tensors[ti].step += 1.0;
 }
 
 #if !CGD_F64
-/* Magnitude bits against the threshold (half_convert.h): one integer comparison per element covers NaN, Inf and
-   the limit, branch-free and vectorisable. */
-static int has_nonfinite(cgd_dtype dtype, const void *data, int64_t n, uint64_t t) {
+/* Whether entries [begin, end) hold a magnitude at or above the threshold (half_convert.h): one integer comparison
+   per element covers NaN, Inf and the limit, branch-free and vectorisable. */
+static int has_nonfinite(cgd_dtype dtype, const void *data, int64_t begin, int64_t end, uint64_t t) {
     int any = 0;
     if (dtype == CGD_FLOAT64) {
         const uint64_t *u = (const uint64_t *)data;
-#pragma omp parallel for reduction(| : any) if (n > CGD_CPU_CHUNK)
-        for (int64_t i = 0; i < n; ++i) any |= (u[i] & 0x7fffffffffffffffull) >= t;
+        for (int64_t i = begin; i < end; ++i) any |= (u[i] & 0x7fffffffffffffffull) >= t;
     } else if (dtype == CGD_FLOAT32) {
         const uint32_t *u = (const uint32_t *)data;
         const uint32_t t32 = (uint32_t)t;
-#pragma omp parallel for reduction(| : any) if (n > CGD_CPU_CHUNK)
-        for (int64_t i = 0; i < n; ++i) any |= (u[i] & 0x7fffffffu) >= t32;
+        for (int64_t i = begin; i < end; ++i) any |= (u[i] & 0x7fffffffu) >= t32;
     } else {
         const uint16_t *h = (const uint16_t *)data;
         const uint16_t t16 = (uint16_t)t;
-#pragma omp parallel for reduction(| : any) if (n > CGD_CPU_CHUNK)
-        for (int64_t i = 0; i < n; ++i) any |= (uint16_t)(h[i] & 0x7fffu) >= t16;
+        for (int64_t i = begin; i < end; ++i) any |= (uint16_t)(h[i] & 0x7fffu) >= t16;
     }
     return any;
 }
 
 void cgd_cpu_nonfinite_check(cgd_dtype dtype, const void *const *data, const int64_t *numels, const double *limits,
                              int64_t count, int32_t *flags, float *found) {
-    int any = 0;
+    int64_t elements = 0;
     for (int64_t i = 0; i < count; ++i) {
-        flags[i] = has_nonfinite(dtype, data[i], numels[i], cgd_threshold_bits(dtype, limits ? limits[i] : INFINITY));
-        any |= flags[i];
+        elements += numels[i];
+        flags[i] = 0;
     }
+#pragma omp parallel if (elements >= CGD_CPU_PARALLEL_MIN)
+    {
+        const cgd_cpu_share share = cgd_cpu_my_share();
+        int64_t first = 0;
+        for (int64_t i = 0; i < count; ++i) {
+            const int64_t chunks = (numels[i] + CGD_CPU_CHUNK - 1) / CGD_CPU_CHUNK;
+            const uint64_t t = cgd_threshold_bits(dtype, limits ? limits[i] : INFINITY);
+            int any = 0;
+            for (int64_t c = cgd_cpu_first_chunk(share, first); c < chunks && !any; c += share.threads) {
+                const int64_t begin = c * CGD_CPU_CHUNK;
+                any = has_nonfinite(dtype, data[i], begin, begin + CGD_CPU_CHUNK < numels[i] ? begin + CGD_CPU_CHUNK
+                                                                                            : numels[i], t);
+            }
+            if (any) {
+#pragma omp atomic write
+                flags[i] = 1;
+            }
+            first += chunks;
+        }
+    }
+    int any = 0;
+    for (int64_t i = 0; i < count; ++i) any |= flags[i];
     *found = any ? 1.0f : 0.0f;
 }
 #endif

@@ -15,6 +15,13 @@
 
 static int64_t chunks_of(int64_t numel) { return (numel + CGD_CPU_INDUCED_CHUNK - 1) / CGD_CPU_INDUCED_CHUNK; }
 
+/* Whether a call is worth a parallel region (CGD_CPU_PARALLEL_MIN). */
+static int parallel_worth(const cgd_diag_tensor *tensors, int64_t count) {
+    int64_t elements = 0;
+    for (int64_t i = 0; i < count; ++i) elements += tensors[i].numel;
+    return elements >= CGD_CPU_PARALLEL_MIN;
+}
+
 #define CGD_INDUCED_LANES 16
 
 /* One chunk's sum of g gamma^-1 g, M2 advanced (RMS): the per-element term is cgd_induced_norm_term with the
@@ -64,30 +71,36 @@ int CGD_NAME(cgd_cpu_induced_norm)(const cgd_induced_hparams *h, cgd_dtype dtype
     const cgd_induced_consts k = cgd_induced_make_consts(h);
     const cgd_real scale = grad_scale ? (cgd_real)*grad_scale : CGD_R(1.0);
     const int scaled = grad_scale != NULL;
-    /* Sized for the largest tensor before any M2 advances, so running out of memory changes nothing. */
-    int64_t most = 1;
-    for (int64_t ti = 0; ti < count; ++ti) {
-        int64_t chunks = chunks_of(tensors[ti].numel);
-        most = chunks > most ? chunks : most;
-    }
-    double *partial = cgd_host_alloc((size_t)most * sizeof(double));
+    /* One partial sum per chunk of the call, allocated before any M2 advances, so running out of memory changes
+       nothing; added in chunk order after the region. */
+    const int64_t total = cgd_induced_norm_chunks(tensors, count);
+    double *partial = cgd_host_alloc((size_t)(total > 0 ? total : 1) * sizeof(double));
     if (!partial) return 1;
-    double total = 0.0;
-    for (int64_t ti = 0; ti < count; ++ti) {
-        const cgd_diag_tensor *t = &tensors[ti];
-        cgd_real *m2 = (cgd_real *)t->exp_avg_sq;
-        const cgd_induced_step_consts s = cgd_induced_make_step_consts(&k, *t->step, k.lr);
-        const int64_t chunks = chunks_of(t->numel);
-#pragma omp parallel for schedule(static) if (chunks > 1)
-        for (int64_t c = 0; c < chunks; ++c) {
-            int64_t begin = c * CGD_CPU_INDUCED_CHUNK;
-            int64_t end = begin + CGD_CPU_INDUCED_CHUNK < t->numel ? begin + CGD_CPU_INDUCED_CHUNK : t->numel;
-            partial[c] = norm_chunk(&k, &s, dtype, t->grad, m2, scaled, scale, begin, end);
+#pragma omp parallel if (parallel_worth(tensors, count))
+    {
+        const cgd_cpu_share share = cgd_cpu_my_share();
+        int64_t first = 0;
+        for (int64_t ti = 0; ti < count; ++ti) {
+            const cgd_diag_tensor *t = &tensors[ti];
+            const int64_t chunks = chunks_of(t->numel);
+            int64_t c = cgd_cpu_first_chunk(share, first);
+            if (c < chunks) {
+                cgd_real *m2 = (cgd_real *)t->exp_avg_sq;
+                const cgd_induced_step_consts s = cgd_induced_make_step_consts(&k, *t->step, k.lr);
+                for (; c < chunks; c += share.threads) {
+                    const int64_t begin = c * CGD_CPU_INDUCED_CHUNK;
+                    const int64_t end =
+                        begin + CGD_CPU_INDUCED_CHUNK < t->numel ? begin + CGD_CPU_INDUCED_CHUNK : t->numel;
+                    partial[first + c] = norm_chunk(&k, &s, dtype, t->grad, m2, scaled, scale, begin, end);
+                }
+            }
+            first += chunks;
         }
-        for (int64_t c = 0; c < chunks; ++c) total += partial[c];
     }
+    double sum_of_chunks = 0.0;
+    for (int64_t c = 0; c < total; ++c) sum_of_chunks += partial[c];
     free(partial);
-    *sum += total;
+    *sum += sum_of_chunks;
     return 0;
 }
 
@@ -147,17 +160,26 @@ void CGD_NAME(cgd_cpu_induced_step)(const cgd_induced_hparams *h, cgd_dtype dtyp
     const cgd_induced_consts k = cgd_induced_make_consts(h);
     const cgd_real scale = grad_scale ? (cgd_real)*grad_scale : CGD_R(1.0), r = (cgd_real)*rate;
     const int scaled = grad_scale != NULL;
-    for (int64_t ti = 0; ti < count; ++ti) {
-        const cgd_diag_tensor *t = &tensors[ti];
-        const cgd_induced_step_consts s =
-            cgd_induced_make_step_consts(&k, *t->step, k.lr_device ? (cgd_real)*k.lr_device : k.lr);
-        const int64_t chunks = chunks_of(t->numel);
-#pragma omp parallel for schedule(static) if (chunks > 1)
-        for (int64_t c = 0; c < chunks; ++c) {
-            int64_t begin = c * CGD_CPU_INDUCED_CHUNK;
-            int64_t end = begin + CGD_CPU_INDUCED_CHUNK < t->numel ? begin + CGD_CPU_INDUCED_CHUNK : t->numel;
-            step_chunk(&k, &s, dtype, t, scaled, scale, r, begin, end);
+#pragma omp parallel if (parallel_worth(tensors, count))
+    {
+        const cgd_cpu_share share = cgd_cpu_my_share();
+        int64_t first = 0;
+        for (int64_t ti = 0; ti < count; ++ti) {
+            const cgd_diag_tensor *t = &tensors[ti];
+            const int64_t chunks = chunks_of(t->numel);
+            int64_t c = cgd_cpu_first_chunk(share, first);
+            if (c < chunks) {
+                const cgd_induced_step_consts s =
+                    cgd_induced_make_step_consts(&k, *t->step, k.lr_device ? (cgd_real)*k.lr_device : k.lr);
+                for (; c < chunks; c += share.threads) {
+                    const int64_t begin = c * CGD_CPU_INDUCED_CHUNK;
+                    const int64_t end =
+                        begin + CGD_CPU_INDUCED_CHUNK < t->numel ? begin + CGD_CPU_INDUCED_CHUNK : t->numel;
+                    step_chunk(&k, &s, dtype, t, scaled, scale, r, begin, end);
+                }
+            }
+            first += chunks;
         }
-        *t->step += 1.0;
     }
+    for (int64_t ti = 0; ti < count; ++ti) *tensors[ti].step += 1.0;
 }

@@ -69,18 +69,32 @@ template <typename A, typename B> bool same_values(const A &a, const B &b) {
     return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
 }
 
-cgd_dtype to_cgd_dtype(const Tensor &t, const char *what, size_t i) {
-    switch (t.scalar_type()) {
+// What the checks read of a tensor, read once: each accessor is a call through the stable ABI, and a step over
+// hundreds of small tensors would otherwise spend more time asking the same questions again than stepping.
+struct Facts {
+    explicit Facts(const Tensor &t)
+        : layout(t.layout()), dtype(t.scalar_type()), device(t.device()), sizes(t.sizes()), strides(t.strides()),
+          numel(t.numel()) {}
+    torch::headeronly::Layout layout;
+    ScalarType dtype;
+    Device device;
+    torch::headeronly::IntHeaderOnlyArrayRef sizes, strides; // borrowed from the tensor, which the caller holds
+    int64_t numel;
+};
+
+cgd_dtype to_cgd_dtype(ScalarType dtype, const char *what, size_t i) {
+    switch (dtype) {
     case ScalarType::Float: return CGD_FLOAT32;
     case ScalarType::Half: return CGD_FLOAT16;
     case ScalarType::BFloat16: return CGD_BFLOAT16;
     case ScalarType::Double: return CGD_FLOAT64;
     default:
-        CGD_CHECK(false, "cgd: ", what, "[", i, "] has dtype ", t.scalar_type(),
+        CGD_CHECK(false, "cgd: ", what, "[", i, "] has dtype ", dtype,
                   "; parameters and gradients must be float32, float16, bfloat16 or float64");
     }
     return CGD_FLOAT32;
 }
+cgd_dtype to_cgd_dtype(const Tensor &t, const char *what, size_t i) { return to_cgd_dtype(t.scalar_type(), what, i); }
 
 // Optimizer state is float32, or float64 for float64 parameters (cgd.h).
 ScalarType state_type(cgd_dtype dtype) { return dtype == CGD_FLOAT64 ? ScalarType::Double : ScalarType::Float; }
@@ -88,43 +102,43 @@ ScalarType state_type(cgd_dtype dtype) { return dtype == CGD_FLOAT64 ? ScalarTyp
 // The kernels walk raw memory, so a tensor must cover its storage span exactly once (any dense layout, e.g.
 // channels_last, not only contiguous): with the dimensions sorted by stride, each stride is the product of the
 // sizes below it.
-void check_dense(const Tensor &t, const char *what, size_t i) {
-    CGD_CHECK(t.layout() == torch::headeronly::Layout::Strided, "cgd: ", what, "[", i,
+void check_dense(const Facts &t, const char *what, size_t i) {
+    CGD_CHECK(t.layout == torch::headeronly::Layout::Strided, "cgd: ", what, "[", i,
               "] is not a dense (strided) tensor; sparse and other layouts are not supported");
-    if (t.numel() == 0) return;
+    if (t.numel == 0) return;
     std::vector<std::pair<int64_t, int64_t>> dims; // (stride, size) of every dimension longer than 1
-    for (int64_t d = 0; d < t.dim(); ++d)
-        if (t.size(d) != 1) dims.emplace_back(t.stride(d), t.size(d));
+    for (size_t d = 0; d < t.sizes.size(); ++d)
+        if (t.sizes[d] != 1) dims.emplace_back(t.strides[d], t.sizes[d]);
     std::sort(dims.begin(), dims.end());
     int64_t expected = 1;
     for (const auto &[stride, size] : dims) {
-        CGD_CHECK(stride == expected, "cgd: ", what, "[", i, "] with sizes ", list(t.sizes()), " and strides ",
-                  list(t.strides()), " has gaps or overlaps");
+        CGD_CHECK(stride == expected, "cgd: ", what, "[", i, "] with sizes ", list(t.sizes), " and strides ",
+                  list(t.strides), " has gaps or overlaps");
         expected *= size;
     }
 }
 
 // `t` must match `ref` (the list `ref_what`'s entry i: params[i] unless said) in device, sizes and memory layout,
 // and have the given dtype.
-void check_like(const Tensor &t, const Tensor &ref, ScalarType dtype, const char *what, size_t i,
+void check_like(const Facts &t, const Facts &ref, ScalarType dtype, const char *what, size_t i,
                 const char *ref_what = "params") {
     check_dense(t, what, i);
-    CGD_CHECK(same(t.device(), ref.device()), "cgd: ", what, "[", i, "] is on ", device_name(t.device()), " but ",
-              ref_what, "[", i, "] is on ", device_name(ref.device()));
-    CGD_CHECK(t.scalar_type() == dtype, "cgd: ", what, "[", i, "] has dtype ", t.scalar_type(), ", expected ", dtype);
-    CGD_CHECK(same_values(t.sizes(), ref.sizes()), "cgd: ", what, "[", i, "] has sizes ", list(t.sizes()), " but ",
-              ref_what, "[", i, "] has ", list(ref.sizes()));
-    CGD_CHECK(same_values(t.strides(), ref.strides()), "cgd: ", what, "[", i, "] has strides ", list(t.strides()),
-              " but ", ref_what, "[", i, "] has ", list(ref.strides()), "; they must share one memory layout");
+    CGD_CHECK(same(t.device, ref.device), "cgd: ", what, "[", i, "] is on ", device_name(t.device), " but ", ref_what,
+              "[", i, "] is on ", device_name(ref.device));
+    CGD_CHECK(t.dtype == dtype, "cgd: ", what, "[", i, "] has dtype ", t.dtype, ", expected ", dtype);
+    CGD_CHECK(same_values(t.sizes, ref.sizes), "cgd: ", what, "[", i, "] has sizes ", list(t.sizes), " but ",
+              ref_what, "[", i, "] has ", list(ref.sizes));
+    CGD_CHECK(same_values(t.strides, ref.strides), "cgd: ", what, "[", i, "] has strides ", list(t.strides), " but ",
+              ref_what, "[", i, "] has ", list(ref.strides), "; they must share one memory layout");
 }
 
 // Step counters: one float64 each (exact up to 2^53 steps), on the parameter's device.
-void check_step(const Tensor &t, const Tensor &param, const char *what, size_t i, const char *ref_what = "params") {
-    CGD_CHECK(same(t.device(), param.device()), "cgd: ", what, "[", i, "] is on ", device_name(t.device()), " but ",
-              ref_what, "[", i, "] is on ", device_name(param.device()),
+void check_step(const Facts &t, const Facts &param, const char *what, size_t i, const char *ref_what = "params") {
+    CGD_CHECK(same(t.device, param.device), "cgd: ", what, "[", i, "] is on ", device_name(t.device), " but ",
+              ref_what, "[", i, "] is on ", device_name(param.device),
               " (step counters live on the parameter's device)");
-    CGD_CHECK(t.scalar_type() == ScalarType::Double && t.numel() == 1, "cgd: ", what, "[", i,
-              "] must be a one-element float64 tensor, got ", t.scalar_type(), " with ", t.numel(), " elements");
+    CGD_CHECK(t.dtype == ScalarType::Double && t.numel == 1, "cgd: ", what, "[", i,
+              "] must be a one-element float64 tensor, got ", t.dtype, " with ", t.numel, " elements");
 }
 
 const float *optional_scalar(const std::optional<Tensor> &t, const Device &device, const char *what) {
@@ -237,32 +251,31 @@ void diag_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
               " exp_avg_sqs for ", n, " params (pass one per param, or none when power == 0)");
     if (n == 0) return;
 
-    const Tensor &first = params[0];
-    const cgd_dtype dtype = to_cgd_dtype(first, "params", 0);
+    const Facts first(params[0]);
+    const cgd_dtype dtype = to_cgd_dtype(first.dtype, "params", 0);
+    const ScalarType real = state_type(dtype);
     std::vector<cgd_diag_tensor> tensors(n);
     for (size_t i = 0; i < n; ++i) {
-        const Tensor &p = params[i];
-        to_cgd_dtype(p, "params", i);
-        CGD_CHECK(same(p.device(), first.device()) && p.scalar_type() == first.scalar_type(),
-                  "cgd::diag_step_: params[", i, "] is ", p.scalar_type(), " on ", device_name(p.device()),
-                  " but params[0] is ", first.scalar_type(), " on ", device_name(first.device()),
-                  "; one call steps tensors of one dtype on one device");
+        const Facts p(params[i]);
+        CGD_CHECK(same(p.device, first.device) && p.dtype == first.dtype, "cgd::diag_step_: params[", i, "] is ",
+                  p.dtype, " on ", device_name(p.device), " but params[0] is ", first.dtype, " on ",
+                  device_name(first.device), "; one call steps tensors of one dtype on one device");
         check_dense(p, "params", i);
-        check_like(grads[i], p, p.scalar_type(), "grads", i);
-        check_step(steps[i], p, "steps", i);
+        check_like(Facts(grads[i]), p, p.dtype, "grads", i);
+        check_step(Facts(steps[i]), p, "steps", i);
         cgd_diag_tensor &t = tensors[i];
-        t.param = p.mutable_data_ptr();
+        t.param = params[i].mutable_data_ptr();
         t.grad = grads[i].const_data_ptr();
-        t.step = steps[i].mutable_data_ptr<double>();
-        t.numel = p.numel();
+        t.step = static_cast<double *>(steps[i].mutable_data_ptr());
+        t.numel = p.numel;
         t.exp_avg = nullptr;
         t.exp_avg_sq = nullptr;
         if (!exp_avgs.empty()) {
-            check_like(exp_avgs[i], p, state_type(dtype), "exp_avgs", i);
+            check_like(Facts(exp_avgs[i]), p, real, "exp_avgs", i);
             t.exp_avg = exp_avgs[i].mutable_data_ptr();
         }
         if (!exp_avg_sqs.empty()) {
-            check_like(exp_avg_sqs[i], p, state_type(dtype), "exp_avg_sqs", i);
+            check_like(Facts(exp_avg_sqs[i]), p, real, "exp_avg_sqs", i);
             t.exp_avg_sq = exp_avg_sqs[i].mutable_data_ptr();
         }
     }
@@ -282,7 +295,7 @@ void diag_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
     h.decoupled_weight_decay = decoupled_weight_decay;
     h.nesterov = nesterov;
     h.maximize = maximize;
-    const Device device = first.device();
+    const Device device = first.device;
     h.lr_device = optional_scalar(lr_tensor, device, "lr_tensor");
     if (guard_flags.has_value())
         h.guard_flags = typed_state<int32_t>("cgd::diag_step_", *guard_flags, device, ScalarType::Int,
@@ -305,20 +318,20 @@ std::tuple<Tensor, Tensor> nonfinite_flags(TensorList tensors, std::vector<doubl
     }
     CGD_CHECK(limits.empty() || limits.size() == tensors.size(), "cgd::nonfinite_flags: got ", limits.size(),
               " limits for ", tensors.size(), " tensors (pass one per tensor, or none)");
-    const Tensor &first = tensors[0];
-    const cgd_dtype dtype = to_cgd_dtype(first, "tensors", 0);
+    const Facts first(tensors[0]);
+    const cgd_dtype dtype = to_cgd_dtype(first.dtype, "tensors", 0);
     std::vector<const void *> data(tensors.size());
     std::vector<int64_t> numels(tensors.size());
     for (size_t i = 0; i < tensors.size(); ++i) {
-        check_dense(tensors[i], "tensors", i);
-        CGD_CHECK(same(tensors[i].device(), first.device()) && tensors[i].scalar_type() == first.scalar_type(),
-                  "cgd::nonfinite_flags: tensors[", i, "] is ", tensors[i].scalar_type(), " on ",
-                  device_name(tensors[i].device()), " but tensors[0] is ", first.scalar_type(), " on ",
-                  device_name(first.device()));
+        const Facts t(tensors[i]);
+        check_dense(t, "tensors", i);
+        CGD_CHECK(same(t.device, first.device) && t.dtype == first.dtype, "cgd::nonfinite_flags: tensors[", i,
+                  "] is ", t.dtype, " on ", device_name(t.device), " but tensors[0] is ", first.dtype, " on ",
+                  device_name(first.device));
         data[i] = tensors[i].const_data_ptr();
-        numels[i] = tensors[i].numel();
+        numels[i] = t.numel;
     }
-    const Device device = first.device();
+    const Device device = first.device;
     std::vector<int64_t> count = {static_cast<int64_t>(tensors.size())}, scalar = {};
     Tensor flags = torch::stable::empty(count, ScalarType::Int, std::nullopt, device);
     Tensor found = torch::stable::empty(scalar, ScalarType::Float, std::nullopt, device);
@@ -347,13 +360,15 @@ const double *optional_loss(const std::optional<Tensor> &t, const Device &device
 cgd_dtype check_step_param(const char *op, TensorList params, TensorList grads, size_t i, const Device &device,
                            const char *layout) {
     const Tensor &p = params[i];
-    const cgd_dtype dtype = to_cgd_dtype(p, "params", i);
-    CGD_CHECK(same(p.device(), device) && p.scalar_type() == params[0].scalar_type(), op, ": params[", i, "] is ",
-              p.scalar_type(), " on ", device_name(p.device()), " but params[0] is ", params[0].scalar_type(), " on ",
-              device_name(device), "; one call steps tensors of one dtype on one device");
-    CGD_CHECK(p.is_contiguous(), op, ": params[", i, "] with strides ", list(p.strides()), " is not contiguous; ",
+    const Facts facts(p);
+    const cgd_dtype dtype = to_cgd_dtype(facts.dtype, "params", i);
+    const ScalarType first = i == 0 ? facts.dtype : params[0].scalar_type();
+    CGD_CHECK(same(facts.device, device) && facts.dtype == first, op, ": params[", i, "] is ", facts.dtype, " on ",
+              device_name(facts.device), " but params[0] is ", first, " on ", device_name(device),
+              "; one call steps tensors of one dtype on one device");
+    CGD_CHECK(p.is_contiguous(), op, ": params[", i, "] with strides ", list(facts.strides), " is not contiguous; ",
               layout);
-    check_like(grads[i], p, p.scalar_type(), "grads", i);
+    check_like(Facts(grads[i]), facts, facts.dtype, "grads", i);
     return dtype;
 }
 
@@ -616,30 +631,32 @@ std::vector<cgd_diag_tensor> induced_tensors(const char *op, const TensorList &p
               exp_avg_sqs.size(), " exp_avg_sqs and ", steps.size(),
               " steps; every list needs one entry per gradient (exp_avg_sqs only with gamma='rms')");
     std::vector<cgd_diag_tensor> tensors(n);
+    if (n == 0) return tensors;
+    const Facts first(grads[0]);
     for (size_t i = 0; i < n; ++i) {
-        const Tensor &g = grads[i];
-        *dtype = to_cgd_dtype(g, "grads", i);
-        CGD_CHECK(same(g.device(), grads[0].device()) && g.scalar_type() == grads[0].scalar_type(), op, ": grads[", i,
-                  "] is ", g.scalar_type(), " on ", device_name(g.device()), " but grads[0] is ",
-                  grads[0].scalar_type(), " on ", device_name(grads[0].device()),
+        const Facts g(grads[i]);
+        *dtype = to_cgd_dtype(g.dtype, "grads", i);
+        CGD_CHECK(same(g.device, first.device) && g.dtype == first.dtype, op, ": grads[", i, "] is ", g.dtype,
+                  " on ", device_name(g.device), " but grads[0] is ", first.dtype, " on ", device_name(first.device),
                   "; one call steps tensors of one dtype on one device");
         check_dense(g, "grads", i);
-        check_step(steps[i], g, "steps", i, "grads");
+        check_step(Facts(steps[i]), g, "steps", i, "grads");
+        const ScalarType real = state_type(*dtype);
         cgd_diag_tensor &t = tensors[i];
         t = cgd_diag_tensor{};
-        t.grad = g.const_data_ptr();
-        t.step = steps[i].mutable_data_ptr<double>();
-        t.numel = g.numel();
+        t.grad = grads[i].const_data_ptr();
+        t.step = static_cast<double *>(steps[i].mutable_data_ptr());
+        t.numel = g.numel;
         if (!params.empty()) {
-            check_like(params[i], g, g.scalar_type(), "params", i, "grads");
+            check_like(Facts(params[i]), g, g.dtype, "params", i, "grads");
             t.param = params[i].mutable_data_ptr();
         }
         if (!exp_avgs.empty()) {
-            check_like(exp_avgs[i], g, state_type(*dtype), "exp_avgs", i, "grads");
+            check_like(Facts(exp_avgs[i]), g, real, "exp_avgs", i, "grads");
             t.exp_avg = exp_avgs[i].mutable_data_ptr();
         }
         if (rms) {
-            check_like(exp_avg_sqs[i], g, state_type(*dtype), "exp_avg_sqs", i, "grads");
+            check_like(Facts(exp_avg_sqs[i]), g, real, "exp_avg_sqs", i, "grads");
             t.exp_avg_sq = exp_avg_sqs[i].mutable_data_ptr();
         }
     }

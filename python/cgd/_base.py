@@ -149,7 +149,8 @@ class BaseOptimizer(Optimizer):
     """The shared base. A family sets its class attributes, calls :meth:`_init_base` (the policy, then torch's
     Optimizer), extends :meth:`_check_group` and implements :meth:`_step`; this class runs the step template
     (pending non-finite flags, the closure, :meth:`_step`), gathers and checks gradients (:meth:`_gradients`),
-    applies the non-finite policy for the families that check before they step (:meth:`_skip_flag`), and names parameters alike in every message (:meth:`_label`).
+    applies the non-finite policy for the families that check before they step (:meth:`_skip_flag`), and names
+    parameters alike in every message (:meth:`_label`).
 
     State is kept as float32 for float32, float16 and bfloat16 parameters and as float64 for float64 ones
     (int32, float64 or float32 where a class says so), loaded through torch's own load_state_dict with the

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import Any
 
 import torch
@@ -130,6 +129,9 @@ class _Plan:
         self.layout = [(g["params"], len(g["params"]), _state_kinds(g), _present([p.grad for p in g["params"]]))
                        for g in groups]
         self.state, self.state_len = optimizer.state, len(optimizer.state)
+        self.updated = [p for b in batches for p in b.sharded]  # what mark_updated bumps, flattened once
+        # A batch that holds its whole group in order takes the group's gradient list as it is.
+        self.whole = [b.indices == list(range(len(groups[b.where[0][0]]["params"]))) for b in batches]
 
     def batches_for(self, optimizer: CGD, groups: list[dict[str, Any]]) -> list[_Batch] | None:
         """The planned batches with this step's gradients and hyperparameters, or None when the plan is stale."""
@@ -145,10 +147,10 @@ class _Plan:
             grads_of.append(grads)
         if optimizer.state is not self.state or len(self.state) != self.state_len:
             return None
-        for b in self.batches:
+        for b, whole in zip(self.batches, self.whole):
             gi = b.where[0][0]
             b.group = groups[gi]
-            b.grads = list(map(grads_of[gi].__getitem__, b.indices))
+            b.grads = grads_of[gi] if whole else list(map(grads_of[gi].__getitem__, b.indices))
         return self.batches
 
 
@@ -186,7 +188,10 @@ class _GuardFlags:
         """The (group, index) of each parameter whose step held an entry back (waits for that step)."""
         if self.event is not None:
             self.event.synchronize()
-        return [where for where, flag in zip(self.where, self.host.tolist()) if flag]
+        flags = self.host.tolist()
+        if not any(flags):
+            return []
+        return [where for where, flag in zip(self.where, flags) if flag]
 
 
 class CGD(BaseOptimizer):
@@ -319,7 +324,7 @@ class CGD(BaseOptimizer):
         batches = plan.batches_for(self, groups) if plan is not None else None
         if batches is not None:
             try:
-                return self._run(batches, loss)
+                return self._run(batches, loss, plan.updated)
             except _Refused as refused:
                 # The reused lists met a gradient the operator refuses (another layout, a sparse one) before any
                 # batch was written (the operator checks before it steps): the full gather handles it below,
@@ -328,14 +333,15 @@ class CGD(BaseOptimizer):
                     raise refused.__cause__ from None
         self.__dict__.pop("_plan", None)
         batches = [b for gi, hparams in enumerate(groups) for b in self._gather(gi, hparams)]
+        updated = [p for b in batches for p in b.sharded]
         if batches and all(b.plain for b in batches):
             self._plan = _Plan(self, groups, batches)
         try:
-            return self._run(batches, loss)
+            return self._run(batches, loss, updated)
         except _Refused as refused:
             raise refused.__cause__ from None
 
-    def _run(self, batches: list[_Batch], loss: Any) -> Any:
+    def _run(self, batches: list[_Batch], loss: Any, updated: list[torch.Tensor]) -> Any:
         if not batches:
             return loss
         skip = self._skip_flag(lambda: [(b.where, b.grads, [overflow_limit(p) for p in b.sharded], b.sharded)
@@ -347,7 +353,7 @@ class CGD(BaseOptimizer):
                 self._apply(batch, grad_scale, skip, guard)
             except RuntimeError as error:
                 raise _Refused(i) from error
-        mark_updated(chain.from_iterable(b.sharded for b in batches))
+        mark_updated(updated)
         if guard:
             self._pending = [_GuardFlags(b.guard_flags, b.where, [] if b.plain else b.sharded) for b in batches]
             if batches[0].params[0].device.type == "cpu":  # the flags are already here: no reason to wait
