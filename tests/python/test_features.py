@@ -413,10 +413,14 @@ def test_the_cpu_kernels_plain_and_general_copies_agree_bit_for_bit(kw, dtype):
         assert torch.equal(value, general.state[general_p][key]), key
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(power=0.4, moment="centered")], ids=["default", "power centered"])
-def test_cpu_results_do_not_depend_on_the_thread_count(kw):
-    """The CPU kernels split tensors into chunks over torch's thread count; every entry is computed alike
-    whichever thread takes it, so 1, 2 and 3 threads give the same bits (and a NaN entry is held back alike)."""
+@pytest.mark.parametrize("make", [lambda p: cgd.CGD(p, lr=1e-2, weight_decay=0.1),
+                                  lambda p: cgd.CGD(p, lr=1e-2, weight_decay=0.1, power=0.4, moment="centered"),
+                                  lambda p: cgd.InducedMetric(p, lr=1e-2, gamma="rms", weight_decay=0.1)],
+                         ids=["default", "power centered", "induced rms"])
+def test_cpu_results_do_not_depend_on_the_thread_count(make):
+    """The CPU kernels deal a call's chunks round torch's threads; every entry is computed alike whichever thread
+    takes it (and the induced norm's chunk sums are added in one order), so 1, 2 and 3 threads give the same bits
+    (and a NaN entry is held back alike)."""
     torch.manual_seed(5)
     start = [torch.randn(300_001), torch.randn(7, 9)]
     grads = [[torch.randn_like(t) for t in start] for _ in range(3)]
@@ -427,7 +431,7 @@ def test_cpu_results_do_not_depend_on_the_thread_count(kw):
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             params = [torch.nn.Parameter(t.clone()) for t in start]
-            opt = cgd.CGD(params, lr=1e-2, weight_decay=0.1, **kw)
+            opt = make(params)
             for step_grads in grads:
                 for p, g in zip(params, step_grads):
                     p.grad = g.clone()
