@@ -113,35 +113,32 @@ CGD_HD float cgd_exp2i(int32_t k) { return cgd_from_bits((uint32_t)(k + 127) << 
  *
  * x = 2^k m with m in [sqrt(1/2), sqrt(2)): adding 1.0f's bits less sqrt(1/2)'s carries into the exponent exactly
  * when the mantissa is at least sqrt(2)'s, so k and m come from integer operations alone. log2 m = u P(u),
- * u = m - 1 (exact) in [sqrt(1/2) - 1, sqrt(2) - 1]: P of degree 8, a least-squares fit on Chebyshev nodes of
- * that interval, within 2.2e-8 of log2 m with its coefficients in float, evaluated in Estrin's pairs (no
+ * u = m - 1 (exact) in [sqrt(1/2) - 1, sqrt(2) - 1]: P of degree 7, a least-squares fit on Chebyshev nodes of
+ * that interval, within 1.1e-7 of log2 m with its coefficients in float, evaluated in Estrin's pairs (no
  * division: the divider is the slowest unit the loop uses). y = a e + a log2 m = n + f: a e = yh + yl exactly (the
- * fused multiply-add returns the product's rounding error), so n comes from yh + w, w = a log2 m + yl, and
- * f = (yh - n) + w rounds once (yh - n is exact), |f| <= 1/2 plus that rounding. 2^f = e^(f ln 2),
- * |f ln 2| <= 0.347: the Taylor series to (f ln 2)^7/7!, its coefficients c_k = ln2^k / k! taken in float, in
- * Estrin's pairs (three levels of fused multiply-adds deep, not seven).
+ * fused multiply-add returns the product's rounding error), so n, the integer nearest yh + w, w = a log2 m + yl,
+ * and f = (yh - n) + w rounds once (yh - n is exact), |f| <= 1/2 plus that rounding. 2^f = 1 + f Q(f), Q of
+ * degree 5 fitted alike on [-1/2, 1/2] (within 8.7e-9 relative; exactly 1 at f = 0, so 1^a = 1), in Estrin's
+ * pairs.
  */
 CGD_HD float cgd_pow2_split(uint32_t bits, int32_t e_adjust, float a, int32_t *n_out) {
     const int32_t k = (int32_t)((bits + (0x3f800000u - 0x3f3504f3u)) >> 23) - 127;
     const float m = cgd_from_bits(bits - ((uint32_t)k << 23));
     const int32_t e = k - e_adjust;
     const float u = m - 1.0f, u2 = u * u, u4 = u2 * u2;
-    const float l01 = cgd_rfma(-0.7213473916f, u, 1.442694902f), l23 = cgd_rfma(-0.3607062101f, u, 0.4809235036f);
-    const float l45 = cgd_rfma(-0.2387827337f, u, 0.2876248062f), l67 = cgd_rfma(-0.2088673115f, u, 0.2178854942f);
-    const float l03 = cgd_rfma(l23, u2, l01), l47 = cgd_rfma(l67, u2, l45);
-    const float log2m = u * cgd_rfma(0.1224903390f * u4, u4, cgd_rfma(l47, u4, l03));
+    const float l01 = cgd_rfma(-0.721352756f, u, 1.442694902f), l23 = cgd_rfma(-0.360241979f, u, 0.48092404f);
+    const float l45 = cgd_rfma(-0.24882181f, u, 0.287075609f), l67 = cgd_rfma(-0.146203533f, u, 0.23420985f);
+    const float log2m = u * cgd_rfma(cgd_rfma(l67, u2, l45), u4, cgd_rfma(l23, u2, l01));
     const float fe = (float)e;
     const float yh = a * fe, yl = cgd_rfma(a, fe, -yh);
     const float w = cgd_rfma(a, log2m, yl);
-    const float shift = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer held in the low bits */
-    const float shifted = (yh + w) + shift;
-    const float f = (yh - (shifted - shift)) + w;
-    *n_out = (int32_t)(cgd_bits(shifted) - cgd_bits(shift));
-    const float f2 = f * f, f4 = f2 * f2;
-    const float p01 = cgd_rfma(0.693147181f, f, 1.0f), p23 = cgd_rfma(0.0555041087f, f, 0.240226507f);
-    const float p45 = cgd_rfma(0.00133335581f, f, 0.00961812911f);
-    const float p67 = cgd_rfma(1.52527338e-5f, f, 1.54035304e-4f);
-    return cgd_rfma(cgd_rfma(p67, f2, p45), f4, cgd_rfma(p23, f2, p01));
+    const float nf = rintf(yh + w); /* to nearest, ties to even: one instruction on every back end */
+    const float f = (yh - nf) + w;
+    *n_out = (int32_t)nf;
+    const float f2 = f * f;
+    const float p01 = cgd_rfma(0.240226507f, f, 0.693147182f), p23 = cgd_rfma(0.00961805694f, f, 0.0555035695f);
+    const float p45 = cgd_rfma(0.000154614478f, f, 0.00133908668f);
+    return cgd_rfma(f, cgd_rfma(cgd_rfma(p45, f2, p23), f2, p01), 1.0f);
 }
 
 /*
@@ -151,10 +148,10 @@ CGD_HD float cgd_pow2_split(uint32_t bits, int32_t e_adjust, float a, int32_t *n
  * masking or a pick, not a conditional: a conditional lets the compiler thread the special inputs into a separate
  * path, which the vectoriser refuses.
  *
- * Error against float64 pow: below 4e-7 relative (about 3 float ulps; tested), from log2 m's polynomial (2.2e-8
- * plus the rounding of its evaluation), the rounding of a log2 m and of one sum in f (about 6e-8 absolute: a e,
- * the largest term, |a e| <= 149, is kept exactly as a float pair), 2^f's truncation (6e-9) and float rounding
- * (about 1.5e-7); the final scaling by 2^n rounds once (v q is scaled in two factors, each a normal float for n
+ * Error against float64 pow: below 4e-7 relative (about 3 float ulps; tested), from log2 m's polynomial (1.1e-7
+ * times |a| ln 2, plus the rounding of its evaluation), the rounding of a log2 m and of one sum in f (about 6e-8
+ * absolute: a e, the largest term, |a e| <= 149, is kept exactly as a float pair), 2^f's fit (8.7e-9) and float
+ * rounding (about 1.5e-7); the final scaling by 2^n rounds once (v q is scaled in two factors, each a normal float for n
  * in [-149, 128], so v x^a overflows or goes subnormal only where it is so: the metric step multiplies by x^-a,
  * with no division). cgd_powf_poly is v = 1. a = 1 returns v x; x = 0 gives 0 (a > 0) or +Inf (a < 0), +Inf
  * gives +Inf or 0, NaN or x < 0 gives NaN, each times v, as powf. The polynomials use explicit fused
