@@ -4,8 +4,8 @@ Parameter sets: GPT-2 small's parameter list (124M parameters in 148 tensors) an
 (split into tensors of at most 16M). Gradients are fixed random tensors; the step is timed alone, with CUDA
 events on the GPU. Each diagonal step reads param, grad, M1, M2 and writes param, M1, M2: 28 bytes per fp32
 parameter (bf16/fp16 parameters: 22). GB/s is those bytes over the step time; "of peak" divides it by the
-bandwidth of the better of two streams in the same run, a copy (read + write) and an in-place sum x += y (two
-reads + one write) of 1 GiB buffers (128 MiB on a CPU), the practical peak (stream_bandwidth).
+bandwidth of the faster of two streams timed among the optimizers over the same gradients, a copy (read +
+write) and an in-place sum x += g (two reads + one write): the practical peak (Stream).
 The induced metric's GB/s counts the same bytes, though its norm pass reads the gradient and M2 once more.
 
     ./run.sh bench                               # GPU when there is one, else a small CPU run
@@ -105,25 +105,32 @@ class Clock:
         return statistics.median(samples)
 
 
-def stream_bandwidth(device: torch.device, clock: Clock, nbytes: int) -> tuple[float, float, float]:
-    """The practical peak, the better of two streams over buffers of `nbytes`: a copy (read + write counted) and
-    an in-place sum x += y (two reads + one write), the access pattern of an optimizer step. On a CPU the copy
-    writes to lines it never read, so each costs a hidden read for ownership and the copy alone understates the
-    machine; the in-place stream does not. Returns (peak, copy, in-place), bytes per second."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src).fill_(0.0)
-    dst.copy_(src)
-    copy = 2 * src.numel() * 4 / clock.time(lambda: dst.copy_(src), 20)
-    dst.add_(src)
-    in_place = 3 * src.numel() * 4 / clock.time(lambda: dst.add_(src), 20)
-    return max(copy, in_place), copy, in_place
+class Stream:
+    """A row that moves memory and computes nothing, timed in the same rotation as the optimizers, so "of peak"
+    divides by what the machine streamed in the same moments: a copy of the gradients (read + write) and an
+    in-place sum x += g (two reads + one write, the access pattern of an optimizer step; on a CPU a copy writes to
+    lines it never read, each costing a hidden read for ownership, so the copy alone understates the machine)."""
+
+    def __init__(self, grads: list[torch.Tensor], in_place: bool) -> None:
+        self.grads, self.in_place = grads, in_place
+        self.scratch = [torch.zeros_like(g) for g in grads]
+        self.bytes_per_param = (3 if in_place else 2) * grads[0].element_size()
+
+    def step(self) -> None:
+        if self.in_place:
+            torch._foreach_add_(self.scratch, self.grads)
+        else:
+            torch._foreach_copy_(self.scratch, self.grads)
+
+
+STREAMS = {"stream: copy": False, "stream: x += g": True}
 
 
 def measure(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device, clock: Clock,
-            steps: int, peak_bw: float) -> list[dict]:
-    """Every optimizer steps the same parameters; the timed steps go round the optimizers in turn (one step
-    each per round, in a shuffled order), so a slow moment of a shared machine falls on all of them alike. Median
-    per optimizer."""
+            steps: int) -> list[dict]:
+    """Every optimizer steps the same parameters; the timed steps go round the optimizers and the two streams in
+    turn (one step each per round, in a shuffled order), so a slow moment of a shared machine falls on all of
+    them alike. Median per row; "of peak" divides by the faster stream's GB/s."""
     gen = torch.Generator(device=device).manual_seed(0)
     params = [torch.randn(s, generator=gen, device=device).to(dtype) for s in shapes]
     grads = [torch.randn(s, generator=gen, device=device).to(dtype) * 1e-3 for s in shapes]
@@ -139,6 +146,9 @@ def measure(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.dev
             live[name] = opt
         except (RuntimeError, ValueError) as error:  # e.g. torch's fused AdamW refusing a dtype
             rows[name] = {"optimizer": name, "error": str(error).splitlines()[0]}
+    for name, in_place in STREAMS.items():
+        live[name] = Stream(grads, in_place)
+        live[name].step()
     samples = {name: [] for name in live}
     # A fixed order would give each row the same predecessor every round (the one after fused AdamW found the
     # caches coldest and read 30% slower on host time than the same code further down): shuffled per round.
@@ -148,28 +158,33 @@ def measure(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.dev
         order.shuffle(names)
         for name in names:
             samples[name].append(clock.time(live[name].step, 1))
-    for name in optimizers(device):
+    names = list(optimizers(device)) + list(STREAMS)
+    for name in names:
         if name in rows:
             continue
         seconds = statistics.median(samples[name])
         # param read+write and grad read, plus fp32 state read+write: M1 and M2, or one buffer
         states = 1 if name in ONE_STATE else 2
-        bytes_per_param = 3 * params[0].element_size() + states * 2 * 4
-        gbps = n * bytes_per_param / seconds / 1e9
-        rows[name] = {"optimizer": name, "ms": seconds * 1e3, "gbps": gbps, "of_peak": gbps * 1e9 / peak_bw,
+        bytes_per_param = live[name].bytes_per_param if name in STREAMS else \
+            3 * params[0].element_size() + states * 2 * 4
+        rows[name] = {"optimizer": name, "ms": seconds * 1e3, "gbps": n * bytes_per_param / seconds / 1e9,
                       "bytes": bytes_per_param}
     live.clear()
     for p in params:
         p.grad = None
+    peak = max(rows[name]["gbps"] for name in STREAMS)
     fused = rows.get("AdamW fused")
     base = fused if fused and "ms" in fused else rows.get("AdamW foreach")
     for r in rows.values():
-        if "ms" in r and base and "ms" in base:
+        if "ms" not in r:
+            continue
+        r["of_peak"] = r["gbps"] / peak
+        if base and "ms" in base:
             r["vs"] = r["ms"] / base["ms"]
         twin = rows.get(COUNTERPART.get(r["optimizer"], ""))
-        if "ms" in r and twin and "ms" in twin:
+        if twin and "ms" in twin:
             r["vs_torch"] = r["ms"] / twin["ms"]
-    return [rows[name] for name in optimizers(device)]
+    return [rows[name] for name in names]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,7 +206,6 @@ def main(argv: list[str] | None = None) -> int:
     clock = Clock(device)
     dtype = DTYPES[args.dtype]
 
-    peak_bw, copy_only, in_place = stream_bandwidth(device, clock, (1 << 30) if gpu else (1 << 27))
     cases = ([] if args.no_gpt2 else [("GPT-2 small (148 tensors)", gpt2_small_shapes())])
     cases += [(f"{int(s):,} flat", flat_shapes(int(s))) for s in sizes]
     # Tiny tensors: the step is all host work (gathering, checking, launching), the kernels next to nothing.
@@ -200,9 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "./run.sh bench " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [f"# Optimizer step time, {args.dtype} parameters\n",
              f"{where}, torch {torch.__version__}, {datetime.date.today().isoformat()}, `{command.strip()}`\n",
-             f"Stream peak {peak_bw / 1e9:.1f} GB/s, the better of a copy (read + write: {copy_only / 1e9:.1f} GB/s) "
-             f"and an in-place x += y (two reads + one write: {in_place / 1e9:.1f} GB/s); \"of peak\" divides "
-             f"by it. Median of {steps} steps. "
+             "\"of peak\" divides a row's GB/s by the faster of two streams timed in the same rotation over the "
+             "same gradients, a copy (read + write) and an in-place x += g (two reads + one write). "
+             f"Median of {steps} steps. "
              "\"vs AdamW\" is the step time over fused AdamW's (foreach where fused refuses), \"vs torch\" a "
              "preset's over the torch optimizer it replaces (fused where torch has one, else foreach); < 1 is "
              "faster. The steps go round all optimizers in turn, one each per round, in a shuffled order each "
@@ -212,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|---|---|---|---|"]
     for title, shapes in cases:
         numel = sum(int(torch.Size(s).numel()) for s in shapes)
-        for r in measure(shapes, dtype, device, clock, steps, peak_bw):
+        for r in measure(shapes, dtype, device, clock, steps):
             if "error" in r:
                 lines.append(f"| {title} | {numel / 1e6:.1f} | {r['optimizer']} | refused: {r['error']} | | | | | |")
             else:

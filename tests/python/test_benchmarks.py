@@ -71,9 +71,12 @@ def test_step_time_reports_every_optimizer(tmp_path):
     out = tmp_path / "step.md"
     assert step_time.main(["--device", "cpu", "--sizes", "1e4", "--no-gpt2", "--steps", "2", "--out", str(out)]) == 0
     report = out.read_text()
-    for name in ("cgd.CGD", "AdamW foreach"):
+    for name in ("cgd.CGD", "AdamW foreach", "stream: copy", "stream: x += g"):
         assert f"| {name} |" in report
     assert "refused" not in report
+    # "of peak" is relative to the faster stream, which so reads 100%
+    streams = [line.split("|")[7].strip() for line in report.splitlines() if "| stream: " in line]
+    assert "100%" in streams
 
 
 def test_gpt2_small_shapes():
