@@ -319,6 +319,56 @@ cgd_status cgd_block_step(const cgd_block_hparams *hparams, cgd_dtype dtype, con
     return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : ok();
 }
 
+/* The window's largest size: its small eigenproblems are (window + 1)-sided, in double, every step. */
+#define CGD_MAX_WINDOW 4096
+
+cgd_status cgd_window_step(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_block_tensor *tensors,
+                           int64_t count, const cgd_window_state *state, const float *grad_scale, const float *skip,
+                           cgd_device device) {
+    static const char fn[] = "cgd_window_step";
+    cgd_status st;
+    if (!hparams) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams is NULL", fn);
+    if (!state) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: state is NULL", fn);
+    if ((st = check_block_hparams(fn, hparams))) return st;
+    if ((st = check_common(fn, dtype, device, count))) return st;
+    if ((st = check_eps_for_dtype(fn, hparams, dtype))) return st;
+    if (device != CGD_CPU)
+        return fail(CGD_ERR_UNSUPPORTED, "%s: the window solver runs on the CPU only", fn);
+    if (state->n < 1)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: state.n = %lld must be >= 1", fn, (long long)state->n);
+    if (state->window < 1 || state->window > CGD_MAX_WINDOW)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: state.window = %lld is outside [1, %d]", fn,
+                    (long long)state->window, CGD_MAX_WINDOW);
+    if (!state->exp_avg || !state->history || !state->gram || !state->identity || !state->step || !state->counters)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: state.%s is NULL", fn,
+                    !state->exp_avg ? "exp_avg" : !state->history ? "history" : !state->gram ? "gram"
+                    : !state->identity ? "identity" : !state->step ? "step" : "counters");
+    if (!(*state->step >= 0.0) || *state->step != floor(*state->step))
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: *state.step = %g is not a count of steps", fn, *state->step);
+    if (!(*state->identity >= 0.0) || !isfinite(*state->identity))
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: *state.identity = %g must be finite and >= 0", fn,
+                    *state->identity);
+    if (count > 0 && !tensors)
+        return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors is NULL but count = %lld", fn, (long long)count);
+    int64_t end = 0;
+    for (int64_t i = 0; i < count; ++i) {
+        const cgd_block_tensor *t = &tensors[i];
+        if ((st = check_numel(fn, "tensors.numel", i, t->numel))) return st;
+        if (t->offset < end || t->offset > state->n - t->numel)
+            return fail(CGD_ERR_INVALID_ARGUMENT,
+                        "%s: tensors[%lld] covers [%lld, %lld), which overlaps the previous tensor (ends at %lld) or "
+                        "leaves the vector of %lld coordinates", fn, (long long)i, (long long)t->offset,
+                        (long long)(t->offset + t->numel), (long long)end, (long long)state->n);
+        if (t->numel > 0 && (!t->param || !t->grad))
+            return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors[%lld].%s is NULL", fn, (long long)i,
+                        t->param ? "grad" : "param");
+        end = t->offset + t->numel;
+    }
+    if (CGD_BY_REAL(dtype, cgd_cpu_window_step)(hparams, dtype, tensors, count, state, grad_scale, skip))
+        return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the scratch space; nothing changed", fn);
+    return ok();
+}
+
 /* The sizes and pointers of a kron step's tensors; the workspace query, which a caller makes before it allocates
    anything, reads the sizes and flags only (check_pointers = 0). */
 static cgd_status check_kron_tensors(const char *fn, const cgd_block_hparams *hparams, cgd_dtype dtype,

@@ -271,6 +271,35 @@ cgd_status cgd_block_step(const cgd_block_hparams *hparams, cgd_dtype dtype, con
                           void *workspace, size_t workspace_bytes, cgd_device device, void *stream);
 
 /* ---------------------------------------------------------------------------------------------------------
+ * Exact full CGD over a window of gradients (CPU): the full metric of a block step with nblocks = 1, for vectors
+ * too long for an n x n M2. M2 = iota I + sum over the last `window` steps s of (1 - beta2) beta2^(t - s) g_s g_s^T:
+ * the identity's coefficient iota (m2_init at the start, times beta2 per step) is exact, and so are the gradient
+ * terms while t <= window; later the older terms, a fraction beta2^window of the EMA's weight, are dropped. C,
+ * F, bias correction, centering (raw on a bias-corrected first step), the clamp at 0 and the update
+ * p <- p (1 - lr wd) - lr (eps I + C)^-a F are the block step's; the direction is found exactly for that M2
+ * through the window's Gram matrix (kernels/window_cpu.c): O(n window + window^3) per step, n (window + 1) state
+ * values. hparams.refresh and hparams.solver are not read. An eigendecomposition that fails (only on non-finite
+ * values) makes that step take C's diagonal, counted in counters[2].
+ * --------------------------------------------------------------------------------------------------------- */
+
+typedef struct cgd_window_state {
+    int64_t n;         /* coordinates: the tensors laid end to end (cgd_block_tensor offsets), >= 1 */
+    int64_t window;    /* gradients kept, 1 <= window <= 4096 */
+    void *exp_avg;     /* M1: n state values */
+    void *history;     /* window * n state values: the gradient of step s (1-based) in row (s - 1) mod window */
+    double *gram;      /* window * window: entry (i, j) the dot product of history rows i and j (those filled) */
+    double *identity;  /* one double: iota, M2's coefficient of I; initialise to m2_init */
+    double *step;      /* one double: steps taken */
+    float *counters;   /* 4 floats, as a block step's: [2] counts the steps that took C's diagonal */
+} cgd_window_state;
+
+/* One window step over `count` tensors with offsets in [0, n); grad_scale and skip as in cgd_diag_step.
+   CGD_ERR_UNSUPPORTED on CUDA, or when the host scratch cannot be had (then nothing changed). */
+cgd_status cgd_window_step(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_block_tensor *tensors,
+                           int64_t count, const cgd_window_state *state, const float *grad_scale, const float *skip,
+                           cgd_device device);
+
+/* ---------------------------------------------------------------------------------------------------------
  * Kronecker-factored CGD: the metric of block CGD for a whole matrix-shaped tensor, with the covariance of its
  * elements approximated by a Kronecker product. A tensor is read as a row-major rows x cols matrix G (a conv
  * weight as out_channels x the rest). Per tensor, with F = M1 (/ (1 - beta1^t)) as in a block step:

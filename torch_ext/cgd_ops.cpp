@@ -446,6 +446,42 @@ void block_step(TensorList params, TensorList grads, std::vector<int64_t> offset
                                 target.device, target.stream));
 }
 
+void window_step(TensorList params, TensorList grads, std::vector<int64_t> offsets, Tensor exp_avg, Tensor history,
+                 Tensor gram, Tensor identity, Tensor step, Tensor counters, int64_t window, double lr, double beta1,
+                 double beta2, double power, double eps, double weight_decay, bool centered, bool bias_correction,
+                 bool maximize, std::optional<Tensor> grad_scale, std::optional<Tensor> found_inf) {
+    static const char op[] = "cgd::window_step_";
+    const size_t n = params.size();
+    CGD_CHECK(grads.size() == n && offsets.size() == n, op, ": got ", n, " params, ", grads.size(), " grads and ",
+              offsets.size(), " offsets; the lists must have equal lengths");
+    CGD_CHECK(window >= 1, op, ": window = ", window, " must be positive");
+    const Device device = n ? params[0].device() : exp_avg.device();
+    std::vector<cgd_block_tensor> tensors(n);
+    cgd_dtype dtype = CGD_FLOAT32;
+    for (size_t i = 0; i < n; ++i) {
+        dtype = check_step_param(op, params, grads, i, device, "the full metric needs contiguous parameters");
+        tensors[i] = cgd_block_tensor{params[i].mutable_data_ptr(), grads[i].const_data_ptr(), params[i].numel(),
+                                      offsets[i]};
+    }
+    const ScalarType real = state_type(dtype);
+    cgd_window_state st{};
+    st.n = exp_avg.numel();
+    st.window = window;
+    st.exp_avg = state_ptr(op, exp_avg, device, real, st.n, "exp_avg");
+    st.history = state_ptr(op, history, device, real, window * st.n, "history");
+    st.gram = typed_state<double>(op, gram, device, ScalarType::Double, window * window, "gram");
+    st.identity = typed_state<double>(op, identity, device, ScalarType::Double, 1, "identity");
+    st.step = typed_state<double>(op, step, device, ScalarType::Double, 1, "step");
+    st.counters = typed_state<float>(op, counters, device, ScalarType::Float, 4, "counters");
+    const cgd_block_hparams h = matrix_hparams(lr, beta1, beta2, power, eps, weight_decay, centered, bias_correction,
+                                               maximize, false);
+    Target target;
+    target_for(device, target);
+    check_status(cgd_window_step(&h, dtype, tensors.data(), static_cast<int64_t>(n), &st,
+                                 grad_scale_ptr(grad_scale, device), optional_scalar(found_inf, device, "found_inf"),
+                                 target.device));
+}
+
 // The tensors of a Kronecker-factored or eigenbasis step: per tensor, exp_avg is its rows x cols matrix view (which
 // fixes rows and cols); an empty basis tensor marks that side as diagonal. rotated_sqs: the eigenbasis metric's V'.
 std::vector<cgd_kron_tensor> kron_tensors(const char *op, TensorList params, TensorList grads, TensorList exp_avgs,
@@ -752,6 +788,10 @@ STABLE_TORCH_LIBRARY(cgd, m) {
           "float lr, float momentum, float weight_decay, float ns_a, float ns_b, float ns_c, float eps, int ns_steps, "
           "bool nesterov, str adjust_lr_fn, bool ns_bf16, str solver, float power, Tensor? grad_scale=None, "
           "Tensor? found_inf=None) -> ()");
+    m.def("window_step_(Tensor(a!)[] params, Tensor[] grads, int[] offsets, Tensor(b!) exp_avg, Tensor(c!) history, "
+          "Tensor(d!) gram, Tensor(e!) identity, Tensor(f!) step, Tensor(g!) counters, *, int window, float lr, "
+          "float beta1, float beta2, float power, float eps, float weight_decay, bool centered, bool bias_correction, "
+          "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
     m.def("kron_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] left_sqs, "
           "Tensor(d!)[] right_sqs, Tensor(e!)[] left_bases, Tensor(f!)[] right_bases, Tensor(g!)[] left_eigs, "
           "Tensor(h!)[] right_eigs, Tensor(i!)[] steps, Tensor(j!)[] outcomes, Tensor(k!)[] counters, *, float lr, "
@@ -784,6 +824,7 @@ STABLE_TORCH_LIBRARY_IMPL(cgd, CompositeExplicitAutograd, m) {
     m.impl("diag_step_", TORCH_BOX(&diag_step));
     m.impl("block_step_", TORCH_BOX(&block_step));
     m.impl("kron_step_", TORCH_BOX(&kron_step));
+    m.impl("window_step_", TORCH_BOX(&window_step));
     m.impl("eigenbasis_step_", TORCH_BOX(&eigenbasis_step));
     m.impl("muon_step_", TORCH_BOX(&muon_step));
     m.impl("induced_norm_", TORCH_BOX(&induced_norm));

@@ -88,16 +88,26 @@ def _scalars_beside(params, hyperparameters) -> None:
                 raise ValueError(f"cgd: {key} is on {t.device} but the parameters are on {params[0].device}")
 
 
-@torch.library.register_fake("cgd::block_step_")
-def _block_step_fake(params, grads, offsets, exp_avg, *state, **hyperparameters) -> None:
+def _vector_step_fake(names, params, grads, state, hyperparameters) -> None:
     for i, (g, p) in enumerate(zip(grads, params)):
         if g.device != p.device:
             raise ValueError(f"cgd: grads[{i}] is on {g.device} but params[{i}] is on {p.device}")
-    for name, t in zip(("exp_avg", "exp_avg_sq", "precond", "eigvals", "step", "outcome", "counters"),
-                       (exp_avg,) + state):
+    for name, t in zip(names, state):
         if params and t.device != params[0].device:
             raise ValueError(f"cgd: {name} is on {t.device} but the parameters are on {params[0].device}")
     _scalars_beside(params, hyperparameters)
+
+
+@torch.library.register_fake("cgd::block_step_")
+def _block_step_fake(params, grads, offsets, exp_avg, *state, **hyperparameters) -> None:
+    _vector_step_fake(("exp_avg", "exp_avg_sq", "precond", "eigvals", "step", "outcome", "counters"), params, grads,
+                      (exp_avg,) + state, hyperparameters)
+
+
+@torch.library.register_fake("cgd::window_step_")
+def _window_step_fake(params, grads, offsets, exp_avg, *state, **hyperparameters) -> None:
+    _vector_step_fake(("exp_avg", "history", "gram", "identity", "step", "counters"), params, grads,
+                      (exp_avg,) + state, hyperparameters)
     return None
 
 

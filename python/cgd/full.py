@@ -24,7 +24,8 @@ METRICS = ("full", "block", "kron", "eigenbasis")
 _FACTORED = ("kron", "eigenbasis")
 # 0: solved in the state's precision (float32, or float64 for float64 parameters); 1: float32 failed, float64 did not.
 OUTCOMES = {-1: "never", 0: "solved", 1: "float64 retry", 2: "kept previous", 3: "diagonal fallback", 4: "lanczos"}
-SOLVERS = ("auto", "eigh", "lanczos")
+SOLVERS = ("auto", "eigh", "lanczos", "window")
+_MAX_WINDOW = 4096  # capi/cgd.c: its (window + 1)-sided problems are solved in double every step
 # Where Lanczos overtakes the batched Jacobi eigensolver on the CPU (benchmarks/matrix_step_time.py, 0.8M
 # parameters: B = 8 Jacobi 68 ms, Lanczos 264 ms; B = 16 within run-to-run noise, 162-266 ms against 168-185 ms;
 # B = 32 Jacobi 1,468 ms, Lanczos 111 ms).
@@ -66,12 +67,14 @@ def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def state_bytes(shapes: list, metric: str = "full", block_size: int = 64, max_factor_dim: int = 4096,
-                dtype: torch.dtype = torch.float32, solver: str = "eigh") -> int:
+                dtype: torch.dtype = torch.float32, solver: str = "eigh", window: int = 128) -> int:
     """Bytes of state FullCGD keeps for tensors of these shapes (or element counts, for "full"/"block") of this
     parameter dtype: state values are 8 bytes for float64 parameters, 4 bytes otherwise (the sizes below are for 4).
 
     full/block: M1 and the eigenvalues (4 bytes per coordinate each), M2 and the preconditioner P (4 * block bytes
-    per coordinate each); with ``solver="lanczos"`` (the effective solver, not "auto") M1 and M2 only. kron, per
+    per coordinate each); with ``solver="lanczos"`` (the effective solver, not "auto") M1 and M2 only; with
+    ``solver="window"`` M1 and ``window`` gradients (4 (window + 1) bytes per coordinate) and the window's Gram
+    matrix (8 window^2 bytes). kron, per
     rows x cols tensor: M1 (rows * cols), and per side of n <= max_factor_dim its
     EMA factor and eigenbasis (n^2 each) and eigenvalues (n); a larger side keeps 2 n values. eigenbasis: as kron,
     plus the rotated second moment (rows * cols), with no full factor for a vector.
@@ -90,6 +93,9 @@ def state_bytes(shapes: list, metric: str = "full", block_size: int = 64, max_fa
                 total += 2 * n * n + n if full_side else 2 * n
         return value_bytes * total + fixed
     numels = [n if isinstance(n, int) else math.prod(n) for n in shapes]
+    if solver == "window":
+        n = max(sum(numels), 1)
+        return value_bytes * (n + window * n) + 8 * window * window + 8 + 8 + 4 * 4
     _, block, nblocks = _layout(numels, metric, block_size)
     length = block * nblocks
     if solver == "lanczos":
@@ -217,6 +223,7 @@ class FullCGD(BaseOptimizer):
         block_size: int = 64,
         refresh_every: int = 1,
         solver: str = "auto",
+        window: int = 128,
         max_factor_dim: int = 4096,
         centered: bool = True,
         bias_correction: bool = False,
@@ -236,7 +243,8 @@ class FullCGD(BaseOptimizer):
             raise bad("max_state_bytes", max_state_bytes, "must be None (the device's free memory) or an integer "
                        "number of bytes >= 0")
         defaults = dict(lr=lr, betas=pair("betas", betas), power=power, eps=eps, metric=metric, block_size=block_size,
-                        refresh_every=refresh_every, solver=solver, max_factor_dim=max_factor_dim, centered=centered,
+                        refresh_every=refresh_every, solver=solver, window=window, max_factor_dim=max_factor_dim,
+                        centered=centered,
                         bias_correction=bias_correction, m2_init=m2_init, weight_decay=weight_decay, maximize=maximize)
         self._init_base(params, defaults, nonfinite, capturable=False)
 
@@ -276,8 +284,11 @@ class FullCGD(BaseOptimizer):
         in_range("m2_init", group["m2_init"], 0.0)
         if group["metric"] not in METRICS:
             raise bad("metric", group["metric"], f"must be one of {METRICS} (the diagonal metric is cgd.CGD)")
-        for key in ("block_size", "refresh_every", "max_factor_dim"):
+        for key in ("block_size", "refresh_every", "max_factor_dim", "window"):
             positive_int(key, group[key])
+        if group["window"] > _MAX_WINDOW:
+            raise bad("window", group["window"], f"must be <= {_MAX_WINDOW} (its (window + 1)-sided problems are "
+                       "solved every step)")
         if group["max_factor_dim"] > _MAX_MATRIX:
             raise bad("max_factor_dim", group["max_factor_dim"], f"must be <= {_MAX_MATRIX} (the eigensolvers' "
                        "int32 sizes)")
@@ -286,10 +297,17 @@ class FullCGD(BaseOptimizer):
             raise bad("block_size", group["block_size"], f"must be <= {_MAX_MATRIX} (the eigensolvers' int32 "
                        "sizes)")
         total = sum(p.numel() for p in group.get("params", ()))
-        if group["metric"] == "full" and total > _MAX_MATRIX:
-            raise bad("metric", "full", f"over {total:,} parameters needs one {total:,}-sided matrix, but the "
-                       f"eigensolvers take at most {_MAX_MATRIX} (int32 sizes): use metric='block' or 'kron'")
         solver = choice("solver", group["solver"], SOLVERS)
+        if solver == "window" and group["metric"] != "full":
+            raise bad("solver", solver, f"applies to metric='full' (it keeps the full M2 as a window of gradients); "
+                       f"metric={group['metric']!r} keeps its own state")
+        if solver == "window" and group["refresh_every"] != 1:
+            raise bad("solver", solver, f"computes the direction every step, so refresh_every = "
+                       f"{group['refresh_every']} has nothing to cache; use refresh_every=1")
+        if group["metric"] == "full" and total > _MAX_MATRIX and solver != "window":
+            raise bad("metric", "full", f"over {total:,} parameters needs one {total:,}-sided matrix, but the "
+                       f"eigensolvers take at most {_MAX_MATRIX} (int32 sizes): use solver='window', metric='block' or "
+                       "'kron'")
         if solver == "lanczos" and group["metric"] in _FACTORED:
             raise bad("solver", solver, f"applies to metric='full' or 'block'; metric={group['metric']!r} "
                        "eigendecomposes its factors (use solver='auto' or 'eigh')")
@@ -300,7 +318,7 @@ class FullCGD(BaseOptimizer):
         if group["metric"] == "eigenbasis" and devices - {"cpu"}:
             raise bad("metric", "eigenbasis", f"runs on the CPU only for now, but the group is on {sorted(devices)}; "
                        "use metric='kron' or cgd.Muon there")
-        if solver == "lanczos" and devices - {"cpu"}:
+        if solver in ("lanczos", "window") and devices - {"cpu"}:
             raise bad("solver", solver, f"runs on the CPU only, but the group is on {sorted(devices)}; use "
                        "solver='auto' or 'eigh' there")
 
@@ -321,7 +339,7 @@ class FullCGD(BaseOptimizer):
         if not params:
             return
         need = state_bytes([p.shape for p in params], group["metric"], group["block_size"], group["max_factor_dim"],
-                           params[0].dtype, self._solver(group))
+                           params[0].dtype, self._solver(group), group["window"])
         limit = self.max_state_bytes if self.max_state_bytes is not None else _available_bytes(params[0].device)
         if need > limit:
             n = sum(p.numel() for p in params)
@@ -398,21 +416,26 @@ class FullCGD(BaseOptimizer):
         return [overflow_limit(params[j], side) for j in js]
 
     def _translate_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """A FullCGD state dict saved before the solver option existed loads with the default, solver="auto"."""
-        if all("metric" in g and "solver" not in g for g in state_dict["param_groups"]):
-            state_dict = {**state_dict, "param_groups": [{**g, "solver": "auto"} for g in state_dict["param_groups"]]}
+        """A FullCGD state dict saved before the solver or window options existed loads with their defaults,
+        solver="auto" and window=128."""
+        groups = state_dict["param_groups"]
+        if all("metric" in g for g in groups) and any("solver" not in g or "window" not in g for g in groups):
+            state_dict = {**state_dict, "param_groups": [{"solver": "auto", "window": 128, **g} for g in groups]}
         return super()._translate_state_dict(state_dict)
 
     _BLOCK_KEYS = ("exp_avg", "exp_avg_sq", "precond", "eigvals", "step", "outcome", "counters", "calls")
     _KRON_KEYS = ("exp_avg", "left_sq", "right_sq", "left_basis", "right_basis", "left_eig", "right_eig", "step",
                   "outcome", "counters")
     _EIGENBASIS_KEYS = _KRON_KEYS[:7] + ("rotated_sq",) + _KRON_KEYS[7:]
+    _WINDOW_KEYS = ("exp_avg", "history", "gram", "identity", "step", "counters")
 
     def _required_state(self, group: dict[str, Any], j: int, saved: dict[str, Any]) -> tuple[str, ...]:
         # full/block: the group's state lives under its first parameter; kron/eigenbasis: each tensor's own, and
         # the group's refresh count ("calls") under the first parameter, which may hold nothing else.
         if group["metric"] not in _FACTORED:
-            return self._BLOCK_KEYS if j == 0 else ()
+            if j:
+                return ()
+            return self._WINDOW_KEYS if group.get("solver") == "window" else self._BLOCK_KEYS
         keys = self._EIGENBASIS_KEYS if group["metric"] == "eigenbasis" else self._KRON_KEYS
         return keys + (("calls",) if j == 0 else ()) if set(saved) - {"calls"} else ("calls",)
 
@@ -424,6 +447,9 @@ class FullCGD(BaseOptimizer):
         device, length = params[0].device, block * nblocks
         real = dict(dtype=state_dtype(params[0]), device=device)
         lanczos = self._solver(group) == "lanczos"
+        if "history" in state:
+            raise ValueError("cgd: the saved state is of the window solver; keep solver='window', or start this "
+                             "solver from a fresh optimizer")
         if "precond" not in state:
             self._check_memory(group)
             state["exp_avg"] = torch.zeros(length, **real)
@@ -453,6 +479,9 @@ class FullCGD(BaseOptimizer):
         if group["metric"] in _FACTORED:
             self._step_kron(group, grads, targets, grad_scale, found_inf)
             return
+        if self._solver(group) == "window":
+            self._step_window(group, grads, targets, grad_scale, found_inf)
+            return
         params = group["params"]
         state, (offsets, block, nblocks) = self._group_state(group)
         device = params[0].device
@@ -469,6 +498,43 @@ class FullCGD(BaseOptimizer):
             grad_scale=on_device(grad_scale, device), found_inf=on_device(found_inf, device),
         )
         state["calls"] += 1
+
+    def _window_state(self, group: dict[str, Any]) -> tuple[dict[str, Any], list[int], int]:
+        """The window solver's state, under the group's first parameter, its offsets and its length."""
+        params = group["params"]
+        state = self.state[params[0]]
+        offsets, n, _ = _layout([p.numel() for p in params], "full", 1)
+        window = int(group["window"])
+        if "history" not in state:
+            if "exp_avg" in state:
+                raise ValueError("cgd: the saved state is of another full-metric solver (it has no window "
+                                 "history); keep its solver, or start the window solver from a fresh optimizer")
+            self._check_memory(group)
+            device = params[0].device
+            real = dict(dtype=state_dtype(params[0]), device=device)
+            state["exp_avg"] = torch.zeros(n, **real)
+            state["history"] = torch.zeros(window, n, **real)
+            state["gram"] = torch.zeros(window, window, dtype=torch.float64, device=device)
+            state["identity"] = torch.tensor(float(group["m2_init"]), dtype=torch.float64, device=device)
+            state["step"] = torch.zeros((), dtype=torch.float64, device=device)
+            state["counters"] = torch.zeros(4, dtype=torch.float32, device=device)
+        elif tuple(state["history"].shape) != (window, n):
+            raise ValueError(f"cgd: the saved window history is {tuple(state['history'].shape)} but this group needs "
+                             f"{(window, n)}: window or the parameters changed")
+        return state, offsets, window
+
+    def _step_window(self, group, grads, targets, grad_scale, found_inf) -> None:
+        state, offsets, window = self._window_state(group)
+        device = group["params"][0].device
+        beta1, beta2 = group["betas"]
+        torch.ops.cgd.window_step_(
+            targets, grads, offsets, state["exp_avg"], state["history"], state["gram"], state["identity"],
+            state["step"], state["counters"], window=window, lr=number("lr", group["lr"]), beta1=float(beta1),
+            beta2=float(beta2), power=float(group["power"]), eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]), centered=bool(group["centered"]),
+            bias_correction=bool(group["bias_correction"]), maximize=bool(group["maximize"]),
+            grad_scale=on_device(grad_scale, device), found_inf=on_device(found_inf, device),
+        )
 
     def _kron_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
         """One tensor's Kronecker state; a side of n <= max_factor_dim gets n x n matrices, a longer one vectors

@@ -1,0 +1,251 @@
+/*
+ * Exact full CGD over a window of gradients (cgd.h, cgd_window_step), in the build's real type (real.h). The EMA
+ * second moment is a scaled identity plus a weighted sum of gradient outer products,
+ *     M2_t = iota_t I + sum_s (1 - beta2) beta2^(t - s) g_s g_s^T,   iota_t = beta2^t m2_init,
+ * and the window keeps the identity's coefficient exactly and the last r gradients' terms (all of them while
+ * t <= r; afterwards the older ones, a fraction beta2^r of the EMA's weight, are dropped). With the kept vectors
+ * as the columns of U (the window, and for the centered metric the force F with weight -1),
+ *     C = c I + U D U^T,   c = iota_t / bc2,   D = diag(w_s / bc2, ..., -1),
+ * so C is c on the complement of span(U), and there an m x m problem (m <= r + 1) gives the metric exactly:
+ * with the Gram matrix K = U^T U = W S W^T, Q = U W S^-1/2 is an orthonormal basis of the span, Q^T C Q =
+ * c I + S^1/2 W^T D W S^1/2 = V (c + L) V^T, and
+ *     (eps I + C)^-a F = h(c) F + U z,   z = W S^-1/2 V [h(c + L) - h(c)] V^T S^-1/2 W^T (U^T F),
+ * h(x) = (eps + max(x, 0))^-a. Per step: the new gradient's dot products with the window (its row of K, kept in
+ * the state), those of F, two m x m eigendecompositions in double, and one pass to apply U z: O(n r + r^3), and
+ * n r state values instead of n^2. Columns of K below 1e-12 of its largest eigenvalue (a repeated gradient) carry
+ * no direction of their own and are dropped. Every n-length sum runs over fixed chunks with fixed partial sums,
+ * added in order, so the result does not depend on the thread count.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "eigh_cpu.h"
+#include "kernels.h"
+#include "real.h"
+
+/* LAPACK's symmetric eigensolver, with gfortran's trailing hidden lengths of the character arguments. */
+void dsyev_(const char *jobz, const char *uplo, const int *n, double *a, const int *lda, double *w, double *work,
+            const int *lwork, int *info, size_t jobz_len, size_t uplo_len);
+
+#define CGD_WINDOW_CHUNK ((int64_t)1 << 14)
+#define CGD_WINDOW_LANES 8
+/* Where an eigenvalue of K counts as zero, relative to its largest: far above the rounding of K's entries
+   (double sums of exact products of state values), far below any direction a gradient contributes. */
+#define CGD_WINDOW_RANK_TOL 1e-12
+
+/* x . y over [begin, end) in CGD_WINDOW_LANES fixed partial sums, added in order. */
+static double dot_range(const cgd_real *x, const cgd_real *y, int64_t begin, int64_t end) {
+    double part[CGD_WINDOW_LANES] = {0};
+    int64_t i = begin;
+    for (; i + CGD_WINDOW_LANES <= end; i += CGD_WINDOW_LANES)
+        for (int l = 0; l < CGD_WINDOW_LANES; ++l) part[l] += (double)x[i + l] * (double)y[i + l];
+    for (int l = 0; i < end; ++i, ++l) part[l] += (double)x[i] * (double)y[i];
+    double sum = 0.0;
+    for (int l = 0; l < CGD_WINDOW_LANES; ++l) sum += part[l];
+    return sum;
+}
+
+/* out[a * ny + b] = xs[a] . ys[b] for nx x ny vectors of length n: per chunk into partial (chunks * nx * ny
+   doubles), then the chunks added in order. */
+static void dots(const cgd_real *const *xs, int nx, const cgd_real *const *ys, int ny, int64_t n, double *partial,
+                 double *out) {
+    const int64_t chunks = (n + CGD_WINDOW_CHUNK - 1) / CGD_WINDOW_CHUNK, pairs = (int64_t)nx * ny;
+#pragma omp parallel if (n * pairs >= CGD_CPU_PARALLEL_MIN)
+    {
+        const cgd_cpu_share share = cgd_cpu_my_share();
+        for (int64_t c = share.id; c < chunks; c += share.threads) {
+            const int64_t begin = c * CGD_WINDOW_CHUNK, end = begin + CGD_WINDOW_CHUNK < n ? begin + CGD_WINDOW_CHUNK : n;
+            for (int a = 0; a < nx; ++a)
+                for (int b = 0; b < ny; ++b) partial[c * pairs + a * ny + b] = dot_range(xs[a], ys[b], begin, end);
+        }
+    }
+    for (int64_t p = 0; p < pairs; ++p) out[p] = 0.0;
+    for (int64_t c = 0; c < chunks; ++c)
+        for (int64_t p = 0; p < pairs; ++p) out[p] += partial[c * pairs + p];
+}
+
+/* Eigenvalues (ascending, w) and eigenvectors (a, column-major) of the symmetric m x m a; 0 on success. */
+static int eig_double(int m, double *a, double *w, double *work, int lwork) {
+    int info = 0;
+    dsyev_("V", "U", &m, a, &m, w, work, &lwork, &info, 1, 1);
+    if (info != 0) return 1;
+    for (int i = 0; i < m; ++i)
+        if (!isfinite(w[i])) return 1;
+    return 0;
+}
+
+/* z (m) such that the direction is h(c) F + U z, from the Gram matrix K (m x m, row-major), the weights D and
+   U^T F; 0 on success, 1 when an eigendecomposition failed. s: scratch of 4 m^2 + 4 m + lwork doubles. */
+static int window_coefficients(int m, const double *K, const double *D, const double *uf, double c, double eps,
+                               double power, double *s, int lwork, double *z) {
+    double *W = s, *S = W + (size_t)m * m, *tmp = S + (size_t)m * m, *vals = tmp + (size_t)m * m;
+    double *lam = vals + m, *y = lam + m, *v = y + m, *proj = v + m, *work = proj + (size_t)m * m;
+    memcpy(W, K, (size_t)m * m * sizeof(double));
+    if (eig_double(m, W, vals, work, lwork)) return 1;
+    const double top = vals[m - 1] > 0.0 ? vals[m - 1] : 0.0;
+    /* The kept columns of W, scaled: B = W_p S_p^-1/2 (m x p, column-major, p kept), and S_p^1/2 W_p^T. */
+    int p = 0;
+    for (int j = 0; j < m; ++j) {
+        if (!(vals[j] > CGD_WINDOW_RANK_TOL * top)) continue;
+        const double root = sqrt(vals[j]);
+        for (int i = 0; i < m; ++i) {
+            proj[(size_t)p * m + i] = W[(size_t)j * m + i] / root; /* column p of B */
+            tmp[(size_t)p * m + i] = W[(size_t)j * m + i] * root;  /* column p of W_p S_p^1/2 */
+        }
+        ++p;
+    }
+    for (int i = 0; i < m; ++i) z[i] = 0.0;
+    if (p == 0) return 0; /* no gradient with any size yet: C = c I */
+    /* S = (W_p S^1/2)^T D (W_p S^1/2), p x p, then its eigendecomposition V L V^T. */
+    for (int a = 0; a < p; ++a)
+        for (int b = a; b < p; ++b) {
+            double sum = 0.0;
+            for (int i = 0; i < m; ++i) sum += tmp[(size_t)a * m + i] * D[i] * tmp[(size_t)b * m + i];
+            S[(size_t)a * p + b] = S[(size_t)b * p + a] = sum;
+        }
+    if (eig_double(p, S, lam, work, lwork)) return 1;
+    /* y = B^T (U^T F) (p), then y <- V [h(c + L) - h(c)] V^T y, then z = B y. */
+    const double base = cgd_inverse_power(c, eps, power);
+    for (int a = 0; a < p; ++a) {
+        double sum = 0.0;
+        for (int i = 0; i < m; ++i) sum += proj[(size_t)a * m + i] * uf[i];
+        y[a] = sum;
+    }
+    for (int k = 0; k < p; ++k) {
+        double sum = 0.0;
+        for (int a = 0; a < p; ++a) sum += S[(size_t)k * p + a] * y[a];
+        v[k] = sum * (cgd_inverse_power(c + lam[k], eps, power) - base);
+    }
+    for (int a = 0; a < p; ++a) {
+        double sum = 0.0;
+        for (int k = 0; k < p; ++k) sum += S[(size_t)k * p + a] * v[k];
+        y[a] = sum;
+    }
+    for (int i = 0; i < m; ++i) {
+        double sum = 0.0;
+        for (int a = 0; a < p; ++a) sum += proj[(size_t)a * m + i] * y[a];
+        z[i] = sum;
+    }
+    for (int i = 0; i < m; ++i)
+        if (!isfinite(z[i])) return 1;
+    return 0;
+}
+
+int CGD_NAME(cgd_cpu_window_step)(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_block_tensor *tensors,
+                                  int64_t count, const cgd_window_state *st, const float *grad_scale,
+                                  const float *skip) {
+    if (skip && *skip != 0.0f) return 0;
+    const int64_t n = st->n, r = st->window;
+    const double taken = *st->step, t = taken + 1.0;
+    const int64_t slot = (int64_t)fmod(taken, (double)r);
+    const int64_t kept = taken + 1.0 < (double)r ? (int64_t)taken + 1 : r; /* window slots holding a gradient */
+    const int centered = h->centered && cgd_variance_has_data(h->bias_correction, taken);
+    const int m = (int)kept + (centered ? 1 : 0);
+    const int lwork = 34 * (m > 1 ? m : 1);
+    const int64_t chunks = (n + CGD_WINDOW_CHUNK - 1) / CGD_WINDOW_CHUNK;
+    /* Everything this step needs, before any state changes: running out of memory changes nothing. small holds
+       K (m^2), D, U^T F and z (3 m), window_coefficients' scratch (4 m^2 + 4 m + lwork) and the dot products. */
+    const size_t pairs = 2 * (size_t)(kept + 1), mm = (size_t)m * (size_t)m;
+    double *partial = cgd_host_alloc((size_t)(chunks > 0 ? chunks : 1) * pairs * sizeof(double));
+    double *small = cgd_host_alloc((5 * mm + 7 * (size_t)m + (size_t)lwork + pairs) * sizeof(double));
+    const cgd_real **cols = cgd_host_alloc((size_t)(kept + 1) * sizeof(*cols));
+    if (!partial || !small || !cols) {
+        free(partial);
+        free(small);
+        free(cols);
+        return 1;
+    }
+    double *K = small, *D = K + mm, *uf = D + m, *z = uf + m, *s = z + m;
+    double *products = s + 4 * mm + 4 * (size_t)m + (size_t)lwork;
+    cgd_real *hist = (cgd_real *)st->history, *m1 = (cgd_real *)st->exp_avg;
+    cgd_real *newest = hist + slot * n;
+    const double scale = grad_scale ? (double)*grad_scale : 1.0;
+    const cgd_real beta1 = (cgd_real)h->beta1, one_minus_beta1 = (cgd_real)(1.0 - h->beta1);
+    /* The gradient (unscaled, ascent or descent) into its window slot, and M1's EMA, in one pass. */
+    for (int64_t ti = 0; ti < count; ++ti) {
+        const cgd_block_tensor *tt = &tensors[ti];
+        for (int64_t i = 0; i < tt->numel; ++i) {
+            cgd_real g = cgd_load_real(dtype, tt->grad, i);
+            if (grad_scale) g = (cgd_real)(g / scale);
+            if (h->maximize) g = -g;
+            const int64_t e = tt->offset + i;
+            newest[e] = g;
+            m1[e] = beta1 * m1[e] + one_minus_beta1 * g;
+        }
+    }
+    /* Dot products of the newest gradient and of M1 with every kept gradient and with M1. */
+    for (int64_t j = 0; j < kept; ++j) cols[j] = hist + j * n;
+    cols[kept] = m1;
+    const cgd_real *rows[2] = {newest, m1};
+    dots(rows, 2, cols, (int)kept + 1, n, partial, products);
+    const int64_t stride = kept + 1;
+    for (int64_t j = 0; j < kept; ++j) st->gram[slot * r + j] = st->gram[j * r + slot] = products[j];
+    const double bc1 = h->bias_correction ? 1.0 - pow(h->beta1, t) : 1.0;
+    const double bc2 = h->bias_correction ? 1.0 - pow(h->beta2, t) : 1.0;
+    *st->identity *= h->beta2;
+    const double c = *st->identity / bc2;
+    /* K, D and U^T F for U = [kept gradients (, F)], F = M1 / bc1. */
+    for (int64_t a = 0; a < kept; ++a) {
+        for (int64_t b = 0; b < kept; ++b) K[a * m + b] = st->gram[a * r + b];
+        const int64_t age = (slot - a + r) % r;
+        D[a] = (1.0 - h->beta2) * pow(h->beta2, (double)age) / bc2;
+        uf[a] = products[stride + a] / bc1;
+    }
+    if (centered) {
+        const double ff = products[stride + kept] / (bc1 * bc1);
+        for (int64_t a = 0; a < kept; ++a) K[a * m + kept] = K[kept * m + a] = uf[a];
+        K[kept * m + kept] = ff;
+        D[kept] = -1.0;
+        uf[kept] = ff;
+    }
+    const int failed = window_coefficients(m, K, D, uf, c, h->eps, h->power, s, lwork, z);
+    free(partial);
+    const double base = cgd_inverse_power(c, h->eps, h->power);
+    const double lr = h->lr, decay = 1.0 - h->lr * h->weight_decay;
+    if (failed) {
+        /* An eigendecomposition failed (counted): this step takes the diagonal of C, never a corrupt value. */
+        st->counters[2] += 1.0f;
+        for (int64_t ti = 0; ti < count; ++ti) {
+            const cgd_block_tensor *tt = &tensors[ti];
+            for (int64_t i = 0; i < tt->numel; ++i) {
+                const int64_t e = tt->offset + i;
+                const double f = (double)m1[e] / bc1;
+                double diag = c - (centered ? f * f : 0.0);
+                for (int64_t a = 0; a < kept; ++a) diag += D[a] * (double)hist[a * n + e] * (double)hist[a * n + e];
+                const double p = cgd_load_real(dtype, tt->param, i);
+                cgd_store_real(dtype, tt->param, i, (cgd_real)(p * decay - lr * cgd_inverse_power(diag, h->eps,
+                                                                                                 h->power) * f));
+            }
+        }
+    } else {
+        /* q <- q (1 - lr wd) - lr (h(c) F + U z): each coordinate's sum in one fixed order. */
+#pragma omp parallel if (n * m >= CGD_CPU_PARALLEL_MIN)
+        {
+            const cgd_cpu_share share = cgd_cpu_my_share();
+            int64_t first = 0;
+            for (int64_t ti = 0; ti < count; ++ti) {
+                const cgd_block_tensor *tt = &tensors[ti];
+                const int64_t tchunks = (tt->numel + CGD_WINDOW_CHUNK - 1) / CGD_WINDOW_CHUNK;
+                for (int64_t q = cgd_cpu_first_chunk(share, first); q < tchunks; q += share.threads) {
+                    const int64_t begin = q * CGD_WINDOW_CHUNK;
+                    const int64_t end = begin + CGD_WINDOW_CHUNK < tt->numel ? begin + CGD_WINDOW_CHUNK : tt->numel;
+                    for (int64_t i = begin; i < end; ++i) {
+                        const int64_t e = tt->offset + i;
+                        const double f = (double)m1[e] / bc1;
+                        double d = base * f;
+                        for (int64_t a = 0; a < kept; ++a) d += z[a] * (double)hist[a * n + e];
+                        if (centered) d += z[kept] * f;
+                        const double p = cgd_load_real(dtype, tt->param, i);
+                        cgd_store_real(dtype, tt->param, i, (cgd_real)(p * decay - lr * d));
+                    }
+                }
+                first += tchunks;
+            }
+        }
+    }
+    free(small);
+    free(cols);
+    *st->step = t;
+    return 0;
+}
