@@ -209,6 +209,7 @@ class FullCGD(BaseOptimizer):
 
     _INT_KEYS = ("outcome",)
     _FLOAT32_KEYS = ("counters",)
+    _FLOAT64_KEYS = ("gram", "identity")  # the window solver's Gram matrix and M2's coefficient of I
 
     def __init__(
         self,

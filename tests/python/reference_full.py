@@ -49,3 +49,32 @@ class ReferenceFullCGD:
             direction[idx] = self.inverse_metric[k] @ force[idx]
         self.q = self.q * (1 - self.lr * self.weight_decay) - self.lr * direction
         return self.q
+
+
+class ReferenceWindowCGD(ReferenceFullCGD):
+    """The same step with M2 truncated to the last `window` gradients, as FullCGD(solver="window") keeps it:
+    M2 = beta2^t m2_init I + sum over the last `window` steps s of (1 - beta2) beta2^(t - s) g_s g_s^T, formed
+    densely here from the kept gradients (one block: the full metric)."""
+
+    def __init__(self, q0: torch.Tensor, window: int, **kwargs) -> None:
+        super().__init__(q0, [list(range(q0.numel()))], **kwargs)
+        self.window, self.m2_init, self.grads = window, float(self.m2[0][0, 0]), []
+
+    def step(self, grad: torch.Tensor) -> torch.Tensor:
+        g = grad.detach().to(torch.float64)
+        self.t += 1
+        self.grads = (self.grads + [g])[-self.window:]
+        bc1 = 1 - self.beta1**self.t if self.bias_correction else 1.0
+        bc2 = 1 - self.beta2**self.t if self.bias_correction else 1.0
+        self.m1 = self.beta1 * self.m1 + (1 - self.beta1) * g
+        force = self.m1 / bc1
+        m2 = self.beta2**self.t * self.m2_init * torch.eye(g.numel(), dtype=torch.float64)
+        for age, old in enumerate(reversed(self.grads)):
+            m2 = m2 + (1 - self.beta2) * self.beta2**age * torch.outer(old, old)
+        c = m2 / bc2
+        if self.centered and not (self.bias_correction and self.t == 1):
+            c = c - torch.outer(force, force)
+        lam, v = torch.linalg.eigh(c)
+        direction = v @ (((self.eps + lam.clamp_min(0.0)) ** -self.power) * (v.T @ force))
+        self.q = self.q * (1 - self.lr * self.weight_decay) - self.lr * direction
+        return self.q

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from conftest import batches, make_mlp
-from reference_full import ReferenceFullCGD
+from reference_full import ReferenceFullCGD, ReferenceWindowCGD
 
 import cgd
 
@@ -330,6 +330,137 @@ def test_lanczos_results_do_not_depend_on_the_thread_count():
         torch.set_num_threads(before)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+WINDOW_SETTINGS = [
+    dict(lr=0.02),                                                        # the paper's start, centered
+    dict(lr=0.01, power=0.5, centered=False),
+    dict(lr=0.005, betas=(0.9, 0.99), power=0.4, eps=1e-6, bias_correction=True, m2_init=0.0),  # Adam's start
+    dict(lr=0.005, betas=(0.9, 0.8), power=0.25, bias_correction=True, m2_init=0.0, centered=False),
+    dict(lr=0.02, power=0.4, weight_decay=0.1, maximize=True),
+]
+
+
+@pytest.mark.parametrize("window", [100, 3], ids=["every gradient kept", "truncated"])
+@pytest.mark.parametrize("kwargs", WINDOW_SETTINGS)
+def test_window_solver_matches_its_float64_reference(kwargs, window):
+    """Float64 parameters: within 1e-10 of the dense float64 reference over 30 steps, both while the window holds
+    every gradient (then the reference is eq 4.9 itself: ReferenceFullCGD) and past it (the truncated M2)."""
+    model = small_model(dtype=torch.float64)
+    opt = cgd.FullCGD(model.parameters(), solver="window", window=window, **kwargs)
+    group = opt.param_groups[0]
+    settings = dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], power=group["power"],
+                    eps=group["eps"], centered=group["centered"], bias_correction=group["bias_correction"],
+                    m2_init=group["m2_init"], weight_decay=group["weight_decay"])
+    q0 = flat(model)
+    ref = (ReferenceFullCGD(q0, block_indices(model, "full", 0), **settings) if window > 30 else
+           ReferenceWindowCGD(q0, window, **settings))
+    sign = -1.0 if kwargs.get("maximize") else 1.0
+    for x, y in batches(30):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x.double()), y.double()).backward()
+        expected = ref.step(sign * flat_grad(model))
+        opt.step()
+        moved = (expected - q0).norm().item()
+        assert (flat(model) - expected).norm().item() <= 1e-10 * moved
+
+
+def test_window_solver_float32_is_as_close_to_eq_4_9_as_the_eigendecomposition():
+    """Adam's start, centered, a poorly conditioned C (rank <= t): float32 state against the float64 reference."""
+    errors = {}
+    for solver in ("window", "eigh"):
+        model = small_model()
+        opt = cgd.FullCGD(model.parameters(), lr=0.005, betas=(0.9, 0.99), eps=1e-6, bias_correction=True,
+                          m2_init=0.0, solver=solver, **({"window": 64} if solver == "window" else {}))
+        ref = ReferenceFullCGD(flat(model).double(), block_indices(model, "full", 0), lr=0.005, beta1=0.9,
+                               beta2=0.99, power=0.4, eps=1e-6, bias_correction=True, m2_init=0.0)
+        q0, worst = flat(model).double(), 0.0
+        for x, y in batches(40):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            expected = ref.step(flat_grad(model))
+            opt.step()
+            worst = max(worst, ((flat(model).double() - expected).norm() / (expected - q0).norm()).item())
+        errors[solver] = worst
+    assert errors["window"] <= max(errors["eigh"], 1e-4), errors
+
+
+def test_window_solver_resumes_bit_identically_past_the_window(tmp_path):
+    kw = dict(lr=0.02, solver="window", window=5)
+    a = small_model()
+    opt_a = cgd.FullCGD(a.parameters(), **kw)
+    train(a, opt_a, 20)
+    b = small_model()
+    opt_b = cgd.FullCGD(b.parameters(), **kw)
+    train(b, opt_b, 7)
+    torch.save({"model": b.state_dict(), "opt": opt_b.state_dict()}, tmp_path / "ckpt.pt")
+    c = small_model()
+    opt_c = cgd.FullCGD(c.parameters(), **kw)
+    saved = torch.load(tmp_path / "ckpt.pt")
+    c.load_state_dict(saved["model"])
+    opt_c.load_state_dict(saved["opt"])
+    train(c, opt_c, 13, start=7)
+    for pa, pc in zip(a.parameters(), c.parameters()):
+        assert torch.equal(pa, pc)
+
+
+def test_window_solver_state_scales_with_the_window_not_n_squared():
+    """100,000 parameters in one full metric (past the dense matrices' 46,340): the state is n (window + 1) values
+    and the Gram matrix, as state_bytes says; results do not depend on the thread count."""
+    gen = torch.Generator().manual_seed(4)
+    grads = [torch.randn(100_000, generator=gen) for _ in range(6)]
+    before, results = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            p = torch.nn.Parameter(torch.zeros(100_000))
+            opt = cgd.FullCGD([p], lr=0.01, solver="window", window=4)
+            for g in grads:
+                p.grad = g.clone()
+                opt.step()
+            results.append(p.detach().clone())
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1])
+    state = opt.state[p]
+    held = sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+    assert held == cgd.full.state_bytes([(100_000,)], solver="window", window=4)
+    assert tuple(state["history"].shape) == (4, 100_000)
+
+
+def test_opcheck_window_step():
+    model = small_model()
+    opt = cgd.FullCGD(model.parameters(), solver="window", window=4)
+    train(model, opt, 2)
+    params = list(model.parameters())
+    state = opt.state[params[0]]
+    offsets, _, _ = cgd.full._layout([p.numel() for p in params], "full", 1)
+    args = (params, [p.grad for p in params], offsets, *(state[k] for k in cgd.FullCGD._WINDOW_KEYS))
+    hyper = dict(window=4, lr=0.01, beta1=0.9, beta2=0.99, power=0.4, eps=1e-8, weight_decay=0.0, centered=True,
+                 bias_correction=False, maximize=False)
+    torch.library.opcheck(torch.ops.cgd.window_step_.default, args, hyper)
+
+
+def test_window_solver_errors_name_the_problem():
+    model = small_model()
+    with pytest.raises(ValueError, match="window = 0"):
+        cgd.FullCGD(model.parameters(), solver="window", window=0)
+    with pytest.raises(ValueError, match="window = 5000 is invalid: must be <= 4096"):
+        cgd.FullCGD(model.parameters(), solver="window", window=5000)
+    with pytest.raises(ValueError, match="solver = 'window' is invalid: applies to metric='full'"):
+        cgd.FullCGD(model.parameters(), solver="window", metric="block")
+    with pytest.raises(ValueError, match="refresh_every = 2 has nothing to cache"):
+        cgd.FullCGD(model.parameters(), solver="window", refresh_every=2)
+    opt = cgd.FullCGD(model.parameters(), solver="window", window=4)
+    train(model, opt, 2)
+    opt.param_groups[0]["solver"] = "eigh"
+    with pytest.raises(ValueError, match="state is of the window solver"):
+        train(model, opt, 1, start=2)
+    other = cgd.FullCGD(model.parameters(), solver="eigh")
+    train(model, other, 1)
+    other.param_groups[0]["solver"] = "window"
+    with pytest.raises(ValueError, match="another full-metric solver"):
+        train(model, other, 1, start=1)
 
 
 def test_errors_name_the_problem():
