@@ -13,6 +13,7 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import compare  # noqa: E402
+import full_cgd  # noqa: E402
 import low_dim  # noqa: E402
 import matrix_step_time  # noqa: E402
 import multiplication  # noqa: E402
@@ -77,6 +78,17 @@ def test_step_time_reports_every_optimizer(tmp_path):
     # "of peak" is relative to the faster stream, which so reads 100%
     streams = [line.split("|")[7].strip() for line in report.splitlines() if "| stream: " in line]
     assert "100%" in streams
+
+
+def test_full_cgd_reports_every_solver_and_the_100k_model(tmp_path):
+    out = tmp_path / "full.md"
+    assert full_cgd.main(["--steps", "3", "--eigh-steps", "1", "--every", "2", "--big-steps", "2", "--window", "2",
+                          "--out", str(out)]) == 0
+    report = out.read_text()
+    for row in ("| FullCGD lanczos |", "| FullCGD window 2 |", "| FullCGD eigh |", "| FullCGD window 2 (Table 2) |",
+                "100,167 parameters"):
+        assert row in report
+    assert "nan" not in report
 
 
 def test_gpt2_small_shapes():
