@@ -125,11 +125,13 @@ struct Reference {
                 for (int64_t j = 0; j < B; ++j)
                     m[i * B + j] = h.beta2 * m[i * B + j] + (1 - h.beta2) * gv[b * B + i] * gv[b * B + j];
             if (h.refresh) {
+                // A bias-corrected first step has no variance yet (S - F F^T = 0): it takes the raw moment.
+                const bool centered = h.centered && !(h.bias_correction && t == 1);
                 Matrix c(B * B), v;
                 std::vector<double> w;
                 for (int64_t i = 0; i < B; ++i)
                     for (int64_t j = 0; j < B; ++j)
-                        c[i * B + j] = m[i * B + j] / bc2 - (h.centered ? F[b * B + i] * F[b * B + j] : 0.0);
+                        c[i * B + j] = m[i * B + j] / bc2 - (centered ? F[b * B + i] * F[b * B + j] : 0.0);
                 jacobi(c, (int)B, w, v);
                 P[b].assign(B * B, 0.0);
                 for (int64_t i = 0; i < B; ++i)
@@ -459,6 +461,102 @@ TEST(BlockStepErrors, ArgumentsAreNamedWithTheirValue) {
     EXPECT_EQ(cgd_block_step(&h, CGD_FLOAT32, overlap, 2, &st, nullptr, nullptr, nullptr, 0, CGD_CPU, nullptr),
               CGD_ERR_INVALID_ARGUMENT);
     EXPECT_NE(std::string(cgd_last_error()).find("state.precond is NULL"), std::string::npos);
+}
+
+// The window step (cgd_window_step) over the same two tensors laid end to end (8 coordinates, one full metric):
+// while the window holds every gradient its M2 is eq 4.9's, so it follows the float64 full reference.
+struct WindowProblem {
+    std::vector<float> param[2], m1 = std::vector<float>(8, 0.0f), history;
+    std::vector<double> gram;
+    double identity, step = 0.0;
+    float counters[4] = {0, 0, 0, 0};
+    int64_t window;
+    WindowProblem(int64_t window_, double m2_init)
+        : history(window_ * 8, 0.0f), gram(window_ * window_, 0.0), identity(m2_init), window(window_) {
+        Problem pr = make_problem(m2_init);
+        param[0] = pr.param[0];
+        param[1] = pr.param[1];
+    }
+    cgd_status run(const cgd_block_hparams &h, const std::vector<float> g[2], const float *skip = nullptr) {
+        cgd_block_tensor ts[2] = {{param[0].data(), g[0].data(), kNumel[0], 0},
+                                  {param[1].data(), g[1].data(), kNumel[1], kNumel[0]}};
+        cgd_window_state st = {8, window, m1.data(), history.data(), gram.data(), &identity, &step, counters};
+        return cgd_window_step(&h, CGD_FLOAT32, ts, 2, &st, nullptr, skip, CGD_CPU);
+    }
+};
+
+TEST(WindowStep, FollowsTheFloat64FullStepWhileTheWindowHoldsEveryGradient) {
+    for (const Config &c : {Config{"paper", 0.4, 0.0, 1.0, 1, 0, 1}, Config{"adam start", 0.5, 0.1, 0.0, 1, 1, 1},
+                            Config{"raw", 0.25, 0.0, 1.0, 0, 0, 1}}) {
+        cgd_block_hparams h = paper_hparams();
+        h.power = c.power;
+        h.weight_decay = c.weight_decay;
+        h.centered = c.centered;
+        h.bias_correction = c.bias_correction;
+        WindowProblem w(16, c.m2_init);
+        Reference ref(8, 1, {kNumel[0], kNumel[1]}, {0, kNumel[0]}, {w.param[0], w.param[1]}, c.m2_init);
+        for (int s = 0; s < 12; ++s) {
+            std::vector<float> g[2] = {gradient(s, 0), gradient(s, 1)};
+            ASSERT_EQ(w.run(h, g), CGD_OK) << cgd_last_error();
+            ref.step(h, g);
+            for (int k = 0; k < 2; ++k)
+                for (int64_t i = 0; i < kNumel[k]; ++i)
+                    ASSERT_NEAR(w.param[k][i], ref.q[k][i], 2e-4 * (1 + std::fabs(ref.q[k][i])))
+                        << c.name << " step " << s << " tensor " << k << " element " << i;
+        }
+        EXPECT_EQ(w.step, 12.0);
+        EXPECT_EQ(w.counters[2], 0.0f);
+    }
+}
+
+TEST(WindowStep, SkipAndMissingScratchChangeNothing) {
+    cgd_block_hparams h = paper_hparams();
+    WindowProblem w(3, 1.0);
+    for (int s = 0; s < 4; ++s) { // past the window: slots are being reused
+        std::vector<float> g[2] = {gradient(s, 0), gradient(s, 1)};
+        ASSERT_EQ(w.run(h, g), CGD_OK) << cgd_last_error();
+    }
+    std::vector<float> g[2] = {gradient(9, 0), gradient(9, 1)};
+    const WindowProblem before = w;
+    auto unchanged = [&](const std::string &what) {
+        EXPECT_EQ(w.param[0], before.param[0]) << what;
+        EXPECT_EQ(w.param[1], before.param[1]) << what;
+        EXPECT_EQ(w.m1, before.m1) << what;
+        EXPECT_EQ(w.history, before.history) << what;
+        EXPECT_EQ(w.gram, before.gram) << what;
+        EXPECT_EQ(w.identity, before.identity) << what;
+        EXPECT_EQ(w.step, before.step) << what;
+    };
+    const float one = 1.0f;
+    ASSERT_EQ(w.run(h, g, &one), CGD_OK);
+    unchanged("skip");
+    EXPECT_GT(fail_each_allocation([&] { return w.run(h, g); }, unchanged), 0);
+    EXPECT_EQ(w.step, before.step + 1);
+}
+
+TEST(WindowStep, ArgumentsAreNamedWithTheirValue) {
+    cgd_block_hparams h = paper_hparams();
+    WindowProblem w(4, 1.0);
+    std::vector<float> g[2] = {gradient(0, 0), gradient(0, 1)};
+    cgd_block_tensor ts[2] = {{w.param[0].data(), g[0].data(), 5, 0}, {w.param[1].data(), g[1].data(), 3, 4}};
+    cgd_window_state st = {8, 4, w.m1.data(), w.history.data(), w.gram.data(), &w.identity, &w.step, w.counters};
+    EXPECT_EQ(cgd_window_step(&h, CGD_FLOAT32, ts, 2, &st, nullptr, nullptr, CGD_CPU), CGD_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(cgd_last_error()).find("tensors[1] covers [4, 7), which overlaps"), std::string::npos);
+    ts[1].offset = 5;
+    st.window = 0;
+    EXPECT_EQ(cgd_window_step(&h, CGD_FLOAT32, ts, 2, &st, nullptr, nullptr, CGD_CPU), CGD_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(cgd_last_error()).find("state.window = 0 is outside [1, 4096]"), std::string::npos);
+    st.window = 4;
+    st.gram = nullptr;
+    EXPECT_EQ(cgd_window_step(&h, CGD_FLOAT32, ts, 2, &st, nullptr, nullptr, CGD_CPU), CGD_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(cgd_last_error()).find("state.gram is NULL"), std::string::npos);
+    st.gram = w.gram.data();
+    w.identity = -1.0;
+    EXPECT_EQ(cgd_window_step(&h, CGD_FLOAT32, ts, 2, &st, nullptr, nullptr, CGD_CPU), CGD_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(cgd_last_error()).find("*state.identity = -1 must be finite and >= 0"), std::string::npos);
+    w.identity = 1.0;
+    EXPECT_EQ(cgd_window_step(&h, CGD_FLOAT32, ts, 2, &st, nullptr, nullptr, CGD_CUDA), CGD_ERR_UNSUPPORTED);
+    EXPECT_EQ(w.step, 0.0); // nothing stepped
 }
 
 } // namespace
