@@ -31,6 +31,7 @@ MODES = {
     "FullCGD block": lambda p: cgd.FullCGD(p, lr=1e-2, metric="block", block_size=4),
     "FullCGD kron": lambda p: cgd.FullCGD(p, lr=1e-2, metric="kron", refresh_every=2),
     "FullCGD eigenbasis": lambda p: cgd.FullCGD(p, lr=1e-2, metric="eigenbasis", refresh_every=2),
+    "FullCGD window": lambda p: cgd.FullCGD(p, lr=1e-2, solver="window", window=3),
     "InducedMetric rms": lambda p: cgd.InducedMetric(p, lr=1e-2, gamma="rms", xi=0.01),
     "InducedMetric sgd": lambda p: cgd.InducedMetric(p, lr=1e-2, xi=0.1),
     # The two weight matrices (5 x 6, 3 x 5); the biases keep their values. Float32 Newton-Schulz, so the
@@ -50,7 +51,8 @@ def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 FSDP_MODES = ("CGD", "CGD centered power 0.4", "Ballistic", "InducedMetric rms", "InducedMetric sgd",
-              "InducedMetric log", "FullCGD full", "FullCGD block", "FullCGD kron", "FullCGD eigenbasis", "Muon")
+              "InducedMetric log", "FullCGD full", "FullCGD block", "FullCGD kron", "FullCGD eigenbasis",
+              "FullCGD window", "Muon")
 MODES["InducedMetric log"] = lambda p: cgd.InducedMetric(p, lr=1e-2, xi=0.1, embedding="log")
 CHECKPOINTED = ("CGD", "InducedMetric rms", "FullCGD kron", "FullCGD eigenbasis", "Muon")
 
