@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=pathlib.Path, default=DEFAULT_DATA, help="TinyShakespeare text for the GPT")
     parser.add_argument("--steps", type=int, default=None, help="default 300 (gpt), 600 (mlp)")
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--context", type=int, default=None,
+                        help="the GPT's context (default 64 on a CPU, 256 on a GPU; the rates stay those chosen "
+                             "at the default)")
     parser.add_argument("--optimizers", nargs="*", default=DEFAULT_ROWS,
                         help=f"rows, of {', '.join(LEARNING_RATES['gpt'])} (default: {', '.join(DEFAULT_ROWS)})")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -104,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(args.seeds):
             try:
                 # The suite's task at this device's scale, so the rates it chose apply.
-                h = tasks.train(suite.make_task(task, device, seed, "gpu" if gpu else "cpu", str(args.data), "paper"),
+                made = (suite.make_task(task, device, seed, "gpu" if gpu else "cpu", str(args.data), "paper")
+                        if args.context is None or task != "gpt" else
+                        tasks.shakespeare(str(args.data), device, seed=seed, block=args.context,
+                                          batch_size=64 if gpu else 16))
+                h = tasks.train(made,
                                 lambda m, make=make, lr=lr: make(m, lr),
                                 steps, eval_every=every, sync=sync, schedule=True, progress=f"{name} seed {seed}")
             except (RuntimeError, ValueError) as error:  # e.g. a CPU-only mode given CUDA tensors
@@ -128,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(f"| {name} | {rates[name]:g} | {cell} | {steps_cell} | {ms:.2f} |")
     where = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     command = "./run.sh compare " + " ".join(argv if argv is not None else sys.argv[1:])
-    model = ("character GPT on TinyShakespeare (4 layers, 128 wide, context " + ("256" if gpu else "64") + ")"
+    context = args.context or (256 if gpu else 64)
+    model = (f"character GPT on TinyShakespeare (4 layers, 128 wide, context {context})"
              if task == "gpt" else "MLP on the digits")
     line = verdict(summary)
     report = (f"# The main comparison: {model}\n\n{where}, torch {torch.__version__}, "
