@@ -30,6 +30,7 @@ void dsyev_(const char *jobz, const char *uplo, const int *n, double *a, const i
 
 #define CGD_WINDOW_CHUNK ((int64_t)1 << 14)
 #define CGD_WINDOW_LANES 8
+#define CGD_WINDOW_PIECE 256
 /* Where an eigenvalue of K counts as zero, relative to its largest: far above the rounding of K's entries
    (double sums of exact products of state values), far below any direction a gradient contributes. */
 #define CGD_WINDOW_RANK_TOL 1e-12
@@ -162,9 +163,18 @@ int CGD_NAME(cgd_cpu_window_step)(const cgd_block_hparams *h, cgd_dtype dtype, c
     cgd_real *newest = hist + slot * n;
     const double scale = grad_scale ? (double)*grad_scale : 1.0;
     const cgd_real beta1 = (cgd_real)h->beta1, one_minus_beta1 = (cgd_real)(1.0 - h->beta1);
-    /* The gradient (unscaled, ascent or descent) into its window slot, and M1's EMA, in one pass. */
-    for (int64_t ti = 0; ti < count; ++ti) {
+    /* The gradient (unscaled, ascent or descent) into its window slot, and M1's EMA, in one pass; coordinates
+       no tensor covers have gradient 0 (the slot still holds an older gradient there). */
+    int64_t covered = 0;
+    for (int64_t ti = 0; ti <= count; ++ti) {
+        const int64_t from = ti < count ? tensors[ti].offset : n;
+        for (int64_t e = covered; e < from; ++e) {
+            newest[e] = 0;
+            m1[e] = beta1 * m1[e];
+        }
+        if (ti == count) break;
         const cgd_block_tensor *tt = &tensors[ti];
+        covered = tt->offset + tt->numel;
         for (int64_t i = 0; i < tt->numel; ++i) {
             cgd_real g = cgd_load_real(dtype, tt->grad, i);
             if (grad_scale) g = (cgd_real)(g / scale);
@@ -230,14 +240,25 @@ int CGD_NAME(cgd_cpu_window_step)(const cgd_block_hparams *h, cgd_dtype dtype, c
                 for (int64_t q = cgd_cpu_first_chunk(share, first); q < tchunks; q += share.threads) {
                     const int64_t begin = q * CGD_WINDOW_CHUNK;
                     const int64_t end = begin + CGD_WINDOW_CHUNK < tt->numel ? begin + CGD_WINDOW_CHUNK : tt->numel;
-                    for (int64_t i = begin; i < end; ++i) {
-                        const int64_t e = tt->offset + i;
-                        const double f = (double)m1[e] / bc1;
-                        double d = base * f;
-                        for (int64_t a = 0; a < kept; ++a) d += z[a] * (double)hist[a * n + e];
-                        if (centered) d += z[kept] * f;
-                        const double p = cgd_load_real(dtype, tt->param, i);
-                        cgd_store_real(dtype, tt->param, i, (cgd_real)(p * decay - lr * d));
+                    /* In pieces of CGD_WINDOW_PIECE: each gradient row is read as one contiguous run
+                       (a coordinate at a time it would be `kept` strided streams), every coordinate's sum still
+                       in the order a = 0, 1, ... */
+                    for (int64_t piece = begin; piece < end; piece += CGD_WINDOW_PIECE) {
+                        const int64_t len = end - piece < CGD_WINDOW_PIECE ? end - piece : CGD_WINDOW_PIECE;
+                        const int64_t e0 = tt->offset + piece;
+                        double d[CGD_WINDOW_PIECE];
+                        for (int64_t i = 0; i < len; ++i) d[i] = base * ((double)m1[e0 + i] / bc1);
+                        for (int64_t a = 0; a < kept; ++a) {
+                            const cgd_real *row = hist + a * n + e0;
+                            const double za = z[a];
+                            for (int64_t i = 0; i < len; ++i) d[i] += za * (double)row[i];
+                        }
+                        if (centered)
+                            for (int64_t i = 0; i < len; ++i) d[i] += z[kept] * ((double)m1[e0 + i] / bc1);
+                        for (int64_t i = 0; i < len; ++i) {
+                            const double p = cgd_load_real(dtype, tt->param, piece + i);
+                            cgd_store_real(dtype, tt->param, piece + i, (cgd_real)(p * decay - lr * d[i]));
+                        }
                     }
                 }
                 first += tchunks;

@@ -534,6 +534,27 @@ TEST(WindowStep, SkipAndMissingScratchChangeNothing) {
     EXPECT_EQ(w.step, before.step + 1);
 }
 
+TEST(WindowStep, UncoveredCoordinatesHaveGradientZero) {
+    // Tensors on [0, 5) and [6, 9) of 9 coordinates, the window reused from the second step on: coordinate 5
+    // holds 0 in every slot, so it never couples to the others' (a stale value there would).
+    cgd_block_hparams h = paper_hparams();
+    std::vector<float> p0(5, 1.0f), p1(3, 1.0f), m1(9, 0.0f), hist(9, 7.0f); // a stale value in the slot
+    std::vector<double> gram(1, 0.0);
+    double identity = 1.0, step = 0.0;
+    float counters[4] = {0, 0, 0, 0};
+    for (int s = 0; s < 3; ++s) {
+        std::vector<float> g0 = gradient(s, 0), g1 = gradient(s, 1);
+        cgd_block_tensor ts[2] = {{p0.data(), g0.data(), 5, 0}, {p1.data(), g1.data(), 3, 6}};
+        cgd_window_state st = {9, 1, m1.data(), hist.data(), gram.data(), &identity, &step, counters};
+        ASSERT_EQ(cgd_window_step(&h, CGD_FLOAT32, ts, 2, &st, nullptr, nullptr, CGD_CPU), CGD_OK) << cgd_last_error();
+        EXPECT_EQ(hist[5], 0.0f);
+        EXPECT_EQ(m1[5], 0.0f);
+        double norm = 0.0;
+        for (float v : hist) norm += (double)v * v;
+        EXPECT_NEAR(gram[0], norm, 1e-9 * norm); // the Gram entry is that of the slot as stored
+    }
+}
+
 TEST(WindowStep, ArgumentsAreNamedWithTheirValue) {
     cgd_block_hparams h = paper_hparams();
     WindowProblem w(4, 1.0);
