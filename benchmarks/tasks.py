@@ -24,6 +24,7 @@ class Task:
     loss: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
     evaluate: Callable[[torch.nn.Module], dict[str, float]]  # held-out metrics
     clip: float | None = None  # gradient-norm clipping, as the model's usual training scripts do
+    train_set: tuple[torch.Tensor, torch.Tensor] | None = None  # (inputs, targets), where a task draws its own
 
 
 # ---- digits ----
@@ -65,7 +66,7 @@ def digits(device: str | torch.device, seed: int = 0, batch_size: int = 64, hidd
         return {"test_loss": F.cross_entropy(logits, y_test).item(),
                 "test_acc": (logits.argmax(1) == y_test).float().mean().item()}
 
-    return Task("digits", make_model, batch, loss, evaluate)
+    return Task("digits", make_model, batch, loss, evaluate, train_set=(x_train, y_train))
 
 
 # ---- character-level GPT ----

@@ -56,7 +56,8 @@ static void dots(const cgd_real *const *xs, int nx, const cgd_real *const *ys, i
     {
         const cgd_cpu_share share = cgd_cpu_my_share();
         for (int64_t c = share.id; c < chunks; c += share.threads) {
-            const int64_t begin = c * CGD_WINDOW_CHUNK, end = begin + CGD_WINDOW_CHUNK < n ? begin + CGD_WINDOW_CHUNK : n;
+            const int64_t begin = c * CGD_WINDOW_CHUNK;
+            const int64_t end = begin + CGD_WINDOW_CHUNK < n ? begin + CGD_WINDOW_CHUNK : n;
             for (int a = 0; a < nx; ++a)
                 for (int b = 0; b < ny; ++b) partial[c * pairs + a * ny + b] = dot_range(xs[a], ys[b], begin, end);
         }

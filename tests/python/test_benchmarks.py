@@ -17,6 +17,7 @@ import full_cgd  # noqa: E402
 import low_dim  # noqa: E402
 import matrix_step_time  # noqa: E402
 import multiplication  # noqa: E402
+import noise_scale  # noqa: E402
 import step_time  # noqa: E402
 import suite  # noqa: E402
 
@@ -89,6 +90,30 @@ def test_full_cgd_reports_every_solver_and_the_100k_model(tmp_path):
                 "100,167 parameters"):
         assert row in report
     assert "nan" not in report
+
+
+def test_noise_scale_reports_both_measurements(tmp_path):
+    assert noise_scale.main(["--steps", "4", "--every", "2", "--draws", "3", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "noise_scale_cpu.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| 2 |") or line.startswith("| 4 |")]
+    assert len(rows) == 2
+    assert (tmp_path / "noise_scale_cpu.png").stat().st_size > 1000
+
+
+def test_direct_noise_scale_matches_its_definition():
+    """A linear model at w = 0 with loss (w.x - 1/2)^2: each example's gradient is -x, so with x ~ N(1, I_8)
+    G = -1 (|G|^2 = 8) and tr(Sigma) = 8 per example: B_simple = 1 example, measured within 25%."""
+    torch = noise_scale.torch
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4000, 8, generator=gen) + 1.0
+    model = torch.nn.Linear(8, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    task = noise_scale.tasks.Task("linear", lambda: model, None,
+                                  lambda m, xb, yb: ((m(xb).squeeze(1) - yb) ** 2).mean(), None,
+                                  train_set=(x, torch.full((4000,), 0.5)))
+    measured = noise_scale.direct_noise_scale(task, model, 200, gen)
+    assert abs(measured - 1.0) < 0.25, measured
 
 
 def test_gpt2_small_shapes():
