@@ -320,7 +320,7 @@ cgd_status cgd_block_step(const cgd_block_hparams *hparams, cgd_dtype dtype, con
 }
 
 /* The window's largest size: its small eigenproblems are (window + 1)-sided, in double, every step. */
-#define CGD_MAX_WINDOW 4096
+#define CGD_MAX_WINDOW 1024
 
 cgd_status cgd_window_step(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_block_tensor *tensors,
                            int64_t count, const cgd_window_state *state, const float *grad_scale, const float *skip,
@@ -329,7 +329,9 @@ cgd_status cgd_window_step(const cgd_block_hparams *hparams, cgd_dtype dtype, co
     cgd_status st;
     if (!hparams) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams is NULL", fn);
     if (!state) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: state is NULL", fn);
-    if ((st = check_block_hparams(fn, hparams))) return st;
+    cgd_block_hparams read = *hparams; /* refresh and solver are not read: whatever they hold is fine */
+    read.solver = CGD_SOLVER_EIGH;
+    if ((st = check_block_hparams(fn, &read))) return st;
     if ((st = check_common(fn, dtype, device, count))) return st;
     if ((st = check_eps_for_dtype(fn, hparams, dtype))) return st;
     if (device != CGD_CPU)

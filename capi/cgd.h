@@ -284,7 +284,7 @@ cgd_status cgd_block_step(const cgd_block_hparams *hparams, cgd_dtype dtype, con
 
 typedef struct cgd_window_state {
     int64_t n;         /* coordinates: the tensors laid end to end (cgd_block_tensor offsets), >= 1 */
-    int64_t window;    /* gradients kept, 1 <= window <= 4096 */
+    int64_t window;    /* gradients kept, 1 <= window <= 1024 */
     void *exp_avg;     /* M1: n state values */
     void *history;     /* window * n state values: the gradient of step s (1-based) in row (s - 1) mod window */
     double *gram;      /* window * window: entry (i, j) the dot product of history rows i and j (those filled) */
@@ -293,8 +293,10 @@ typedef struct cgd_window_state {
     float *counters;   /* 4 floats, as a block step's: [2] counts the steps that took C's diagonal */
 } cgd_window_state;
 
-/* One window step over `count` tensors with offsets in [0, n); grad_scale and skip as in cgd_diag_step.
-   CGD_ERR_UNSUPPORTED on CUDA, or when the host scratch cannot be had (then nothing changed). */
+/* One window step over `count` tensors with offsets in [0, n) (coordinates none covers take gradient 0);
+   grad_scale and skip as in cgd_diag_step. The host scratch of a step is about 8 (5 m^2 + 2 n / 16384 m) bytes,
+   m = window + 1 (42 MB at the largest window). CGD_ERR_UNSUPPORTED on CUDA, or when that scratch cannot be had
+   (then nothing changed). */
 cgd_status cgd_window_step(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_block_tensor *tensors,
                            int64_t count, const cgd_window_state *state, const float *grad_scale, const float *skip,
                            cgd_device device);

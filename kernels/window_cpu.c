@@ -9,11 +9,12 @@
  * so C is c on the complement of span(U), and there an m x m problem (m <= r + 1) gives the metric exactly:
  * with the Gram matrix K = U^T U = W S W^T, Q = U W S^-1/2 is an orthonormal basis of the span, Q^T C Q =
  * c I + S^1/2 W^T D W S^1/2 = V (c + L) V^T, and
- *     (eps I + C)^-a F = h(c) F + U z,   z = W S^-1/2 V [h(c + L) - h(c)] V^T S^-1/2 W^T (U^T F),
+ *     (eps I + C)^-a F = h(c) F + U z,   z = W S^-1/2 V [h(c + L) - h(c)] V^T S^-1/2 W^T (U^T F)
+ * (computed with the columns scaled to unit length first: window_coefficients),
  * h(x) = (eps + max(x, 0))^-a. Per step: the new gradient's dot products with the window (its row of K, kept in
  * the state), those of F, two m x m eigendecompositions in double, and one pass to apply U z: O(n r + r^3), and
- * n r state values instead of n^2. Columns of K below 1e-12 of its largest eigenvalue (a repeated gradient) carry
- * no direction of their own and are dropped. Every n-length sum runs over fixed chunks with fixed partial sums,
+ * n r state values instead of n^2. Directions where the unit columns' Gram matrix has an eigenvalue below 1e-12
+ * of its largest (a repeated gradient) carry nothing of their own and are dropped. Every n-length sum runs over fixed chunks with fixed partial sums,
  * added in order, so the result does not depend on the thread count.
  */
 #include <math.h>
@@ -31,8 +32,9 @@ void dsyev_(const char *jobz, const char *uplo, const int *n, double *a, const i
 #define CGD_WINDOW_CHUNK ((int64_t)1 << 14)
 #define CGD_WINDOW_LANES 8
 #define CGD_WINDOW_PIECE 256
-/* Where an eigenvalue of K counts as zero, relative to its largest: far above the rounding of K's entries
-   (double sums of exact products of state values), far below any direction a gradient contributes. */
+/* Where an eigenvalue of the unit columns' Gram matrix (diagonal 1) counts as zero, relative to its largest: far
+   above the rounding of its entries (double sums of exact products of state values), far below any direction a
+   gradient of its own contributes. */
 #define CGD_WINDOW_RANK_TOL 1e-12
 
 /* x . y over [begin, end) in CGD_WINDOW_LANES fixed partial sums, added in order. */
@@ -78,32 +80,39 @@ static int eig_double(int m, double *a, double *w, double *work, int lwork) {
 }
 
 /* z (m) such that the direction is h(c) F + U z, from the Gram matrix K (m x m, row-major), the weights D and
-   U^T F; 0 on success, 1 when an eigendecomposition failed. s: scratch of 4 m^2 + 4 m + lwork doubles. */
+   U^T F; 0 on success, 1 when an eigendecomposition failed. s: scratch of 4 m^2 + 5 m + lwork doubles.
+   The span is found from the Gram matrix of the unit columns, K' = N K N with N = diag(K_ii^-1/2): its small
+   eigenvalues mean dependent columns, whatever their norms (on K itself a gradient 10^6 times shorter than
+   another would look dependent and lose its variance). With K' = W S W^T and its kept part, B = N W_p S_p^-1/2
+   spans the columns orthonormally, and Q^T U D U^T Q = S_p^1/2 W_p^T diag(D_i K_ii) W_p S_p^1/2. */
 static int window_coefficients(int m, const double *K, const double *D, const double *uf, double c, double eps,
                                double power, double *s, int lwork, double *z) {
     double *W = s, *S = W + (size_t)m * m, *tmp = S + (size_t)m * m, *vals = tmp + (size_t)m * m;
-    double *lam = vals + m, *y = lam + m, *v = y + m, *proj = v + m, *work = proj + (size_t)m * m;
-    memcpy(W, K, (size_t)m * m * sizeof(double));
+    double *lam = vals + m, *y = lam + m, *v = y + m, *unit = v + m, *proj = unit + m, *work = proj + (size_t)m * m;
+    for (int i = 0; i < m; ++i) unit[i] = K[(size_t)i * m + i] > 0.0 ? 1.0 / sqrt(K[(size_t)i * m + i]) : 0.0;
+    for (int i = 0; i < m; ++i)
+        for (int j = 0; j < m; ++j) W[(size_t)i * m + j] = unit[i] * K[(size_t)i * m + j] * unit[j];
     if (eig_double(m, W, vals, work, lwork)) return 1;
     const double top = vals[m - 1] > 0.0 ? vals[m - 1] : 0.0;
-    /* The kept columns of W, scaled: B = W_p S_p^-1/2 (m x p, column-major, p kept), and S_p^1/2 W_p^T. */
+    /* The kept columns of W, scaled: B = N W_p S_p^-1/2 (m x p, column-major, p kept), and W_p S_p^1/2. */
     int p = 0;
     for (int j = 0; j < m; ++j) {
         if (!(vals[j] > CGD_WINDOW_RANK_TOL * top)) continue;
         const double root = sqrt(vals[j]);
         for (int i = 0; i < m; ++i) {
-            proj[(size_t)p * m + i] = W[(size_t)j * m + i] / root; /* column p of B */
-            tmp[(size_t)p * m + i] = W[(size_t)j * m + i] * root;  /* column p of W_p S_p^1/2 */
+            proj[(size_t)p * m + i] = unit[i] * W[(size_t)j * m + i] / root; /* column p of B */
+            tmp[(size_t)p * m + i] = W[(size_t)j * m + i] * root;            /* column p of W_p S_p^1/2 */
         }
         ++p;
     }
     for (int i = 0; i < m; ++i) z[i] = 0.0;
     if (p == 0) return 0; /* no gradient with any size yet: C = c I */
-    /* S = (W_p S^1/2)^T D (W_p S^1/2), p x p, then its eigendecomposition V L V^T. */
+    /* S = (W_p S^1/2)^T diag(D_i K_ii) (W_p S^1/2), p x p, then its eigendecomposition V L V^T. */
     for (int a = 0; a < p; ++a)
         for (int b = a; b < p; ++b) {
             double sum = 0.0;
-            for (int i = 0; i < m; ++i) sum += tmp[(size_t)a * m + i] * D[i] * tmp[(size_t)b * m + i];
+            for (int i = 0; i < m; ++i)
+                sum += tmp[(size_t)a * m + i] * (D[i] * K[(size_t)i * m + i]) * tmp[(size_t)b * m + i];
             S[(size_t)a * p + b] = S[(size_t)b * p + a] = sum;
         }
     if (eig_double(p, S, lam, work, lwork)) return 1;
@@ -147,10 +156,10 @@ int CGD_NAME(cgd_cpu_window_step)(const cgd_block_hparams *h, cgd_dtype dtype, c
     const int lwork = 34 * (m > 1 ? m : 1);
     const int64_t chunks = (n + CGD_WINDOW_CHUNK - 1) / CGD_WINDOW_CHUNK;
     /* Everything this step needs, before any state changes: running out of memory changes nothing. small holds
-       K (m^2), D, U^T F and z (3 m), window_coefficients' scratch (4 m^2 + 4 m + lwork) and the dot products. */
+       K (m^2), D, U^T F and z (3 m), window_coefficients' scratch (4 m^2 + 5 m + lwork) and the dot products. */
     const size_t pairs = 2 * (size_t)(kept + 1), mm = (size_t)m * (size_t)m;
     double *partial = cgd_host_alloc((size_t)(chunks > 0 ? chunks : 1) * pairs * sizeof(double));
-    double *small = cgd_host_alloc((5 * mm + 7 * (size_t)m + (size_t)lwork + pairs) * sizeof(double));
+    double *small = cgd_host_alloc((5 * mm + 8 * (size_t)m + (size_t)lwork + pairs) * sizeof(double));
     const cgd_real **cols = cgd_host_alloc((size_t)(kept + 1) * sizeof(*cols));
     if (!partial || !small || !cols) {
         free(partial);
@@ -159,7 +168,7 @@ int CGD_NAME(cgd_cpu_window_step)(const cgd_block_hparams *h, cgd_dtype dtype, c
         return 1;
     }
     double *K = small, *D = K + mm, *uf = D + m, *z = uf + m, *s = z + m;
-    double *products = s + 4 * mm + 4 * (size_t)m + (size_t)lwork;
+    double *products = s + 4 * mm + 5 * (size_t)m + (size_t)lwork;
     cgd_real *hist = (cgd_real *)st->history, *m1 = (cgd_real *)st->exp_avg;
     cgd_real *newest = hist + slot * n;
     const double scale = grad_scale ? (double)*grad_scale : 1.0;

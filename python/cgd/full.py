@@ -25,7 +25,7 @@ _FACTORED = ("kron", "eigenbasis")
 # 0: solved in the state's precision (float32, or float64 for float64 parameters); 1: float32 failed, float64 did not.
 OUTCOMES = {-1: "never", 0: "solved", 1: "float64 retry", 2: "kept previous", 3: "diagonal fallback", 4: "lanczos"}
 SOLVERS = ("auto", "eigh", "lanczos", "window")
-_MAX_WINDOW = 4096  # capi/cgd.c: its (window + 1)-sided problems are solved in double every step
+_MAX_WINDOW = 1024  # capi/cgd.c: its (window + 1)-sided problems are solved in double every step
 # Where Lanczos overtakes the batched Jacobi eigensolver on the CPU (benchmarks/matrix_step_time.py, 0.8M
 # parameters: B = 8 Jacobi 68 ms, Lanczos 264 ms; B = 16 within run-to-run noise, 162-266 ms against 168-185 ms;
 # B = 32 Jacobi 1,468 ms, Lanczos 111 ms).
@@ -137,7 +137,8 @@ class FullCGD(BaseOptimizer):
         C  = S - F F^T   (centered=True; S with centered=False)
         q  <- q - lr (eps I + C)^(-power) F,  through C = V diag(lambda) V^T with lambda clamped at 0
 
-    ``solver`` says how ``(eps I + C)^(-power) F`` is found. "eigh" eigendecomposes C every ``refresh_every``
+    ``solver`` says how ``(eps I + C)^(-power) F`` is found ("window" also how M2 is kept). "eigh" eigendecomposes C
+    every ``refresh_every``
     steps (1 = the paper's method) and in between multiplies the current F by the cached ``(eps I + C)^(-power)``:
     O(N^3) per refresh. "lanczos" (CPU) computes the direction itself every step by Lanczos on the Krylov space of
     C and F, in double: each iteration one product with M2, O(N^2), typically 5-40 iterations, converged to 1e-7
@@ -145,7 +146,11 @@ class FullCGD(BaseOptimizer):
     half the state. A run that needs more than 256 iterations takes that step's eigendecomposition instead
     (counted, :meth:`solver_stats`). "auto" (default) is "lanczos" on the CPU for blocks of 17 or more (and the
     full metric) with ``refresh_every=1``, and "eigh" otherwise (smaller blocks are eigendecomposed 16 at a time
-    by a batched Jacobi solver, faster there; CUDA has batched eigensolvers).
+    by a batched Jacobi solver, faster there; CUDA has batched eigensolvers). "window" (CPU, full metric, opt-in)
+    keeps no N x N matrix: M2 as ``beta2^t m2_init I`` plus the terms of the last ``window`` gradients, and the
+    direction exactly for that M2 through their Gram matrix, O(N window + window^3) per step. It equals eq 4.9
+    until step ``window``; later it lacks the older terms (``beta2^window`` of the EMA's weight, but where the
+    window does not span they were all of C: see the README for the measured direction error).
 
     ``metric="kron"`` is the mode for real networks (GPT, ResNet): each tensor, read as a rows x cols matrix G
     (conv weights as out_channels x the rest, vectors as a column), gets C approximated by the Kronecker product
@@ -185,7 +190,8 @@ class FullCGD(BaseOptimizer):
         block_size: coordinates per block for ``metric="block"``.
         refresh_every: steps between eigendecompositions (solver "eigh"), or between the eigenbasis metric's
             basis refreshes.
-        solver: "auto", "eigh" or "lanczos" (full/block metrics; see above).
+        solver: "auto", "eigh", "lanczos" or "window" (full/block metrics; "window" full only; see above).
+        window: the window solver's gradients, 1 to 1024.
         max_factor_dim: for ``metric="kron"`` and ``"eigenbasis"``, the longest side that gets a full factor (at
             most 46340).
         centered: use the covariance M2 - M1 M1^T (True, eq 4.9) or the second moment M2.
@@ -201,7 +207,8 @@ class FullCGD(BaseOptimizer):
         max_state_bytes: refuse, before allocating, state larger than this (default: the free memory of the
             device).
 
-    Memory per group of N parameters: ``metric="full"`` 8 N^2 + 8 N bytes (4 N^2 + 4 N with the Lanczos solver);
+    Memory per group of N parameters: ``metric="full"`` 8 N^2 + 8 N bytes (4 N^2 + 4 N with the Lanczos solver,
+    4 (window + 1) N + 8 window^2 with the window solver);
     ``metric="block"`` about 8 * block_size * N bytes (plus padding of each tensor to a multiple of block_size);
     ``metric="kron"`` 4 N + 8 (rows^2 + cols^2) per tensor; ``metric="eigenbasis"`` 8 N + 8 (rows^2 + cols^2) per
     matrix (8 N for a vector). See :func:`state_bytes`.
@@ -624,7 +631,8 @@ class FullCGD(BaseOptimizer):
         which keeps no spectrum, those of the current C, computed here by ``torch.linalg.eigvalsh``), ``top`` (the
         ``top_k`` largest per block), ``min``, ``condition`` ((eps + max) / (eps + max(min, 0))), ``effective_rank``
         ((sum lambda)^2 / sum lambda^2 over the clamped eigenvalues), ``outcome`` (how each block's last refresh
-        went, see ``cgd.full.OUTCOMES``). Padding coordinates of a block contribute zero eigenvalues.
+        went, see ``cgd.full.OUTCOMES``). Padding coordinates of a block contribute zero eigenvalues. Groups of
+        the window solver are not listed (their C is N-sided and never formed).
 
         kron groups: one dict with ``tensors``, a list with per stepped tensor its ``param`` label, ``shape``
         (rows, cols), and ``top``, ``min``, ``condition``, ``effective_rank`` of C's eigenvalues mu_i nu_j (the

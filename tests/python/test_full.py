@@ -428,6 +428,47 @@ def test_window_solver_state_scales_with_the_window_not_n_squared():
     assert tuple(state["history"].shape) == (4, 100_000)
 
 
+@pytest.mark.parametrize("ratio", [1e3, 1e5])
+def test_window_solver_keeps_a_short_gradient_s_own_direction(ratio):
+    """Gradients of very different lengths are still independent: the rank is decided on unit columns, so the
+    short one keeps its variance (on the raw Gram matrix its direction fell below the 1e-12 cut and stepped 7 to
+    700 times too far). The long one's coordinate is h(c) F less a correction of nearly the same size (h(0) =
+    eps^-1/2 = 1e4 here), so it holds to about 1e-16 times their ratio: 1e-7 at 1e5."""
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    kw = dict(lr=1.0, power=0.5, eps=1e-8, m2_init=0.0, centered=False)
+    opt = cgd.FullCGD([p], betas=(0.9, 0.5), solver="window", window=8, **kw)
+    ref = ReferenceWindowCGD(torch.zeros(3, dtype=torch.float64), 8, beta1=0.9, beta2=0.5, **kw)
+    for g in (torch.tensor([ratio, 0.0, 0.0]), torch.tensor([0.0, 1e-3, 0.0])):
+        p.grad = g.double()
+        opt.step()
+        expected = ref.step(g.double())
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=0.0)
+    assert abs(p.detach()[1] - expected[1]) <= 1e-12 * abs(expected[1])  # the short gradient's own coordinate
+
+
+def test_window_solver_falls_back_to_the_diagonal_on_a_failed_solve_and_counts_it():
+    """An Inf gradient under nonfinite="ignore" makes the small eigenproblems fail: that step takes C's diagonal
+    (Inf coordinates aside, finite) and counts it; nothing is NaN where the gradient was finite."""
+    p = torch.nn.Parameter(torch.zeros(6))
+    opt = cgd.FullCGD([p], lr=0.01, solver="window", window=4, nonfinite="ignore")
+    p.grad = torch.ones(6)
+    opt.step()
+    p.grad = torch.tensor([1.0, 2.0, float("inf"), 1.0, 1.0, 1.0])
+    opt.step()
+    assert opt.solver_stats()["diagonal_fallbacks"] == 1
+    finite = [0, 1, 3, 4, 5]
+    assert torch.isfinite(p.detach()[finite]).all()
+
+
+def test_window_solver_refuses_a_state_of_another_window():
+    model = small_model()
+    opt = cgd.FullCGD(model.parameters(), solver="window", window=4)
+    train(model, opt, 2)
+    opt.param_groups[0]["window"] = 6
+    with pytest.raises(ValueError, match=r"window history is \(4, 53\) but this group needs \(6, 53\)"):
+        train(model, opt, 1, start=2)
+
+
 def test_opcheck_window_step():
     model = small_model()
     opt = cgd.FullCGD(model.parameters(), solver="window", window=4)
@@ -445,7 +486,7 @@ def test_window_solver_errors_name_the_problem():
     model = small_model()
     with pytest.raises(ValueError, match="window = 0"):
         cgd.FullCGD(model.parameters(), solver="window", window=0)
-    with pytest.raises(ValueError, match="window = 5000 is invalid: must be <= 4096"):
+    with pytest.raises(ValueError, match="window = 5000 is invalid: must be <= 1024"):
         cgd.FullCGD(model.parameters(), solver="window", window=5000)
     with pytest.raises(ValueError, match="solver = 'window' is invalid: applies to metric='full'"):
         cgd.FullCGD(model.parameters(), solver="window", metric="block")
