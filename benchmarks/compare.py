@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     line = verdict(summary)
     report = (f"# The main comparison: {model}\n\n{where}, torch {torch.__version__}, "
               f"{datetime.date.today().isoformat()}, `{command.strip()}`, {time.perf_counter() - t0:.0f} s\n\n"
-              f"{steps} steps, warmup + cosine, {args.seeds} seeds, each optimizer at the learning rate "
+              f"{steps} steps, warmup + cosine, {args.seeds} seed{'s' if args.seeds != 1 else ''}, each optimizer at the "
+              "learning rate "
               "benchmarks/suite.py chose for it on this task.\n\n" + "\n".join(rows) + f"\n\n**{line}**\n")
     print(report)
     print(line, file=sys.stderr)
