@@ -14,8 +14,8 @@
  * h(x) = (eps + max(x, 0))^-a. Per step: the new gradient's dot products with the window (its row of K, kept in
  * the state), those of F, two m x m eigendecompositions in double, and one pass to apply U z: O(n r + r^3), and
  * n r state values instead of n^2. Directions where the unit columns' Gram matrix has an eigenvalue below 1e-12
- * of its largest (a repeated gradient) carry nothing of their own and are dropped. Every n-length sum runs over fixed chunks with fixed partial sums,
- * added in order, so the result does not depend on the thread count.
+ * of its largest (a repeated gradient) carry nothing of their own and are dropped. Every n-length sum runs over
+ * fixed chunks with fixed partial sums, added in order, so the result does not depend on the thread count.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -79,6 +79,24 @@ static int eig_double(int m, double *a, double *w, double *work, int lwork) {
     return 0;
 }
 
+/* out = X^T x for the column-major rows x cols X: out[j] = column j . x. */
+static void columns_dot(const double *X, int rows, int cols, const double *x, double *out) {
+    for (int j = 0; j < cols; ++j) {
+        double sum = 0.0;
+        for (int i = 0; i < rows; ++i) sum += X[(size_t)j * rows + i] * x[i];
+        out[j] = sum;
+    }
+}
+
+/* out = X y for the column-major rows x cols X, each entry summed over the columns in order. */
+static void columns_combine(const double *X, int rows, int cols, const double *y, double *out) {
+    for (int i = 0; i < rows; ++i) {
+        double sum = 0.0;
+        for (int j = 0; j < cols; ++j) sum += X[(size_t)j * rows + i] * y[j];
+        out[i] = sum;
+    }
+}
+
 /* z (m) such that the direction is h(c) F + U z, from the Gram matrix K (m x m, row-major), the weights D and
    U^T F; 0 on success, 1 when an eigendecomposition failed. s: scratch of 4 m^2 + 5 m + lwork doubles.
    The span is found from the Gram matrix of the unit columns, K' = N K N with N = diag(K_ii^-1/2): its small
@@ -118,26 +136,11 @@ static int window_coefficients(int m, const double *K, const double *D, const do
     if (eig_double(p, S, lam, work, lwork)) return 1;
     /* y = B^T (U^T F) (p), then y <- V [h(c + L) - h(c)] V^T y, then z = B y. */
     const double base = cgd_inverse_power(c, eps, power);
-    for (int a = 0; a < p; ++a) {
-        double sum = 0.0;
-        for (int i = 0; i < m; ++i) sum += proj[(size_t)a * m + i] * uf[i];
-        y[a] = sum;
-    }
-    for (int k = 0; k < p; ++k) {
-        double sum = 0.0;
-        for (int a = 0; a < p; ++a) sum += S[(size_t)k * p + a] * y[a];
-        v[k] = sum * (cgd_inverse_power(c + lam[k], eps, power) - base);
-    }
-    for (int a = 0; a < p; ++a) {
-        double sum = 0.0;
-        for (int k = 0; k < p; ++k) sum += S[(size_t)k * p + a] * v[k];
-        y[a] = sum;
-    }
-    for (int i = 0; i < m; ++i) {
-        double sum = 0.0;
-        for (int a = 0; a < p; ++a) sum += proj[(size_t)a * m + i] * y[a];
-        z[i] = sum;
-    }
+    columns_dot(proj, m, p, uf, y);
+    columns_dot(S, p, p, y, v);
+    for (int k = 0; k < p; ++k) v[k] *= cgd_inverse_power(c + lam[k], eps, power) - base;
+    columns_combine(S, p, p, v, y);
+    columns_combine(proj, m, p, y, z);
     for (int i = 0; i < m; ++i)
         if (!isfinite(z[i])) return 1;
     return 0;

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <random>
 
 #include "diag_math.h"
@@ -43,34 +44,51 @@ TEST(DiagMath, PowerPolynomialIsWithinItsBoundOfFloat64Pow) {
     EXPECT_LE(worst_ulps, 4);
 }
 
-TEST(DiagMath, ScaledNegativePowerKeepsItsBoundAndOverflowsOnlyWhereTheProductDoes) {
-    std::mt19937 rng(12);
-    std::uniform_real_distribution<double> exponent(-149.0, 127.9), mantissa(1.0, 2.0), scale(-40.0, 40.0);
+struct ScaledPowerSweep {
     double worst = 0.0;
     int64_t overflowed = 0, underflowed = 0;
-    for (float a : {-0.1f, -0.23f, -0.4f, -0.5f, -0.7f, -0.99f, -0.999999f}) {
+};
+
+// got(x, a, v) against float64 v x^(sign a) for x = m 2^k (m in [1, 2), k from lowest_exponent to 127) and v of
+// either sign over 80 binades, 200,000 draws per a: Inf of v's sign beyond float (never a finite garbage value),
+// the relative error where the result is normal, and below that the 4e-7 bound plus the half subnormal ulp of the
+// one rounding to the subnormal grid.
+template <typename Got>
+ScaledPowerSweep sweep_scaled_power(unsigned seed, double lowest_exponent, std::initializer_list<float> as, double sign,
+                                    Got got) {
+    std::mt19937 rng(seed);
+    std::uniform_real_distribution<double> exponent(lowest_exponent, 127.9), mantissa(1.0, 2.0), scale(-40.0, 40.0);
+    ScaledPowerSweep out;
+    for (float a : as) {
         for (int i = 0; i < 200000; ++i) {
             const float x = (float)(mantissa(rng) * std::exp2(std::floor(exponent(rng))));
             const float v = (float)((i % 2 ? -1.0 : 1.0) * mantissa(rng) * std::exp2(std::floor(scale(rng))));
             if (!(x > 0.0f)) continue;
-            const double want = (double)v * std::pow((double)x, (double)a);
-            const float got = cgd_powf_times(x, a, v);
-            if (std::fabs(want) > 3.4028e38) { /* beyond float: Inf of v's sign, never a finite garbage value */
-                EXPECT_EQ(got, v > 0 ? INFINITY : -INFINITY) << x << " " << a << " " << v;
-                ++overflowed;
+            const double want = (double)v * std::pow((double)x, sign * (double)a);
+            const float value = got(x, a, v);
+            if (std::fabs(want) > 3.4028e38) {
+                EXPECT_EQ(value, v > 0 ? INFINITY : -INFINITY) << x << " " << a << " " << v;
+                ++out.overflowed;
             } else if (std::fabs(want) >= 1.17549435e-38) {
-                const double rel = std::fabs((double)got - want) / std::fabs(want);
-                worst = rel > worst ? rel : worst;
+                const double rel = std::fabs((double)value - want) / std::fabs(want);
+                out.worst = rel > out.worst ? rel : out.worst;
             } else {
-                /* the relative bound, plus the half subnormal ulp of the one rounding to the subnormal grid */
-                EXPECT_LE(std::fabs((double)got - want), 4e-7 * std::fabs(want) + 7.1e-46) << x << " " << a << " " << v;
-                ++underflowed;
+                EXPECT_LE(std::fabs((double)value - want), 4e-7 * std::fabs(want) + 7.1e-46) << x << " " << a << " "
+                                                                                             << v;
+                ++out.underflowed;
             }
         }
     }
-    EXPECT_LE(worst, 4e-7);
-    EXPECT_GT(overflowed, 0); /* both ends were reached */
-    EXPECT_GT(underflowed, 0);
+    return out;
+}
+
+TEST(DiagMath, ScaledNegativePowerKeepsItsBoundAndOverflowsOnlyWhereTheProductDoes) {
+    const ScaledPowerSweep r =
+        sweep_scaled_power(12, -149.0, {-0.1f, -0.23f, -0.4f, -0.5f, -0.7f, -0.99f, -0.999999f}, 1.0,
+                           [](float x, float a, float v) { return cgd_powf_times(x, a, v); });
+    EXPECT_LE(r.worst, 4e-7);
+    EXPECT_GT(r.overflowed, 0); /* both ends were reached */
+    EXPECT_GT(r.underflowed, 0);
     EXPECT_EQ(cgd_powf_times(0.0f, -0.4f, 2.0f), INFINITY);
     EXPECT_EQ(cgd_powf_times(INFINITY, -0.4f, 2.0f), 0.0f);
     EXPECT_TRUE(std::isnan(cgd_powf_times(NAN, -0.4f, 2.0f)));
@@ -79,31 +97,12 @@ TEST(DiagMath, ScaledNegativePowerKeepsItsBoundAndOverflowsOnlyWhereTheProductDo
 
 TEST(DiagMath, NormalInputNegativePowerKeepsTheBoundOverItsWholeDomain) {
     // cgd_powf_times_normal: x from FLT_MIN to FLT_MAX, a up to CGD_POW_NORMAL_MAX, v over 80 binades
-    std::mt19937 rng(13);
-    std::uniform_real_distribution<double> exponent(-126.0, 127.9), mantissa(1.0, 2.0), scale(-40.0, 40.0);
-    double worst = 0.0;
-    int64_t overflowed = 0, underflowed = 0;
-    for (float a : {0.1f, 0.23f, 0.4f, 0.7f, 0.9f, (float)CGD_POW_NORMAL_MAX}) {
-        for (int i = 0; i < 200000; ++i) {
-            const float x = (float)(mantissa(rng) * std::exp2(std::floor(exponent(rng))));
-            const float v = (float)((i % 2 ? -1.0 : 1.0) * mantissa(rng) * std::exp2(std::floor(scale(rng))));
-            const double want = (double)v * std::pow((double)x, -(double)a);
-            const float got = cgd_powf_times_normal(x, a, v);
-            if (std::fabs(want) > 3.4028e38) {
-                EXPECT_EQ(got, v > 0 ? INFINITY : -INFINITY) << x << " " << a << " " << v;
-                ++overflowed;
-            } else if (std::fabs(want) >= 1.17549435e-38) {
-                const double rel = std::fabs((double)got - want) / std::fabs(want);
-                worst = rel > worst ? rel : worst;
-            } else {
-                EXPECT_LE(std::fabs((double)got - want), 4e-7 * std::fabs(want) + 7.1e-46) << x << " " << a << " " << v;
-                ++underflowed;
-            }
-        }
-    }
-    EXPECT_LE(worst, 4e-7);
-    EXPECT_GT(overflowed, 0);
-    EXPECT_GT(underflowed, 0);
+    const ScaledPowerSweep r =
+        sweep_scaled_power(13, -126.0, {0.1f, 0.23f, 0.4f, 0.7f, 0.9f, (float)CGD_POW_NORMAL_MAX}, -1.0,
+                           [](float x, float a, float v) { return cgd_powf_times_normal(x, a, v); });
+    EXPECT_LE(r.worst, 4e-7);
+    EXPECT_GT(r.overflowed, 0);
+    EXPECT_GT(r.underflowed, 0);
     const float largest = (float)CGD_POW_NORMAL_MAX;
     for (float x : {1.17549435e-38f, 1.0f, 3.4028235e38f}) // the domain's ends: x^-a itself stays normal
         EXPECT_NEAR(cgd_powf_times_normal(x, largest, 1.0f) / std::pow((double)x, -(double)largest), 1.0, 4e-7) << x;
