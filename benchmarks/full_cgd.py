@@ -50,11 +50,12 @@ def batch(gen: torch.Generator, size: int = 64) -> tuple[torch.Tensor, torch.Ten
 
 
 def train(make_model, make_opt, steps: int, record: bool = False):
-    """Optimizer step times (s) over `steps` training steps, and the flat gradients when `record`."""
+    """Optimizer step times (s) over `steps` training steps, the losses, the flat gradients when `record`, and the
+    optimizer."""
     model = make_model()
     opt = make_opt(list(model.parameters()))
     gen = torch.Generator().manual_seed(1)
-    times, grads = [], []
+    times, losses, grads = [], [], []
     for _ in range(steps):
         xy, target = batch(gen)
         loss = torch.nn.functional.mse_loss(model(xy), target)
@@ -65,8 +66,14 @@ def train(make_model, make_opt, steps: int, record: bool = False):
         t0 = time.perf_counter()
         opt.step()
         times.append(time.perf_counter() - t0)
-    stats = opt.solver_stats() if isinstance(opt, cgd.FullCGD) else None
-    return times, grads, stats
+        losses.append(loss.item())
+    return times, losses, grads, opt
+
+
+def state_held(opt: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state the optimizer holds."""
+    return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+               if isinstance(t, torch.Tensor))
 
 
 def direction_errors(grads: list[torch.Tensor], every: int, start: str, window: int) -> dict[str, list[float]]:
@@ -110,26 +117,6 @@ def big_mlp_n() -> int:
     return sum(p.numel() for p in big_mlp().parameters())
 
 
-def train_big(make_opt, steps: int) -> tuple[list[float], list[float], int]:
-    """Losses and optimizer step times of the 100k-parameter MLP, and the bytes of optimizer state it holds."""
-    model = big_mlp()
-    opt = make_opt(list(model.parameters()))
-    gen = torch.Generator().manual_seed(1)
-    losses, times = [], []
-    for _ in range(steps):
-        xy, target = batch(gen)
-        loss = torch.nn.functional.mse_loss(model(xy), target)
-        opt.zero_grad()
-        loss.backward()
-        t0 = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-    held = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
-               if isinstance(t, torch.Tensor))
-    return losses, times, held
-
-
 def ms(seconds: list[float]) -> str:
     return f"{1e3 * statistics.fmean(seconds):.2f}"
 
@@ -156,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         adam = None
         for name, make_opt, steps in configs:
             train(make_model, make_opt, 3)  # first-call costs out of the timing
-            times, _, stats = train(make_model, make_opt, steps)
+            times, _, _, opt = train(make_model, make_opt, steps)
             adam = adam or statistics.fmean(times)
-            note = "" if stats is None else f"fallbacks {stats}"
+            note = f"fallbacks {opt.solver_stats()}" if isinstance(opt, cgd.FullCGD) else ""
             lines.append(f"| {label} | {name} | {steps} | {ms(times)} | {statistics.fmean(times) / adam:.1f} "
                          f"| {note} |")
             print(lines[-1], file=sys.stderr)
@@ -183,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                                                          solver="eigh"), args.steps),
     ])
 
-    _, grads, _ = train(mlp, full("lanczos"), args.steps, record=True)
+    _, _, grads, _ = train(mlp, full("lanczos"), args.steps, record=True)
     lines += ["", f"## Direction accuracy on the MLP's gradients (n = {n:,}, float32 state)\n",
               f"Relative error |d - d_ref| / |d_ref| against the float64 eq 4.9 reference (tests/python/"
               f"reference_full.py) at steps 1, {1 + args.every}, ... of {args.steps}; tau = (17.1, 15.3), "
@@ -208,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, make_opt in (("cgd.Adam", lambda p: cgd.Adam(p, lr=1e-3)),
                            (f"FullCGD window {args.window}", lambda p: cgd.FullCGD(p, lr=0.01, solver="window",
                                                                                    window=args.window))):
-        losses, times, held = train_big(make_opt, args.big_steps)
+        times, losses, _, opt = train(big_mlp, make_opt, args.big_steps)
+        held = state_held(opt)
         lines.append(f"| {name} | {statistics.fmean(losses[-20:]):.3e} | {ms(times)} | {held / 2**20:.1f} MiB |")
         print(lines[-1], file=sys.stderr)
     report = "\n".join(lines) + "\n"
