@@ -6,6 +6,7 @@
  * not depend on the thread count.
  */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -77,55 +78,60 @@ static void inverse_powers(const cgd_real *lambda, int64_t n, double eps, double
 #endif
 }
 
-/* P = V diag(d) V^T for each of a group's `count` Jacobi solutions (vecs: lane l's eigenvector k at l B^2 + k B;
-   d: its inverse powers at l B), across the lanes at once. Its B <= 32 terms per entry are summed in the real type
-   (the LAPACK path's larger blocks sum in double). soa holds (2 B^2 + B) CGD_JACOBI_LANES reals. */
+/* P = V diag(d) V^T of every lane of a Jacobi group (v and d lane-interleaved as cgd_eigh_jacobi_lanes leaves
+   them: v_ik at (i B + k) L + l, d_k at k L + l), its B <= 32 terms per entry summed in the real type (the LAPACK
+   path's larger blocks sum in double), written to P[l] for each lane l with P[l] != NULL. w holds B^2 L reals. */
 CGD_CPU_CLONES
-static void assemble_group(const cgd_real *vecs, const double *d, int count, int B, cgd_real *soa, cgd_real *P) {
+static void group_precond(const cgd_real *v, const cgd_real *d, int B, cgd_real *w, cgd_real *const *P) {
     enum { L = CGD_JACOBI_LANES };
-    const size_t nn = (size_t)B * (size_t)B;
-    cgd_real *vs = soa, *sum = soa + nn * L, *dd = sum + nn * L; /* vs: V[k][i] of lane l at (k B + i) L + l */
-    for (size_t e = 0; e < nn; ++e)
-        for (int l = 0; l < L; ++l) vs[e * L + l] = l < count ? vecs[(size_t)l * nn + e] : 0;
-    for (int k = 0; k < B; ++k)
-        for (int l = 0; l < L; ++l) dd[(size_t)k * L + l] = l < count ? (cgd_real)d[(size_t)l * B + k] : 0;
+    for (int i = 0; i < B; ++i)
+        for (int k = 0; k < B; ++k)
+            *(cgd_lanes *)(w + ((size_t)i * B + k) * L) =
+                *(const cgd_lanes *)(d + (size_t)k * L) * *(const cgd_lanes *)(v + ((size_t)i * B + k) * L);
     for (int i = 0; i < B; ++i)
         for (int j = i; j < B; ++j) {
-            cgd_real *out = sum + ((size_t)i * B + j) * L;
-            for (int l = 0; l < L; ++l) out[l] = 0;
-            for (int k = 0; k < B; ++k) {
-                const cgd_real *vi = vs + ((size_t)k * B + i) * L, *vj = vs + ((size_t)k * B + j) * L;
-                const cgd_real *dk = dd + (size_t)k * L;
-                for (int l = 0; l < L; ++l) out[l] += dk[l] * vi[l] * vj[l];
+            cgd_lanes sum = *(const cgd_lanes *)(w + (size_t)i * B * L) * *(const cgd_lanes *)(v + (size_t)j * B * L);
+            for (int k = 1; k < B; ++k)
+                sum += *(const cgd_lanes *)(w + ((size_t)i * B + k) * L) *
+                       *(const cgd_lanes *)(v + ((size_t)j * B + k) * L);
+            for (int l = 0; l < L; ++l)
+                if (P[l]) P[l][(size_t)i * B + j] = P[l][(size_t)j * B + i] = sum[l];
+        }
+}
+
+/* Each lane's B eigenvalues (the diagonal of a Jacobi group's a) in ascending order, as LAPACK returns them, into
+   sorted (k L + l): an odd-even transposition sort, its compare-exchanges across all lanes at once. */
+CGD_CPU_CLONES
+static void group_eigenvalues(const cgd_real *a, int B, cgd_real *sorted) {
+    enum { L = CGD_JACOBI_LANES };
+    for (int k = 0; k < B; ++k)
+        for (int l = 0; l < L; ++l) sorted[(size_t)k * L + l] = a[((size_t)k * B + k) * L + l];
+    for (int round = 0; round < B; ++round)
+        for (int k = round & 1; k + 1 < B; k += 2) {
+            cgd_real *x = sorted + (size_t)k * L, *y = x + L;
+            for (int l = 0; l < L; ++l) {
+                const cgd_real lo = x[l] < y[l] ? x[l] : y[l], hi = x[l] < y[l] ? y[l] : x[l];
+                x[l] = lo;
+                y[l] = hi;
             }
         }
-    for (int l = 0; l < count; ++l)
-        for (int i = 0; i < B; ++i)
-            for (int j = i; j < B; ++j)
-                P[(size_t)l * nn + (size_t)i * B + j] = P[(size_t)l * nn + (size_t)j * B + i] =
-                    sum[((size_t)i * B + j) * L + l];
 }
 
 /* Refreshes one block's P from C (row-major B x B, symmetric) down the failure ladder of cgd.h. A C holding
    NaN or Inf (the moments themselves overflowed) never reaches LAPACK: it takes the ladder's later rungs. */
-static void refresh_block(const cgd_block_hparams *h, const cgd_real *C, int finite, const cgd_real *jacobi_w,
-                          const cgd_real *jacobi_P, cgd_real *P, cgd_real *eigvals, int32_t *outcome,
-                          float *counters_local, cgd_eigh_scratch *s, double *acc) {
+static void refresh_block(const cgd_block_hparams *h, const cgd_real *C, int finite, cgd_real *P, cgd_real *eigvals,
+                          int32_t *outcome, float *counters_local, cgd_eigh_scratch *s, double *acc) {
     int B = s->n;
     size_t nn = (size_t)B * (size_t)B;
-    /* A converged Jacobi solution (its P assembled with its group's) stands for LAPACK's float32 one; otherwise
-       LAPACK's ladder decides. */
-    const cgd_real *w = jacobi_w ? jacobi_w : s->w;
-    int solved = !finite ? -1 : jacobi_w ? CGD_BLOCK_FP32 : cgd_eigh_solve(C, B, s);
+    const cgd_real *w = s->w;
+    int solved = !finite ? -1 : cgd_eigh_solve(C, B, s);
     if (solved >= 0 && h->power == 0.0) { /* SGD's metric: the identity exactly, not V V^T's rounding of it */
         memset(P, 0, nn * sizeof(cgd_real));
         for (int i = 0; i < B; ++i) P[(size_t)i * B + i] = 1;
     }
     /* acc: B^2 doubles of sums, B^2 of the BLAS assembly's scaled eigenvectors, then B inverse powers. */
     if (solved == CGD_BLOCK_FP32) {
-        if (h->power != 0.0 && jacobi_P) {
-            memcpy(P, jacobi_P, nn * sizeof(cgd_real));
-        } else if (h->power != 0.0) {
+        if (h->power != 0.0) {
             inverse_powers(w, B, h->eps, h->power, acc + 2 * nn);
             if (B > CGD_JACOBI_MAX_BLOCK)
                 assemble_precond_blas(P, acc, acc + nn, NULL, s->a, acc + 2 * nn, B);
@@ -267,38 +273,68 @@ static int lanczos_blocks(const cgd_block_hparams *h, const cgd_block_state *st,
     return failed;
 }
 
+/* One block's moments advanced by its gradient gb, and F = bias-corrected M1 (B entries). */
+static inline void advance_moments(const cgd_block_hparams *h, int64_t B, const cgd_real *gb, cgd_real *m1,
+                                   cgd_real *m2, cgd_real inv_bc1, cgd_real *F) {
+    const cgd_real beta1 = (cgd_real)h->beta1, beta2 = (cgd_real)h->beta2;
+    const cgd_real w1 = (cgd_real)(1.0 - h->beta1), w2 = (cgd_real)(1.0 - h->beta2);
+    for (int64_t i = 0; i < B; ++i) {
+        m1[i] = beta1 * m1[i] + w1 * gb[i];
+        F[i] = m1[i] * inv_bc1;
+    }
+    for (int64_t i = 0; i < B; ++i)
+        for (int64_t j = 0; j < B; ++j) m2[i * B + j] = beta2 * m2[i * B + j] + w2 * gb[i] * gb[j];
+}
+
+/* C = M2 / bc2 - (centered ? F F^T : 0) of one block, entry (i, j) at C[(i B + j) stride]; 1 when every entry is
+   finite. */
+static inline int covariance(const cgd_block_hparams *h, int64_t B, const cgd_real *m2, const cgd_real *F,
+                             cgd_real inv_bc2, cgd_real *C, size_t stride) {
+    int finite = 1;
+    for (int64_t i = 0; i < B; ++i)
+        for (int64_t j = 0; j < B; ++j) {
+            const cgd_real x = m2[i * B + j] * inv_bc2 - (h->centered ? F[i] * F[j] : 0);
+            C[(size_t)(i * B + j) * stride] = x;
+            finite &= isfinite(x) != 0;
+        }
+    return finite;
+}
+
 /* The moments' update and the direction u of every block through the eigendecomposition of C on refresh steps
-   and the cached P (CGD_SOLVER_EIGH). */
+   and the cached P (CGD_SOLVER_EIGH). On a refresh, blocks up to CGD_JACOBI_MAX_BLOCK go CGD_JACOBI_LANES at a
+   time through the batched Jacobi solver, their C built, decomposed, inverted and assembled into P lane-
+   interleaved; a block it leaves unconverged (or whose C is not finite) takes refresh_block's ladder. */
 static int eigh_blocks(const cgd_block_hparams *h, const cgd_block_state *st, const cgd_real *g, cgd_real *u,
                        cgd_real inv_bc1, cgd_real inv_bc2, float *counters) {
     const int64_t B = st->block, nb = st->nblocks;
-    const cgd_real beta1 = (cgd_real)h->beta1, beta2 = (cgd_real)h->beta2;
-    const cgd_real w1 = (cgd_real)(1.0 - h->beta1), w2 = (cgd_real)(1.0 - h->beta2);
+    const size_t nn = (size_t)B * (size_t)B;
     int failed = 0;
-    /* Small blocks go in groups of CGD_JACOBI_LANES, decomposed together by the batched Jacobi solver; larger
-       ones (and steps without a refresh) one at a time. */
     enum { L = CGD_JACOBI_LANES };
     const int jacobi = h->refresh && B <= CGD_JACOBI_MAX_BLOCK;
     const int64_t group = jacobi ? L : 1, groups = (nb + group - 1) / group;
 #pragma omp parallel
     {
         cgd_eigh_scratch s;
-        cgd_real *C = NULL, *F = NULL, *jw = NULL;
+        cgd_real *C = NULL, *F = NULL, *ja = NULL;
+        void *ja_block = NULL;
         double *acc = NULL, *jd = NULL;
         float local[3] = {0.0f, 0.0f, 0.0f};
         int have_scratch = h->refresh && cgd_eigh_scratch_init(&s, (int)B) == 0;
         int ready = !h->refresh || have_scratch;
         if (h->refresh) {
-            C = cgd_host_alloc((size_t)group * (size_t)B * (size_t)B * sizeof(cgd_real));
-            acc = cgd_host_alloc((2 * (size_t)B * (size_t)B + (size_t)B) * sizeof(double));
+            C = cgd_host_alloc(nn * sizeof(cgd_real));
+            acc = cgd_host_alloc((2 * nn + (size_t)B) * sizeof(double));
             ready = ready && C != NULL && acc != NULL;
         }
         if (jacobi) {
-            /* work ((2 B^2 + B) L: the solver's, then the assembly's), eigenvalues (L B), eigenvectors and the
-               assembled P (L B^2 each) */
-            jw = cgd_host_zalloc((size_t)L * (size_t)B * (4 * (size_t)B + 2) * sizeof(cgd_real));
-            jd = cgd_host_alloc((size_t)L * (size_t)B * sizeof(double)); /* the eigenvalues' inverse powers */
-            ready = ready && jw != NULL && jd != NULL;
+            /* the group's C (becoming its eigenvalues), eigenvectors and scaled eigenvectors (B^2 L each), its
+               eigenvalues sorted and their inverse powers in the real type (B L each), and in double (B L) */
+            ja_block = cgd_host_alloc((size_t)L * (3 * nn + 2 * (size_t)B) * sizeof(cgd_real) + 64);
+            /* on a 64-byte boundary, so each lane vector is one cache line: a vector split over two lines
+               costs two accesses, and a store split so cannot be forwarded to the load that follows */
+            ja = ja_block ? (cgd_real *)(((uintptr_t)ja_block + 63) & ~(uintptr_t)63) : NULL;
+            jd = cgd_host_alloc((size_t)L * (size_t)B * sizeof(double));
+            ready = ready && ja != NULL && jd != NULL;
         }
         F = cgd_host_alloc((size_t)group * (size_t)B * sizeof(cgd_real));
         ready = ready && F != NULL;
@@ -312,51 +348,48 @@ static int eigh_blocks(const cgd_block_hparams *h, const cgd_block_state *st, co
             for (int64_t gi = 0; gi < groups; ++gi) {
                 const int64_t first = gi * group;
                 const int count = (int)(nb - first < group ? nb - first : group);
-                const cgd_real *mats[L];
                 int finite[L], converged[L];
+                cgd_real *a = ja, *v = ja + nn * L, *w = v + nn * L, *sorted = w + nn * L, *d = sorted + (size_t)B * L;
                 for (int l = 0; l < count; ++l) {
                     const int64_t b = first + l;
-                    const cgd_real *gb = g + b * B;
-                    cgd_real *m1 = (cgd_real *)st->exp_avg + b * B;
-                    cgd_real *m2 = (cgd_real *)st->exp_avg_sq + b * B * B;
-                    cgd_real *Fb = F + (int64_t)l * B;
-                    for (int64_t i = 0; i < B; ++i) {
-                        m1[i] = beta1 * m1[i] + w1 * gb[i];
-                        Fb[i] = m1[i] * inv_bc1;
-                    }
-                    for (int64_t i = 0; i < B; ++i)
-                        for (int64_t j = 0; j < B; ++j)
-                            m2[i * B + j] = beta2 * m2[i * B + j] + w2 * gb[i] * gb[j];
-                    if (!h->refresh) continue;
-                    cgd_real *Cb = C + (int64_t)l * B * B;
-                    finite[l] = 1;
-                    for (int64_t i = 0; i < B; ++i)
-                        for (int64_t j = 0; j < B; ++j) {
-                            Cb[i * B + j] = m2[i * B + j] * inv_bc2 - (h->centered ? Fb[i] * Fb[j] : 0);
-                            finite[l] &= isfinite(Cb[i * B + j]) != 0;
-                        }
-                    mats[l] = Cb;
+                    cgd_real *m2 = (cgd_real *)st->exp_avg_sq + b * B * B, *Fb = F + (int64_t)l * B;
+                    advance_moments(h, B, g + b * B, (cgd_real *)st->exp_avg + b * B, m2, inv_bc1, Fb);
+                    if (jacobi) finite[l] = covariance(h, B, m2, Fb, inv_bc2, a + l, L);
                 }
-                /* The group's Jacobi solutions first (their P assembled together), then each block's refresh,
-                   which takes a converged one or goes down LAPACK's ladder. */
-                cgd_real *w = NULL, *group_P = NULL;
                 if (jacobi) {
-                    cgd_real *work = jw, *vecs;
-                    w = jw + (2 * (size_t)B + 1) * L * B;
-                    vecs = w + (size_t)L * B;
-                    group_P = vecs + (size_t)L * B * B;
-                    for (int l = 0; l < count; ++l)
-                        if (!finite[l]) mats[l] = NULL;
-                    cgd_eigh_jacobi_batch(mats, (int)B, count, work, w, vecs, converged);
-                    inverse_powers(w, (int64_t)count * B, h->eps, h->power, jd);
-                    if (h->power != 0.0) assemble_group(vecs, jd, count, (int)B, work, group_P);
+                    /* idle lanes, and a C that is not finite (the moments themselves overflowed: it takes the
+                       ladder's later rungs), hold I, with nothing to rotate */
+                    for (int l = 0; l < L; ++l)
+                        if (l >= count || !finite[l])
+                            for (size_t e = 0; e < nn; ++e) a[e * L + l] = (cgd_real)(e % (size_t)(B + 1) == 0);
+                    cgd_eigh_jacobi_lanes((int)B, a, v, converged);
+                    group_eigenvalues(a, (int)B, sorted);
+                    for (int k = 0; k < B; ++k) /* the metric's powers of the eigenvalues, in v's column order */
+                        for (int l = 0; l < L; ++l) d[(size_t)k * L + l] = a[((size_t)k * B + k) * L + l];
+                    inverse_powers(d, (int64_t)B * L, h->eps, h->power, jd);
+                    for (size_t e = 0; e < (size_t)B * L; ++e) d[e] = (cgd_real)jd[e];
+                    cgd_real *P[L];
+                    for (int l = 0; l < L; ++l) {
+                        const int ok = l < count && finite[l] && converged[l];
+                        P[l] = ok && h->power != 0.0 ? (cgd_real *)st->precond + (first + l) * B * B : NULL;
+                        if (!ok) continue;
+                        const int64_t b = first + l;
+                        if (h->power == 0.0) { /* SGD's metric: the identity exactly, not V V^T's rounding of it */
+                            cgd_real *Pb = (cgd_real *)st->precond + b * B * B;
+                            for (size_t e = 0; e < nn; ++e) Pb[e] = (cgd_real)(e % (size_t)(B + 1) == 0);
+                        }
+                        for (int k = 0; k < B; ++k) ((cgd_real *)st->eigvals)[b * B + k] = sorted[(size_t)k * L + l];
+                        st->outcome[b] = CGD_BLOCK_FP32;
+                    }
+                    if (h->power != 0.0) group_precond(v, d, (int)B, w, P);
                 }
                 for (int l = 0; h->refresh && l < count; ++l) {
+                    if (jacobi && finite[l] && converged[l]) continue;
                     const int64_t b = first + l;
-                    const int ok = jacobi && finite[l] && converged[l];
-                    refresh_block(h, C + (int64_t)l * B * B, finite[l], ok ? w + (size_t)l * B : NULL,
-                                  ok ? group_P + (size_t)l * B * B : NULL, (cgd_real *)st->precond + b * B * B,
-                                  (cgd_real *)st->eigvals + b * B, &st->outcome[b], local, &s, acc);
+                    const cgd_real *m2 = (cgd_real *)st->exp_avg_sq + b * B * B;
+                    const int ok = covariance(h, B, m2, F + (int64_t)l * B, inv_bc2, C, 1);
+                    refresh_block(h, C, ok, (cgd_real *)st->precond + b * B * B, (cgd_real *)st->eigvals + b * B,
+                                  &st->outcome[b], local, &s, acc);
                 }
                 for (int l = 0; l < count; ++l) {
                     const int64_t b = first + l;
@@ -375,7 +408,7 @@ static int eigh_blocks(const cgd_block_hparams *h, const cgd_block_state *st, co
         free(C);
         free(acc);
         free(F);
-        free(jw);
+        free(ja_block);
         free(jd);
     }
     return failed;

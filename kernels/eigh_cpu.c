@@ -97,8 +97,8 @@ int cgd_eigh_solve(const cgd_real *C, int n, cgd_eigh_scratch *s) {
     return -1;
 }
 
-/* Sweeps before a lane counts as not converged: cyclic Jacobi converges quadratically, in 6 to 10 sweeps for
-   these sizes from any start. */
+/* Sweeps before a lane counts as not converged: Jacobi converges quadratically, in 6 to 10 sweeps for these
+   sizes from any start. */
 #define CGD_JACOBI_SWEEPS 30
 
 /* Per lane, the sum of (a_ij / scale)^2 over the strict upper triangle (upper = 1) or over the whole matrix, with
@@ -107,30 +107,103 @@ int cgd_eigh_solve(const cgd_real *C, int n, cgd_eigh_scratch *s) {
 static inline __attribute__((always_inline)) void jacobi_squares(const cgd_real *a, int B, int upper,
                                                                  const cgd_real *inv_scale, cgd_real *sum) {
     enum { L = CGD_JACOBI_LANES };
-    for (int l = 0; l < L; ++l) sum[l] = 0;
+    const cgd_lanes k = *(const cgd_lanes *)inv_scale;
+    /* four partial sums, so the additions do not wait on each other in one chain */
+    cgd_lanes part[4] = {k - k, k - k, k - k, k - k};
+    int n = 0;
     for (int i = 0; i < B; ++i)
-        for (int j = upper ? i + 1 : 0; j < B; ++j) {
-            const cgd_real *x = a + ((size_t)i * B + j) * L;
-            for (int l = 0; l < L; ++l) {
-                const cgd_real y = x[l] * inv_scale[l];
-                sum[l] += y * y;
-            }
+        for (int j = upper ? i + 1 : 0; j < B; ++j, ++n) {
+            const cgd_lanes y = *(const cgd_lanes *)(a + ((size_t)i * B + j) * L) * k;
+            part[n & 3] += y * y;
         }
+    *(cgd_lanes *)sum = (part[0] + part[1]) + (part[2] + part[3]);
+}
+
+/* The rotation that zeroes a_pq, lane by lane, applied to its own 2 x 2 block. With d = a_qq - a_pp and
+   e = 2 a_pq, t = tan(phi) = sign(d) e / q, q = |d| + sqrt(d^2 + e^2), is the smaller root of t^2 + 2 (d / e) t
+   - 1 = 0 (Rutishauser's stable form with its division by e folded in), and cos, sin = (q, sign(d) e) /
+   sqrt(q^2 + e^2): on the chain each round's rotations wait for, two square roots and then three divisions side
+   by side, rather than three divisions and two roots in a row. d and e are scaled by the lane's 1 / largest entry, so no square
+   overflows; where q^2 + e^2 falls below 16 times the smallest normal (a_pq and a_qq - a_pp both under 1e-18 of
+   that entry in float) the square roots would lose bits to subnormals, and the entry is far below the
+   convergence test's rounding: it rotates by 0. */
+static inline __attribute__((always_inline)) void jacobi_angle(cgd_real *app, cgd_real *aqq, cgd_real *apq,
+                                                               cgd_real *aqp, const cgd_real *inv_scale, cgd_real *c,
+                                                               cgd_real *s) {
+    enum { L = CGD_JACOBI_LANES };
+    const cgd_real tiny = (cgd_real)(CGD_F64 ? DBL_MIN : FLT_MIN);
+    for (int l = 0; l < L; ++l) {
+        const cgd_real x = apq[l], d = (aqq[l] - app[l]) * inv_scale[l], e = 2 * x * inv_scale[l];
+        const cgd_real q = (d < 0 ? -d : d) + cgd_rsqrt(d * d + e * e), nn = q * q + e * e, n = cgd_rsqrt(nn);
+        const cgd_real se = d < 0 ? -e : e;
+        const int rotate = nn >= 16 * tiny;
+        const cgd_real t = rotate ? se / q : 0;
+        c[l] = rotate ? q / n : 1;
+        s[l] = rotate ? se / n : 0;
+        app[l] -= t * x;
+        aqq[l] += t * x;
+        apq[l] = aqp[l] = 0;
+    }
+}
+
+/* (x, y) <- (c x - s y, s x + c y) on every lane: one rotation of a row or column pair. */
+static inline __attribute__((always_inline)) void jacobi_rotate(cgd_real *x, cgd_real *y, const cgd_real *c,
+                                                                const cgd_real *s) {
+    const cgd_lanes u = *(const cgd_lanes *)x, v = *(const cgd_lanes *)y;
+    const cgd_lanes cc = *(const cgd_lanes *)c, ss = *(const cgd_lanes *)s;
+    *(cgd_lanes *)x = cc * u - ss * v;
+    *(cgd_lanes *)y = ss * u + cc * v;
+}
+
+/* The entries (p_i, p_j), (p_i, q_j), (q_i, p_j), (q_i, q_j) of A and their mirror images after the rotations
+   of pairs i (from the left, J_i^T) and j (from the right, J_j): two disjoint pairs' 2 x 2 block. */
+static inline __attribute__((always_inline)) void jacobi_pair_block(cgd_real *a, int B, int pi, int qi, int pj,
+                                                                    int qj, const cgd_real *ci, const cgd_real *si,
+                                                                    const cgd_real *cj, const cgd_real *sj) {
+    enum { L = CGD_JACOBI_LANES };
+#define CGD_AT(i, j) ((cgd_lanes *)(a + ((size_t)(i) * B + (j)) * L))
+    cgd_lanes *x00 = CGD_AT(pi, pj), *x01 = CGD_AT(pi, qj), *x10 = CGD_AT(qi, pj), *x11 = CGD_AT(qi, qj);
+#define CGD_MIRROR(i, j, value) (*CGD_AT(i, j) = *CGD_AT(j, i) = (value))
+    const cgd_lanes c1 = *(const cgd_lanes *)ci, s1 = *(const cgd_lanes *)si;
+    const cgd_lanes c2 = *(const cgd_lanes *)cj, s2 = *(const cgd_lanes *)sj;
+    const cgd_lanes y00 = c1 * *x00 - s1 * *x10, y01 = c1 * *x01 - s1 * *x11;
+    const cgd_lanes y10 = s1 * *x00 + c1 * *x10, y11 = s1 * *x01 + c1 * *x11;
+    CGD_MIRROR(pi, pj, c2 * y00 - s2 * y01);
+    CGD_MIRROR(pi, qj, s2 * y00 + c2 * y01);
+    CGD_MIRROR(qi, pj, c2 * y10 - s2 * y11);
+    CGD_MIRROR(qi, qj, s2 * y10 + c2 * y11);
+#undef CGD_MIRROR
+#undef CGD_AT
 }
 
 CGD_CPU_CLONES
-void cgd_eigh_jacobi_batch(const cgd_real *const *C, int B, int count, cgd_real *work, cgd_real *w, cgd_real *vecs,
-                           int *converged) {
-    enum { L = CGD_JACOBI_LANES };
+void cgd_eigh_jacobi_lanes(int B, cgd_real *a, cgd_real *v, int *converged) {
+    enum { L = CGD_JACOBI_LANES, HALF = CGD_JACOBI_MAX_BLOCK / 2 };
     const size_t nn = (size_t)B * (size_t)B;
-    cgd_real *a = work, *v = work + nn * L; /* element (i, j) of lane l at ((i B + j) L + l) */
     for (size_t e = 0; e < nn; ++e)
-        for (int l = 0; l < L; ++l) {
-            const int diagonal = e % (size_t)(B + 1) == 0;
-            /* idle and skipped lanes hold I: nothing to rotate */
-            a[e * L + l] = l < count && C[l] ? C[l][e] : (cgd_real)diagonal;
-            v[e * L + l] = (cgd_real)diagonal;
+        for (int l = 0; l < L; ++l) v[e * L + l] = (cgd_real)(e % (size_t)(B + 1) == 0);
+    /* The round-robin order of a sweep: n - 1 rounds of n / 2 disjoint pairs (n = B, or B + 1 for an odd B, whose
+       phantom index B leaves one index out of each round), each pair once a sweep. Disjoint rotations commute and
+       leave each other's (p, p), (q, q) and (p, q) entries alone, so a round's angles all come from the same
+       matrix: their divisions and square roots overlap instead of each waiting on the previous rotation, as in
+       the cyclic order, and the round's rotations reach A as 2 x 2 blocks. */
+    const int n = B + (B & 1), rounds = n - 1;
+    int pair_p[CGD_JACOBI_MAX_BLOCK][HALF], pair_q[CGD_JACOBI_MAX_BLOCK][HALF], pairs[CGD_JACOBI_MAX_BLOCK],
+        idle[CGD_JACOBI_MAX_BLOCK];
+    for (int r = 0; r < rounds; ++r) {
+        pairs[r] = 0;
+        idle[r] = -1;
+        for (int k = 0; k < n / 2; ++k) {
+            /* the circle method: n - 1 fixed, the others turning one place a round */
+            const int x = k == 0 ? n - 1 : (r + k) % (n - 1), y = (r - k + n - 1) % (n - 1);
+            if (x >= B || y >= B) {
+                idle[r] = x >= B ? y : x;
+                continue;
+            }
+            pair_p[r][pairs[r]] = x < y ? x : y;
+            pair_q[r][pairs[r]++] = x < y ? y : x;
         }
+    }
     /* Converged when the off-diagonal norm is within the rounding of the matrix's: (eps ||A||_F)^2. */
     const cgd_real tol = (cgd_real)(CGD_F64 ? 2.220446049250313e-16 : 1.1920928955078125e-07);
     /* Rotations keep the Frobenius norm: ||A||_F^2 once, the off-diagonal part's each sweep. */
@@ -148,68 +221,32 @@ void cgd_eigh_jacobi_batch(const cgd_real *const *C, int B, int count, cgd_real 
         inv_scale[l] = inv_scale[l] > 0 ? (r < largest ? r : largest) : 1;
     }
     jacobi_squares(a, B, 0, inv_scale, all);
+#define CGD_AT(m, i, j) ((m) + ((size_t)(i) * B + (j)) * L)
     for (int sweep = 0; sweep < CGD_JACOBI_SWEEPS; ++sweep) {
         jacobi_squares(a, B, 1, inv_scale, off);
         int pending = 0;
         for (int l = 0; l < L; ++l) pending |= off[l] > tol * tol * all[l];
         if (!pending) break;
-        for (int p = 0; p < B - 1; ++p)
-            for (int q = p + 1; q < B; ++q) {
-                cgd_real *app = a + ((size_t)p * B + p) * L, *aqq = a + ((size_t)q * B + q) * L;
-                cgd_real *apq = a + ((size_t)p * B + q) * L, *aqp = a + ((size_t)q * B + p) * L;
-                cgd_real c[L], s[L];
-                for (int l = 0; l < L; ++l) {
-                    /* The rotation that zeroes a_pq: t = tan(phi), the smaller root of t^2 + 2 theta t - 1 = 0
-                       (Rutishauser's stable form); a_pq = 0 (or negligible, theta = Inf) rotates by 0. */
-                    const cgd_real x = apq[l], theta = (aqq[l] - app[l]) / (2 * x);
-                    const cgd_real mag = theta < 0 ? -theta : theta;
-                    cgd_real t = (theta < 0 ? -1 : 1) / (mag + cgd_rsqrt(theta * theta + 1));
-                    t = x != 0 && mag == mag ? t : 0;
-                    c[l] = 1 / cgd_rsqrt(t * t + 1);
-                    s[l] = t * c[l];
-                    app[l] -= t * x;
-                    aqq[l] += t * x;
-                    apq[l] = aqp[l] = 0;
+        for (int r = 0; r < rounds; ++r) {
+            const int m = pairs[r], *P = pair_p[r], *Q = pair_q[r];
+            cgd_real c[HALF][L], s[HALF][L];
+            for (int i = 0; i < m; ++i)
+                jacobi_angle(CGD_AT(a, P[i], P[i]), CGD_AT(a, Q[i], Q[i]), CGD_AT(a, P[i], Q[i]),
+                             CGD_AT(a, Q[i], P[i]), inv_scale, c[i], s[i]);
+            for (int i = 0; i < m; ++i)
+                for (int j = i + 1; j < m; ++j) jacobi_pair_block(a, B, P[i], Q[i], P[j], Q[j], c[i], s[i], c[j], s[j]);
+            if (idle[r] >= 0) /* the index left out: only its pairs' rotations from the right, and the mirror */
+                for (int i = 0; i < m; ++i) {
+                    const int k = idle[r];
+                    jacobi_rotate(CGD_AT(a, k, P[i]), CGD_AT(a, k, Q[i]), c[i], s[i]);
+                    *(cgd_lanes *)CGD_AT(a, P[i], k) = *(const cgd_lanes *)CGD_AT(a, k, P[i]);
+                    *(cgd_lanes *)CGD_AT(a, Q[i], k) = *(const cgd_lanes *)CGD_AT(a, k, Q[i]);
                 }
-                for (int k = 0; k < B; ++k) {
-                    if (k == p || k == q) continue;
-                    cgd_real *akp = a + ((size_t)k * B + p) * L, *akq = a + ((size_t)k * B + q) * L;
-                    cgd_real *apk = a + ((size_t)p * B + k) * L, *aqk = a + ((size_t)q * B + k) * L;
-                    for (int l = 0; l < L; ++l) {
-                        const cgd_real x = akp[l], y = akq[l];
-                        akp[l] = apk[l] = c[l] * x - s[l] * y;
-                        akq[l] = aqk[l] = s[l] * x + c[l] * y;
-                    }
-                }
-                for (int k = 0; k < B; ++k) {
-                    cgd_real *vkp = v + ((size_t)k * B + p) * L, *vkq = v + ((size_t)k * B + q) * L;
-                    for (int l = 0; l < L; ++l) {
-                        const cgd_real x = vkp[l], y = vkq[l];
-                        vkp[l] = c[l] * x - s[l] * y;
-                        vkq[l] = s[l] * x + c[l] * y;
-                    }
-                }
-            }
+            for (int k = 0; k < B; ++k)
+                for (int i = 0; i < m; ++i) jacobi_rotate(CGD_AT(v, k, P[i]), CGD_AT(v, k, Q[i]), c[i], s[i]);
+        }
     }
+#undef CGD_AT
     jacobi_squares(a, B, 1, inv_scale, off);
-    for (int l = 0; l < count; ++l) {
-        converged[l] = C[l] && off[l] <= tol * tol * all[l];
-        if (!C[l]) continue;
-        /* Ascending order, as LAPACK returns them: an insertion sort of the B indices by eigenvalue. */
-        int order[CGD_JACOBI_MAX_BLOCK];
-        for (int k = 0; k < B; ++k) {
-            int at = k;
-            const cgd_real lambda = a[((size_t)k * B + k) * L + l];
-            while (at > 0 && a[((size_t)order[at - 1] * B + order[at - 1]) * L + l] > lambda) {
-                order[at] = order[at - 1];
-                --at;
-            }
-            order[at] = k;
-        }
-        for (int k = 0; k < B; ++k) {
-            const int src = order[k];
-            w[(size_t)l * B + k] = a[((size_t)src * B + src) * L + l];
-            for (int i = 0; i < B; ++i) vecs[(size_t)l * nn + (size_t)k * B + i] = v[((size_t)i * B + src) * L + l];
-        }
-    }
+    for (int l = 0; l < L; ++l) converged[l] = off[l] <= tol * tol * all[l];
 }

@@ -2,7 +2,7 @@
  * The CPU symmetric eigensolvers shared by block and Kronecker-factored CGD, and the Lanczos solver of the
  * full/block direction, in the build's real type (real.h):
  * LAPACK ssyevd, then dsyevd when float32 fails or returns a non-finite value (the first two rungs of the failure
- * ladder in cgd.h; dsyevd alone for float64 state), and for small blocks a batched cyclic Jacobi solver that
+ * ladder in cgd.h; dsyevd alone for float64 state), and for small blocks a batched Jacobi solver that
  * decomposes a register's worth of them at once, whose unconverged matrices go to LAPACK. Internal.
  */
 #ifndef CGD_EIGH_CPU_H
@@ -39,21 +39,27 @@ void cgd_eigh_scratch_free(cgd_eigh_scratch *s);
 int cgd_eigh_solve(const cgd_real *C, int n, cgd_eigh_scratch *s);
 
 /* Blocks of at most this side are decomposed by the batched Jacobi solver below, CGD_JACOBI_LANES at a time (one
-   SIMD register of the real type across that many matrices); larger ones by LAPACK. */
+   64-byte register of the real type across that many matrices); larger ones by LAPACK. */
 #define CGD_JACOBI_MAX_BLOCK 32
-#define CGD_JACOBI_LANES ((int)(64 / sizeof(cgd_real)))
-#define cgd_eigh_jacobi_batch CGD_NAME(cgd_eigh_jacobi_batch)
+#define CGD_JACOBI_BYTES 64
+#define CGD_JACOBI_LANES ((int)(CGD_JACOBI_BYTES / sizeof(cgd_real)))
+#define cgd_eigh_jacobi_lanes CGD_NAME(cgd_eigh_jacobi_lanes)
+
+/* One such register as a GNU vector, for code that works on all lanes at once: whole-register operations at every
+   clone's width (lowered to 2 or 4 narrower registers where 64 bytes is too wide) whatever the compiler makes of
+   the loops around them. Aligned as the real type (lane arrays need not be 64-byte aligned) and free to alias it. */
+typedef cgd_real cgd_lanes __attribute__((vector_size(CGD_JACOBI_BYTES), aligned(sizeof(cgd_real)), may_alias));
 
 /*
- * Cyclic Jacobi eigendecompositions of `count` <= CGD_JACOBI_LANES symmetric B x B matrices (C[l], row-major,
- * B <= CGD_JACOBI_MAX_BLOCK) at once, lane l of every vector operation working on matrix l. work holds
- * 2 B^2 CGD_JACOBI_LANES reals. Writes per matrix its eigenvalues ascending (w + l B) and eigenvectors (vecs + l B^2,
- * eigenvector k contiguous at k B, LAPACK's column-major layout), and converged[l]: 1 when the off-diagonal part
- * fell to the real type's rounding of the matrix's norm within the sweep limit, else 0 (the caller then takes
- * LAPACK's rung). Every given matrix must be finite; a NULL C[l] is skipped (its outputs are not written).
+ * Jacobi eigendecompositions of CGD_JACOBI_LANES symmetric B x B matrices (B <= CGD_JACOBI_MAX_BLOCK) at once,
+ * lane-interleaved: entry (i, j) of matrix l at a[(i B + j) CGD_JACOBI_LANES + l], lane l of every vector
+ * operation working on matrix l. Every lane must be finite (fill an unused one with I). On return the diagonal of
+ * a holds each matrix's eigenvalues (in no particular order) and v, in the same layout, its eigenvectors as
+ * columns: (v[(i B + k) L + l])_i belongs to eigenvalue a[(k B + k) L + l]. converged[l]: 1 when the off-diagonal
+ * part fell to the real type's rounding of the matrix's norm within the sweep limit, else 0 (the caller then
+ * takes LAPACK's rung).
  */
-void cgd_eigh_jacobi_batch(const cgd_real *const *C, int B, int count, cgd_real *work, cgd_real *w, cgd_real *vecs,
-                           int *converged);
+void cgd_eigh_jacobi_lanes(int B, cgd_real *a, cgd_real *v, int *converged);
 
 /* The Lanczos solver of the full/block metric's direction (lanczos_cpu.c): at most this many iterations (basis
    vectors of n doubles each) before the caller falls back to the eigendecomposition. */
