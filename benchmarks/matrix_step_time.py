@@ -39,6 +39,8 @@ def char_gpt_shapes(width: int = 128, layers: int = 4, vocab: int = 65, context:
 def configurations(gpu: bool) -> list[tuple[str, dict]]:
     rows = [("AdamW fused" if gpu else "AdamW foreach", {})]
     rows += [(f"block B={b}", dict(metric="block", block_size=b)) for b in (8, 16, 32, 64)]
+    # the eigendecompositions amortised as the kron rows' are (Shampoo's practice; the paper refreshes every step)
+    rows += [(f"block B={b} refresh=10", dict(metric="block", block_size=b, refresh_every=10)) for b in (8, 32)]
     if not gpu:  # the CPU's two solvers side by side (solver="auto" picks one per block size)
         rows += [(f"block B={b} {solver}", dict(metric="block", block_size=b, solver=solver))
                  for b in (8, 16, 32, 64) for solver in ("eigh", "lanczos")]

@@ -300,6 +300,27 @@ static inline int covariance(const cgd_block_hparams *h, int64_t B, const cgd_re
     return finite;
 }
 
+/* u = P F of one block, each entry's B terms summed in double in column order. The rows' sums advance together
+   (the column loop outside), so they are independent chains rather than one long chain of dependent additions;
+   each sum still adds its terms in the same order. acc holds B doubles. */
+static inline void block_direction(const cgd_real *P, const cgd_real *F, int64_t B, cgd_real *u) {
+    double acc[CGD_JACOBI_MAX_BLOCK];
+    if (B > CGD_JACOBI_MAX_BLOCK) { /* a large block's row sums are long enough to run side by side anyway */
+        for (int64_t i = 0; i < B; ++i) {
+            double sum = 0.0;
+            for (int64_t j = 0; j < B; ++j) sum += (double)P[i * B + j] * F[j];
+            u[i] = (cgd_real)sum;
+        }
+        return;
+    }
+    for (int64_t i = 0; i < B; ++i) acc[i] = 0.0;
+    for (int64_t j = 0; j < B; ++j) {
+        const double f = F[j];
+        for (int64_t i = 0; i < B; ++i) acc[i] += (double)P[i * B + j] * f;
+    }
+    for (int64_t i = 0; i < B; ++i) u[i] = (cgd_real)acc[i];
+}
+
 /* The moments' update and the direction u of every block through the eigendecomposition of C on refresh steps
    and the cached P (CGD_SOLVER_EIGH). On a refresh, blocks up to CGD_JACOBI_MAX_BLOCK go CGD_JACOBI_LANES at a
    time through the batched Jacobi solver, their C built, decomposed, inverted and assembled into P lane-
@@ -311,7 +332,8 @@ static int eigh_blocks(const cgd_block_hparams *h, const cgd_block_state *st, co
     int failed = 0;
     enum { L = CGD_JACOBI_LANES };
     const int jacobi = h->refresh && B <= CGD_JACOBI_MAX_BLOCK;
-    const int64_t group = jacobi ? L : 1, groups = (nb + group - 1) / group;
+    /* small blocks go in groups of L on every step, so the loop's scheduling is paid per group, not per block */
+    const int64_t group = B <= CGD_JACOBI_MAX_BLOCK ? L : 1, groups = (nb + group - 1) / group;
 #pragma omp parallel
     {
         cgd_eigh_scratch s;
@@ -349,14 +371,15 @@ static int eigh_blocks(const cgd_block_hparams *h, const cgd_block_state *st, co
                 const int64_t first = gi * group;
                 const int count = (int)(nb - first < group ? nb - first : group);
                 int finite[L], converged[L];
-                cgd_real *a = ja, *v = ja + nn * L, *w = v + nn * L, *sorted = w + nn * L, *d = sorted + (size_t)B * L;
                 for (int l = 0; l < count; ++l) {
                     const int64_t b = first + l;
                     cgd_real *m2 = (cgd_real *)st->exp_avg_sq + b * B * B, *Fb = F + (int64_t)l * B;
                     advance_moments(h, B, g + b * B, (cgd_real *)st->exp_avg + b * B, m2, inv_bc1, Fb);
-                    if (jacobi) finite[l] = covariance(h, B, m2, Fb, inv_bc2, a + l, L);
+                    if (jacobi) finite[l] = covariance(h, B, m2, Fb, inv_bc2, ja + l, L);
                 }
                 if (jacobi) {
+                    cgd_real *a = ja, *v = a + nn * L, *w = v + nn * L, *sorted = w + nn * L;
+                    cgd_real *d = sorted + (size_t)B * L;
                     /* idle lanes, and a C that is not finite (the moments themselves overflowed: it takes the
                        ladder's later rungs), hold I, with nothing to rotate */
                     for (int l = 0; l < L; ++l)
@@ -394,11 +417,7 @@ static int eigh_blocks(const cgd_block_hparams *h, const cgd_block_state *st, co
                 for (int l = 0; l < count; ++l) {
                     const int64_t b = first + l;
                     const cgd_real *P = (cgd_real *)st->precond + b * B * B, *Fb = F + (int64_t)l * B;
-                    for (int64_t i = 0; i < B; ++i) {
-                        double sum = 0.0;
-                        for (int64_t j = 0; j < B; ++j) sum += (double)P[i * B + j] * Fb[j];
-                        u[b * B + i] = (cgd_real)sum;
-                    }
+                    block_direction(P, Fb, B, u + b * B);
                 }
             }
         }
@@ -435,8 +454,10 @@ int CGD_NAME(cgd_cpu_block_step)(const cgd_block_hparams *hp, cgd_dtype dtype, c
         free(u);
         return 1;
     }
+    /* elementwise, so spread over the threads for a large tensor without changing a bit */
     for (int64_t i = 0; i < count; ++i) {
         const cgd_block_tensor *tn = &tensors[i];
+#pragma omp parallel for schedule(static) if (tn->numel >= CGD_CPU_PARALLEL_MIN)
         for (int64_t j = 0; j < tn->numel; ++j) {
             cgd_real v = cgd_load_real(dtype, tn->grad, j) / scale;
             g[tn->offset + j] = h->maximize ? -v : v;
@@ -450,6 +471,7 @@ int CGD_NAME(cgd_cpu_block_step)(const cgd_block_hparams *hp, cgd_dtype dtype, c
         const cgd_real lr = (cgd_real)h->lr, decay = (cgd_real)(1.0 - h->lr * h->weight_decay);
         for (int64_t i = 0; i < count; ++i) {
             const cgd_block_tensor *tn = &tensors[i];
+#pragma omp parallel for schedule(static) if (tn->numel >= CGD_CPU_PARALLEL_MIN)
             for (int64_t j = 0; j < tn->numel; ++j) {
                 cgd_real p = cgd_load_real(dtype, tn->param, j);
                 cgd_store_real(dtype, tn->param, j, p * decay - lr * u[tn->offset + j]);
