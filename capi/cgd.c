@@ -460,9 +460,9 @@ cgd_status cgd_eigenbasis_step(const cgd_block_hparams *hparams, cgd_dtype dtype
     return ok();
 }
 
-cgd_status cgd_muon_step(const cgd_muon_hparams *h, cgd_dtype dtype, const cgd_muon_tensor *tensors,
-                         int64_t count, const float *grad_scale, const float *skip, cgd_device device) {
-    static const char fn[] = "cgd_muon_step";
+/* The hyperparameters and matrices of a Muon step; the workspace query reads the sizes only (check_pointers = 0). */
+static cgd_status check_muon(const char *fn, const cgd_muon_hparams *h, cgd_dtype dtype,
+                             const cgd_muon_tensor *tensors, int64_t count, cgd_device device, int check_pointers) {
     cgd_status st;
     if (!h) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams is NULL", fn);
     if ((st = check_range(fn, "lr", h->lr, 0.0, INFINITY, 1))) return st;
@@ -484,8 +484,6 @@ cgd_status cgd_muon_step(const cgd_muon_hparams *h, cgd_dtype dtype, const cgd_m
         return fail(CGD_ERR_INVALID_ARGUMENT, "%s: hparams.power = %g needs solver = CGD_MUON_EIGH (Newton-Schulz "
                     "iterates to the power 1/2 only)", fn, h->power);
     if ((st = check_common(fn, dtype, device, count))) return st;
-    if (device != CGD_CPU)
-        return fail(CGD_ERR_UNSUPPORTED, "%s: runs on the CPU only for now (no CUDA kernel yet)", fn);
     if (count > 0 && !tensors)
         return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors is NULL but count = %lld", fn, (long long)count);
     for (int64_t i = 0; i < count; ++i) {
@@ -493,13 +491,51 @@ cgd_status cgd_muon_step(const cgd_muon_hparams *h, cgd_dtype dtype, const cgd_m
         if (t->rows < 1 || t->cols < 1 || t->rows > CGD_MAX_MATRIX || t->cols > CGD_MAX_MATRIX)
             return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors[%lld] is %lld x %lld; each side must be in [1, %d]", fn,
                         (long long)i, (long long)t->rows, (long long)t->cols, CGD_MAX_MATRIX);
-        if (!t->param || !t->grad || !t->momentum || (h->solver == CGD_MUON_EIGH && !t->failures))
+        if (check_pointers && (!t->param || !t->grad || !t->momentum || (h->solver == CGD_MUON_EIGH && !t->failures)))
             return fail(CGD_ERR_INVALID_ARGUMENT, "%s: tensors[%lld].%s is NULL", fn, (long long)i,
                         !t->param ? "param" : !t->grad ? "grad" : !t->momentum ? "momentum" : "failures");
     }
-    if (CGD_BY_REAL(dtype, cgd_cpu_muon_step)(h, dtype, tensors, count, grad_scale, skip))
-        return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the scratch space; nothing changed", fn);
+    return CGD_OK;
+}
+
+static cgd_status muon_workspace(const char *fn, const cgd_muon_hparams *h, cgd_dtype dtype,
+                                 const cgd_muon_tensor *tensors, int64_t count, cgd_device device, void *stream,
+                                 size_t *bytes) {
+    *bytes = 0;
+    if (device == CGD_CPU) return CGD_OK;
+    char why[256];
+    int e = CGD_BY_REAL(dtype, cgd_cuda_muon_workspace)(h, tensors, count, stream, bytes, why, sizeof why);
+    return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : CGD_OK;
+}
+
+cgd_status cgd_muon_workspace_size(const cgd_muon_hparams *h, cgd_dtype dtype, const cgd_muon_tensor *tensors,
+                                   int64_t count, cgd_device device, void *stream, size_t *bytes) {
+    static const char fn[] = "cgd_muon_workspace_size";
+    cgd_status st;
+    if (!bytes) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: bytes is NULL", fn);
+    if ((st = check_muon(fn, h, dtype, tensors, count, device, 0))) return st;
+    if ((st = muon_workspace(fn, h, dtype, tensors, count, device, stream, bytes))) return st;
     return ok();
+}
+
+cgd_status cgd_muon_step(const cgd_muon_hparams *h, cgd_dtype dtype, const cgd_muon_tensor *tensors,
+                         int64_t count, const float *grad_scale, const float *skip, void *workspace,
+                         size_t workspace_bytes, cgd_device device, void *stream) {
+    static const char fn[] = "cgd_muon_step";
+    cgd_status st;
+    size_t needed = 0;
+    if ((st = check_muon(fn, h, dtype, tensors, count, device, 1))) return st;
+    if ((st = muon_workspace(fn, h, dtype, tensors, count, device, stream, &needed))) return st;
+    if ((st = check_workspace(fn, workspace, workspace_bytes, needed))) return st;
+    if (device == CGD_CPU) {
+        if (CGD_BY_REAL(dtype, cgd_cpu_muon_step)(h, dtype, tensors, count, grad_scale, skip))
+            return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the scratch space; nothing changed", fn);
+        return ok();
+    }
+    char why[256];
+    int e = CGD_BY_REAL(dtype, cgd_cuda_muon_step)(h, dtype, tensors, count, grad_scale, skip, workspace, stream, why,
+                                                   sizeof why);
+    return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : ok();
 }
 
 static cgd_status check_induced(const char *fn, const cgd_induced_hparams *h, cgd_dtype dtype,

@@ -398,7 +398,10 @@ cgd_status cgd_eigenbasis_step(const cgd_block_hparams *hparams, cgd_dtype dtype
  * power a: X <- (eps I + X X^T)^-a X through the eigendecomposition of the smaller Gram matrix X X^T = W diag(l)
  * W^T (a = 1/2: Muon's exact orthogonalisation, which Newton-Schulz approximates); a failed eigendecomposition
  * (float32, then float64) leaves X as it is, the identity metric, counted in the tensor's counter.
- * The products are BLAS gemm calls, one tensor per OpenMP thread. CPU only for now.
+ * On the CPU the products are BLAS gemm calls, one tensor per OpenMP thread; on CUDA cuBLAS GEMMs (bfloat16 in
+ * and out with float32 accumulation under ns_bf16, as torch.optim.Muon runs them on a GPU) and cuSOLVER syevd,
+ * one matrix after another on the stream, with no host synchronisation (CUDA's metric route has no float64
+ * retry: a failed float32 solve keeps X, counted).
  * --------------------------------------------------------------------------------------------------------- */
 
 typedef enum cgd_muon_scale {
@@ -433,9 +436,16 @@ typedef struct cgd_muon_tensor {
     float *failures;     /* one float, cumulative: failed eigendecompositions (CGD_MUON_EIGH; else may be NULL) */
 } cgd_muon_tensor;
 
-/* One Muon step over `count` matrices. grad_scale and skip as in cgd_diag_step. */
+/* Bytes of workspace a cgd_muon_step of these matrices needs on `device` (0 on the CPU; on CUDA the largest
+   matrix's need, as cgd_kron_workspace_size). */
+cgd_status cgd_muon_workspace_size(const cgd_muon_hparams *hparams, cgd_dtype dtype, const cgd_muon_tensor *tensors,
+                                   int64_t count, cgd_device device, void *stream, size_t *bytes);
+
+/* One Muon step over `count` matrices. grad_scale and skip as in cgd_diag_step; workspace (device memory of
+   workspace_bytes >= the size queried; NULL on the CPU) and stream as for cgd_kron_step. */
 cgd_status cgd_muon_step(const cgd_muon_hparams *hparams, cgd_dtype dtype, const cgd_muon_tensor *tensors,
-                         int64_t count, const float *grad_scale, const float *skip, cgd_device device);
+                         int64_t count, const float *grad_scale, const float *skip, void *workspace,
+                         size_t workspace_bytes, cgd_device device, void *stream);
 
 /* ---------------------------------------------------------------------------------------------------------
  * Induced (pull-back) metric (the induced-metric paper, Algorithms 1 and 2 and its RMS variant): the metric of the loss surface

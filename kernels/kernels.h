@@ -100,6 +100,11 @@ CGD_KERNELS_HD int cgd_diag_needs_m2(const cgd_diag_hparams *h) { return h->powe
                                const float *skip);                                                                    \
     int cgd_cpu_muon_step##S(const cgd_muon_hparams *h, cgd_dtype dtype, const cgd_muon_tensor *tensors,              \
                              int64_t count, const float *grad_scale, const float *skip);                               \
+    int cgd_cuda_muon_workspace##S(const cgd_muon_hparams *h, const cgd_muon_tensor *tensors, int64_t count,          \
+                                   void *stream, size_t *bytes, char *why, int why_size);                              \
+    int cgd_cuda_muon_step##S(const cgd_muon_hparams *h, cgd_dtype dtype, const cgd_muon_tensor *tensors,             \
+                              int64_t count, const float *grad_scale, const float *skip, void *workspace,              \
+                              void *stream, char *why, int why_size);                                                  \
     int cgd_cpu_induced_norm##S(const cgd_induced_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors,         \
                                 int64_t count, double *sum, const float *grad_scale, const float *skip);               \
     void cgd_cpu_induced_step##S(const cgd_induced_hparams *h, cgd_dtype dtype, const cgd_diag_tensor *tensors,        \

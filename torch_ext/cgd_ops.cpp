@@ -630,8 +630,13 @@ void muon_step(TensorList params, TensorList grads, TensorList momentum_buffers,
     h.power = power;
     Target target;
     target_for(device, target);
+    size_t bytes = 0;
+    check_status(cgd_muon_workspace_size(&h, dtype, tensors.data(), static_cast<int64_t>(n), target.device,
+                                         target.stream, &bytes));
+    const Workspace workspace = workspace_for(device, bytes);
     check_status(cgd_muon_step(&h, dtype, tensors.data(), static_cast<int64_t>(n), grad_scale_ptr(grad_scale, device),
-                               optional_scalar(found_inf, device, "found_inf"), target.device));
+                               optional_scalar(found_inf, device, "found_inf"), workspace.data, workspace.bytes,
+                               target.device, target.stream));
 }
 
 // Induced-metric ops: the per-list tensors of cgd_induced_norm / cgd_induced_step (param and exp_avg only for the

@@ -2,7 +2,8 @@
 
 Muon's update ``(F F^T)^(-1/2) F`` is CGD with the force F (the momentum EMA) and the metric ``(F F^T)^(1/2)``
 built from the force's own outer product: F's orthogonalisation, approximated by Newton-Schulz iterations. This
-module owns the PyTorch contract (groups, state, the non-finite policy); the maths is in ``kernels/muon_cpu.c``.
+module owns the PyTorch contract (groups, state, the non-finite policy); the maths is in ``kernels/muon_cpu.c``
+and ``kernels/muon_cuda.cu``.
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ class Muon(BaseOptimizer):
     The momentum buffer (``momentum_buffer``, torch's name and shape) is float32 for bf16/fp16 parameters and
     float64 for float64 ones. Under DDP nothing is special; under FSDP2 every rank gathers each matrix's gradient,
     computes the same update and keeps the whole momentum buffer (the orthogonalisation couples a whole matrix),
-    then steps its own shard. CPU only for now.
+    then steps its own shard. On CUDA the iteration runs as cuBLAS GEMMs (bfloat16 with float32 accumulation
+    by default, as torch.optim.Muon's), matrix after matrix, with no host synchronisation; solver="eigh" there
+    has no float64 retry (a failed float32 eigendecomposition keeps X, counted).
     """
 
     _step_supports_amp_scaling = True
@@ -91,9 +94,6 @@ class Muon(BaseOptimizer):
                 raise ValueError(f"cgd: parameter {self._label(gi, j)} has shape {tuple(p.shape)}; Muon steps "
                                  "matrices (2-D weights, conv kernels): give 1-D parameters (biases, norms) to "
                                  "AdamW or cgd.AdamW in another optimizer")
-            if p.device.type != "cpu":
-                raise ValueError(f"cgd: parameter {self._label(gi, j)} is on {p.device}; cgd.Muon runs on the CPU "
-                                 "only for now (use torch.optim.Muon on a GPU)")
 
     @staticmethod
     def _validate(group: dict[str, Any]) -> None:

@@ -1,5 +1,5 @@
-// The C API's Muon step (cgd_muon_step) against a float64 Newton-Schulz reference on a tall and a wide matrix,
-// its skip flag, and its argument errors.
+// The C API's Muon step (cgd_muon_step) against a float64 Newton-Schulz reference on a tall and a wide matrix, on
+// the CPU and on CUDA, its skip flag, and its argument errors.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cgd.h"
+#include "test_support.h"
 
 namespace {
 
@@ -56,7 +57,11 @@ cgd_muon_hparams defaults() {
     return h;
 }
 
-TEST(MuonStep, Float64MatchesTheReferenceOnTallAndWideMatrices) {
+class MuonStep : public ::testing::TestWithParam<cgd_device> {};
+
+TEST_P(MuonStep, Float64MatchesTheReferenceOnTallAndWideMatrices) {
+    const cgd_device device = GetParam();
+    CGD_SKIP_UNLESS_RUNNABLE(device);
     for (int scale = 0; scale < 2; ++scale)
         for (auto [rows, cols] : {std::pair{5, 9}, std::pair{9, 5}}) {
             SCOPED_TRACE(std::to_string(rows) + " x " + std::to_string(cols) + (scale ? ", match_rms_adamw" : ""));
@@ -69,8 +74,18 @@ TEST(MuonStep, Float64MatchesTheReferenceOnTallAndWideMatrices) {
             for (double &v : p) v = normal(rng);
             for (double &v : g) v = normal(rng);
             const std::vector<double> p0 = p;
-            cgd_muon_tensor t{p.data(), g.data(), buf.data(), rows, cols};
-            ASSERT_EQ(cgd_muon_step(&h, CGD_FLOAT64, &t, 1, nullptr, nullptr, CGD_CPU), CGD_OK) << cgd_last_error();
+            {
+                Mirror m{device};
+                cgd_muon_tensor t{m.put(p.data(), bytes(p)), m.put(g.data(), bytes(g)), m.put(buf.data(), bytes(buf)),
+                                  rows, cols};
+                size_t need = 0;
+                ASSERT_EQ(cgd_muon_workspace_size(&h, CGD_FLOAT64, &t, 1, device, nullptr, &need), CGD_OK)
+                    << cgd_last_error();
+                Workspace ws(device, need);
+                ASSERT_EQ(cgd_muon_step(&h, CGD_FLOAT64, &t, 1, nullptr, nullptr, ws.data, ws.bytes, device, nullptr),
+                          CGD_OK)
+                    << cgd_last_error();
+            }
             // B = (1 - mu) g; F = g + mu (B - g); NS on the wide orientation.
             const bool tall = rows > cols;
             const int m = tall ? cols : rows, w = tall ? rows : cols;
@@ -93,34 +108,40 @@ TEST(MuonStep, Float64MatchesTheReferenceOnTallAndWideMatrices) {
         }
 }
 
-TEST(MuonStep, NonzeroSkipChangesNothingAndBadArgumentsAreNamed) {
+INSTANTIATE_TEST_SUITE_P(Devices, MuonStep, ::testing::Values(CGD_CPU, CGD_CUDA),
+                         [](const ::testing::TestParamInfo<cgd_device> &info) {
+                             return std::string(info.param == CGD_CPU ? "CPU" : "CUDA");
+                         });
+
+TEST(MuonArguments, NonzeroSkipChangesNothingAndBadArgumentsAreNamed) {
     cgd_muon_hparams h = defaults();
     std::vector<float> p(12, 1.0f), g(12, 0.5f), buf(12, 0.0f);
     cgd_muon_tensor t{p.data(), g.data(), buf.data(), 3, 4};
     const float skip = 1.0f;
-    ASSERT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, &skip, CGD_CPU), CGD_OK);
+    ASSERT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, &skip, nullptr, 0, CGD_CPU, nullptr), CGD_OK);
     EXPECT_EQ(p, std::vector<float>(12, 1.0f));
     EXPECT_EQ(buf, std::vector<float>(12, 0.0f));
     h.ns_steps = 100;
-    EXPECT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, CGD_CPU), CGD_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, nullptr, 0, CGD_CPU, nullptr), CGD_ERR_INVALID_ARGUMENT);
     EXPECT_NE(std::string(cgd_last_error()).find("ns_steps = 100"), std::string::npos) << cgd_last_error();
     h = defaults();
     h.scale = 7;
-    EXPECT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, CGD_CPU), CGD_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, nullptr, 0, CGD_CPU, nullptr), CGD_ERR_INVALID_ARGUMENT);
     h = defaults();
     h.power = 0.4;
-    EXPECT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, CGD_CPU), CGD_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, nullptr, 0, CGD_CPU, nullptr), CGD_ERR_INVALID_ARGUMENT);
     EXPECT_NE(std::string(cgd_last_error()).find("needs solver = CGD_MUON_EIGH"), std::string::npos)
         << cgd_last_error();
     h.solver = CGD_MUON_EIGH;
-    EXPECT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, CGD_CPU), CGD_ERR_INVALID_ARGUMENT)
+    EXPECT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, nullptr, 0, CGD_CPU, nullptr), CGD_ERR_INVALID_ARGUMENT)
         << "the eigen route needs a failure counter";
     h = defaults();
     t.rows = 0;
-    EXPECT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, CGD_CPU), CGD_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, nullptr, 0, CGD_CPU, nullptr), CGD_ERR_INVALID_ARGUMENT);
     EXPECT_NE(std::string(cgd_last_error()).find("tensors[0] is 0 x 4"), std::string::npos) << cgd_last_error();
     t.rows = 3;
-    EXPECT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, CGD_CUDA), CGD_ERR_UNSUPPORTED);
+    EXPECT_NE(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, nullptr, 0, CGD_CUDA, nullptr), CGD_OK)
+        << "host pointers and no workspace on CUDA";
     EXPECT_EQ(p, std::vector<float>(12, 1.0f)) << "a refused call changes nothing";
 }
 

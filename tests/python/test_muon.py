@@ -1,5 +1,5 @@
-"""cgd.Muon against torch.optim.Muon (torch 2.11) and a float64 Newton-Schulz reference; conv kernels, errors,
-checkpoints and the non-finite policy."""
+"""cgd.Muon against torch.optim.Muon (torch 2.11) and a float64 Newton-Schulz reference, on every device; conv
+kernels, errors, checkpoints and the non-finite policy."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ SETTINGS = [dict(), dict(adjust_lr_fn="match_rms_adamw"), dict(nesterov=False), 
 IDS = ["defaults", "match_rms_adamw", "no nesterov", "no decay", "momentum 0.9 decay 0.3"]
 
 
-def quadratic_run(make, steps, **kw):
+def quadratic_run(make, steps, device="cpu", **kw):
     """Two matrices (one wide, one tall) pulled towards fixed targets: a problem on which trajectories do not
     diverge from each other, so 200 steps compare."""
     torch.manual_seed(0)
-    ws = [torch.nn.Parameter(torch.randn(16, 32) * 0.1), torch.nn.Parameter(torch.randn(40, 12) * 0.1)]
-    targets = [torch.randn(16, 32), torch.randn(40, 12)]
+    ws = [torch.nn.Parameter((torch.randn(16, 32) * 0.1).to(device)),
+          torch.nn.Parameter((torch.randn(40, 12) * 0.1).to(device))]
+    targets = [torch.randn(16, 32).to(device), torch.randn(40, 12).to(device)]
     opt = make(ws, **kw)
     for _ in range(steps):
         loss = sum(((w - t) ** 2).sum() * (1 + i) for i, (w, t) in enumerate(zip(ws, targets)))
@@ -31,22 +32,22 @@ def quadratic_run(make, steps, **kw):
 
 
 @pytest.mark.parametrize("kw", SETTINGS, ids=IDS)
-def test_first_steps_equal_torch_muon_to_bfloat16_rounding(kw):
+def test_first_steps_equal_torch_muon_to_bfloat16_rounding(kw, device):
     """In bfloat16 (torch's precision) the iteration rounds as torch's does: three steps agree to a few units of
     bfloat16 (2^-8 = 0.4%) of the displacement. Not closer: the products sum in another order than torch's, so
     now and then a rounding to bfloat16 falls the other way, and the iteration carries it to every entry. The
     algorithm itself is pinned by the float32 path against the float64 reference below."""
-    start, _ = quadratic_run(lambda ws, **k: torch.optim.Muon(ws, lr=0.01, **k), 0, **kw)
-    ref, _ = quadratic_run(lambda ws, **k: torch.optim.Muon(ws, lr=0.01, **k), 3, **kw)
-    got, _ = quadratic_run(lambda ws, **k: cgd.Muon(ws, lr=0.01, **k), 3, **kw)
+    start, _ = quadratic_run(lambda ws, **k: torch.optim.Muon(ws, lr=0.01, **k), 0, device, **kw)
+    ref, _ = quadratic_run(lambda ws, **k: torch.optim.Muon(ws, lr=0.01, **k), 3, device, **kw)
+    got, _ = quadratic_run(lambda ws, **k: cgd.Muon(ws, lr=0.01, **k), 3, device, **kw)
     for a, b, s in zip(ref, got, start):
         assert ((a - b).abs().max() / (a - s).abs().max()).item() < 2e-2
 
 
 @pytest.mark.parametrize("kw", SETTINGS, ids=IDS)
-def test_200_steps_stay_within_a_fraction_of_one_step_of_torch_muon(kw):
-    ref, _ = quadratic_run(lambda ws, **k: torch.optim.Muon(ws, lr=0.01, **k), 200, **kw)
-    got, opt = quadratic_run(lambda ws, **k: cgd.Muon(ws, lr=0.01, **k), 200, **kw)
+def test_200_steps_stay_within_a_fraction_of_one_step_of_torch_muon(kw, device):
+    ref, _ = quadratic_run(lambda ws, **k: torch.optim.Muon(ws, lr=0.01, **k), 200, device, **kw)
+    got, opt = quadratic_run(lambda ws, **k: cgd.Muon(ws, lr=0.01, **k), 200, device, **kw)
     for a, b in zip(ref, got):
         assert (a - b).abs().max().item() < 0.5 * 0.01  # lr = 0.01 bounds one step's move of an entry (s = 1)
     assert opt.state[next(iter(opt.state))]["momentum_buffer"].shape == (16, 32)
@@ -67,13 +68,13 @@ def newton_schulz64(f: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch
 
 
 @pytest.mark.parametrize("shape", [(12, 30), (30, 12), (7, 7)])
-def test_float32_iteration_matches_float64_reference(shape):
+def test_float32_iteration_matches_float64_reference(shape, device):
     """ns_precision="float32": one step from a zero momentum buffer, B = (1 - mu) g and the Nesterov force
     F = g + mu (B - g), is p (1 - lr wd) - lr s NS(F) as the float64 reference computes it."""
     torch.manual_seed(1)
-    w = torch.nn.Parameter(torch.randn(shape))
+    w = torch.nn.Parameter(torch.randn(shape).to(device))
     start = w.detach().double().clone()
-    g = torch.randn(shape)
+    g = torch.randn(shape).to(device)
     opt = cgd.Muon([w], lr=0.05, weight_decay=0.1, ns_precision="float32")
     w.grad = g.clone()
     opt.step()
@@ -87,13 +88,13 @@ def test_float32_iteration_matches_float64_reference(shape):
 
 @pytest.mark.parametrize("power", [0.5, 0.25, 1.0, 0.0])
 @pytest.mark.parametrize("shape", [(12, 30), (30, 12)])
-def test_eigh_solver_gives_cgds_metric_of_the_force_at_any_power(shape, power):
+def test_eigh_solver_gives_cgds_metric_of_the_force_at_any_power(shape, power, device):
     """solver="eigh": p - lr s (eps I + X X^T)^-a X for the normalised force X, against float64 eigh (the wide
     orientation's Gram matrix, as the kernel takes it); a = 1/2 is the exact orthogonalisation U V^T."""
     torch.manual_seed(4)
-    w = torch.nn.Parameter(torch.randn(shape))
+    w = torch.nn.Parameter(torch.randn(shape).to(device))
     start = w.detach().double().clone()
-    g = torch.randn(shape)
+    g = torch.randn(shape).to(device)
     opt = cgd.Muon([w], lr=0.05, weight_decay=0.0, solver="eigh", power=power)
     w.grad = g.clone()
     opt.step()
