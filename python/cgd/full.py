@@ -27,8 +27,8 @@ OUTCOMES = {-1: "never", 0: "solved", 1: "float64 retry", 2: "kept previous", 3:
 SOLVERS = ("auto", "eigh", "lanczos", "window")
 _MAX_WINDOW = 1024  # capi/cgd.c: its (window + 1)-sided problems are solved in double every step
 # Where Lanczos overtakes the batched Jacobi eigensolver on the CPU (benchmarks/matrix_step_time.py, 0.8M
-# parameters: B = 8 Jacobi 68 ms, Lanczos 264 ms; B = 16 within run-to-run noise, 162-266 ms against 168-185 ms;
-# B = 32 Jacobi 1,468 ms, Lanczos 111 ms).
+# parameters, 2026-12-02: B = 8 Jacobi 59 ms, Lanczos 311 ms; B = 16 141 ms against 168 ms; B = 32 693 ms against
+# 107 ms).
 _LANCZOS_MIN_BLOCK = 17
 _PAPER_TAU = (17.1, 15.3)  # Table 2, full CGD
 _MAX_MATRIX = 46340  # capi/cgd.c: n^2 < 2^31
