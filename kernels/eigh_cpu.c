@@ -250,3 +250,55 @@ void cgd_eigh_jacobi_lanes(int B, cgd_real *a, cgd_real *v, int *converged) {
     jacobi_squares(a, B, 1, inv_scale, off);
     for (int l = 0; l < L; ++l) converged[l] = off[l] <= tol * tol * all[l];
 }
+
+int cgd_tridiagonal_eigh(int n, double *d, double *e, double *z) {
+    for (int i = 0; i < n; ++i)
+        for (int j = 0; j < n; ++j) z[(size_t)i * n + j] = i == j;
+    if (n > 0) e[n - 1] = 0.0;
+    for (int l = 0; l < n; ++l) {
+        for (int iterations = 0;; ++iterations) {
+            /* the first negligible off-diagonal entry at or after l splits T there */
+            int m = l;
+            for (; m < n - 1; ++m)
+                if (fabs(e[m]) <= DBL_EPSILON * (fabs(d[m]) + fabs(d[m + 1]))) break;
+            if (m == l) break;
+            if (iterations == 30 * n) return 1;
+            /* Wilkinson's shift from the leading 2 x 2 block, then one implicit QL sweep from m up to l */
+            double g = (d[l + 1] - d[l]) / (2.0 * e[l]);
+            double r = hypot(g, 1.0);
+            g = d[m] - d[l] + e[l] / (g + (g < 0 ? -r : r));
+            double s = 1.0, c = 1.0, p = 0.0;
+            int i = m - 1;
+            for (; i >= l; --i) {
+                const double f = s * e[i], b = c * e[i];
+                r = hypot(f, g);
+                e[i + 1] = r;
+                if (r == 0.0) { /* the rotation underflowed: deflate at i + 1 and sweep again */
+                    d[i + 1] -= p;
+                    e[m] = 0.0;
+                    break;
+                }
+                s = f / r;
+                c = g / r;
+                g = d[i + 1] - p;
+                r = (d[i] - g) * s + 2.0 * c * b;
+                p = s * r;
+                d[i + 1] = g + p;
+                g = c * r - b;
+                for (int k = 0; k < n; ++k) { /* columns i and i + 1 of the accumulated rotations */
+                    double *row = z + (size_t)k * n;
+                    const double zi = row[i], zn = row[i + 1];
+                    row[i + 1] = s * zi + c * zn;
+                    row[i] = c * zi - s * zn;
+                }
+            }
+            if (r == 0.0 && i >= l) continue;
+            d[l] -= p;
+            e[l] = g;
+            e[m] = 0.0;
+        }
+    }
+    for (int i = 0; i < n; ++i)
+        if (!isfinite(d[i])) return 1;
+    return 0;
+}

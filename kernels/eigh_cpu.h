@@ -88,6 +88,17 @@ void cgd_lanczos_scratch_free(cgd_lanczos_scratch *s);
 int cgd_lanczos_direction(const cgd_real *M, double scale, const cgd_real *f, int centered, int n, double eps,
                           double power, int parallel, cgd_lanczos_scratch *s, cgd_real *out);
 
+/*
+ * Eigenvalues and eigenvectors of the symmetric tridiagonal n x n T with diagonal d and off-diagonal e (e[i] =
+ * T[i][i + 1], i < n - 1; e[n - 1] is scratch), in double, by implicit QL iterations with Wilkinson's shift
+ * (Lanczos's small problem, whose n is the Krylov dimension: a loop in place, where LAPACK's dstev spent most of
+ * a check in argument checks and helper calls). On return d holds the eigenvalues (in no particular order) and z
+ * (row-major n x n) the eigenvectors as columns: z[i n + j] is component i of eigenvector j. 0 on success; 1
+ * when an eigenvalue did not converge in 30 n iterations or a value is not finite.
+ */
+#define cgd_tridiagonal_eigh CGD_NAME(cgd_tridiagonal_eigh)
+int cgd_tridiagonal_eigh(int n, double *d, double *e, double *z);
+
 /* (eps + max(lambda, 0))^-a: eigenvalues of a covariance are >= 0, and rounding may push the smallest below. */
 static inline double cgd_inverse_power(double lambda, double eps, double power) {
     return power == 0.0 ? 1.0 : pow(eps + (lambda > 0.0 ? lambda : 0.0), -power);

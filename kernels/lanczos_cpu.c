@@ -15,9 +15,6 @@
 #include "eigh_cpu.h"
 #include "kernels.h"
 
-/* LAPACK's tridiagonal eigensolver, with gfortran's trailing hidden length of the character argument. */
-void dstev_(const char *jobz, const int *n, double *d, double *e, double *z, const int *ldz, double *work, int *info,
-            size_t jobz_len);
 
 void cgd_lanczos_scratch_free(cgd_lanczos_scratch *s) {
     free(s->q);
@@ -35,8 +32,8 @@ int cgd_lanczos_scratch_init(cgd_lanczos_scratch *s, int n) {
     const size_t k = (size_t)s->kmax;
     s->q = cgd_host_alloc((k + 1) * (size_t)n * sizeof(double));
     s->w = cgd_host_alloc(2 * (size_t)n * sizeof(double));
-    /* alpha, beta, their copies for dstev, its work (2 k), the coefficients now and before, and T's vectors */
-    s->alpha = cgd_host_alloc((8 * k + k * k) * sizeof(double));
+    /* alpha, beta, their copies for the small solver, the coefficients now and before, and T's vectors */
+    s->alpha = cgd_host_alloc((6 * k + k * k) * sizeof(double));
     if (!s->q || !s->w || !s->alpha) {
         cgd_lanczos_scratch_free(s);
         return 1;
@@ -136,17 +133,14 @@ static double norm2(const double *w, int n) { return sqrt(dot16(w, w, n)); }
 /* coef = |f| Z h(theta) Z^T e_1 for T_m (alpha, beta) = Z diag(theta) Z^T; 0 on success. */
 static int small_function(cgd_lanczos_scratch *s, int m, double norm_f, double eps, double power, double *coef) {
     const int k = s->kmax;
-    double *d = s->alpha + 2 * (size_t)k, *e = d + k, *work = e + k, *z = s->alpha + 8 * (size_t)k;
+    double *d = s->alpha + 2 * (size_t)k, *e = d + k, *z = s->alpha + 6 * (size_t)k;
     memcpy(d, s->alpha, (size_t)m * sizeof(double));
     memcpy(e, s->alpha + k, (size_t)m * sizeof(double));
-    int info = 0, ldz = m;
-    dstev_("V", &m, d, e, z, &ldz, work, &info, 1);
-    if (info != 0) return 1;
+    if (cgd_tridiagonal_eigh(m, d, e, z)) return 1;
     for (int i = 0; i < m; ++i) coef[i] = 0.0;
-    for (int j = 0; j < m; ++j) { /* eigenvector j is column j of z, column-major */
-        const double *zj = z + (size_t)j * m;
-        const double weight = norm_f * cgd_inverse_power(d[j], eps, power) * zj[0];
-        for (int i = 0; i < m; ++i) coef[i] += weight * zj[i];
+    for (int j = 0; j < m; ++j) {
+        const double weight = norm_f * cgd_inverse_power(d[j], eps, power) * z[j]; /* z[0][j] */
+        for (int i = 0; i < m; ++i) coef[i] += weight * z[(size_t)i * m + j];
     }
     for (int i = 0; i < m; ++i)
         if (!isfinite(coef[i])) return 1;
@@ -157,7 +151,7 @@ int cgd_lanczos_direction(const cgd_real *M, double scale, const cgd_real *f, in
                           double power, int parallel, cgd_lanczos_scratch *s, cgd_real *out) {
     const int k_max = s->kmax;
     double *q = s->q, *w = s->w, *alpha = s->alpha, *beta = alpha + k_max;
-    double *coef = alpha + 6 * (size_t)k_max, *prev = coef + k_max, *h = w + n;
+    double *coef = alpha + 4 * (size_t)k_max, *prev = coef + k_max, *h = w + n;
     double norm_f = 0.0;
     for (int i = 0; i < n; ++i) norm_f += (double)f[i] * f[i];
     norm_f = sqrt(norm_f);
@@ -183,8 +177,8 @@ int cgd_lanczos_direction(const cgd_real *M, double scale, const cgd_real *f, in
         norm_t = fmax(norm_t, fabs(alpha[k]) + b + (k ? beta[k - 1] : 0.0));
         m = k + 1;
         const int invariant = b <= 1e-14 * norm_t || m == n;
-        /* a check (dstev) costs O(m^2), as much as a small block's product: every iteration to 4, every 2nd to
-           64, then every 8th */
+        /* a check (the small eigenproblem, O(m^3)) costs about a small block's product: every iteration to 4,
+           every 2nd to 64, then every 8th */
         if (invariant || m <= 4 || (m <= 64 && m % 2 == 0) || m % 8 == 0 || m == k_max) {
             if (small_function(s, m, norm_f, eps, power, coef)) return -1;
             double diff = 0.0, size = 0.0;

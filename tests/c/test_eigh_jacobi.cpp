@@ -122,4 +122,60 @@ TEST(EighJacobi, KnownSpectraOfEveryServedSideToFloatRounding) {
     }
 }
 
+// The tridiagonal solver of Lanczos's small problem: T v = lambda v and V orthonormal to double rounding, on the
+// second-difference matrix (eigenvalues 2 - 2 cos(k pi / (n + 1)), known in closed form), a random one, one that
+// splits into two equal blocks (every eigenvalue repeated), a diagonal one, and entries at 1e150 and 1e-150.
+TEST(TridiagonalEigh, SatisfiesTheEigenEquationsOnKnownAndStressingMatrices) {
+    std::mt19937 rng(5);
+    std::normal_distribution<double> normal;
+    for (int n : {1, 2, 3, 7, 16, 40}) {
+        for (int kind = 0; kind < 6; ++kind) {
+            SCOPED_TRACE("n " + std::to_string(n) + " kind " + std::to_string(kind));
+            std::vector<double> d(n), e(n, 0.0);
+            for (int i = 0; i < n; ++i) {
+                d[i] = kind == 0 ? 2.0 : normal(rng);
+                if (i + 1 < n) e[i] = kind == 0 ? -1.0 : kind == 3 ? 0.0 : normal(rng);
+            }
+            if (kind == 2) /* two copies of one block, uncoupled */
+                for (int i = 0; i < n / 2; ++i) {
+                    d[n / 2 + i] = d[i];
+                    if (i + 1 < n / 2) e[n / 2 + i] = e[i];
+                    if (n / 2 >= 1 && n / 2 < n) e[n / 2 - 1] = 0.0;
+                }
+            const double scale = kind == 4 ? 1e150 : kind == 5 ? 1e-150 : 1.0;
+            for (int i = 0; i < n; ++i) {
+                d[i] *= scale;
+                e[i] *= scale;
+            }
+            const std::vector<double> d0 = d, e0 = e;
+            std::vector<double> z((size_t)n * n);
+            ASSERT_EQ(cgd_tridiagonal_eigh(n, d.data(), e.data(), z.data()), 0);
+            double norm = 0.0;
+            for (int i = 0; i < n; ++i) norm = std::max(norm, std::fabs(d0[i]) + 2 * std::fabs(e0[i]));
+            for (int j = 0; j < n; ++j) {
+                for (int i = 0; i < n; ++i) { /* (T v_j)_i - lambda_j v_ji */
+                    double tv = d0[i] * z[(size_t)i * n + j];
+                    if (i > 0) tv += e0[i - 1] * z[(size_t)(i - 1) * n + j];
+                    if (i + 1 < n) tv += e0[i] * z[(size_t)(i + 1) * n + j];
+                    EXPECT_NEAR(tv, d[j] * z[(size_t)i * n + j], 64 * n * 2.2e-16 * norm) << i << ", " << j;
+                }
+                for (int k = 0; k < n; ++k) {
+                    double dot = 0.0;
+                    for (int i = 0; i < n; ++i) dot += z[(size_t)i * n + j] * z[(size_t)i * n + k];
+                    EXPECT_NEAR(dot, j == k ? 1.0 : 0.0, 64 * n * 2.2e-16) << j << ", " << k;
+                }
+            }
+            if (kind == 0) {
+                std::vector<double> got = d, want(n);
+                std::sort(got.begin(), got.end());
+                for (int k = 0; k < n; ++k) want[k] = 2.0 - 2.0 * std::cos((k + 1) * M_PI / (n + 1));
+                std::sort(want.begin(), want.end());
+                for (int k = 0; k < n; ++k) EXPECT_NEAR(got[k], want[k], 32 * n * 2.2e-16) << k;
+            }
+        }
+    }
+    std::vector<double> d = {1.0, NAN}, e = {0.5, 0.0}, z(4);
+    EXPECT_EQ(cgd_tridiagonal_eigh(2, d.data(), e.data(), z.data()), 1) << "a NaN is refused";
+}
+
 } // namespace
