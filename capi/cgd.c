@@ -448,16 +448,46 @@ cgd_status cgd_kron_step(const cgd_block_hparams *hparams, cgd_dtype dtype, cons
     return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : ok();
 }
 
+static cgd_status eigenbasis_workspace(const char *fn, const cgd_block_hparams *hparams, cgd_dtype dtype,
+                                       const cgd_kron_tensor *tensors, int64_t count, cgd_device device, void *stream,
+                                       size_t *bytes) {
+    *bytes = 0;
+    if (device == CGD_CPU) return CGD_OK;
+    char why[256];
+    int e = CGD_BY_REAL(dtype, cgd_cuda_eigenbasis_workspace)(hparams, tensors, count, stream, bytes, why,
+                                                               sizeof why);
+    return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : CGD_OK;
+}
+
+cgd_status cgd_eigenbasis_workspace_size(const cgd_block_hparams *hparams, cgd_dtype dtype,
+                                         const cgd_kron_tensor *tensors, int64_t count, cgd_device device,
+                                         void *stream, size_t *bytes) {
+    static const char fn[] = "cgd_eigenbasis_workspace_size";
+    cgd_status st;
+    if (!bytes) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: bytes is NULL", fn);
+    if ((st = check_kron_tensors(fn, hparams, dtype, tensors, count, device, 0, 1))) return st;
+    if ((st = eigenbasis_workspace(fn, hparams, dtype, tensors, count, device, stream, bytes))) return st;
+    return ok();
+}
+
 cgd_status cgd_eigenbasis_step(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_kron_tensor *tensors,
-                               int64_t count, const float *grad_scale, const float *skip, cgd_device device) {
+                               int64_t count, const float *grad_scale, const float *skip, void *workspace,
+                               size_t workspace_bytes, cgd_device device, void *stream) {
     static const char fn[] = "cgd_eigenbasis_step";
     cgd_status st;
+    size_t needed = 0;
     if ((st = check_kron_tensors(fn, hparams, dtype, tensors, count, device, 1, 1))) return st;
-    if (device != CGD_CPU)
-        return fail(CGD_ERR_UNSUPPORTED, "%s: runs on the CPU only for now (no CUDA kernel yet)", fn);
-    if (CGD_BY_REAL(dtype, cgd_cpu_eigenbasis_step)(hparams, dtype, tensors, count, grad_scale, skip))
-        return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the scratch space; nothing changed", fn);
-    return ok();
+    if ((st = eigenbasis_workspace(fn, hparams, dtype, tensors, count, device, stream, &needed))) return st;
+    if ((st = check_workspace(fn, workspace, workspace_bytes, needed))) return st;
+    if (device == CGD_CPU) {
+        if (CGD_BY_REAL(dtype, cgd_cpu_eigenbasis_step)(hparams, dtype, tensors, count, grad_scale, skip))
+            return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the scratch space; nothing changed", fn);
+        return ok();
+    }
+    char why[256];
+    int e = CGD_BY_REAL(dtype, cgd_cuda_eigenbasis_step)(hparams, dtype, tensors, count, grad_scale, skip, workspace,
+                                                         stream, why, sizeof why);
+    return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : ok();
 }
 
 /* The hyperparameters and matrices of a Muon step; the workspace query reads the sizes only (check_pointers = 0). */

@@ -341,6 +341,11 @@ typedef struct cgd_kron_tensor {
     float *counters;      /* 3 floats, cumulative as in cgd_block_state */
     void *rotated_sq;     /* cgd_eigenbasis_step only: V, rows * cols, the second moment's diagonal in the
                              eigenbasis (NULL for cgd_kron_step) */
+    int32_t may_be_first; /* cgd_eigenbasis_step on CUDA: nonzero when the caller cannot rule out that this is the
+                             tensor's first step (a fresh state, or one whose steps so far may all have been
+                             skipped on the device). Only such a call eigendecomposes the factors for a first
+                             basis, which is kept only where the outcome is still CGD_BLOCK_NEVER; a tensor whose
+                             outcome is NEVER must have it set. The CPU reads the outcome itself. */
 } cgd_kron_tensor;
 
 /* Bytes of workspace a cgd_kron_step of these tensors needs on `device` (as cgd_block_workspace_size; the
@@ -376,10 +381,19 @@ cgd_status cgd_kron_step(const cgd_block_hparams *hparams, cgd_dtype dtype, cons
  * a = 1/2, raw moments, Adam's start and eps -> 0 this is SOAP.
  * --------------------------------------------------------------------------------------------------------- */
 
-/* One eigenbasis step over `count` tensors (every cgd_kron_tensor field used, rotated_sq included). CPU only
-   for now: no workspace. grad_scale and skip as in cgd_diag_step. */
+/* Bytes of workspace a cgd_eigenbasis_step of these tensors needs on `device` (0 on the CPU; as
+   cgd_kron_workspace_size). */
+cgd_status cgd_eigenbasis_workspace_size(const cgd_block_hparams *hparams, cgd_dtype dtype,
+                                         const cgd_kron_tensor *tensors, int64_t count, cgd_device device,
+                                         void *stream, size_t *bytes);
+
+/* One eigenbasis step over `count` tensors (every cgd_kron_tensor field used, rotated_sq included). grad_scale,
+   skip, workspace and stream as in cgd_kron_step. On CUDA the step runs on the stream without a host
+   synchronisation: cuBLAS products, cuSOLVER syevd for a first basis (no float64 retry: a failed solve falls to
+   the factor's diagonal with the identity basis, counted) and geqrf/orgqr for a refresh. */
 cgd_status cgd_eigenbasis_step(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_kron_tensor *tensors,
-                               int64_t count, const float *grad_scale, const float *skip, cgd_device device);
+                               int64_t count, const float *grad_scale, const float *skip, void *workspace,
+                               size_t workspace_bytes, cgd_device device, void *stream);
 
 /* ---------------------------------------------------------------------------------------------------------
  * Muon as a CGD step (Jordan et al. 2024; torch.optim.Muon): the force F is the momentum EMA and the metric

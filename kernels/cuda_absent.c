@@ -61,6 +61,17 @@ int CGD_NAME(cgd_cuda_kron_step)(const cgd_block_hparams *h, cgd_dtype dtype, co
     return absent(why, why_size);
 }
 
+int CGD_NAME(cgd_cuda_eigenbasis_workspace)(const cgd_block_hparams *h, const cgd_kron_tensor *tensors, int64_t count,
+                                            void *stream, size_t *bytes, char *why, int why_size) {
+    return absent(why, why_size);
+}
+
+int CGD_NAME(cgd_cuda_eigenbasis_step)(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tensors,
+                                       int64_t count, const float *grad_scale, const float *skip, void *workspace,
+                                       void *stream, char *why, int why_size) {
+    return absent(why, why_size);
+}
+
 int CGD_NAME(cgd_cuda_muon_workspace)(const cgd_muon_hparams *h, const cgd_muon_tensor *tensors, int64_t count,
                                       void *stream, size_t *bytes, char *why, int why_size) {
     return absent(why, why_size);

@@ -26,6 +26,10 @@
 #define cgd_syevd cusolverDnDsyevd
 #define cgd_gemm_64 cublasDgemm_64
 #define cgd_gemmStridedBatched cublasDgemmStridedBatched
+#define cgd_geqrf_bufferSize cusolverDnDgeqrf_bufferSize
+#define cgd_geqrf cusolverDnDgeqrf
+#define cgd_orgqr_bufferSize cusolverDnDorgqr_bufferSize
+#define cgd_orgqr cusolverDnDorgqr
 #else
 #define CGD_CUDA_REAL CUDA_R_32F
 #define cgd_syevjBatched_bufferSize cusolverDnSsyevjBatched_bufferSize
@@ -34,6 +38,10 @@
 #define cgd_syevd cusolverDnSsyevd
 #define cgd_gemm_64 cublasSgemm_64
 #define cgd_gemmStridedBatched cublasSgemmStridedBatched
+#define cgd_geqrf_bufferSize cusolverDnSgeqrf_bufferSize
+#define cgd_geqrf cusolverDnSgeqrf
+#define cgd_orgqr_bufferSize cusolverDnSorgqr_bufferSize
+#define cgd_orgqr cusolverDnSorgqr
 #endif
 
 struct CgdHandles {

@@ -95,6 +95,11 @@ CGD_KERNELS_HD int cgd_diag_needs_m2(const cgd_diag_hparams *h) { return h->powe
     int cgd_cuda_kron_step##S(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tensors,             \
                               int64_t count, const float *grad_scale, const float *skip, void *workspace,              \
                               void *stream, char *why, int why_size);                                                  \
+    int cgd_cuda_eigenbasis_workspace##S(const cgd_block_hparams *h, const cgd_kron_tensor *tensors, int64_t count,    \
+                                         void *stream, size_t *bytes, char *why, int why_size);                        \
+    int cgd_cuda_eigenbasis_step##S(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_kron_tensor *tensors,       \
+                                    int64_t count, const float *grad_scale, const float *skip, void *workspace,        \
+                                    void *stream, char *why, int why_size);                                            \
     int cgd_cpu_window_step##S(const cgd_block_hparams *h, cgd_dtype dtype, const cgd_block_tensor *tensors,          \
                                int64_t count, const cgd_window_state *state, const float *grad_scale,                 \
                                const float *skip);                                                                    \

@@ -531,8 +531,8 @@ std::vector<cgd_kron_tensor> kron_tensors(const char *op, TensorList params, Ten
     return tensors;
 }
 
-// Steps the tensors of kron_tensors (of params' device and dtype) by the kron call, with its workspace, or by the
-// eigenbasis call.
+// Steps the tensors of kron_tensors (of params' device and dtype) by the kron or the eigenbasis call, with its
+// workspace.
 void run_factored(const std::vector<cgd_kron_tensor> &tensors, TensorList params, const cgd_block_hparams &h,
                   bool eigenbasis, const std::optional<Tensor> &grad_scale, const std::optional<Tensor> &found_inf) {
     if (tensors.empty()) return;
@@ -543,11 +543,15 @@ void run_factored(const std::vector<cgd_kron_tensor> &tensors, TensorList params
     target_for(device, target);
     const float *scale = grad_scale_ptr(grad_scale, device);
     const float *skip = optional_scalar(found_inf, device, "found_inf");
+    size_t bytes = 0;
     if (eigenbasis) {
-        check_status(cgd_eigenbasis_step(&h, dtype, tensors.data(), n, scale, skip, target.device));
+        check_status(
+            cgd_eigenbasis_workspace_size(&h, dtype, tensors.data(), n, target.device, target.stream, &bytes));
+        const Workspace workspace = workspace_for(device, bytes);
+        check_status(cgd_eigenbasis_step(&h, dtype, tensors.data(), n, scale, skip, workspace.data, workspace.bytes,
+                                         target.device, target.stream));
         return;
     }
-    size_t bytes = 0;
     check_status(cgd_kron_workspace_size(&h, dtype, tensors.data(), n, target.device, target.stream, &bytes));
     const Workspace workspace = workspace_for(device, bytes);
     check_status(cgd_kron_step(&h, dtype, tensors.data(), n, scale, skip, workspace.data, workspace.bytes,
@@ -571,10 +575,16 @@ void eigenbasis_step(TensorList params, TensorList grads, TensorList exp_avgs, T
                      TensorList right_eigs, TensorList rotated_sqs, TensorList steps, TensorList outcomes,
                      TensorList counters, double lr, double beta1, double beta2, double power, double eps,
                      double weight_decay, bool centered, bool bias_correction, bool maximize, bool refresh,
-                     std::optional<Tensor> grad_scale, std::optional<Tensor> found_inf) {
-    run_factored(kron_tensors("cgd::eigenbasis_step_", params, grads, exp_avgs, left_sqs, right_sqs, left_bases,
-                              right_bases, left_eigs, right_eigs, steps, outcomes, counters, &rotated_sqs),
-                 params, matrix_hparams(lr, beta1, beta2, power, eps, weight_decay, centered, bias_correction,
+                     std::vector<int64_t> may_be_first, std::optional<Tensor> grad_scale,
+                     std::optional<Tensor> found_inf) {
+    static const char op[] = "cgd::eigenbasis_step_";
+    std::vector<cgd_kron_tensor> tensors = kron_tensors(op, params, grads, exp_avgs, left_sqs, right_sqs, left_bases,
+                                                        right_bases, left_eigs, right_eigs, steps, outcomes, counters,
+                                                        &rotated_sqs);
+    CGD_CHECK(may_be_first.empty() || may_be_first.size() == tensors.size(), op, ": got ", tensors.size(),
+              " params but ", may_be_first.size(), " may_be_first flags (one per parameter, or none)");
+    for (size_t i = 0; i < may_be_first.size(); ++i) tensors[i].may_be_first = may_be_first[i] != 0;
+    run_factored(tensors, params, matrix_hparams(lr, beta1, beta2, power, eps, weight_decay, centered, bias_correction,
                                         maximize, refresh),
                  true, grad_scale, found_inf);
 }
@@ -807,7 +817,7 @@ STABLE_TORCH_LIBRARY(cgd, m) {
           "Tensor(h!)[] right_eigs, Tensor(i!)[] rotated_sqs, Tensor(j!)[] steps, Tensor(k!)[] outcomes, "
           "Tensor(l!)[] counters, *, float lr, float beta1, float beta2, float power, float eps, "
           "float weight_decay, bool centered, bool bias_correction, bool maximize, bool refresh, "
-          "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+          "int[] may_be_first=[], Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
     m.def("induced_norm_(Tensor[] grads, Tensor(a!)[] exp_avg_sqs, Tensor[] steps, Tensor(b!) sum, *, str gamma, "
           "float beta_rms, float eps, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
     m.def("induced_rate_(Tensor sum, Tensor(a!) norm_ema, Tensor(b!) norm_step, Tensor(c!) rate, *, float xi, "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -159,7 +160,7 @@ class FullCGD(BaseOptimizer):
     README's derivation); it equals full mode whenever the gradients' covariance is a Kronecker product. A side
     longer than ``max_factor_dim`` keeps only the diagonal of its factor.
 
-    ``metric="eigenbasis"`` (CPU for now) takes only the basis ``U (x) V`` from those factors' eigenvectors and
+    ``metric="eigenbasis"`` takes only the basis ``U (x) V`` from those factors' eigenvectors and
     keeps C's diagonal in that basis as its own EMA, ``V' <- beta2 V' + (1 - beta2) (U^T G V)^2``, so the metric
     is exact wherever the eigenvectors of C are Kronecker products, whatever its eigenvalues (the state's
     ``exp_avg`` is M1 in that basis, ``U^T M1 V``, which saves a rotation per step)::
@@ -323,9 +324,6 @@ class FullCGD(BaseOptimizer):
             raise bad("solver", solver, f"computes the direction every step, so refresh_every = "
                        f"{group['refresh_every']} has nothing to cache; use refresh_every=1 or solver='eigh'")
         devices = {p.device.type for p in group.get("params", ())}
-        if group["metric"] == "eigenbasis" and devices - {"cpu"}:
-            raise bad("metric", "eigenbasis", f"runs on the CPU only for now, but the group is on {sorted(devices)}; "
-                       "use metric='kron' or cgd.Muon there")
         if solver in ("lanczos", "window") and devices - {"cpu"}:
             raise bad("solver", solver, f"runs on the CPU only, but the group is on {sorted(devices)}; use "
                        "solver='auto' or 'eigh' there")
@@ -602,14 +600,59 @@ class FullCGD(BaseOptimizer):
             keys, op = self._KRON_KEYS, torch.ops.cgd.kron_step_
         device = live[0][0].device
         beta1, beta2 = group["betas"]
+        extra = {}
+        if group["metric"] == "eigenbasis":
+            extra["may_be_first"] = [int(not self._started(st)) for st in states]
         op(
             [stand_in[id(p)] for p, _ in live], [g for _, g in live], *([st[k] for st in states] for k in keys),
             lr=number("lr", group["lr"]), beta1=float(beta1), beta2=float(beta2), power=float(group["power"]),
             eps=float(group["eps"]), weight_decay=float(group["weight_decay"]), centered=bool(group["centered"]),
             bias_correction=bool(group["bias_correction"]), maximize=bool(group["maximize"]), refresh=refresh,
-            grad_scale=on_device(grad_scale, device), found_inf=on_device(found_inf, device),
+            grad_scale=on_device(grad_scale, device), found_inf=on_device(found_inf, device), **extra,
         )
+        if group["metric"] == "eigenbasis":
+            for st in states:
+                self._note_started(st, found_inf is None)
         self.state[group["params"][0]]["calls"] = calls + 1
+
+    def _started(self, state: dict[str, Any]) -> bool:
+        """Whether the tensor's first eigenbasis step is known to have happened (its outcome left NEVER): only then
+        may the CUDA kernel skip the first basis's eigendecomposition. The knowledge is keyed by the state's
+        outcome tensor (by identity, held weakly), so a loaded state starts unknown. On the CPU the outcome is
+        read directly; on CUDA a step that could not be skipped on the device settles it, and otherwise a copy of
+        the outcome made without waiting is read once it has arrived, so no step waits for the device."""
+        outcome = state["outcome"]
+        known = self._start_record(outcome)
+        if known is True:
+            return True
+        if outcome.device.type == "cpu":
+            known = bool(outcome[0] != -1 or outcome[1] != -1)
+        elif known is not None:  # (host copy, event) of an earlier step's outcome
+            copy, event = known
+            known = True if event.query() and bool(copy[0] != -1 or copy[1] != -1) else known
+        self.__dict__["_eigenbasis_started"][id(outcome)] = (weakref.ref(outcome), known)
+        return known is True
+
+    def _start_record(self, outcome: torch.Tensor) -> Any:
+        """What is known of this outcome tensor's first step: True, a pending (copy, event), or None."""
+        records = self.__dict__.setdefault("_eigenbasis_started", {})
+        entry = records.get(id(outcome))
+        return entry[1] if entry is not None and entry[0]() is outcome else None
+
+    def _note_started(self, state: dict[str, Any], applied: bool) -> None:
+        """After an eigenbasis step: a step that no device flag could skip has made the first basis (CUDA)."""
+        outcome = state["outcome"]
+        if outcome.device.type == "cpu" or self._start_record(outcome) is True:
+            return
+        if applied:
+            known = True
+        else:
+            copy = torch.empty(2, dtype=outcome.dtype, pin_memory=True)
+            copy.copy_(outcome, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            known = (copy, event)
+        self.__dict__["_eigenbasis_started"][id(outcome)] = (weakref.ref(outcome), known)
 
     # ---- diagnostics ----
 

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cgd.h"
@@ -235,28 +236,40 @@ TEST(KronStepErrors, ArgumentsAreNamedWithTheirValue) {
     EXPECT_NE(std::string(cgd_last_error()).find("tensors[0].right_basis is NULL"), std::string::npos);
 }
 
-// The eigenbasis metric's pointers into a host Kron (CPU only, so no mirror), with V' in `rotated`.
-cgd_kron_tensor eigenbasis_tensor(Kron &k, const std::vector<float> &g, std::vector<float> &rotated) {
+// One eigenbasis step of a host Kron on `device` (mirrored there and back), with V' in `rotated`.
+cgd_status run_eigenbasis(cgd_device device, const cgd_block_hparams &h, Kron &k, std::vector<float> grad,
+                          std::vector<float> &rotated, int may_be_first, float skip_value = 0.0f) {
+    Mirror m{device};
     cgd_kron_tensor t{};
-    t.param = k.param.data();
-    t.grad = g.data();
+    t.param = m.put(k.param.data(), bytes(k.param));
+    t.grad = m.put(grad.data(), bytes(grad));
     t.rows = k.rows;
     t.cols = k.cols;
     t.left_full = k.left_full;
     t.right_full = k.right_full;
-    t.exp_avg = k.m1.data();
-    t.left_sq = k.lsq.data();
-    t.right_sq = k.rsq.data();
-    t.left_basis = k.lbasis.empty() ? nullptr : k.lbasis.data();
-    t.right_basis = k.rbasis.empty() ? nullptr : k.rbasis.data();
-    t.left_eig = k.leig.data();
-    t.right_eig = k.reig.data();
-    t.step = &k.step;
-    t.outcome = k.outcome;
-    t.counters = k.counters;
-    t.rotated_sq = rotated.data();
-    return t;
+    t.exp_avg = m.put(k.m1.data(), bytes(k.m1));
+    t.left_sq = m.put(k.lsq.data(), bytes(k.lsq));
+    t.right_sq = m.put(k.rsq.data(), bytes(k.rsq));
+    t.left_basis = m.put(k.lbasis.data(), bytes(k.lbasis));
+    t.right_basis = m.put(k.rbasis.data(), bytes(k.rbasis));
+    t.left_eig = m.put(k.leig.data(), bytes(k.leig));
+    t.right_eig = m.put(k.reig.data(), bytes(k.reig));
+    t.step = (double *)m.put(&k.step, sizeof k.step);
+    t.outcome = (int32_t *)m.put(k.outcome, sizeof k.outcome);
+    t.counters = (float *)m.put(k.counters, sizeof k.counters);
+    t.rotated_sq = m.put(rotated.data(), bytes(rotated));
+    t.may_be_first = may_be_first;
+    const float *skip = skip_value != 0.0f ? (const float *)m.put(&skip_value, sizeof skip_value) : nullptr;
+    size_t need = 0;
+    cgd_eigenbasis_workspace_size(&h, CGD_FLOAT32, &t, 1, device, nullptr, &need); // the step names bad arguments
+    Workspace ws(device, need);
+    return cgd_eigenbasis_step(&h, CGD_FLOAT32, &t, 1, nullptr, skip, ws.data, ws.bytes, device, nullptr);
 }
+
+class EigenbasisStep : public ::testing::TestWithParam<cgd_device> {
+  protected:
+    void SetUp() override { CGD_SKIP_UNLESS_RUNNABLE(GetParam()); }
+};
 
 // The first step of the eigenbasis metric from Adam's start with a = 1/2 and raw moments rotates G into the
 // bases of G G^T and G^T G, its singular vectors, where G' = diag(s): the step is U diag(s / sqrt(eps + s^2)) V^T
@@ -264,7 +277,7 @@ cgd_kron_tensor eigenbasis_tensor(Kron &k, const std::vector<float> &g, std::vec
 // well above the rounding of G' off its diagonal (~1e-6 s), which Adam's first step would otherwise turn into
 // signs. The reference takes the inverse square root by the coupled Newton iteration Y <- Y T, Z <- T Z,
 // T = (3 I - Z Y) / 2 (Z -> (A / c)^(-1/2)) in double, which shares nothing with the kernel's eigensolvers.
-TEST(EigenbasisStep, FirstStepFromAdamsStartOrthogonalisesTheGradient) {
+TEST_P(EigenbasisStep, FirstStepFromAdamsStartOrthogonalisesTheGradient) {
     std::mt19937 rng(21);
     const int64_t n = 4;
     Kron k = make_kron(n, n, 1, 1, 0.0f, std::vector<float>(n * n, 0.0f));
@@ -277,8 +290,7 @@ TEST(EigenbasisStep, FirstStepFromAdamsStartOrthogonalisesTheGradient) {
     h.eps = 1e-2;
     h.lr = 1.0;
     h.refresh = 0;
-    const cgd_kron_tensor t = eigenbasis_tensor(k, g, rotated);
-    ASSERT_EQ(cgd_eigenbasis_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, CGD_CPU), CGD_OK) << cgd_last_error();
+    ASSERT_EQ(run_eigenbasis(GetParam(), h, k, g, rotated, 1), CGD_OK) << cgd_last_error();
     auto product = [n](const std::vector<double> &a, const std::vector<double> &b) {
         std::vector<double> c(n * n, 0.0);
         for (int64_t i = 0; i < n; ++i)
@@ -307,20 +319,74 @@ TEST(EigenbasisStep, FirstStepFromAdamsStartOrthogonalisesTheGradient) {
     EXPECT_EQ(k.step, 1.0);
 }
 
-TEST(EigenbasisStep, ArgumentsAreNamedAndCudaIsRefused) {
+// Twelve steps on a wide and a tall matrix, one side diagonal on the third, refreshing every third step, centered
+// and raw, with a skipped step in the middle and a skipped first step: CUDA's one sequence for first and later
+// steps gives the CPU kernel's parameters, moments and bases to float rounding.
+TEST(EigenbasisStepCuda, TwelveStepsMatchTheCpuKernel) {
+    CGD_SKIP_UNLESS_RUNNABLE(CGD_CUDA);
+    for (int centered = 0; centered < 2; ++centered)
+        for (auto [rows, cols, right_full] : {std::tuple{5, 9, 1}, std::tuple{9, 5, 1}, std::tuple{6, 4, 0}}) {
+            SCOPED_TRACE(std::to_string(rows) + " x " + std::to_string(cols) + (centered ? " centered" : " raw"));
+            std::mt19937 rng(rows * 10 + cols);
+            const std::vector<float> start = normal_vector(rng, rows * cols);
+            Kron cpu = make_kron(rows, cols, 1, right_full, 1.0f, start), gpu = cpu;
+            for (int64_t i = 0; i < rows; ++i) cpu.lbasis[i * rows + i] = gpu.lbasis[i * rows + i] = 1.0f;
+            for (int64_t j = 0; right_full && j < cols; ++j) cpu.rbasis[j * cols + j] = gpu.rbasis[j * cols + j] = 1.0f;
+            std::vector<float> vc(rows * cols, 1.0f), vg = vc;
+            cgd_block_hparams h = hparams();
+            h.centered = centered;
+            for (int s = 0; s < 12; ++s) {
+                const std::vector<float> g = normal_vector(rng, rows * cols);
+                h.refresh = s % 3 == 2;
+                const float skip = s == 0 || s == 6 ? 1.0f : 0.0f;
+                ASSERT_EQ(run_eigenbasis(CGD_CPU, h, cpu, g, vc, 1, skip), CGD_OK) << cgd_last_error();
+                ASSERT_EQ(run_eigenbasis(CGD_CUDA, h, gpu, g, vg, s <= 1, skip), CGD_OK) << cgd_last_error();
+            }
+            EXPECT_EQ(gpu.step, cpu.step);
+            EXPECT_EQ(gpu.outcome[0], cpu.outcome[0]);
+            EXPECT_EQ(gpu.outcome[1], cpu.outcome[1]);
+            for (int64_t e = 0; e < rows * cols; ++e) {
+                EXPECT_NEAR(gpu.param[e], cpu.param[e], 1e-4) << "param " << e;
+                EXPECT_NEAR(vg[e], vc[e], 1e-4 * (1 + std::fabs(vc[e]))) << "rotated_sq " << e;
+            }
+        }
+}
+
+INSTANTIATE_TEST_SUITE_P(Devices, EigenbasisStep, ::testing::Values(CGD_CPU, CGD_CUDA),
+                         [](const ::testing::TestParamInfo<cgd_device> &info) {
+                             return std::string(info.param == CGD_CPU ? "CPU" : "CUDA");
+                         });
+
+TEST(EigenbasisArguments, ArgumentsAreNamedAndRefusedCallsChangeNothing) {
     std::mt19937 rng(22);
     Kron k = make_kron(3, 4, 1, 1, 1.0f, normal_vector(rng, 12));
     const std::vector<float> g = normal_vector(rng, 12);
     std::vector<float> rotated(12, 1.0f);
     const cgd_block_hparams h = hparams();
-    cgd_kron_tensor t = eigenbasis_tensor(k, g, rotated);
-    t.rotated_sq = nullptr;
-    EXPECT_EQ(cgd_eigenbasis_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, CGD_CPU), CGD_ERR_INVALID_ARGUMENT);
+    cgd_kron_tensor t{};
+    t.param = k.param.data();
+    t.grad = g.data();
+    t.rows = k.rows;
+    t.cols = k.cols;
+    t.left_full = k.left_full;
+    t.right_full = k.right_full;
+    t.exp_avg = k.m1.data();
+    t.left_sq = k.lsq.data();
+    t.right_sq = k.rsq.data();
+    t.left_basis = k.lbasis.data();
+    t.right_basis = k.rbasis.data();
+    t.left_eig = k.leig.data();
+    t.right_eig = k.reig.data();
+    t.step = &k.step;
+    t.outcome = k.outcome;
+    t.counters = k.counters;
+    EXPECT_EQ(cgd_eigenbasis_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, nullptr, 0, CGD_CPU, nullptr),
+              CGD_ERR_INVALID_ARGUMENT);
     EXPECT_NE(std::string(cgd_last_error()).find("cgd_eigenbasis_step: tensors[0].rotated_sq is NULL"),
               std::string::npos);
     t.rotated_sq = rotated.data();
-    EXPECT_EQ(cgd_eigenbasis_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, CGD_CUDA), CGD_ERR_UNSUPPORTED);
-    EXPECT_NE(std::string(cgd_last_error()).find("CPU only"), std::string::npos);
+    EXPECT_NE(cgd_eigenbasis_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, nullptr, 0, CGD_CUDA, nullptr), CGD_OK)
+        << "host pointers and no workspace on CUDA";
     EXPECT_EQ(k.step, 0.0); // refused calls change nothing
 }
 
