@@ -1,7 +1,7 @@
 /*
- * What the CUDA kernels of block and Kronecker-factored CGD share on the host side: cuSOLVER/cuBLAS handles
- * cached per host thread and device, the carving of the caller's workspace into buffers, and the error plumbing
- * that turns a failed call into a message. Internal.
+ * What the CUDA kernels of block, Kronecker-factored and eigenbasis CGD and of Muon share: cuSOLVER/cuBLAS
+ * handles cached per host thread and device, the carving of the caller's workspace into buffers, the error
+ * plumbing that turns a failed call into a message, and the screen that keeps NaN and Inf from a solver. Internal.
  */
 #ifndef CGD_CUDA_SOLVER_CUH
 #define CGD_CUDA_SOLVER_CUH
@@ -167,5 +167,20 @@ inline int cgd_grid_for(int64_t n) {
 }
 
 __device__ __forceinline__ bool cgd_skipped(const float *skip) { return skip != nullptr && *skip != 0.0f; }
+
+/* bad |= the symmetric matrix about to be solved holds NaN or Inf (bad is cleared on the stream before). */
+static __global__ void cgd_screen_kernel(int *bad, const cgd_real *A, int64_t total) {
+    int local = 0;
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x)
+        local |= !isfinite(A[e]);
+    if (local) atomicOr(bad, 1);
+}
+
+/* A failed screen hands the solver the identity instead, so it never sees NaN or Inf. */
+static __global__ void cgd_replace_kernel(cgd_real *A, int64_t n, const int *bad) {
+    if (!*bad) return;
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n * n; e += (int64_t)gridDim.x * blockDim.x)
+        A[e] = e / n == e % n ? CGD_R(1.0) : CGD_R(0.0);
+}
 
 #endif /* CGD_CUDA_SOLVER_CUH */

@@ -101,21 +101,6 @@ __global__ void build_factor_kernel(cgd_real *A, cgd_real *cdiag, const cgd_real
     }
 }
 
-/* bad |= the factor C about to be solved holds NaN or Inf (bad is cleared on the stream before). */
-__global__ void screen_kernel(int *bad, const cgd_real *A, int64_t total) {
-    int local = 0;
-    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x)
-        local |= !isfinite(A[e]);
-    if (local) atomicOr(bad, 1);
-}
-
-/* A failed screen hands the solver the identity instead, so it never sees NaN or Inf. */
-__global__ void replace_kernel(cgd_real *A, int64_t n, const int *bad) {
-    if (!*bad) return;
-    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n * n; e += (int64_t)gridDim.x * blockDim.x)
-        A[e] = e / n == e % n ? CGD_R(1.0) : CGD_R(0.0);
-}
-
 /* bad |= the solve failed or left a non-finite value. */
 __global__ void check_kernel(int *bad, const int *info, const cgd_real *vecs, const cgd_real *values, int64_t n,
                              int full) {
@@ -294,7 +279,8 @@ __global__ void first_kernel(int *first, const int32_t *outcome) {
 }
 
 /* A first step's basis of a full side: the eigenvectors in descending order of their eigenvalues (the order the
-   refreshes keep), or where the solve failed the identity and the factor's diagonal. */
+   refreshes keep), or where the solve failed the identity and the factor's diagonal, reversed alike (as the CPU
+   kernel reverses whatever the ladder gave, so a later refresh breaks ties between quotients the same way). */
 __global__ void first_commit_kernel(cgd_real *basis, cgd_real *eig, const cgd_real *vecs, const cgd_real *values,
                                     const cgd_real *cdiag, const int *bad, const int *first, int64_t n,
                                     const float *skip) {
@@ -302,10 +288,12 @@ __global__ void first_commit_kernel(cgd_real *basis, cgd_real *eig, const cgd_re
     const int64_t stride = (int64_t)gridDim.x * blockDim.x, start = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     for (int64_t e = start; e < n * n; e += stride) {
         const int64_t k = e / n, i = e % n;
-        basis[e] = *bad ? (k == i ? CGD_R(1.0) : CGD_R(0.0)) : vecs[(n - 1 - k) * n + i];
+        basis[e] = *bad ? (i == n - 1 - k ? CGD_R(1.0) : CGD_R(0.0)) : vecs[(n - 1 - k) * n + i];
     }
-    for (int64_t k = start; k < n; k += stride)
-        eig[k] = *bad ? (isfinite(cdiag[k]) ? cdiag[k] : CGD_R(0.0)) : values[n - 1 - k];
+    for (int64_t k = start; k < n; k += stride) {
+        const cgd_real c = cdiag[n - 1 - k];
+        eig[k] = *bad ? (isfinite(c) ? c : CGD_R(0.0)) : values[n - 1 - k];
+    }
 }
 
 /* A first step's outcome of one side: solved, the diagonal fallback (counted), or for a side that is not full
@@ -362,11 +350,16 @@ __global__ void rayleigh_kernel(double *q, const cgd_real *basis, const cgd_real
     }
 }
 
-/* order[r] = the index of the r-th largest quotient; ties keep their index order (the CPU kernel's sort). */
+/* order[r] = the index of the r-th largest quotient; ties keep their index order (the CPU kernel's sort). A NaN
+   (an overflowed product, which the QR check then refuses) ranks as -Inf, so order stays a permutation. */
 __global__ void rank_kernel(int *order, const double *q, int64_t n) {
     for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < n; k += (int64_t)gridDim.x * blockDim.x) {
+        const double qk = isnan(q[k]) ? -INFINITY : q[k];
         int64_t r = 0;
-        for (int64_t j = 0; j < n; ++j) r += q[j] > q[k] || (q[j] == q[k] && j < k);
+        for (int64_t j = 0; j < n; ++j) {
+            const double qj = isnan(q[j]) ? -INFINITY : q[j];
+            r += qj > qk || (qj == qk && j < k);
+        }
         order[r] = (int)k;
     }
 }
@@ -546,8 +539,8 @@ int eigen_tensor(CgdHandles *hd, const cgd_block_hparams *h, const cgd_kron_tens
             b.A, b.cdiag, real_ptr(left ? t.left_sq : t.right_sq), n, 1, h->centered, h->beta2, h->bias_correction,
             t.step);
         CUDA_TRY(cudaMemsetAsync(b.bad, 0, sizeof(int), stream));
-        screen_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(b.bad, b.A, n * n);
-        replace_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(b.A, n, b.bad);
+        cgd_screen_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(b.bad, b.A, n * n);
+        cgd_replace_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(b.A, n, b.bad);
         CUDA_TRY(cudaGetLastError());
         SOLVER_TRY(cgd_syevd(hd->solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, (int)n, b.A, (int)n,
                              b.values, b.work, b.lwork, b.info));
@@ -585,8 +578,8 @@ int eigen_tensor(CgdHandles *hd, const cgd_block_hparams *h, const cgd_kron_tens
                 b.A, b.cdiag, real_ptr(left ? t.left_sq : t.right_sq), n, 1, h->centered, h->beta2,
                 h->bias_correction, t.step);
             CUDA_TRY(cudaMemsetAsync(b.bad, 0, sizeof(int), stream));
-            screen_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(b.bad, b.A, n * n);
-            replace_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(b.A, n, b.bad);
+            cgd_screen_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(b.bad, b.A, n * n);
+            cgd_replace_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(b.A, n, b.bad);
             CUDA_TRY(cudaGetLastError());
             /* C2 = basis L: column-major C2^T = L^T basis^T, L symmetric */
             SOLVER_TRY(cgd_gemm_64(hd->blas, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, b.A, n, basis, n, &zero, b.C2,
@@ -679,8 +672,8 @@ extern "C" int CGD_NAME(cgd_cuda_kron_step)(const cgd_block_hparams *h, cgd_dtyp
             /* The eigenvalues land in Y (numel >= n), free until the apply below. */
             cgd_real *values = full ? b.Y : b.cdiag;
             if (full) {
-                screen_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(b.bad, b.A, n * n);
-                replace_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(b.A, n, b.bad);
+                cgd_screen_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(b.bad, b.A, n * n);
+                cgd_replace_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(b.A, n, b.bad);
                 CUDA_TRY(cudaGetLastError());
                 SOLVER_TRY(cgd_syevd(hd->solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, (int)n, b.A, (int)n,
                                      values, b.work, b.lwork, b.info));

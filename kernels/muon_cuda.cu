@@ -226,6 +226,10 @@ int muon_matrix(CgdHandles *hd, const cgd_muon_hparams *h, const cgd_muon_tensor
         SOLVER_TRY(gemm(hd->blas, CUBLAS_OP_T, CUBLAS_OP_N, m, m, n, 1.0, reinterpret_cast<cgd_real *>(X), n,
                         reinterpret_cast<cgd_real *>(X), n, 0.0, Ar, m));
         CUDA_TRY(cudaMemsetAsync(b.bad, 0, sizeof(int), stream));
+        /* a force holding NaN or Inf (an overflowed step that the skip flag drops) never reaches the solver */
+        cgd_screen_kernel<<<cgd_grid_for(m * m), CGD_SOLVER_THREADS, 0, stream>>>(b.bad, Ar, m * m);
+        cgd_replace_kernel<<<cgd_grid_for(m * m), CGD_SOLVER_THREADS, 0, stream>>>(Ar, m, b.bad);
+        CUDA_TRY(cudaGetLastError());
         SOLVER_TRY(cgd_syevd(hd->solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, (int)m, Ar, (int)m,
                              b.values, b.work, b.lwork, b.info));
         check_kernel<<<cgd_grid_for(m * m + m), CGD_SOLVER_THREADS, 0, stream>>>(b.bad, b.info, Ar, b.values, m);
