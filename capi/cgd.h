@@ -389,8 +389,8 @@ cgd_status cgd_eigenbasis_workspace_size(const cgd_block_hparams *hparams, cgd_d
 
 /* One eigenbasis step over `count` tensors (every cgd_kron_tensor field used, rotated_sq included). grad_scale,
    skip, workspace and stream as in cgd_kron_step. On CUDA the step runs on the stream without a host
-   synchronisation: cuBLAS products, cuSOLVER syevd for a first basis (no float64 retry: a failed solve falls to
-   the factor's diagonal with the identity basis, counted) and geqrf/orgqr for a refresh. */
+   synchronisation: cuBLAS products, cuSOLVER syevd for a first basis (no float64 retry: a failed solve takes the
+   ladder's last rung, the factor's diagonal with the identity basis, counted) and geqrf/orgqr for a refresh. */
 cgd_status cgd_eigenbasis_step(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_kron_tensor *tensors,
                                int64_t count, const float *grad_scale, const float *skip, void *workspace,
                                size_t workspace_bytes, cgd_device device, void *stream);
