@@ -285,11 +285,12 @@ int cgd_tridiagonal_eigh(int n, double *d, double *e, double *z) {
                 p = s * r;
                 d[i + 1] = g + p;
                 g = c * r - b;
-                for (int k = 0; k < n; ++k) { /* columns i and i + 1 of the accumulated rotations */
-                    double *row = z + (size_t)k * n;
-                    const double zi = row[i], zn = row[i + 1];
-                    row[i + 1] = s * zi + c * zn;
-                    row[i] = c * zi - s * zn;
+                /* columns i and i + 1 of the accumulated rotations, each contiguous */
+                double *zi = z + (size_t)i * n, *zn = zi + n;
+                for (int k = 0; k < n; ++k) {
+                    const double zik = zi[k], znk = zn[k];
+                    zn[k] = s * zik + c * znk;
+                    zi[k] = c * zik - s * znk;
                 }
             }
             if (r == 0.0 && i >= l) continue;

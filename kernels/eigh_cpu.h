@@ -93,7 +93,8 @@ int cgd_lanczos_direction(const cgd_real *M, double scale, const cgd_real *f, in
  * T[i][i + 1], i < n - 1; e[n - 1] is scratch), in double, by implicit QL iterations with Wilkinson's shift
  * (Lanczos's small problem, whose n is the Krylov dimension: a loop in place, where LAPACK's dstev spent most of
  * a check in argument checks and helper calls). On return d holds the eigenvalues (in no particular order) and z
- * (row-major n x n) the eigenvectors as columns: z[i n + j] is component i of eigenvector j. 0 on success; 1
+ * (n x n) the eigenvectors, each contiguous as LAPACK's column-major output: z[j n + i] is component i of
+ * eigenvector j, so a rotation of two of them is two contiguous passes. 0 on success; 1
  * when an eigenvalue did not converge in 30 n iterations or a value is not finite.
  */
 #define cgd_tridiagonal_eigh CGD_NAME(cgd_tridiagonal_eigh)

@@ -138,9 +138,10 @@ static int small_function(cgd_lanczos_scratch *s, int m, double norm_f, double e
     memcpy(e, s->alpha + k, (size_t)m * sizeof(double));
     if (cgd_tridiagonal_eigh(m, d, e, z)) return 1;
     for (int i = 0; i < m; ++i) coef[i] = 0.0;
-    for (int j = 0; j < m; ++j) {
-        const double weight = norm_f * cgd_inverse_power(d[j], eps, power) * z[j]; /* z[0][j] */
-        for (int i = 0; i < m; ++i) coef[i] += weight * z[(size_t)i * m + j];
+    for (int j = 0; j < m; ++j) { /* eigenvector j at z + j m */
+        const double *zj = z + (size_t)j * m;
+        const double weight = norm_f * cgd_inverse_power(d[j], eps, power) * zj[0];
+        for (int i = 0; i < m; ++i) coef[i] += weight * zj[i];
     }
     for (int i = 0; i < m; ++i)
         if (!isfinite(coef[i])) return 1;

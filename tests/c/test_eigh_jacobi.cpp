@@ -153,15 +153,16 @@ TEST(TridiagonalEigh, SatisfiesTheEigenEquationsOnKnownAndStressingMatrices) {
             double norm = 0.0;
             for (int i = 0; i < n; ++i) norm = std::max(norm, std::fabs(d0[i]) + 2 * std::fabs(e0[i]));
             for (int j = 0; j < n; ++j) {
+                const double *v = &z[(size_t)j * n]; /* eigenvector j, contiguous */
                 for (int i = 0; i < n; ++i) { /* (T v_j)_i - lambda_j v_ji */
-                    double tv = d0[i] * z[(size_t)i * n + j];
-                    if (i > 0) tv += e0[i - 1] * z[(size_t)(i - 1) * n + j];
-                    if (i + 1 < n) tv += e0[i] * z[(size_t)(i + 1) * n + j];
-                    EXPECT_NEAR(tv, d[j] * z[(size_t)i * n + j], 64 * n * 2.2e-16 * norm) << i << ", " << j;
+                    double tv = d0[i] * v[i];
+                    if (i > 0) tv += e0[i - 1] * v[i - 1];
+                    if (i + 1 < n) tv += e0[i] * v[i + 1];
+                    EXPECT_NEAR(tv, d[j] * v[i], 64 * n * 2.2e-16 * norm) << i << ", " << j;
                 }
                 for (int k = 0; k < n; ++k) {
                     double dot = 0.0;
-                    for (int i = 0; i < n; ++i) dot += z[(size_t)i * n + j] * z[(size_t)i * n + k];
+                    for (int i = 0; i < n; ++i) dot += v[i] * z[(size_t)k * n + i];
                     EXPECT_NEAR(dot, j == k ? 1.0 : 0.0, 64 * n * 2.2e-16) << j << ", " << k;
                 }
             }
