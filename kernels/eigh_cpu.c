@@ -123,10 +123,10 @@ static inline __attribute__((always_inline)) void jacobi_squares(const cgd_real 
    e = 2 a_pq, t = tan(phi) = sign(d) e / q, q = |d| + sqrt(d^2 + e^2), is the smaller root of t^2 + 2 (d / e) t
    - 1 = 0 (Rutishauser's stable form with its division by e folded in), and cos, sin = (q, sign(d) e) /
    sqrt(q^2 + e^2): on the chain each round's rotations wait for, two square roots and then three divisions side
-   by side, rather than three divisions and two roots in a row. d and e are scaled by the lane's 1 / largest entry, so no square
-   overflows; where q^2 + e^2 falls below 16 times the smallest normal (a_pq and a_qq - a_pp both under 1e-18 of
-   that entry in float) the square roots would lose bits to subnormals, and the entry is far below the
-   convergence test's rounding: it rotates by 0. */
+   by side, rather than three divisions and two roots in a row. d and e are scaled by the lane's 1 / largest
+   entry, so no square overflows; where q^2 + e^2 falls below 16 times the smallest normal (a_pq and a_qq - a_pp
+   both under 1e-18 of that entry in float) the square roots would lose bits to subnormals, and the entry is far
+   below the convergence test's rounding: it rotates by 0. */
 static inline __attribute__((always_inline)) void jacobi_angle(cgd_real *app, cgd_real *aqq, cgd_real *apq,
                                                                cgd_real *aqp, const cgd_real *inv_scale, cgd_real *c,
                                                                cgd_real *s) {

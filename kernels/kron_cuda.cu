@@ -1,7 +1,7 @@
 /*
  * CUDA side of Kronecker-factored CGD and of CGD in the Kronecker eigenbasis (cgd.h, cgd_kron_step and
- * cgd_eigenbasis_step; the latter's sequence is described where it starts below). Tensor by tensor, on the caller's stream and
- * without a host synchronisation:
+ * cgd_eigenbasis_step; the latter's sequence is described where it starts below). Tensor by tensor, on the
+ * caller's stream and without a host synchronisation:
  *   prepare   g = grad / scale (negated to maximize), M1 <- beta1 M1 + (1 - beta1) g, F = M1 / bc1
  *   factors   a full side: Gram matrix by cuBLAS GEMM into a workspace, then an EMA kernel (so a skipped step
  *             changes nothing); a diagonal side: row or column sums of squares in one kernel

@@ -113,7 +113,8 @@ TEST(EighJacobi, KnownSpectraOfEveryServedSideToFloatRounding) {
                     for (int c = 0; c < B; ++c) {
                         double dot = 0, rebuilt = 0;
                         for (int i = 0; i < B; ++i) dot += (double)vec[(size_t)r * B + i] * vec[(size_t)c * B + i];
-                        for (int k = 0; k < B; ++k) rebuilt += (double)vec[(size_t)k * B + r] * got[k] * vec[(size_t)k * B + c];
+                        for (int k = 0; k < B; ++k)
+                            rebuilt += (double)vec[(size_t)k * B + r] * got[k] * vec[(size_t)k * B + c];
                         EXPECT_NEAR(dot, r == c ? 1.0 : 0.0, 8 * B * 1.2e-7) << r << ", " << c;
                         EXPECT_NEAR(rebuilt, mats[l][(size_t)r * B + c], 8 * B * 1.2e-7 * norm) << r << ", " << c;
                     }

@@ -122,22 +122,27 @@ TEST(MuonArguments, NonzeroSkipChangesNothingAndBadArgumentsAreNamed) {
     EXPECT_EQ(p, std::vector<float>(12, 1.0f));
     EXPECT_EQ(buf, std::vector<float>(12, 0.0f));
     h.ns_steps = 100;
-    EXPECT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, nullptr, 0, CGD_CPU, nullptr), CGD_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, nullptr, 0, CGD_CPU, nullptr),
+              CGD_ERR_INVALID_ARGUMENT);
     EXPECT_NE(std::string(cgd_last_error()).find("ns_steps = 100"), std::string::npos) << cgd_last_error();
     h = defaults();
     h.scale = 7;
-    EXPECT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, nullptr, 0, CGD_CPU, nullptr), CGD_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, nullptr, 0, CGD_CPU, nullptr),
+              CGD_ERR_INVALID_ARGUMENT);
     h = defaults();
     h.power = 0.4;
-    EXPECT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, nullptr, 0, CGD_CPU, nullptr), CGD_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, nullptr, 0, CGD_CPU, nullptr),
+              CGD_ERR_INVALID_ARGUMENT);
     EXPECT_NE(std::string(cgd_last_error()).find("needs solver = CGD_MUON_EIGH"), std::string::npos)
         << cgd_last_error();
     h.solver = CGD_MUON_EIGH;
-    EXPECT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, nullptr, 0, CGD_CPU, nullptr), CGD_ERR_INVALID_ARGUMENT)
+    EXPECT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, nullptr, 0, CGD_CPU, nullptr),
+              CGD_ERR_INVALID_ARGUMENT)
         << "the eigen route needs a failure counter";
     h = defaults();
     t.rows = 0;
-    EXPECT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, nullptr, 0, CGD_CPU, nullptr), CGD_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, nullptr, 0, CGD_CPU, nullptr),
+              CGD_ERR_INVALID_ARGUMENT);
     EXPECT_NE(std::string(cgd_last_error()).find("tensors[0] is 0 x 4"), std::string::npos) << cgd_last_error();
     t.rows = 3;
     EXPECT_NE(cgd_muon_step(&h, CGD_FLOAT32, &t, 1, nullptr, nullptr, nullptr, 0, CGD_CUDA, nullptr), CGD_OK)
