@@ -408,86 +408,80 @@ static cgd_status check_kron_tensors(const char *fn, const cgd_block_hparams *hp
     return CGD_OK;
 }
 
+/* The workspace of a kron step or (eigenbasis = 1) an eigenbasis step: none on the CPU. */
 static cgd_status kron_workspace(const char *fn, const cgd_block_hparams *hparams, cgd_dtype dtype,
                                  const cgd_kron_tensor *tensors, int64_t count, cgd_device device, void *stream,
-                                 size_t *bytes) {
+                                 int eigenbasis, size_t *bytes) {
     *bytes = 0;
     if (device == CGD_CPU) return CGD_OK;
     char why[256];
-    int e = CGD_BY_REAL(dtype, cgd_cuda_kron_workspace)(hparams, tensors, count, stream, bytes, why, sizeof why);
+    int e = eigenbasis ? CGD_BY_REAL(dtype, cgd_cuda_eigenbasis_workspace)(hparams, tensors, count, stream, bytes,
+                                                                          why, sizeof why)
+                       : CGD_BY_REAL(dtype, cgd_cuda_kron_workspace)(hparams, tensors, count, stream, bytes, why,
+                                                                    sizeof why);
     return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : CGD_OK;
+}
+
+static cgd_status kron_workspace_size(const char *fn, const cgd_block_hparams *hparams, cgd_dtype dtype,
+                                      const cgd_kron_tensor *tensors, int64_t count, cgd_device device, void *stream,
+                                      int eigenbasis, size_t *bytes) {
+    cgd_status st;
+    if (!bytes) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: bytes is NULL", fn);
+    if ((st = check_kron_tensors(fn, hparams, dtype, tensors, count, device, 0, eigenbasis))) return st;
+    if ((st = kron_workspace(fn, hparams, dtype, tensors, count, device, stream, eigenbasis, bytes))) return st;
+    return ok();
+}
+
+/* One kron or (eigenbasis = 1) eigenbasis step: both take the same tensors, checks and workspace protocol. */
+static cgd_status kron_step(const char *fn, const cgd_block_hparams *hparams, cgd_dtype dtype,
+                            const cgd_kron_tensor *tensors, int64_t count, const float *grad_scale, const float *skip,
+                            void *workspace, size_t workspace_bytes, cgd_device device, void *stream, int eigenbasis) {
+    cgd_status st;
+    size_t needed = 0;
+    if ((st = check_kron_tensors(fn, hparams, dtype, tensors, count, device, 1, eigenbasis))) return st;
+    if ((st = kron_workspace(fn, hparams, dtype, tensors, count, device, stream, eigenbasis, &needed))) return st;
+    if ((st = check_workspace(fn, workspace, workspace_bytes, needed))) return st;
+    if (device == CGD_CPU) {
+        const int failed = eigenbasis
+                               ? CGD_BY_REAL(dtype, cgd_cpu_eigenbasis_step)(hparams, dtype, tensors, count, grad_scale,
+                                                                             skip)
+                               : CGD_BY_REAL(dtype, cgd_cpu_kron_step)(hparams, dtype, tensors, count, grad_scale, skip);
+        if (failed)
+            return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the scratch space; nothing changed", fn);
+        return ok();
+    }
+    char why[256];
+    int e = eigenbasis ? CGD_BY_REAL(dtype, cgd_cuda_eigenbasis_step)(hparams, dtype, tensors, count, grad_scale, skip,
+                                                                      workspace, stream, why, sizeof why)
+                       : CGD_BY_REAL(dtype, cgd_cuda_kron_step)(hparams, dtype, tensors, count, grad_scale, skip,
+                                                                workspace, stream, why, sizeof why);
+    return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : ok();
 }
 
 cgd_status cgd_kron_workspace_size(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_kron_tensor *tensors,
                                    int64_t count, cgd_device device, void *stream, size_t *bytes) {
-    static const char fn[] = "cgd_kron_workspace_size";
-    cgd_status st;
-    if (!bytes) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: bytes is NULL", fn);
-    if ((st = check_kron_tensors(fn, hparams, dtype, tensors, count, device, 0, 0))) return st;
-    if ((st = kron_workspace(fn, hparams, dtype, tensors, count, device, stream, bytes))) return st;
-    return ok();
+    return kron_workspace_size("cgd_kron_workspace_size", hparams, dtype, tensors, count, device, stream, 0, bytes);
 }
 
 cgd_status cgd_kron_step(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_kron_tensor *tensors,
                          int64_t count, const float *grad_scale, const float *skip, void *workspace,
                          size_t workspace_bytes, cgd_device device, void *stream) {
-    static const char fn[] = "cgd_kron_step";
-    cgd_status st;
-    size_t needed = 0;
-    if ((st = check_kron_tensors(fn, hparams, dtype, tensors, count, device, 1, 0))) return st;
-    if ((st = kron_workspace(fn, hparams, dtype, tensors, count, device, stream, &needed))) return st;
-    if ((st = check_workspace(fn, workspace, workspace_bytes, needed))) return st;
-    if (device == CGD_CPU) {
-        if (CGD_BY_REAL(dtype, cgd_cpu_kron_step)(hparams, dtype, tensors, count, grad_scale, skip))
-            return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the scratch space; nothing changed", fn);
-        return ok();
-    }
-    char why[256];
-    int e = CGD_BY_REAL(dtype, cgd_cuda_kron_step)(hparams, dtype, tensors, count, grad_scale, skip, workspace, stream,
-                                                   why, sizeof why);
-    return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : ok();
-}
-
-static cgd_status eigenbasis_workspace(const char *fn, const cgd_block_hparams *hparams, cgd_dtype dtype,
-                                       const cgd_kron_tensor *tensors, int64_t count, cgd_device device, void *stream,
-                                       size_t *bytes) {
-    *bytes = 0;
-    if (device == CGD_CPU) return CGD_OK;
-    char why[256];
-    int e = CGD_BY_REAL(dtype, cgd_cuda_eigenbasis_workspace)(hparams, tensors, count, stream, bytes, why,
-                                                               sizeof why);
-    return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : CGD_OK;
+    return kron_step("cgd_kron_step", hparams, dtype, tensors, count, grad_scale, skip, workspace, workspace_bytes,
+                     device, stream, 0);
 }
 
 cgd_status cgd_eigenbasis_workspace_size(const cgd_block_hparams *hparams, cgd_dtype dtype,
                                          const cgd_kron_tensor *tensors, int64_t count, cgd_device device,
                                          void *stream, size_t *bytes) {
-    static const char fn[] = "cgd_eigenbasis_workspace_size";
-    cgd_status st;
-    if (!bytes) return fail(CGD_ERR_INVALID_ARGUMENT, "%s: bytes is NULL", fn);
-    if ((st = check_kron_tensors(fn, hparams, dtype, tensors, count, device, 0, 1))) return st;
-    if ((st = eigenbasis_workspace(fn, hparams, dtype, tensors, count, device, stream, bytes))) return st;
-    return ok();
+    return kron_workspace_size("cgd_eigenbasis_workspace_size", hparams, dtype, tensors, count, device, stream, 1,
+                               bytes);
 }
 
 cgd_status cgd_eigenbasis_step(const cgd_block_hparams *hparams, cgd_dtype dtype, const cgd_kron_tensor *tensors,
                                int64_t count, const float *grad_scale, const float *skip, void *workspace,
                                size_t workspace_bytes, cgd_device device, void *stream) {
-    static const char fn[] = "cgd_eigenbasis_step";
-    cgd_status st;
-    size_t needed = 0;
-    if ((st = check_kron_tensors(fn, hparams, dtype, tensors, count, device, 1, 1))) return st;
-    if ((st = eigenbasis_workspace(fn, hparams, dtype, tensors, count, device, stream, &needed))) return st;
-    if ((st = check_workspace(fn, workspace, workspace_bytes, needed))) return st;
-    if (device == CGD_CPU) {
-        if (CGD_BY_REAL(dtype, cgd_cpu_eigenbasis_step)(hparams, dtype, tensors, count, grad_scale, skip))
-            return fail(CGD_ERR_UNSUPPORTED, "%s: out of host memory for the scratch space; nothing changed", fn);
-        return ok();
-    }
-    char why[256];
-    int e = CGD_BY_REAL(dtype, cgd_cuda_eigenbasis_step)(hparams, dtype, tensors, count, grad_scale, skip, workspace,
-                                                         stream, why, sizeof why);
-    return e ? fail(CGD_ERR_CUDA, "%s: %s", fn, why) : ok();
+    return kron_step("cgd_eigenbasis_step", hparams, dtype, tensors, count, grad_scale, skip, workspace,
+                     workspace_bytes, device, stream, 1);
 }
 
 /* The hyperparameters and matrices of a Muon step; the workspace query reads the sizes only (check_pointers = 0). */
