@@ -503,6 +503,24 @@ done:
     return fail.code;
 }
 
+/* b.A = C = Pf / bc2 - (centered ? Gram(F) : 0) of one full side (F the force in the original space), its
+   diagonal in b.cdiag, b.bad = C holds NaN or Inf, and in that case b.A the identity, so a solver never sees it:
+   what both the first basis and a refresh decompose. */
+int screened_factor(CgdHandles *hd, const cgd_block_hparams *h, const cgd_kron_tensor &t, int left,
+                    const cgd_real *F, const EigenBuffers &b, cudaStream_t stream, CgdFailure &fail) {
+    const int64_t n = left ? t.rows : t.cols;
+    if (h->centered) SOLVER_TRY(gram(hd->blas, F, t.rows, t.cols, left, -CGD_R(1.0), b.A));
+    build_factor_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(
+        b.A, b.cdiag, real_ptr(left ? t.left_sq : t.right_sq), n, 1, h->centered, h->beta2, h->bias_correction,
+        t.step);
+    CUDA_TRY(cudaMemsetAsync(b.bad, 0, sizeof(int), stream));
+    cgd_screen_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(b.bad, b.A, n * n);
+    cgd_replace_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(b.A, n, b.bad);
+    CUDA_TRY(cudaGetLastError());
+done:
+    return fail.code;
+}
+
 /* One tensor's eigenbasis step. */
 template <int DT>
 int eigen_tensor(CgdHandles *hd, const cgd_block_hparams *h, const cgd_kron_tensor &t, const EigenBuffers &b,
@@ -534,14 +552,7 @@ int eigen_tensor(CgdHandles *hd, const cgd_block_hparams *h, const cgd_kron_tens
             continue;
         }
         const int64_t n = left ? rows : cols;
-        if (h->centered) SOLVER_TRY(gram(hd->blas, b.F, rows, cols, left, -CGD_R(1.0), b.A));
-        build_factor_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(
-            b.A, b.cdiag, real_ptr(left ? t.left_sq : t.right_sq), n, 1, h->centered, h->beta2, h->bias_correction,
-            t.step);
-        CUDA_TRY(cudaMemsetAsync(b.bad, 0, sizeof(int), stream));
-        cgd_screen_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(b.bad, b.A, n * n);
-        cgd_replace_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(b.A, n, b.bad);
-        CUDA_TRY(cudaGetLastError());
+        if (screened_factor(hd, h, t, left, b.F, b, stream, fail)) goto done;
         SOLVER_TRY(cgd_syevd(hd->solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, (int)n, b.A, (int)n,
                              b.values, b.work, b.lwork, b.info));
         check_kernel<<<cgd_grid_for(n * n + n), CGD_SOLVER_THREADS, 0, stream>>>(b.bad, b.info, b.A, b.values, n, 1);
@@ -573,14 +584,7 @@ int eigen_tensor(CgdHandles *hd, const cgd_block_hparams *h, const cgd_kron_tens
             const int64_t n = left ? rows : cols;
             cgd_real *basis = real_ptr(left ? t.left_basis : t.right_basis);
             const cgd_real one = CGD_R(1.0), zero = CGD_R(0.0);
-            if (h->centered) SOLVER_TRY(gram(hd->blas, b.E, rows, cols, left, -CGD_R(1.0), b.A));
-            build_factor_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(
-                b.A, b.cdiag, real_ptr(left ? t.left_sq : t.right_sq), n, 1, h->centered, h->beta2,
-                h->bias_correction, t.step);
-            CUDA_TRY(cudaMemsetAsync(b.bad, 0, sizeof(int), stream));
-            cgd_screen_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(b.bad, b.A, n * n);
-            cgd_replace_kernel<<<cgd_grid_for(n * n), CGD_SOLVER_THREADS, 0, stream>>>(b.A, n, b.bad);
-            CUDA_TRY(cudaGetLastError());
+            if (screened_factor(hd, h, t, left, b.E, b, stream, fail)) goto done;
             /* C2 = basis L: column-major C2^T = L^T basis^T, L symmetric */
             SOLVER_TRY(cgd_gemm_64(hd->blas, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, b.A, n, basis, n, &zero, b.C2,
                                    n));
