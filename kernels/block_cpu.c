@@ -170,6 +170,20 @@ static void refresh_block(const cgd_block_hparams *h, const cgd_real *C, int fin
     counters_local[2] += 1.0f;
 }
 
+/* C = M2 / bc2 - (centered ? F F^T : 0) of one block, entry (i, j) at C[(i B + j) stride]; 1 when every entry is
+   finite. */
+static inline int covariance(const cgd_block_hparams *h, int64_t B, const cgd_real *m2, const cgd_real *F,
+                             cgd_real inv_bc2, cgd_real *C, size_t stride) {
+    int finite = 1;
+    for (int64_t i = 0; i < B; ++i)
+        for (int64_t j = 0; j < B; ++j) {
+            const cgd_real x = m2[i * B + j] * inv_bc2 - (h->centered ? F[i] * F[j] : 0);
+            C[(size_t)(i * B + j) * stride] = x;
+            finite &= isfinite(x) != 0;
+        }
+    return finite;
+}
+
 /* The direction of a block whose Lanczos run did not converge (or met a non-finite value): this step's
    eigendecomposition of C, then the diagonal metric, as the eigendecomposition path's ladder without a cached P.
    Its scratch is taken here, on the rare step that needs it; without it the diagonal rung serves. */
@@ -181,13 +195,7 @@ static void lanczos_fallback(const cgd_block_hparams *h, const cgd_real *m2, con
     cgd_eigh_scratch s;
     int solved = -1, have_scratch = C && d && t && cgd_eigh_scratch_init(&s, B) == 0;
     if (have_scratch) {
-        int finite = 1;
-        for (size_t i = 0; i < (size_t)B; ++i)
-            for (size_t j = 0; j < (size_t)B; ++j) {
-                C[i * B + j] = m2[i * B + j] * inv_bc2 - (h->centered ? F[i] * F[j] : 0);
-                finite &= isfinite(C[i * B + j]) != 0;
-            }
-        solved = finite ? cgd_eigh_solve(C, B, &s) : -1;
+        solved = covariance(h, B, m2, F, inv_bc2, C, 1) ? cgd_eigh_solve(C, B, &s) : -1;
     }
     if (solved >= 0) {
         /* u = V diag(d) V^T F in double, V's column k eigenvector k */
@@ -284,20 +292,6 @@ static inline void advance_moments(const cgd_block_hparams *h, int64_t B, const 
     }
     for (int64_t i = 0; i < B; ++i)
         for (int64_t j = 0; j < B; ++j) m2[i * B + j] = beta2 * m2[i * B + j] + w2 * gb[i] * gb[j];
-}
-
-/* C = M2 / bc2 - (centered ? F F^T : 0) of one block, entry (i, j) at C[(i B + j) stride]; 1 when every entry is
-   finite. */
-static inline int covariance(const cgd_block_hparams *h, int64_t B, const cgd_real *m2, const cgd_real *F,
-                             cgd_real inv_bc2, cgd_real *C, size_t stride) {
-    int finite = 1;
-    for (int64_t i = 0; i < B; ++i)
-        for (int64_t j = 0; j < B; ++j) {
-            const cgd_real x = m2[i * B + j] * inv_bc2 - (h->centered ? F[i] * F[j] : 0);
-            C[(size_t)(i * B + j) * stride] = x;
-            finite &= isfinite(x) != 0;
-        }
-    return finite;
 }
 
 /* u = P F of one block, each entry's B terms summed in double in column order. The rows' sums advance together
